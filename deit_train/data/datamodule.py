@@ -1,0 +1,65 @@
+"""The Lightning data module: datasets, DeiT transforms and loaders for any world size."""
+
+from functools import cached_property
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from deit_train.data.datasets import find_class_names, open_split
+from deit_train.data.transforms import eval_transform, train_transform
+from deit_train.errors import DeitTrainError
+
+
+class DeiTDataModule(L.LightningDataModule):
+    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int) -> None:
+        super().__init__()
+        self.data = data
+        self.augment = augment
+        self.img_size = img_size
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """Read from the data (folder names or the dataset's own list); this fixes the heads' size."""
+        names = find_class_names(self.data)
+        if len(names) < 2:
+            raise DeitTrainError(f"the data has {len(names)} class(es); classification needs at least 2")
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def per_device_batch_size(self) -> int:
+        """data.batch_size is the global batch; each device loads its share."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.data.batch_size % world_size:
+            raise DeitTrainError(
+                f"data.batch_size={self.data.batch_size} is the global batch and must divide evenly "
+                f"over {world_size} devices"
+            )
+        return self.data.batch_size // world_size
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = open_split(self.data, "train", train_transform(self.augment, self.img_size))
+        self.val_set = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
+
+    def loader(self, dataset, train: bool) -> DataLoader:
+        workers = self.data.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            shuffle=train,
+            # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.data.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_set, train=False)

@@ -1,0 +1,91 @@
+"""The DeiT training objective (Touvron et al. 2021, arXiv 2012.12877, section 4).
+
+Notation of the paper: Z_s student logits (class head), Z_dist distillation-head logits,
+Z_t teacher logits, y the label, tau the temperature, psi the softmax.
+
+    none (loss=ce):  CE(Z_s, y)                    a distilled student trains both heads on y
+    soft:            (1 - alpha) CE(Z_s, y) + alpha tau^2 KL(psi(Z_dist / tau) || psi(Z_t / tau))
+    hard:            (1 - alpha) CE(Z_s, y) + alpha CE(Z_dist, argmax Z_t)       (paper: alpha = 1/2)
+
+y may be class indices (label smoothing applies) or soft targets from Mixup/CutMix. A single-head
+student passes the same logits as Z_s and Z_dist (the paper's "usual distillation").
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DistillationType = Literal["none", "soft", "hard"]
+# batchmean: KL summed over classes, averaged over the batch (Hinton et al.; timm's token distillation).
+# deit_official: KL summed, divided by batch x classes (facebookresearch/deit losses.py, on purpose per its
+#   issue #61); numerically the batchmean value divided by the number of classes.
+KLReduction = Literal["batchmean", "deit_official"]
+
+
+class DistillationLoss(nn.Module):
+    def __init__(
+        self,
+        distillation_type: DistillationType = "none",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+        kl_reduction: KLReduction = "batchmean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if distillation_type not in ("none", "soft", "hard"):
+            raise ValueError(f"distillation_type must be none, soft or hard, got {distillation_type!r}")
+        if kl_reduction not in ("batchmean", "deit_official"):
+            raise ValueError(f"kl_reduction must be batchmean or deit_official, got {kl_reduction!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+        self.kl_reduction = kl_reduction
+        self.label_smoothing = label_smoothing
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distillation_type != "none"
+
+    def label_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """CE(Z, y): y as class indices (smoothed here) or as soft targets (already smoothed by Mixup)."""
+        smoothing = self.label_smoothing if targets.dtype == torch.long else 0.0
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+    def distillation_loss(self, dist_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if self.distillation_type == "hard":
+            return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+        tau = self.tau
+        kl_sum = F.kl_div(
+            F.log_softmax(dist_logits / tau, dim=1),
+            F.log_softmax(teacher_logits / tau, dim=1),
+            reduction="sum",
+            log_target=True,
+        )
+        denominator = dist_logits.shape[0] if self.kl_reduction == "batchmean" else dist_logits.numel()
+        return kl_sum * (tau * tau) / denominator
+
+    def forward(
+        self,
+        cls_logits: torch.Tensor,
+        dist_logits: torch.Tensor | None,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """cls_logits: Z_s; dist_logits: Z_dist (None for a single-head student); targets: y."""
+        dist_logits = cls_logits if dist_logits is None else dist_logits
+        if self.distillation_type == "none":
+            if dist_logits is cls_logits:
+                return self.label_loss(cls_logits, targets)
+            # Without a teacher both heads learn the label (the "classic" fine-tuning of a distilled model).
+            return 0.5 * (self.label_loss(cls_logits, targets) + self.label_loss(dist_logits, targets))
+        if teacher_logits is None:
+            raise ValueError(f"{self.distillation_type} distillation needs teacher_logits")
+        label_term = self.label_loss(cls_logits, targets)
+        distill_term = self.distillation_loss(dist_logits, teacher_logits.float())
+        return (1.0 - self.alpha) * label_term + self.alpha * distill_term

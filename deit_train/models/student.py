@@ -1,0 +1,63 @@
+"""The student: a distilled DeiT (timm's VisionTransformerDistilled) or any single-head timm classifier."""
+
+import timm
+import torch
+from omegaconf import DictConfig
+from timm.models.deit import VisionTransformerDistilled
+from torch import nn
+
+from deit_train.errors import DeitTrainError
+
+# ViT architecture fields a DeiT model config may override (model.depth=4 makes a CPU-sized student).
+VIT_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def create_timm_model(name: str, what: str, **kwargs) -> nn.Module:
+    """timm.create_model with a clear error for an unknown name or an unreachable weight hub."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:10]
+        raise DeitTrainError(f"unknown timm model {name!r} for the {what}. Similar names: {close}")
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        if kwargs.get("pretrained"):
+            raise DeitTrainError(
+                f"could not load pretrained weights for {name!r} ({what}): {error}. Without network, "
+                f"download the weights elsewhere and pass a checkpoint path instead."
+            ) from error
+        raise
+
+
+def build_student(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The model config's timm architecture with `num_classes` outputs on each head."""
+    kwargs = {k: cfg[k] for k in VIT_ARCHITECTURE_FIELDS if cfg.get(k) is not None}
+    if kwargs:  # a ViT: the data resolution is also the model's
+        kwargs["img_size"] = cfg.img_size
+    if cfg.get("drop_path_rate") is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    kwargs.update(cfg.get("kwargs") or {})
+    model = create_timm_model(
+        cfg.name, "student", pretrained=cfg.pretrained, num_classes=num_classes, **kwargs
+    )
+    if is_distilled(model):
+        model.set_distilled_training(True)
+    return model
+
+
+def is_distilled(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformerDistilled)
+
+
+def forward_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class-head logits, distillation-head logits) in train and eval mode alike; (logits, None) for a
+    single-head model. timm's own forward averages the two heads outside distilled training."""
+    if not is_distilled(model):
+        return model(images), None
+    tokens = model.forward_features(images)
+    cls_token, dist_token = model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])
+    return model.head(cls_token), model.head_dist(dist_token)
+
+
+def average_heads(cls_logits: torch.Tensor, dist_logits: torch.Tensor | None) -> torch.Tensor:
+    """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
+    return cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2

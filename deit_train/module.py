@@ -1,0 +1,160 @@
+"""The LightningModule: a student, an optional frozen teacher and the DeiT loss (losses.py)."""
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from deit_train.losses import DistillationLoss
+from deit_train.models import average_heads, forward_heads, is_distilled
+
+
+class DeiTModule(L.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        criterion: DistillationLoss,
+        class_names: list[str],
+        optim: DictConfig,
+        augment: DictConfig,
+        global_batch_size: int,
+        teacher: nn.Module | None = None,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if criterion.needs_teacher and teacher is None:
+            raise ValueError(f"{criterion.distillation_type} distillation needs a teacher")
+        self.student = student
+        self.teacher = teacher
+        self.criterion = criterion
+        self.class_names = list(class_names)
+        self.optim = optim
+        self.global_batch_size = global_batch_size
+        self.mixup = build_mixup(augment, self.num_classes)
+        # The resolved run config travels in every checkpoint (plain containers: weights_only-safe).
+        self.save_hyperparameters({"config": config or {}, "class_names": self.class_names})
+
+        top5 = min(5, self.num_classes)
+        acc = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
+        self.val_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5), "loss": MeanMetric()})
+        if is_distilled(student):  # each head on its own; acc1 is their average, the model's prediction
+            self.val_metrics.update({"acc1_cls": acc(1), "acc1_dist": acc(1)})
+        if teacher is not None:
+            # agreement: the student's prediction scored against the teacher's prediction.
+            self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # The teacher is frozen: always in eval mode, never trained, never saved with the student.
+    def train(self, mode: bool = True) -> "DeiTModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.teacher is not None:  # the teacher's weights come from teacher config, not the checkpoint
+            state_dict = {**{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["class_names"] = self.class_names
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
+        return average_heads(*forward_heads(self.student, images))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:  # the teacher sees the same mixed images as the student
+            images, targets = self.mixup(images, targets)
+        teacher_logits = self.teacher_logits(images) if self.criterion.needs_teacher else None
+        cls_logits, dist_logits = forward_heads(self.student, images)
+        loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        cls_logits, dist_logits = forward_heads(self.student, images)
+        logits = average_heads(cls_logits, dist_logits)
+        metrics = self.val_metrics
+        metrics["acc1"](logits, labels)
+        metrics["acc5"](logits, labels)
+        metrics["loss"](nn.functional.cross_entropy(logits, labels))
+        if dist_logits is not None:
+            metrics["acc1_cls"](cls_logits, labels)
+            metrics["acc1_dist"](dist_logits, labels)
+        if self.teacher is not None:
+            teacher_logits = self.teacher_logits(images)
+            metrics["teacher_acc1"](teacher_logits, labels)
+            metrics["agreement"](logits, teacher_logits.argmax(dim=1))
+        for name, metric in metrics.items():
+            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
+
+    def configure_optimizers(self):
+        optim = self.optim
+        # Linear scaling rule of the paper: lr = base lr x global batch / 512.
+        lr = optim.lr * self.global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
+        # timm's factory: no weight decay on norms, biases, tokens and position embeddings.
+        optimizer = create_optimizer_v2(
+            self.student,
+            opt=optim.name,
+            lr=lr,
+            weight_decay=optim.weight_decay,
+            **dict(optim.get("kwargs") or {}),
+        )
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=optim.schedule,
+            num_epochs=self.trainer.max_epochs,
+            warmup_epochs=optim.warmup_epochs,
+            warmup_lr=optim.warmup_lr,
+            min_lr=optim.min_lr,
+            step_on_epochs=False,  # per optimizer step: a smooth warm-up even for short runs
+            updates_per_epoch=steps_per_epoch,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+
+def build_mixup(augment: DictConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix with label smoothing (DeiT: mixup 0.8, cutmix 1.0, smoothing 0.1)."""
+    if not (augment.mixup > 0 or augment.cutmix > 0):
+        return None
+    return Mixup(
+        mixup_alpha=augment.mixup,
+        cutmix_alpha=augment.cutmix,
+        prob=augment.mixup_prob,
+        switch_prob=augment.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=augment.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def student_summary(student: nn.Module) -> str:
+    params = sum(p.numel() for p in student.parameters()) / 1e6
+    heads = "class + distillation heads" if is_distilled(student) else "single head"
+    return f"{type(student).__name__} ({params:.2f}M params, {heads})"

@@ -1,0 +1,99 @@
+"""`deit-train`: compose the config, build data, student, teacher and trainer, fit, write metrics.json."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import deit_train.conf
+from deit_train.data import DeiTDataModule
+from deit_train.errors import DeitTrainError
+from deit_train.losses import DistillationLoss
+from deit_train.models import build_student, build_teacher
+from deit_train.module import DeiTModule, student_summary
+
+CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
+log = logging.getLogger("deit_train")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Combinations that would train something other than what the user asked for."""
+    distillation = cfg.loss.distillation_type
+    if distillation != "none" and cfg.teacher.name is None:
+        raise DeitTrainError(
+            f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
+            f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
+        )
+    if distillation == "none" and cfg.teacher.name is not None:
+        log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
+    if (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0) and cfg.data.batch_size % 2:
+        raise DeitTrainError(
+            f"Mixup/CutMix need an even batch: data.batch_size={cfg.data.batch_size} is odd."
+        )
+
+
+def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(output_dir / "metrics.json")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """One training run; returns the final validation metrics (also written to metrics.json)."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size)
+    class_names = datamodule.class_names
+    criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
+    teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None
+    student = build_student(cfg.model, len(class_names))
+    log.info(
+        "student %s on %d classes; teacher %s",
+        student_summary(student),
+        len(class_names),
+        cfg.teacher.name if teacher is not None else "none",
+    )
+
+    module = DeiTModule(
+        student=student,
+        teacher=teacher,
+        criterion=criterion,
+        class_names=class_names,
+        optim=cfg.optim,
+        augment=cfg.augment,
+        global_batch_size=cfg.data.batch_size,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    # A group entry set to null (callbacks.progress_bar=null) switches that object off.
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+        log.info("final metrics: %s", json.dumps(metrics, sort_keys=True))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except DeitTrainError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    return metrics.get("val/acc1")  # the value sweeps optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny configs composed from the real conf/ and tiny generated data. No network."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from deit_train.data.demo import ensure_demo_dataset
+from deit_train.train import CONFIG_DIR
+
+# A CPU-sized run: 16x16 demo images, 8 per class, one epoch.
+TINY_RUN = [
+    "experiment=demo",
+    "model.img_size=16",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+]
+# A CPU-sized DeiT student: 4x4 patches, 2 blocks of width 32.
+TINY_VIT = ["model.patch_size=4", "model.depth=2", "model.embed_dim=32", "model.num_heads=2"]
+# The demo data at 16x16, 8 training images per class.
+TINY_DEMO = ["data.image_size=16", "data.train_per_class=8", "data.val_per_class=4"]
+TINY = TINY_RUN + TINY_DEMO + TINY_VIT
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    ensure_demo_dataset(path, image_size=16, train_per_class=8, val_per_class=4, seed=0)
+    return path
+
+
+def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `deit-train <overrides>` would run, composed from the installed conf/."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*overrides, f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}"],
+        )
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path, cache_dir):
+    """tiny_config(*overrides, run="run"): the tiny demo config plus overrides, writing into tmp_path/run."""
+
+    def make(
+        *overrides: str, run: str = "run", student: list[str] = TINY_VIT, data: list[str] = TINY_DEMO
+    ) -> DictConfig:
+        return compose_config([*TINY_RUN, *data, *student, *overrides], tmp_path / run, cache_dir)
+
+    return make

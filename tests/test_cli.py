@@ -1,0 +1,97 @@
+"""`deit-train` from the shell: bad input ends early with one clear message and a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from .conftest import TINY, TINY_RUN, TINY_VIT
+
+
+def run_cli(*overrides: str, tmp_path, cache_dir, base=TINY) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train.train",
+        *base,
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.fixture
+def hundred_class_folder(tmp_path):
+    for split in ("train", "val"):
+        for index in range(100):
+            folder = tmp_path / "data100" / split / f"class{index:03d}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (16, 16), (index, 0, 0)).save(folder / "0.png")
+    return tmp_path / "data100"
+
+
+@pytest.fixture
+def ten_class_teacher(tmp_path):
+    import timm
+    import torch
+
+    torch.save(
+        {"model": timm.create_model("resnet10t", num_classes=10).state_dict()}, tmp_path / "teacher10.pth"
+    )
+    return tmp_path / "teacher10.pth"
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    for phrase in phrases:
+        assert phrase in output, output
+    assert "Traceback" not in output, output
+
+
+def test_unknown_model_lists_the_choices(tmp_path, cache_dir):
+    result = run_cli("model=deit_huge", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert_clear_failure(result, "deit_huge", "deit_tiny", "deit_small", "deit_base_384")
+
+
+def test_misspelt_override_is_refused(tmp_path, cache_dir):
+    result = run_cli("model.depht=3", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert_clear_failure(result, "depht")
+
+
+def test_imagefolder_without_root(tmp_path, cache_dir):
+    result = run_cli("data=imagefolder", tmp_path=tmp_path, cache_dir=cache_dir, base=TINY_RUN + TINY_VIT)
+    assert_clear_failure(result, "needs data.root")
+
+
+def test_distillation_without_teacher(tmp_path, cache_dir):
+    result = run_cli("loss=hard_distill", "teacher=none", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert_clear_failure(result, "needs a teacher")
+
+
+def test_teacher_without_weights(tmp_path, cache_dir):
+    result = run_cli(
+        "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", tmp_path=tmp_path, cache_dir=cache_dir
+    )
+    assert_clear_failure(result, "has no weights")
+
+
+def test_ten_class_teacher_on_hundred_class_data(
+    tmp_path, cache_dir, hundred_class_folder, ten_class_teacher
+):
+    result = run_cli(
+        "data=imagefolder",
+        f"data.root={hundred_class_folder}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={ten_class_teacher}",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+        base=TINY_RUN + TINY_VIT,
+    )
+    assert_clear_failure(result, "has 10 classes", "the data has 100")

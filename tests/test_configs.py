@@ -1,0 +1,195 @@
+"""Every option of every config group composes, and every model/teacher/loss/data option builds."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+
+from deit_train.data import DeiTDataModule
+from deit_train.data.transforms import eval_transform, train_transform
+from deit_train.errors import DeitTrainError
+from deit_train.losses import DistillationLoss
+from deit_train.models import build_student, build_teacher, forward_heads
+from deit_train.train import CONFIG_DIR
+
+from .conftest import compose_config
+
+GROUPS = [
+    "model",
+    "teacher",
+    "loss",
+    "data",
+    "augment",
+    "optim",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "hydra",
+    "experiment",
+]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted(Path(CONFIG_DIR, group).glob("*.yaml"))]
+
+# DeiT paper, Table 1: embedding dimension, heads, depth and resolution of each model.
+PAPER_MODELS = {
+    "deit_tiny": (192, 3, 12, 224),
+    "deit_small": (384, 6, 12, 224),
+    "deit_base": (768, 12, 12, 224),
+    "deit_base_384": (768, 12, 12, 384),
+}
+
+
+def distilled_vit_parameters(dim: int, depth: int, tokens: int, classes: int, patch: int = 16) -> int:
+    """Closed-form parameter count of a distilled ViT: patch embedding, class + distillation tokens, position
+    embeddings, depth x (2 norms, qkv, proj, 4x MLP), final norm, two heads."""
+    block = (
+        2 * dim
+        + (3 * dim * dim + 3 * dim)
+        + (dim * dim + dim)
+        + 2 * dim
+        + (4 * dim * dim + 4 * dim)
+        + (4 * dim * dim + dim)
+    )
+    return (
+        (3 * patch * patch * dim + dim)
+        + 2 * dim
+        + (tokens + 2) * dim
+        + depth * block
+        + 2 * dim
+        + 2 * (dim * classes + classes)
+    )
+
+
+def test_every_group_has_options():
+    assert {group for group, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}"], tmp_path, tmp_path)
+    assert cfg.model.img_size > 0 and cfg.data.batch_size > 0
+
+
+@pytest.mark.parametrize("option", list(PAPER_MODELS))
+def test_paper_models_build_with_the_paper_sizes(option, tmp_path):
+    cfg = compose_config([f"model={option}"], tmp_path, tmp_path)
+    dim, heads, depth, resolution = PAPER_MODELS[option]
+    assert (cfg.model.embed_dim, cfg.model.num_heads, cfg.model.depth, cfg.model.img_size) == PAPER_MODELS[
+        option
+    ]
+    student = build_student(cfg.model, num_classes=10)
+    tokens = (resolution // 16) ** 2
+    assert sum(p.numel() for p in student.parameters()) == distilled_vit_parameters(dim, depth, tokens, 10)
+    assert student.patch_embed.img_size == (resolution, resolution)
+    cls_logits, dist_logits = forward_heads(
+        student.eval(), torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)
+    )
+    assert cls_logits.shape == dist_logits.shape == (1, 10)
+
+
+def test_timm_and_demo_models_build(tmp_path):
+    for option, distilled in (("timm", False), ("deit_demo", True)):
+        cfg = compose_config([f"model={option}"], tmp_path, tmp_path)
+        student = build_student(cfg.model, num_classes=3)
+        assert hasattr(student, "head_dist") == distilled
+
+
+@pytest.mark.parametrize("option", ["regnety_160", "resnet50", "timm"])
+def test_teacher_options_build_from_a_checkpoint(option, tmp_path):
+    cfg = compose_config([f"teacher={option}"], tmp_path, tmp_path)
+    architecture = cfg.teacher.name.split(".")[0]
+    reference = timm.create_model(architecture, num_classes=4).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
+    teacher = build_teacher(cfg.teacher, ["a", "b", "c", "d"])
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images), reference(images))
+
+
+def test_paper_teacher_is_the_official_deit_checkpoint(tmp_path):
+    cfg = compose_config(["teacher=regnety_160"], tmp_path, tmp_path)
+    assert cfg.teacher.name == "regnety_160.deit_in1k" and cfg.teacher.pretrained
+    assert "deit" in timm.models.get_pretrained_cfg("regnety_160.deit_in1k").url
+
+
+@pytest.mark.parametrize("option,kind", [("ce", "none"), ("hard_distill", "hard"), ("soft_distill", "soft")])
+def test_loss_options_build(option, kind, tmp_path):
+    cfg = compose_config([f"loss={option}"], tmp_path, tmp_path)
+    criterion = DistillationLoss(**cfg.loss)
+    assert criterion.distillation_type == kind
+
+
+def test_soft_distill_defaults_are_the_papers(tmp_path):
+    cfg = compose_config(["loss=soft_distill"], tmp_path, tmp_path)
+    assert (cfg.loss.tau, cfg.loss.alpha, cfg.loss.kl_reduction) == (3.0, 0.1, "batchmean")
+
+
+@pytest.mark.parametrize("option", ["deit", "none"])
+def test_augment_options_build_transforms(option, tmp_path):
+    cfg = compose_config([f"augment={option}"], tmp_path, tmp_path)
+    image = Image.new("RGB", (50, 37), (200, 10, 10))
+    for transform in (train_transform(cfg.augment, 32), eval_transform(cfg.augment, 32)):
+        assert transform(image).shape == (3, 32, 32)
+
+
+def test_data_demo_and_imagefolder_options_find_their_classes(tmp_path, cache_dir):
+    demo = compose_config(
+        ["data=demo", "data.image_size=16", "data.train_per_class=8", "data.val_per_class=4"],
+        tmp_path,
+        cache_dir,
+    )
+    assert DeiTDataModule(demo.data, demo.augment, 16).num_classes == 10
+    folder = compose_config(
+        ["data=imagefolder", f"data.root={cache_dir / 'demo-v2-s16-n8-4-seed0'}"], tmp_path, cache_dir
+    )
+    assert (
+        DeiTDataModule(folder.data, folder.augment, 16).class_names
+        == DeiTDataModule(demo.data, demo.augment, 16).class_names
+    )
+
+
+@pytest.mark.parametrize("option", ["cifar10", "cifar100"])
+def test_cifar_options_point_at_torchvision(option, tmp_path):
+    cfg = compose_config([f"data={option}"], tmp_path, tmp_path)
+    assert not cfg.data.download  # never downloads unless asked
+    with pytest.raises(DeitTrainError, match=option):
+        _ = DeiTDataModule(cfg.data, cfg.augment, 32).class_names
+
+
+@pytest.mark.parametrize("option", ["default", "cpu"])
+def test_trainer_options_instantiate(option, tmp_path):
+    cfg = compose_config([f"trainer={option}", "trainer.max_epochs=1"], tmp_path, tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_epochs == 1
+
+
+def test_gpu_trainer_options_ask_for_gpus(tmp_path):
+    assert compose_config(["trainer=gpu"], tmp_path, tmp_path).trainer.accelerator == "gpu"
+    ddp = compose_config(["trainer=ddp", "trainer.devices=8"], tmp_path, tmp_path).trainer
+    assert (ddp.accelerator, ddp.strategy, ddp.devices) == ("gpu", "ddp", 8)
+
+
+@pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb"])
+def test_logger_options_instantiate(option, tmp_path):
+    cfg = compose_config([f"logger={option}"], tmp_path, tmp_path)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert loggers and all(hasattr(lg, "log_metrics") for lg in loggers)
+
+
+def test_callbacks_instantiate_and_watch_val_acc1(tmp_path):
+    cfg = compose_config([], tmp_path, tmp_path)
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
+    assert callbacks["model_checkpoint"].monitor == "val/acc1" and callbacks["model_checkpoint"].save_last
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    with pytest.raises(Exception, match="depht"):
+        compose_config(["model.depht=3"], tmp_path, tmp_path)
+    cfg = compose_config([], tmp_path, tmp_path)
+    assert OmegaConf.is_struct(cfg)

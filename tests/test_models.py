@@ -1,0 +1,122 @@
+"""Students against timm's own forward, and the teacher's freezing, weights and class checks."""
+
+import pickle
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from deit_train.errors import DeitTrainError
+from deit_train.models import build_student, build_teacher, forward_heads
+from deit_train.models.checkpoints import load_weights
+
+TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_student_config(**changes):
+    return OmegaConf.create(
+        {
+            "name": "deit_tiny_distilled_patch16_224",
+            "pretrained": False,
+            "drop_path_rate": 0.0,
+            **TINY_VIT,
+            **changes,
+        }
+    )
+
+
+def teacher_config(**changes):
+    return OmegaConf.create({"name": "resnet10t", "pretrained": False, "checkpoint": None, **changes})
+
+
+def test_student_architecture_fields_reach_timm():
+    student = build_student(tiny_student_config(depth=3, embed_dim=48, num_heads=3), num_classes=7)
+    assert len(student.blocks) == 3
+    assert student.embed_dim == 48
+    assert student.head.out_features == student.head_dist.out_features == 7
+    assert student.patch_embed.grid_size == (4, 4)
+
+
+def test_forward_heads_equal_timm_in_train_and_eval_mode():
+    student = build_student(tiny_student_config(), num_classes=5)
+    images = torch.randn(3, 3, 16, 16)
+    student.train()
+    timm_cls, timm_dist = student(images)  # distilled training: timm returns both heads
+    cls_logits, dist_logits = forward_heads(student, images)
+    torch.testing.assert_close(cls_logits, timm_cls)
+    torch.testing.assert_close(dist_logits, timm_dist)
+    student.eval()
+    cls_logits, dist_logits = forward_heads(student, images)
+    torch.testing.assert_close((cls_logits + dist_logits) / 2, student(images))  # timm's averaged prediction
+
+
+def test_single_head_student_from_any_timm_name():
+    student = build_student(OmegaConf.create({"name": "resnet10t", "pretrained": False, "img_size": 16}), 4)
+    logits, dist_logits = forward_heads(student.eval(), torch.randn(2, 3, 16, 16))
+    assert dist_logits is None and logits.shape == (2, 4)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(DeitTrainError, match="unknown timm model 'deit_huge_distilled'"):
+        build_student(tiny_student_config(name="deit_huge_distilled"), 10)
+
+
+def save_teacher(path, num_classes, wrapper=None):
+    model = timm.create_model("resnet10t", num_classes=num_classes)
+    state = model.state_dict()
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({wrapper: state} if wrapper else state, path)
+    return model
+
+
+@pytest.mark.parametrize(
+    "filename,wrapper", [("t.pth", None), ("t.pth", "model"), ("t.pt", "state_dict"), ("t.safetensors", None)]
+)
+def test_teacher_loads_every_checkpoint_form_and_is_frozen(tmp_path, filename, wrapper):
+    reference = save_teacher(tmp_path / filename, 3, wrapper).eval()
+    teacher = build_teacher(teacher_config(checkpoint=str(tmp_path / filename)), ["a", "b", "c"])
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(images), reference(images))
+
+
+def test_teacher_class_count_must_match_data(tmp_path):
+    save_teacher(tmp_path / "t10.pth", 10)
+    with pytest.raises(DeitTrainError, match=r"has 10 classes .* but the data has 100"):
+        build_teacher(teacher_config(checkpoint=str(tmp_path / "t10.pth")), [f"c{i}" for i in range(100)])
+
+
+def test_teacher_without_weights_is_refused():
+    with pytest.raises(DeitTrainError, match="has no weights"):
+        build_teacher(teacher_config(), ["a", "b"])
+
+
+def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
+    torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(DeitTrainError, match="does not match the teacher resnet10t architecture"):
+        build_teacher(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_teacher(tmp_path / "t.pth", 2)
+    data = (tmp_path / "t.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DeitTrainError, match="truncated or corrupt"):
+        load_weights(tmp_path / "cut.pth")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    with open(tmp_path / "evil.pth", "wb") as file:
+        pickle.dump({"model": Payload()}, file)
+    with pytest.raises(DeitTrainError, match="weights_only"):
+        load_weights(tmp_path / "evil.pth")
