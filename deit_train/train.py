@@ -85,12 +85,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def user_message(error: DeitTrainError) -> str:
+    """The message alone, also for errors raised in a data-loader worker (which arrive with the worker's
+    traceback folded into the text)."""
+    text = str(error).strip()
+    marker = f"{DeitTrainError.__name__}: "
+    return text.rsplit(marker, 1)[-1] if "Original Traceback" in text else text
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except DeitTrainError as error:
-        log.error("%s", error)
+        log.error("%s", user_message(error))
         sys.exit(2)
     return metrics.get("val/acc1")  # the value sweeps optimise
 

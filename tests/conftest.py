@@ -34,10 +34,16 @@ TINY = TINY_RUN + TINY_DEMO + TINY_VIT
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    ensure_demo_dataset(path, image_size=16, train_per_class=8, val_per_class=4, seed=0)
-    return path
+def demo_data(tmp_path_factory) -> Path:
+    """The tiny demo ImageFolder (train/ and val/) that TINY_DEMO selects."""
+    return ensure_demo_dataset(
+        tmp_path_factory.mktemp("cache"), image_size=16, train_per_class=8, val_per_class=4
+    )
+
+
+@pytest.fixture(scope="session")
+def cache_dir(demo_data) -> Path:
+    return demo_data.parent
 
 
 def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:

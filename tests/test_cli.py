@@ -95,3 +95,20 @@ def test_ten_class_teacher_on_hundred_class_data(
         base=TINY_RUN + TINY_VIT,
     )
     assert_clear_failure(result, "has 10 classes", "the data has 100")
+
+
+def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir, demo_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "train" / "circle" / "00003.png").write_bytes(b"\x89PNG truncated")
+    result = run_cli(
+        "data=imagefolder",
+        f"data.root={data}",
+        "data.num_workers=1",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+        base=TINY_RUN + TINY_VIT,
+    )
+    assert_clear_failure(result, "corrupt image", "circle/00003.png")

@@ -138,16 +138,14 @@ def test_augment_options_build_transforms(option, tmp_path):
         assert transform(image).shape == (3, 32, 32)
 
 
-def test_data_demo_and_imagefolder_options_find_their_classes(tmp_path, cache_dir):
+def test_data_demo_and_imagefolder_options_find_their_classes(tmp_path, cache_dir, demo_data):
     demo = compose_config(
         ["data=demo", "data.image_size=16", "data.train_per_class=8", "data.val_per_class=4"],
         tmp_path,
         cache_dir,
     )
     assert DeiTDataModule(demo.data, demo.augment, 16).num_classes == 10
-    folder = compose_config(
-        ["data=imagefolder", f"data.root={cache_dir / 'demo-v2-s16-n8-4-seed0'}"], tmp_path, cache_dir
-    )
+    folder = compose_config(["data=imagefolder", f"data.root={demo_data}"], tmp_path, cache_dir)
     assert (
         DeiTDataModule(folder.data, folder.augment, 16).class_names
         == DeiTDataModule(demo.data, demo.augment, 16).class_names

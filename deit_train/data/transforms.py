@@ -26,6 +26,7 @@ def train_transform(augment: DictConfig, img_size: int):
     return create_transform(
         img_size,
         is_training=True,
+        scale=tuple(augment.scale),
         auto_augment=augment.auto_augment,
         color_jitter=augment.color_jitter,
         interpolation=augment.train_interpolation,
