@@ -36,8 +36,9 @@ class DeiTModule(L.LightningModule):
         self.optim = optim
         self.global_batch_size = global_batch_size
         self.mixup = build_mixup(augment, self.num_classes)
-        # The resolved run config travels in every checkpoint (plain containers: weights_only-safe).
-        self.save_hyperparameters({"config": config or {}, "class_names": self.class_names})
+        # The resolved run config travels in every checkpoint (plain containers: weights_only-safe);
+        # the class names too (on_save_checkpoint).
+        self.save_hyperparameters({"config": config or {}})
 
         top5 = min(5, self.num_classes)
         acc = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
@@ -74,9 +75,11 @@ class DeiTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["class_names"] = self.class_names
 
-    @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images)
+        """One teacher forward pass: no autograd, convnets in channels_last (see build_teacher)."""
+        with torch.inference_mode():
+            logits = self.teacher(images.contiguous(memory_format=torch.channels_last))
+        return logits.clone()  # a normal tensor, which the loss may save for its backward pass
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
@@ -89,7 +92,8 @@ class DeiTModule(L.LightningModule):
         teacher_logits = self.teacher_logits(images) if self.criterion.needs_teacher else None
         cls_logits, dist_logits = forward_heads(self.student, images)
         loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
-        self.log("train/loss", loss, prog_bar=True)
+        # Logged every log_every_n_steps, without a host-device sync in the other steps.
+        self.log("train/loss", loss)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -115,12 +119,11 @@ class DeiTModule(L.LightningModule):
         # Linear scaling rule of the paper: lr = base lr x global batch / 512.
         lr = optim.lr * self.global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
         # timm's factory: no weight decay on norms, biases, tokens and position embeddings.
+        extra = dict(optim.get("kwargs") or {})
+        if optim.name == "adamw" and self.device.type == "cuda":
+            extra.setdefault("fused", True)  # one kernel for the whole update
         optimizer = create_optimizer_v2(
-            self.student,
-            opt=optim.name,
-            lr=lr,
-            weight_decay=optim.weight_decay,
-            **dict(optim.get("kwargs") or {}),
+            self.student, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, **extra
         )
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         scheduler, _ = create_scheduler_v2(

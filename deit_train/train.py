@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,7 +15,7 @@ import deit_train.conf
 from deit_train.data import DeiTDataModule
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
-from deit_train.models import build_student, build_teacher
+from deit_train.models import build_student, build_teacher, compile_student
 from deit_train.module import DeiTModule, student_summary
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
@@ -48,6 +49,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """One training run; returns the final validation metrics (also written to metrics.json)."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size)
@@ -55,6 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
     teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None
     student = build_student(cfg.model, len(class_names))
+    if cfg.compile:
+        compile_student(student)
     log.info(
         "student %s on %d classes; teacher %s",
         student_summary(student),

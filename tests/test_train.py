@@ -101,3 +101,34 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
         torch.testing.assert_close(after[key], tensor, rtol=0, atol=0, msg=key)
     assert not captured["module"].teacher.training
     assert "val/teacher_acc1" in metrics
+
+
+def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from deit_train import train as train_module
+
+    save_file(
+        {k: v.contiguous() for k, v in timm.create_model("resnet10t", num_classes=10).state_dict().items()},
+        str(tmp_path / "teacher.safetensors"),
+    )
+    calls = []
+    original = train_module.build_teacher
+
+    def counted_teacher(*args, **kwargs):
+        teacher = original(*args, **kwargs)
+        teacher.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return teacher
+
+    monkeypatch.setattr(train_module, "build_teacher", counted_teacher)
+    cfg = tiny_config(
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+        "+trainer.num_sanity_val_steps=0",
+    )
+    train(cfg)
+    # 80 training images in full batches of 16, 40 validation images in batches of 16: 5 + 3 forward passes.
+    assert calls == [16] * 5 + [16, 16, 8]

@@ -1,5 +1,6 @@
 """The frozen teacher: any timm classifier, with weights from a checkpoint or the timm hub."""
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -31,7 +32,8 @@ def build_teacher(cfg: DictConfig, class_names: list[str]) -> nn.Module:
             f"teacher.checkpoint=PATH (deit-train .ckpt, .pth or .safetensors) or teacher.pretrained=true."
         )
     teacher.requires_grad_(False)
-    return teacher.eval()
+    # channels_last: the faster convolution layout on GPUs and on CPUs with oneDNN; no effect on ViT teachers.
+    return teacher.eval().to(memory_format=torch.channels_last)
 
 
 def check_teacher_classes(
