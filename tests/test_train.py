@@ -81,6 +81,8 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
         "teacher=timm",
         "teacher.name=resnet10t",
         f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
     )
     from deit_train import train as train_module
 

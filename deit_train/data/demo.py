@@ -1,9 +1,11 @@
 """A generated image-classification dataset, so that deit-train runs with no download.
 
 Ten classes of shapes and textures drawn at random positions, sizes, rotations and colours on noisy
-gradient backgrounds. The recognition problem needs translation and scale invariance, which a convnet
-has by construction and a small ViT must learn from data: the regime where DeiT's distillation from a
-convnet teacher helps. Written once as an ImageFolder (train/ and val/); every image is a pure function
+gradient backgrounds. Like many ImageNet photos, each image holds more than its label: the labelled object
+and a smaller distractor of another class. A random crop may keep only the distractor, and then the label
+is wrong for the view while a teacher's prediction on the view can be right: the case for DeiT's hard-label
+distillation (section 4). Recognition needs translation and scale invariance, which a convnet has by
+construction and a small ViT must learn from data. Written once as an ImageFolder (train/ and val/); every image is a pure function
 of (seed, split, class, index), so the dataset is the same on every machine.
 """
 
@@ -34,7 +36,7 @@ SUPERSAMPLE = 4  # draw large, then downsample with antialiasing
 def demo_root(
     cache_dir: str | Path, image_size: int, train_per_class: int, val_per_class: int, seed: int
 ) -> Path:
-    name = f"demo-v2-s{image_size}-n{train_per_class}-{val_per_class}-seed{seed}"
+    name = f"demo-v3-s{image_size}-n{train_per_class}-{val_per_class}-seed{seed}"
     return Path(cache_dir).expanduser() / name
 
 
@@ -79,10 +81,13 @@ def draw_sample(class_name: str, image_size: int, rng: np.random.Generator) -> I
     draw = ImageDraw.Draw(image)
     low, high = (150, 256) if dark_background else (0, 106)
     colour = tuple(int(c) for c in rng.integers(low, high, 3))
-    extent = rng.uniform(0.5, 0.85) * size  # object size
-    cx, cy = rng.uniform(extent / 2, size - extent / 2, 2)
-    angle = rng.uniform(0, 2 * math.pi)
-    draw_shape(draw, class_name, cx, cy, extent, angle, colour, rng)
+    distractor = CLASS_NAMES[
+        (CLASS_NAMES.index(class_name) + rng.integers(1, len(CLASS_NAMES))) % len(CLASS_NAMES)
+    ]
+    for name, (low_extent, high_extent) in ((distractor, (0.25, 0.4)), (class_name, (0.5, 0.8))):
+        extent = rng.uniform(low_extent, high_extent) * size
+        cx, cy = rng.uniform(extent / 2, size - extent / 2, 2)
+        draw_shape(draw, name, cx, cy, extent, rng.uniform(0, 2 * math.pi), colour, rng)
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (image_size, image_size, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
