@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size)
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
     class_names = datamodule.class_names
     criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
     teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None

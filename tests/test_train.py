@@ -134,3 +134,12 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, tmp
     train(cfg)
     # 80 training images in full batches of 16, 40 validation images in batches of 16: 5 + 3 forward passes.
     assert calls == [16] * 5 + [16, 16, 8]
+
+
+def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
+    cfg = tiny_config("augment.repeated_aug=3", "augment.mixup=0.8", "augment.cutmix=1.0")
+    train(cfg)
+    checkpoint = torch.load(
+        Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True
+    )
+    assert checkpoint["global_step"] == 80 // 16  # len(dataset) draws an epoch, as without repeats

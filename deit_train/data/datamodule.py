@@ -7,16 +7,18 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from deit_train.data.datasets import find_class_names, open_split
+from deit_train.data.samplers import RepeatedAugmentationSampler
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 
 
 class DeiTDataModule(L.LightningDataModule):
-    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int) -> None:
+    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int, seed: int = 0) -> None:
         super().__init__()
         self.data = data
         self.augment = augment
         self.img_size = img_size
+        self.seed = seed
 
     @cached_property
     def class_names(self) -> list[str]:
@@ -47,10 +49,22 @@ class DeiTDataModule(L.LightningDataModule):
 
     def loader(self, dataset, train: bool) -> DataLoader:
         workers = self.data.num_workers
+        sampler = None
+        repeats = self.augment.get("repeated_aug", 1) if train else 1
+        if repeats > 1:
+            trainer = self.trainer
+            sampler = RepeatedAugmentationSampler(
+                dataset,
+                repeats=repeats,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                seed=self.seed,
+            )
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
             drop_last=train,
             num_workers=workers,

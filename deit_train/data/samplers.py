@@ -1,0 +1,56 @@
+"""Repeated augmentation (Hoffer et al. 2020; DeiT section 6 and its RASampler).
+
+Each epoch draws len(dataset) samples in total over all ranks: ceil(len / repeats) distinct images, each `repeats`
+times. The copies of one image sit in consecutive positions of the global order, which is dealt to the ranks
+round-robin, so with several ranks each copy lands on a different rank and gets its own augmentation; with one
+process the copies share a batch (batch augmentation). Unlike the official sampler there is no rounding down to a
+multiple of 256, so small datasets still yield batches, and it works without a distributed group too.
+"""
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class RepeatedAugmentationSampler(DistributedSampler):
+    """A DistributedSampler (so that Lightning keeps it rather than wrapping it in its own), with rank and world
+    size given explicitly so that it also serves a single process. set_epoch is the parent's."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        repeats: int = 3,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.dataset_size = len(dataset)
+        self.repeats = repeats
+        self.samples_per_rank = math.ceil(self.dataset_size / num_replicas)
+
+    def global_order(self) -> torch.Tensor:
+        """The order of all ranks together, before dealing: each image `repeats` times in a row."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            images = torch.randperm(self.dataset_size, generator=generator)
+        else:
+            images = torch.arange(self.dataset_size)
+        order = images.repeat_interleave(self.repeats)
+        total = self.samples_per_rank * self.num_replicas
+        if total > len(order):  # tiny datasets with repeats=1: wrap around so every rank gets as many
+            order = torch.cat([order, order[: total - len(order)]])
+        return order[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
