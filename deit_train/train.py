@@ -45,6 +45,21 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
     tmp.replace(output_dir / "metrics.json")
 
 
+def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to continue from: ckpt_path, or with resume=true this run's last.ckpt if there is one."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).expanduser().is_file():
+            raise DeitTrainError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(Path(cfg.ckpt_path).expanduser())
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    if cfg.resume:
+        log.info("resume=true but %s does not exist yet: starting from scratch", last)
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """One training run; returns the final validation metrics (also written to metrics.json)."""
     check_config(cfg)
@@ -82,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
     if trainer.is_global_zero:

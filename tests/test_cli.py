@@ -1,9 +1,11 @@
 """`deit-train` from the shell: bad input ends early with one clear message and a non-zero exit."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from .conftest import TINY, TINY_RUN, TINY_VIT
@@ -112,3 +114,54 @@ def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir
         base=TINY_RUN + TINY_VIT,
     )
     assert_clear_failure(result, "corrupt image", "circle/00003.png")
+
+
+def test_two_process_ddp_on_cpu_writes_one_run_directory(tmp_path, cache_dir):
+    result = run_cli(
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "augment.repeated_aug=3",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "metrics.json").read_text())["val/acc1"] >= 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # Both ranks worked in the same directory: nothing else was created beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 80 // 16  # a global batch of 16: 8 per rank, 5 steps an epoch
+
+
+def test_run_killed_mid_training_resumes_to_the_full_step_count(tmp_path, cache_dir):
+    """SIGKILL once the first checkpoint exists, then resume=true in the same directory."""
+    import os
+    import signal
+    import time
+
+    overrides = ["trainer.max_epochs=6", "resume=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train.train",
+        *TINY,
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL  # it was killed before it could finish
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    result = run_cli(*overrides, tmp_path=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout + result.stderr
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 6 * 80 // 16 and checkpoint["epoch"] == 5
+    assert "val/acc1" in json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -183,7 +183,8 @@ def test_logger_options_instantiate(option, tmp_path):
 def test_callbacks_instantiate_and_watch_val_acc1(tmp_path):
     cfg = compose_config([], tmp_path, tmp_path)
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
-    assert callbacks["model_checkpoint"].monitor == "val/acc1" and callbacks["model_checkpoint"].save_last
+    assert callbacks["best_checkpoint"].monitor == "val/acc1" and callbacks["best_checkpoint"].mode == "max"
+    assert callbacks["last_checkpoint"].monitor is None and callbacks["last_checkpoint"].save_top_k == 1
 
 
 def test_unknown_keys_are_errors(tmp_path):

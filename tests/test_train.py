@@ -143,3 +143,16 @@ def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
         Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True
     )
     assert checkpoint["global_step"] == 80 // 16  # len(dataset) draws an epoch, as without repeats
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_config):
+    """Lightning's save_last writes only when val/acc1 improves; our last.ckpt must be the latest epoch."""
+    cfg = tiny_config(
+        "trainer.max_epochs=3", "optim.lr=0", "optim.warmup_lr=0", "optim.min_lr=0"
+    )  # never improves
+    train(cfg)
+    checkpoints = Path(cfg.paths.output_dir, "checkpoints")
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 15)
+    assert best["global_step"] == 5  # the first epoch's score was never beaten
