@@ -156,3 +156,30 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_confi
     best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 15)
     assert best["global_step"] == 5  # the first epoch's score was never beaten
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
+    from deit_train.checkpoint_io import AtomicCheckpointIO
+
+    class CrashWhileSaving:
+        def __reduce__(self):
+            raise KeyboardInterrupt("killed while writing")
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, target)
+    before = target.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "crash": CrashWhileSaving()}, target)
+    assert target.read_bytes() == before
+    assert torch.load(target, weights_only=True)["epoch"] == 1
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no staging file left behind
+
+
+def test_trainer_config_uses_the_atomic_checkpoint_writer(tiny_config):
+    from hydra.utils import instantiate
+
+    from deit_train.checkpoint_io import AtomicCheckpointIO
+
+    trainer = instantiate(tiny_config().trainer, logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
