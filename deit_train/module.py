@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import average_heads, forward_heads, is_distilled
 
@@ -48,6 +49,8 @@ class DeiTModule(L.LightningModule):
         if teacher is not None:
             # agreement: the student's prediction scored against the teacher's prediction.
             self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
+        # Set on the device when a loss is NaN/inf; read (a host sync) only at log steps and before a save.
+        self.register_buffer("loss_diverged", torch.tensor(False), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +76,16 @@ class DeiTModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.stop_if_diverged()  # never replace the last good checkpoint by a diverged model
         checkpoint["class_names"] = self.class_names
+
+    def stop_if_diverged(self) -> None:
+        if bool(self.loss_diverged):
+            raise DeitTrainError(
+                f"the training loss became NaN or inf (detected at step {self.global_step}). The last good "
+                f"checkpoint is kept. Lower optim.lr, set trainer.gradient_clip_val=1.0, or prefer "
+                f"trainer.precision=bf16-mixed to 16-mixed; then resume=true or start again."
+            )
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """One teacher forward pass: no autograd, convnets in channels_last (see build_teacher)."""
@@ -92,8 +104,11 @@ class DeiTModule(L.LightningModule):
         teacher_logits = self.teacher_logits(images) if self.criterion.needs_teacher else None
         cls_logits, dist_logits = forward_heads(self.student, images)
         loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
-        # Logged every log_every_n_steps, without a host-device sync in the other steps.
+        self.loss_diverged |= ~torch.isfinite(loss.detach())
+        # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.
         self.log("train/loss", loss)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

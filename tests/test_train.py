@@ -183,3 +183,28 @@ def test_trainer_config_uses_the_atomic_checkpoint_writer(tiny_config):
 
     trainer = instantiate(tiny_config().trainer, logger=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
+    from deit_train.errors import DeitTrainError
+    from deit_train.losses import DistillationLoss
+
+    original, calls = DistillationLoss.forward, []
+
+    def diverging(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) > 7 else loss  # NaN from step 8, in the second epoch
+
+    monkeypatch.setattr(DistillationLoss, "forward", diverging)
+    cfg = tiny_config(
+        "trainer.max_epochs=3", "trainer.log_every_n_steps=50"
+    )  # checked before the save at least
+    with pytest.raises(DeitTrainError, match="NaN or inf"):
+        train(cfg)
+    last = torch.load(
+        Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True
+    )
+    assert last["global_step"] == 5  # the first epoch's, written before the divergence
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert not Path(cfg.paths.output_dir, "metrics.json").exists()
