@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -25,6 +26,7 @@ class DeiTModule(L.LightningModule):
         augment: DictConfig,
         global_batch_size: int,
         teacher: nn.Module | None = None,
+        ema_decay: float | None = None,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -37,6 +39,9 @@ class DeiTModule(L.LightningModule):
         self.optim = optim
         self.global_batch_size = global_batch_size
         self.mixup = build_mixup(augment, self.num_classes)
+        # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
+        # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
+        self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay is not None else None
         # The resolved run config travels in every checkpoint (plain containers: weights_only-safe);
         # the class names too (on_save_checkpoint).
         self.save_hyperparameters({"config": config or {}})
@@ -49,6 +54,8 @@ class DeiTModule(L.LightningModule):
         if teacher is not None:
             # agreement: the student's prediction scored against the teacher's prediction.
             self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
+        if self.ema is not None:
+            self.val_ema_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5)})
         # Set on the device when a loss is NaN/inf; read (a host sync) only at log steps and before a save.
         self.register_buffer("loss_diverged", torch.tensor(False), persistent=False)
 
@@ -111,6 +118,10 @@ class DeiTModule(L.LightningModule):
             self.stop_if_diverged()
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update(self.student, step=self.global_step)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         cls_logits, dist_logits = forward_heads(self.student, images)
@@ -128,6 +139,11 @@ class DeiTModule(L.LightningModule):
             metrics["agreement"](logits, teacher_logits.argmax(dim=1))
         for name, metric in metrics.items():
             self.log(f"val/{name}", metric, prog_bar=name == "acc1")
+        if self.ema is not None:
+            ema_logits = average_heads(*forward_heads(self.ema.module, images))
+            for name, metric in self.val_ema_metrics.items():
+                metric(ema_logits, labels)
+                self.log(f"val_ema/{name}", metric)
 
     def configure_optimizers(self):
         optim = self.optim

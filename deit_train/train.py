@@ -1,5 +1,6 @@
 """`deit-train`: compose the config, build data, student, teacher and trainer, fit, write metrics.json."""
 
+import hashlib
 import json
 import logging
 import sys
@@ -9,6 +10,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import deit_train.conf
@@ -60,6 +62,15 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
+def logger_run_id(logger_cfg: DictConfig, output_dir: Path) -> dict:
+    """A W&B run id derived from the run directory, so that resuming in the same directory continues the same
+    W&B run (unless logger.wandb.id is set)."""
+    if not logger_cfg._target_.endswith("WandbLogger") or logger_cfg.get("id"):
+        return {}
+    digest = hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
+    return {"id": digest, "resume": "allow"}
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """One training run; returns the final validation metrics (also written to metrics.json)."""
     check_config(cfg)
@@ -91,14 +102,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optim=cfg.optim,
         augment=cfg.augment,
         global_batch_size=cfg.data.batch_size,
+        ema_decay=cfg.ema.decay,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     # A group entry set to null (callbacks.progress_bar=null) switches that object off.
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
 
+    for run_logger in loggers:
+        if isinstance(run_logger, WandbLogger) and trainer.is_global_zero:
+            run_logger.experiment.finish()  # the next run of a sweep in this process starts its own W&B run
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)

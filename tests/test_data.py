@@ -103,10 +103,13 @@ def test_eval_transform_is_the_official_deit_one(size):
 def test_global_batch_is_split_over_devices(tmp_path):
     class FakeTrainer:
         world_size = 4
+        accumulate_grad_batches = 1
 
     module = DeiTDataModule(OmegaConf.create({"batch_size": 64}), OmegaConf.create({}), 16)
     module.trainer = FakeTrainer()
     assert module.per_device_batch_size == 16
+    FakeTrainer.accumulate_grad_batches = 2  # two micro-batches per optimizer step
+    assert module.per_device_batch_size == 8
     FakeTrainer.world_size = 3
     with pytest.raises(DeitTrainError, match="must divide evenly"):
         _ = module.per_device_batch_size

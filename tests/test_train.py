@@ -208,3 +208,54 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, 
     assert last["global_step"] == 5  # the first epoch's, written before the divergence
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert not Path(cfg.paths.output_dir, "metrics.json").exists()
+
+
+def test_ema_with_decay_zero_is_the_student_itself(tiny_config):
+    """Closed form: an EMA with decay 0 equals the latest weights, so its accuracy equals the student's."""
+    cfg = tiny_config("ema.decay=0.0")
+    metrics = train(cfg)
+    assert metrics["val_ema/acc1"] == pytest.approx(metrics["val/acc1"], abs=1e-6)
+    state = torch.load(Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=True)[
+        "state_dict"
+    ]
+    for key in (k for k in state if k.startswith("student.")):
+        torch.testing.assert_close(state["ema.module." + key.removeprefix("student.")], state[key])
+
+
+def test_precision_accumulation_and_clipping_come_from_config(tiny_config):
+    cfg = tiny_config(
+        "trainer.precision=bf16-mixed",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=1.0",
+        "ema.decay=0.99",
+    )
+    metrics = train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    # A global batch of 16 as 2 micro-batches of 8: still 5 optimizer steps for 80 images.
+    assert last["global_step"] == 80 // 16
+    assert {"val/acc1", "val_ema/acc1"} <= set(metrics)
+
+
+def test_wandb_logger_works_offline_and_keeps_its_run_id_on_resume(tiny_config, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = (
+        "logger=wandb",
+        "logger.wandb.project=deit-tests",
+        "+logger.wandb.tags=[tiny]",
+        "resume=true",
+    )
+    cfg = tiny_config(*overrides)
+    train(cfg)
+    runs = sorted(Path(cfg.paths.output_dir, "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    # The offline run's record holds the hyperparameters, the validation metrics, the project and the tag.
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for expected in (b"distillation_type", b"val/acc1", b"deit-tests", b"tiny"):
+        assert expected in record, expected
+
+    cfg = tiny_config(*overrides, "trainer.max_epochs=2")  # resume=true in the same directory
+    train(cfg)
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in Path(cfg.paths.output_dir, "wandb").glob("offline-run-*")}
+    assert run_ids == {run_id}

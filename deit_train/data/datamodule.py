@@ -34,14 +34,17 @@ class DeiTDataModule(L.LightningDataModule):
 
     @property
     def per_device_batch_size(self) -> int:
-        """data.batch_size is the global batch; each device loads its share."""
+        """data.batch_size is the global batch of one optimizer step; each device loads its share of each of
+        the accumulated micro-batches."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        if self.data.batch_size % world_size:
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        shares = world_size * accumulate
+        if self.data.batch_size % shares:
             raise DeitTrainError(
-                f"data.batch_size={self.data.batch_size} is the global batch and must divide evenly "
-                f"over {world_size} devices"
+                f"data.batch_size={self.data.batch_size} is the global batch and must divide evenly over "
+                f"{world_size} devices x {accumulate} accumulated micro-batches"
             )
-        return self.data.batch_size // world_size
+        return self.data.batch_size // shares
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = open_split(self.data, "train", train_transform(self.augment, self.img_size))
