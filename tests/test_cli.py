@@ -165,3 +165,20 @@ def test_run_killed_mid_training_resumes_to_the_full_step_count(tmp_path, cache_
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 6 * 80 // 16 and checkpoint["epoch"] == 5
     assert "val/acc1" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_ddp_ranks_agree_on_a_timestamped_run_directory(tmp_path, cache_dir):
+    """No hydra.run.dir: the default outputs/${now:...} must resolve to one directory for both ranks."""
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train.train",
+        *TINY,
+        f"paths.cache_dir={cache_dir}",
+        "trainer=ddp_cpu",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    assert (run_dirs[0] / "metrics.json").is_file() and (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()

@@ -113,3 +113,16 @@ def test_global_batch_is_split_over_devices(tmp_path):
     FakeTrainer.world_size = 3
     with pytest.raises(DeitTrainError, match="must divide evenly"):
         _ = module.per_device_batch_size
+
+
+def test_corrupt_image_can_be_skipped_with_a_counted_warning(tmp_path):
+    make_folder(tmp_path, ["a", "b"])
+    (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"not an image")
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "skip_corrupt": True})
+    dataset = open_split(cfg, "train", transform=None)
+    index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg")][0]
+    with pytest.warns(UserWarning, match=r"corrupt image .*broken.jpg.*\(1 skipped so far"):
+        image, label = dataset[index]
+    replacement_path, replacement_label = dataset.samples[(index + 1) % len(dataset)]
+    assert label == replacement_label and image.size == Image.open(replacement_path).size
+    assert len(dataset) == 3 and dataset.classes == ["a", "b"]

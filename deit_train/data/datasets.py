@@ -1,5 +1,6 @@
 """Where the images come from: the demo set, any ImageFolder (ImageNet layout) or CIFAR-10/100."""
 
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,7 +20,10 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as file:
             return Image.open(file).convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DeitTrainError(f"corrupt image {path}: {error}. Remove or replace the file.") from error
+        raise DeitTrainError(
+            f"corrupt image {path}: {error}. Remove or replace the file, or set data.skip_corrupt=true to skip such "
+            f"files with a warning."
+        ) from error
 
 
 def imagefolder_root(cfg: DictConfig) -> Path:
@@ -67,9 +71,38 @@ def open_split(cfg: DictConfig, split: str, transform) -> Dataset:
         return open_cifar(cfg, train=split == "train", transform=transform)
     folder = imagefolder_root(cfg) / split
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+        dataset = datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:  # a class folder without images
         raise DeitTrainError(f"{folder}: {error}") from error
+    return SkipCorrupt(dataset) if cfg.get("skip_corrupt") else dataset
+
+
+class SkipCorrupt(Dataset):
+    """Opt-in (data.skip_corrupt=true): a corrupt image is replaced by the next readable one, with a warning
+    that names it and counts the skips so far in this process."""
+
+    def __init__(self, dataset: datasets.ImageFolder) -> None:
+        self.dataset = dataset
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # classes, samples, targets, ... of the wrapped ImageFolder
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except DeitTrainError as error:
+                self.skipped += 1
+                warnings.warn(
+                    f"skipped {error} ({self.skipped} skipped so far in this process)", stacklevel=2
+                )
+        raise DeitTrainError(f"no readable image in {self.dataset.root}")
 
 
 def open_cifar(cfg: DictConfig, train: bool, transform) -> Dataset:
