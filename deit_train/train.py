@@ -3,12 +3,15 @@
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -34,10 +37,32 @@ def check_config(cfg: DictConfig) -> None:
         )
     if distillation == "none" and cfg.teacher.name is not None:
         log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
+    if relaunches_ranks_inside_a_sweep(cfg):
+        raise DeitTrainError(
+            "trainer.strategy=ddp re-launches this script once per rank, which inside a local multirun (-m) "
+            "would not find the job's directory. Use trainer=ddp_spawn (or trainer.strategy=ddp_spawn) in sweeps, "
+            "or the SLURM launcher (hydra/launcher=slurm), where the ranks are SLURM tasks."
+        )
     if (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0) and cfg.data.batch_size % 2:
         raise DeitTrainError(
             f"Mixup/CutMix need an even batch: data.batch_size={cfg.data.batch_size} is odd."
         )
+
+
+def relaunches_ranks_inside_a_sweep(cfg: DictConfig) -> bool:
+    """Lightning's `ddp` starts ranks 1..N-1 as new processes of this script with the run directory, not the
+    sweep job's directory; under SLURM the ranks are already separate tasks and nothing is re-launched."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    strategy = str(cfg.trainer.get("strategy", ""))
+    devices = cfg.trainer.get("devices", 1)
+    several = (
+        devices == -1
+        or devices == "auto"
+        or (isinstance(devices, int) and devices > 1)
+        or cfg.trainer.num_nodes > 1
+    )
+    return strategy == "ddp" and several and "SLURM_NTASKS" not in os.environ
 
 
 def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:

@@ -46,6 +46,31 @@ def test_multirun_gives_each_job_its_own_directory_and_metrics(tmp_path, cache_d
     assert depths == {1, 2}
 
 
+def test_ddp_inside_a_multirun_spawns_and_keeps_each_job_in_its_directory(tmp_path, cache_dir):
+    result = run_sweep(
+        "model.depth=1,2",
+        "trainer=ddp_cpu",
+        "trainer.strategy=ddp_spawn",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "metrics.json").is_file()
+        assert sorted(p.name for p in (tmp_path / "sweep" / job / "checkpoints").iterdir()) == [
+            "best.ckpt",
+            "last.ckpt",
+        ]
+
+
+def test_relaunching_ddp_inside_a_local_multirun_is_refused(tmp_path, cache_dir):
+    result = run_sweep("model.depth=1", "trainer=ddp_cpu", tmp_path=tmp_path, cache_dir=cache_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Use trainer=ddp_spawn" in output, output
+    assert "Traceback" not in output
+
+
 def test_optuna_search_reports_the_best_val_acc1(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
