@@ -11,16 +11,15 @@ from PIL import Image
 from .conftest import TINY, TINY_RUN, TINY_VIT
 
 
+def cli_command(*overrides: str, tmp_path, cache_dir, base=TINY) -> list[str]:
+    """`deit-train <tiny config> <overrides>` running in tmp_path/run."""
+    run_dir = tmp_path / "run"
+    return [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+            *overrides]  # fmt: skip
+
+
 def run_cli(*overrides: str, tmp_path, cache_dir, base=TINY) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "deit_train.train",
-        *base,
-        f"paths.cache_dir={cache_dir}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        *overrides,
-    ]
+    command = cli_command(*overrides, tmp_path=tmp_path, cache_dir=cache_dir, base=base)
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
@@ -141,15 +140,7 @@ def test_run_killed_mid_training_resumes_to_the_full_step_count(tmp_path, cache_
     import time
 
     overrides = ["trainer.max_epochs=6", "resume=true"]
-    command = [
-        sys.executable,
-        "-m",
-        "deit_train.train",
-        *TINY,
-        f"paths.cache_dir={cache_dir}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        *overrides,
-    ]
+    command = cli_command(*overrides, tmp_path=tmp_path, cache_dir=cache_dir)
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
