@@ -93,3 +93,12 @@ def load_into(model: nn.Module, state: StateDict, source: str, what: str) -> Non
                 f"expects {tuple(tensor.shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def classifier_keys(model: nn.Module) -> list[str]:
+    """State-dict names of the classification head(s): `fc.*` of a ResNet, `head.*` and `head_dist.*` of a
+    distilled DeiT, whatever timm's get_classifier() points at."""
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    ids = {id(param) for head in heads for param in head.parameters()}
+    return [name for name, param in model.named_parameters() if id(param) in ids]

@@ -7,6 +7,7 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 from deit_train.errors import DeitTrainError
+from deit_train.models.init import initialize_from
 
 # ViT architecture fields a DeiT model config may override (model.depth=4 makes a CPU-sized student).
 VIT_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -39,6 +40,8 @@ def build_student(cfg: DictConfig, num_classes: int) -> nn.Module:
     model = create_timm_model(
         cfg.name, "student", pretrained=cfg.pretrained, num_classes=num_classes, **kwargs
     )
+    if cfg.get("init"):
+        initialize_from(model, cfg.init)
     if is_distilled(model):
         model.set_distilled_training(True)
     return model

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deit_train.errors import DeitTrainError
-from deit_train.models.checkpoints import load_into, load_weights
+from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
 from deit_train.models.student import create_timm_model
 
 
@@ -43,9 +43,7 @@ def check_teacher_classes(
     class_names: list[str],
     source: str,
 ) -> None:
-    classifier_weight = next(
-        name for name, param in teacher.named_parameters() if param is teacher.get_classifier().weight
-    )
+    classifier_weight = next(key for key in classifier_keys(teacher) if key.endswith("weight"))
     if classifier_weight in state and state[classifier_weight].shape[0] != len(class_names):
         raise DeitTrainError(
             f"teacher checkpoint {source} has {state[classifier_weight].shape[0]} classes "

@@ -1,0 +1,72 @@
+"""Start a student from trained weights (model.init=PATH): fine-tuning on new data or a new resolution.
+
+A new number of classes resets both heads; a new resolution resamples the patch position embeddings
+(bicubic, class and distillation tokens kept as they are, DeiT section 6.3 / FixRes). Any other difference
+is an error that names the tensor.
+"""
+
+import logging
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from deit_train.errors import DeitTrainError
+from deit_train.models.checkpoints import classifier_keys, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def initialize_from(student: nn.Module, source: str) -> None:
+    """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors) into `student`."""
+    state = dict(load_weights(source).state)
+    expected = student.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DeitTrainError(
+            f"model.init={source} does not fit this student: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}. "
+            f"Check model=... and the architecture fields (depth, embed_dim, patch_size)."
+        )
+    heads = [k for k in classifier_keys(student) if state[k].shape != expected[k].shape]
+    if heads:
+        log.warning(
+            "model.init: %d classes in %s, %d here: both heads start fresh",
+            state[heads[0]].shape[0],
+            source,
+            expected[heads[0]].shape[0],
+        )
+        for key in heads:
+            state[key] = expected[key]
+    if "pos_embed" in expected and state["pos_embed"].shape != expected["pos_embed"].shape:
+        state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise DeitTrainError(
+                f"model.init={source}: tensor {key} has shape {tuple(state[key].shape)}, this student expects "
+                f"{tuple(tensor.shape)}, and it cannot be adapted"
+            )
+    student.load_state_dict(state)
+
+
+def resample_position_embeddings(student: nn.Module, pos_embed: torch.Tensor, source: str) -> torch.Tensor:
+    prefix = student.num_prefix_tokens  # class (+ distillation) token(s): kept bit for bit
+    new_grid = list(student.patch_embed.grid_size)
+    old_tokens = pos_embed.shape[1] - prefix
+    old_side = int(old_tokens**0.5)
+    if old_side * old_side != old_tokens or pos_embed.shape[2] != student.pos_embed.shape[2]:
+        raise DeitTrainError(
+            f"model.init={source}: pos_embed {tuple(pos_embed.shape)} is not a square grid of this width; "
+            f"this student expects {tuple(student.pos_embed.shape)}"
+        )
+    log.warning(
+        "model.init: position embeddings resampled from %dx%d to %dx%d patches (bicubic)",
+        old_side,
+        old_side,
+        *new_grid,
+    )
+    # As the official DeiT fine-tuning code: plain bicubic (timm's default adds antialiasing, another kernel).
+    return resample_abs_pos_embed(
+        pos_embed, new_size=new_grid, num_prefix_tokens=prefix, interpolation="bicubic", antialias=False
+    )

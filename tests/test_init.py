@@ -1,0 +1,113 @@
+"""model.init: fine-tuning from trained weights on new classes and a new resolution."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from deit_train.errors import DeitTrainError
+from deit_train.models import build_student
+from deit_train.train import train
+
+TINY_VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+
+
+def student_config(img_size=16, init=None, **changes):
+    fields = {
+        "name": "deit_tiny_distilled_patch16_224",
+        "pretrained": False,
+        "img_size": img_size,
+        "init": init,
+    }
+    return OmegaConf.create({**fields, **TINY_VIT, **changes})
+
+
+def save_source(path, num_classes=10, img_size=16, wrapper=None, **changes):
+    source = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        num_classes=num_classes,
+        img_size=img_size,
+        **{**TINY_VIT, **changes},
+    )
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({wrapper: state} if wrapper else state, path)
+    return state
+
+
+@pytest.mark.parametrize("filename,wrapper", [("s.pth", "model"), ("s.pth", None), ("s.safetensors", None)])
+def test_same_shape_init_copies_every_tensor(tmp_path, filename, wrapper):
+    source = save_source(tmp_path / filename, wrapper=wrapper)
+    student = build_student(student_config(init=str(tmp_path / filename)), num_classes=10)
+    for key, tensor in student.state_dict().items():
+        torch.testing.assert_close(tensor, source[key], rtol=0, atol=0)
+
+
+def test_new_class_count_resets_both_heads_and_keeps_the_rest(tmp_path, caplog):
+    source = save_source(tmp_path / "s.pth", num_classes=10)
+    student = build_student(student_config(init=str(tmp_path / "s.pth")), num_classes=3)
+    state = student.state_dict()
+    assert state["head.weight"].shape == state["head_dist.weight"].shape == (3, 32)
+    for key in (k for k in state if not k.startswith("head")):
+        torch.testing.assert_close(state[key], source[key], rtol=0, atol=0)
+    assert "both heads start fresh" in caplog.text
+
+
+def test_new_resolution_resamples_position_embeddings_keeping_both_tokens(tmp_path, caplog):
+    source = save_source(tmp_path / "s.pth", img_size=16)  # 4x4 patches
+    student = build_student(student_config(img_size=24, init=str(tmp_path / "s.pth")), num_classes=10)  # 6x6
+    pos_embed = student.pos_embed.detach()
+    torch.testing.assert_close(pos_embed[:, :2], source["pos_embed"][:, :2], rtol=0, atol=0)  # bit-identical
+    # The official DeiT fine-tuning code's interpolation (main.py): bicubic, align_corners=False.
+    grid = source["pos_embed"][:, 2:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = (
+        F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .reshape(1, 36, 32)
+    )
+    torch.testing.assert_close(pos_embed[:, 2:], expected, rtol=1e-5, atol=1e-6)
+    assert "resampled from 4x4 to 6x6" in caplog.text
+    assert student(torch.randn(1, 3, 24, 24))[0].shape == (1, 10)
+
+
+def test_another_architecture_names_the_tensors(tmp_path):
+    save_source(tmp_path / "s.pth", depth=1)
+    with pytest.raises(DeitTrainError, match=r"missing \['blocks.1"):
+        build_student(student_config(init=str(tmp_path / "s.pth")), num_classes=10)
+    save_source(tmp_path / "w.pth", embed_dim=48, num_heads=2)
+    with pytest.raises(DeitTrainError, match="cls_token|pos_embed|patch_embed"):
+        build_student(student_config(init=str(tmp_path / "w.pth")), num_classes=10)
+
+
+def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(
+    tiny_config, tmp_path, demo_data
+):
+    first = tiny_config(run="base")
+    train(first)
+    # The same images as a 4-class problem at 24x24 px (new resolution, new heads), from the 16 px checkpoint.
+    data = tmp_path / "four"
+    for split in ("train", "val"):
+        for name in sorted(p.name for p in (demo_data / split).iterdir())[:4]:
+            (data / split / name).mkdir(parents=True)
+            for image in (demo_data / split / name).iterdir():
+                (data / split / name / image.name).symlink_to(image)
+    cfg = tiny_config(
+        "model.img_size=24",
+        f"model.init={first.paths.output_dir}/checkpoints/last.ckpt",
+        "data=imagefolder",
+        f"data.root={data}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        run="finetune",
+        data=[],
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/acc1"] <= 1.0
+    checkpoint = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"]["student.pos_embed"].shape == (1, 36 + 2, 32)
+    assert checkpoint["class_names"] == sorted(p.name for p in (data / "train").iterdir())
