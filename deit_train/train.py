@@ -29,6 +29,14 @@ log = logging.getLogger("deit_train")
 
 def check_config(cfg: DictConfig) -> None:
     """Combinations that would train something other than what the user asked for."""
+    # Values left unset: ??? in a config group (data.root), or listed under `required` by a preset (model.init).
+    missing = sorted(
+        OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None}
+    )
+    if missing:
+        raise DeitTrainError(
+            f"the config needs {', '.join(f'{key}=...' for key in missing)}: add it to the command line"
+        )
     distillation = cfg.loss.distillation_type
     if distillation != "none" and cfg.teacher.name is None:
         raise DeitTrainError(

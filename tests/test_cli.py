@@ -173,3 +173,14 @@ def test_ddp_ranks_agree_on_a_timestamped_run_directory(tmp_path, cache_dir):
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1, run_dirs
     assert (run_dirs[0] / "metrics.json").is_file() and (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_preset_with_an_unset_required_value_says_which(tmp_path, cache_dir, demo_data):
+    result = run_cli(
+        "experiment=deit_base_384_finetune",
+        f"data.root={demo_data}",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+        base=[],
+    )
+    assert_clear_failure(result, "needs model.init=...")

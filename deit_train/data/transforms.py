@@ -1,7 +1,10 @@
-"""DeiT's train and eval transforms, built by timm's transform factory."""
+"""DeiT's train and eval transforms, built from timm's transform factory and augmentations."""
 
 from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import auto_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
 
 
 def eval_transform(augment: DictConfig, img_size: int):
@@ -19,20 +22,40 @@ def eval_transform(augment: DictConfig, img_size: int):
 
 
 def train_transform(augment: DictConfig, img_size: int):
-    """RandomResizedCrop + flip + RandAugment + random erasing (DeiT Table 9); `augment=none` trains on
-    the eval transform."""
-    if not augment.random_resized_crop:
+    """augment.crop chooses the geometry: random_resized (DeiT Table 9; DeiT III on ImageNet-21k), simple_random
+    (DeiT III's SRC) or center (no augmentation: the eval transform). Then timm's auto-augment policy
+    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing."""
+    if augment.crop == "center":
         return eval_transform(augment, img_size)
-    return create_transform(
-        img_size,
-        is_training=True,
-        scale=tuple(augment.scale),
-        auto_augment=augment.auto_augment,
-        color_jitter=augment.color_jitter,
-        interpolation=augment.train_interpolation,
-        re_prob=augment.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    )
+    if augment.crop == "random_resized":
+        return create_transform(
+            img_size,
+            is_training=True,
+            scale=tuple(augment.scale),
+            auto_augment=augment.auto_augment,
+            color_jitter=augment.color_jitter,
+            interpolation=augment.train_interpolation,
+            re_prob=augment.reprob,
+            re_mode="pixel",
+            re_count=1,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
+    if augment.crop != "simple_random":
+        raise ValueError(
+            f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}"
+        )
+    # Simple random crop (DeiT III, section 3.2): resize the short side, random crop with 4 px reflect padding.
+    steps = [
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomCrop(img_size, padding=4, padding_mode="reflect"),
+        T.RandomHorizontalFlip(),
+    ]
+    if augment.auto_augment:
+        steps.append(auto_augment_transform(augment.auto_augment, {"translate_const": int(img_size * 0.45)}))
+    if augment.color_jitter:
+        steps.append(T.ColorJitter(*(3 * [augment.color_jitter])))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    if augment.reprob > 0:
+        steps.append(RandomErasing(augment.reprob, mode="pixel", device="cpu"))
+    return T.Compose(steps)
