@@ -76,7 +76,7 @@ def test_new_resolution_resamples_position_embeddings_keeping_both_tokens(tmp_pa
 
 def test_another_architecture_names_the_tensors(tmp_path):
     save_source(tmp_path / "s.pth", depth=1)
-    with pytest.raises(DeitTrainError, match=r"missing \['blocks.1"):
+    with pytest.raises(DeitTrainError, match=r"missing tensors \(e.g. \['blocks.1"):
         build_student(student_config(init=str(tmp_path / "s.pth")), num_classes=10)
     save_source(tmp_path / "w.pth", embed_dim=48, num_heads=2)
     with pytest.raises(DeitTrainError, match="cls_token|pos_embed|patch_embed"):

@@ -12,7 +12,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from deit_train.errors import DeitTrainError
-from deit_train.models.checkpoints import classifier_keys, load_weights
+from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +21,7 @@ def initialize_from(student: nn.Module, source: str) -> None:
     """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors) into `student`."""
     state = dict(load_weights(source).state)
     expected = student.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise DeitTrainError(
-            f"model.init={source} does not fit this student: missing {missing[:4]}"
-            f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}. "
-            f"Check model=... and the architecture fields (depth, embed_dim, patch_size)."
-        )
-    heads = [k for k in classifier_keys(student) if state[k].shape != expected[k].shape]
+    heads = [k for k in classifier_keys(student) if k in state and state[k].shape != expected[k].shape]
     if heads:
         log.warning(
             "model.init: %d classes in %s, %d here: both heads start fresh",
@@ -39,15 +31,14 @@ def initialize_from(student: nn.Module, source: str) -> None:
         )
         for key in heads:
             state[key] = expected[key]
-    if "pos_embed" in expected and state["pos_embed"].shape != expected["pos_embed"].shape:
+    if (
+        "pos_embed" in expected
+        and "pos_embed" in state
+        and state["pos_embed"].shape != expected["pos_embed"].shape
+    ):
         state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise DeitTrainError(
-                f"model.init={source}: tensor {key} has shape {tuple(state[key].shape)}, this student expects "
-                f"{tuple(tensor.shape)}, and it cannot be adapted"
-            )
-    student.load_state_dict(state)
+    # Anything else that differs is an error naming the tensor.
+    load_into(student, state, f"model.init={source}", "student")
 
 
 def resample_position_embeddings(student: nn.Module, pos_embed: torch.Tensor, source: str) -> torch.Tensor:
