@@ -33,6 +33,25 @@ TINY_DEMO = ["data.image_size=16", "data.train_per_class=8", "data.val_per_class
 TINY = TINY_RUN + TINY_DEMO + TINY_VIT
 
 
+def save_safetensors(model, path: Path) -> dict:
+    """Write `model`'s weights as .safetensors (which wants contiguous tensors); returns the saved state."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+@pytest.fixture
+def random_teacher_checkpoint(tmp_path) -> Path:
+    """A 10-class resnet10t teacher with random weights, as .safetensors."""
+    import timm
+
+    path = tmp_path / "teacher.safetensors"
+    save_safetensors(timm.create_model("resnet10t", num_classes=10), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The tiny demo ImageFolder (train/ and val/) that TINY_DEMO selects."""

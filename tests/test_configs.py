@@ -8,7 +8,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import save_file
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.transforms import eval_transform, train_transform
@@ -17,7 +16,7 @@ from deit_train.losses import DistillationLoss
 from deit_train.models import build_student, build_teacher, forward_heads
 from deit_train.train import CONFIG_DIR
 
-from .conftest import compose_config
+from .conftest import compose_config, save_safetensors
 
 GROUPS = [
     "model",
@@ -104,7 +103,7 @@ def test_teacher_options_build_from_a_checkpoint(option, tmp_path):
     cfg = compose_config([f"teacher={option}"], tmp_path, tmp_path)
     architecture = cfg.teacher.name.split(".")[0]
     reference = timm.create_model(architecture, num_classes=4).eval()
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    save_safetensors(reference, tmp_path / "t.safetensors")
     cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
     teacher = build_teacher(cfg.teacher, ["a", "b", "c", "d"])
     images = torch.randn(1, 3, 64, 64)

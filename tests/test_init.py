@@ -5,11 +5,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
 from deit_train.train import train
+
+from .conftest import save_safetensors
 
 TINY_VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
 
@@ -31,11 +32,10 @@ def save_source(path, num_classes=10, img_size=16, wrapper=None, **changes):
         img_size=img_size,
         **{**TINY_VIT, **changes},
     )
-    state = {k: v.contiguous() for k, v in source.state_dict().items()}
     if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save({wrapper: state} if wrapper else state, path)
+        return save_safetensors(source, path)
+    state = source.state_dict()
+    torch.save({wrapper: state} if wrapper else state, path)
     return state
 
 

@@ -6,11 +6,12 @@ import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student, build_teacher, forward_heads
 from deit_train.models.checkpoints import load_weights
+
+from .conftest import save_safetensors
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -65,10 +66,10 @@ def test_unknown_model_name_is_a_clear_error():
 
 def save_teacher(path, num_classes, wrapper=None):
     model = timm.create_model("resnet10t", num_classes=num_classes)
-    state = model.state_dict()
     if path.suffix == ".safetensors":
-        save_file(state, str(path))
+        save_safetensors(model, path)
     else:
+        state = model.state_dict()
         torch.save({wrapper: state} if wrapper else state, path)
     return model
 

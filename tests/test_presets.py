@@ -4,7 +4,6 @@ import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from deit_train.train import train
 
@@ -98,11 +97,7 @@ SHRINK = [
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
-def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data):
-    teacher = timm.create_model("resnet10t", num_classes=10)
-    save_file(
-        {k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors")
-    )
+def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
     student = timm.create_model(
         "deit_tiny_distilled_patch16_224",
         img_size=16,
@@ -116,7 +111,7 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data):
     overrides = [
         f"experiment={preset}",
         *SHRINK,
-        f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
         f"model.init={tmp_path / 'student.pth'}",
     ]
     overrides += (

@@ -13,6 +13,8 @@ from deit_train.models import build_student
 from deit_train.models.checkpoints import load_weights
 from deit_train.train import train
 
+from .conftest import save_safetensors
+
 TEACHER = ["model=timm", "model.name=resnet10t", "loss=ce"]
 
 
@@ -71,11 +73,8 @@ def test_teacher_trained_with_model_timm_teaches_through_its_checkpoint(tiny_con
 def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp_path, loss):
     """Training with mixup and a BatchNorm teacher: the teacher's weights and running stats stay as loaded."""
     import timm
-    from safetensors.torch import save_file
 
-    teacher = timm.create_model("resnet10t", num_classes=10)
-    state = {k: v.contiguous() for k, v in teacher.state_dict().items()}
-    save_file(state, str(tmp_path / "teacher.safetensors"))
+    state = save_safetensors(timm.create_model("resnet10t", num_classes=10), tmp_path / "teacher.safetensors")
     cfg = tiny_config(
         f"loss={loss}",
         "teacher=timm",
@@ -105,16 +104,11 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
     assert "val/teacher_acc1" in metrics
 
 
-def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, tmp_path, monkeypatch):
-    import timm
-    from safetensors.torch import save_file
-
+def test_teacher_runs_once_per_batch_in_training_and_validation(
+    tiny_config, random_teacher_checkpoint, monkeypatch
+):
     from deit_train import train as train_module
 
-    save_file(
-        {k: v.contiguous() for k, v in timm.create_model("resnet10t", num_classes=10).state_dict().items()},
-        str(tmp_path / "teacher.safetensors"),
-    )
     calls = []
     original = train_module.build_teacher
 
@@ -128,7 +122,7 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, tmp
         "loss=hard_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
-        f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
         "+trainer.num_sanity_val_steps=0",
     )
     train(cfg)
