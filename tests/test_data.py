@@ -84,20 +84,45 @@ def test_cifar_without_files_says_how_to_get_them(tmp_path):
         find_class_names(cfg)
 
 
-@pytest.mark.parametrize("size", [(333, 251), (97, 410), (224, 224)])
-def test_eval_transform_is_the_official_deit_one(size):
-    """Resize the short side to int(img_size / 0.875) bicubic, center crop, ImageNet normalisation."""
-    image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy())
-    official = T.Compose(
+def official_deit_eval(center_crop):
+    """The official DeiT eval transform with a given center crop step."""
+    return T.Compose(
         [
             T.Resize(int(224 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(224),
+            center_crop,
             T.ToTensor(),
             T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         ]
     )
+
+
+def random_image(width, height):
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("size", [(333, 251), (97, 410), (224, 224), (300, 257)])
+def test_eval_transform_is_the_official_deit_one_with_the_crop_at_floor_offsets(size):
+    """Resize the short side to int(img_size / 0.875) bicubic, center crop at floor((side - 224) / 2), ImageNet
+    normalisation."""
+
+    def floor_crop(image):
+        top, left = (image.height - 224) // 2, (image.width - 224) // 2
+        return T.functional.crop(image, top, left, 224, 224)
+
+    image = random_image(*size)
     ours = eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)
-    torch.testing.assert_close(ours(image), official(image))
+    torch.testing.assert_close(ours(image), official_deit_eval(floor_crop)(image), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size,same_as_torchvision", [((97, 410), True), ((224, 224), True), ((333, 251), False)])
+def test_eval_crop_moves_one_pixel_from_torchvision_only_when_its_rounding_differs(size, same_as_torchvision):
+    """333x251 resizes to 339x256: torchvision's CenterCrop starts at round(115 / 2) = 58, ours at 57."""
+    image = random_image(*size)
+    ours = eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)(image)
+    torchvision = official_deit_eval(T.CenterCrop(224))(image)
+    assert torch.equal(ours, torchvision) == same_as_torchvision
+    if not same_as_torchvision:
+        torch.testing.assert_close(ours[:, :, 1:], torchvision[:, :, :-1], rtol=0, atol=0)
 
 
 def test_global_batch_is_split_over_devices(tmp_path):

@@ -1,6 +1,10 @@
 """DeiT's train and eval transforms, built from timm's transform factory and augmentations."""
 
+import math
+
+import torch
 from omegaconf import DictConfig
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import auto_augment_transform
 from timm.data.random_erasing import RandomErasing
@@ -8,17 +12,46 @@ from torchvision import transforms as T
 
 
 def eval_transform(augment: DictConfig, img_size: int):
-    """The official DeiT eval transform: resize the short side to img_size / crop_pct (bicubic), center
-    crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default
-    is 0.9 and is not inherited)."""
-    return create_transform(
-        img_size,
-        is_training=False,
-        interpolation="bicubic",
-        crop_pct=augment.eval_crop_pct,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
+    """The official DeiT eval transform: resize the short side to floor(img_size / crop_pct) (bicubic), center
+    crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default is 0.9
+    and is not inherited)."""
+    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size)
+
+
+def eval_resize_size(img_size: int, crop_pct: float) -> int:
+    return math.floor(img_size / crop_pct)  # as timm's transforms_imagenet_eval
+
+
+def resize_crop_transform(resize_size: int, crop_size: int):
+    """Resize the short side (bicubic), center crop, normalise. The crop sits at floor((side - crop) / 2), as in
+    transformers' image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's
+    CenterCrop rounds instead, which puts the window one pixel further right/down on about one image shape
+    in four."""
+    return T.Compose(
+        [
+            T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC),
+            CenterCrop(crop_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
     )
+
+
+class CenterCrop(torch.nn.Module):
+    """A square center crop at floor offsets (see eval_transform). Images smaller than the crop are an error
+    of the resize before it, never padded."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(size={self.size}, offsets=floor)"
 
 
 def train_transform(augment: DictConfig, img_size: int):

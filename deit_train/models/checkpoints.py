@@ -2,9 +2,12 @@
 
 Accepted: a deit-train Lightning checkpoint (`.ckpt`, student weights under `student.`), a torch state
 dict (`.pth`/`.pt`, bare or wrapped as the official DeiT `{"model": ...}` or timm's
-`{"state_dict": ...}`), or `.safetensors`.
+`{"state_dict": ...}`), `.safetensors`, or a directory: a Hugging Face transformers DeiT (`config.json` with
+`model_type: deit` and its weights, any DeiT class, v4 or v5 names) or a timm export (`config.json` with
+`architecture`, `model.safetensors`), as `deit-export` writes them. Weights are always returned under timm's names.
 """
 
+import json
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from deit_train.errors import DeitTrainError
+from deit_train.models.transformers_format import is_transformers_state, transformers_to_timm
 
 StateDict = dict[str, torch.Tensor]
 
@@ -46,8 +50,18 @@ class Weights:
 
 
 def load_weights(path: str | Path) -> Weights:
-    """Model weights from any accepted file, with wrapper prefixes removed."""
+    """Model weights from any accepted file or export directory, under timm's names, wrappers removed."""
     path = Path(path).expanduser()
+    weights = load_export_directory(path) if path.is_dir() else load_weights_file(path)
+    if is_transformers_state(weights.state):
+        try:
+            weights.state = transformers_to_timm(weights.state)
+        except KeyError as error:
+            raise DeitTrainError(f"{path}: unknown tensor in transformers DeiT weights: {error}") from error
+    return weights
+
+
+def load_weights_file(path: Path) -> Weights:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise DeitTrainError(f"checkpoint {path} does not exist")
@@ -73,6 +87,45 @@ def load_weights(path: str | Path) -> Weights:
     if not state:
         raise DeitTrainError(f"{path} holds no tensors")
     return Weights(state)
+
+
+def read_export_config(directory: Path) -> dict:
+    """config.json of a transformers or timm export directory; anything else is refused by name."""
+    config_file = directory / "config.json"
+    not_an_export = (
+        f"{directory} is a directory but not a DeiT export: expected config.json with the weights "
+        f"(a transformers DeiT directory or one written by deit-export)"
+    )
+    if not config_file.is_file():
+        inside = [f"{directory / name}" for name in ("transformers", "timm") if (directory / name).is_dir()]
+        hint = f" (pass one of {inside})" if inside else ""
+        raise DeitTrainError(f"{not_an_export}; config.json is missing{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DeitTrainError(f"{config_file} is not valid JSON: {error}") from error
+    if config.get("model_type") != "deit" and "architecture" not in config:
+        found = config.get("model_type") or config.get("architectures") or sorted(config)[:5]
+        raise DeitTrainError(f"{not_an_export}; its config.json describes {found}")
+    return config
+
+
+def load_export_directory(directory: Path) -> Weights:
+    config = read_export_config(directory)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            weights = load_weights_file(directory / name)
+            break
+    else:
+        raise DeitTrainError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")
+    if config.get("model_type") == "deit":  # transformers
+        labels = config.get("id2label") or {}
+        names = [labels[key] for key in sorted(labels, key=int)]
+        if names and names != [f"LABEL_{i}" for i in range(len(names))]:
+            weights.class_names = names
+    else:  # timm's save_for_hf layout
+        weights.class_names = config.get("label_names")
+    return weights
 
 
 def load_into(model: nn.Module, state: StateDict, source: str, what: str) -> None:

@@ -18,19 +18,27 @@ log = logging.getLogger(__name__)
 
 
 def initialize_from(student: nn.Module, source: str) -> None:
-    """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors) into `student`."""
+    """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT
+    directory or a deit-export directory) into `student`."""
     state = dict(load_weights(source).state)
     expected = student.state_dict()
-    heads = [k for k in classifier_keys(student) if k in state and state[k].shape != expected[k].shape]
-    if heads:
+    heads = classifier_keys(student)
+    if not any(key in state for key in heads):  # an encoder: DeiTModel, a MIM pre-training checkpoint
+        log.warning("model.init: %s has no classification heads: both heads start fresh", source)
+        state.update({key: expected[key] for key in heads})
+    elif "head.weight" in state and "head_dist.weight" in expected and "head_dist.weight" not in state:
+        # transformers' DeiTForImageClassification: one head, on the class token.
+        log.warning("model.init: %s has one head: the distillation head starts as a copy of it", source)
+        state.update({key: state[key.replace("head_dist", "head")] for key in heads if "head_dist" in key})
+    resized = [key for key in heads if state[key].shape != expected[key].shape]
+    if resized:
         log.warning(
             "model.init: %d classes in %s, %d here: both heads start fresh",
-            state[heads[0]].shape[0],
+            state[resized[0]].shape[0],
             source,
-            expected[heads[0]].shape[0],
+            expected[resized[0]].shape[0],
         )
-        for key in heads:
-            state[key] = expected[key]
+        state.update({key: expected[key] for key in heads})
     if (
         "pos_embed" in expected
         and "pos_embed" in state

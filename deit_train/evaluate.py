@@ -1,0 +1,130 @@
+"""`deit-eval MODEL DATA`: top-1/top-5 of the class head, the distillation head and their average, and images/s.
+
+MODEL is a deit-train .ckpt or a deit-export directory; DATA an ImageFolder (one sub-folder per class), or a
+folder holding one as val/ (the training layout). Class folders are matched to the model's classes by name, so
+a subset of the classes may be evaluated. Results are printed as a table and, with --json, written as JSON.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision import datasets
+
+from deit_train.data.datasets import load_rgb
+from deit_train.errors import DeitTrainError
+from deit_train.models import average_heads, forward_heads
+from deit_train.trained import TrainedModel, load_trained_model
+
+
+def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> datasets.ImageFolder:
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DeitTrainError(f"{root} is not a folder: pass an ImageFolder (one sub-folder per class)")
+    folder = root / split if (root / split).is_dir() else root
+    try:
+        dataset = datasets.ImageFolder(str(folder), transform=trained.transform(), loader=load_rgb)
+    except FileNotFoundError as error:
+        raise DeitTrainError(f"{folder}: {error}") from error
+    unknown = sorted(set(dataset.classes) - set(trained.class_names))
+    if unknown:
+        raise DeitTrainError(
+            f"{folder} has class folders the model does not know: {unknown[:5]} ({len(unknown)} in all). "
+            f"The model's classes: {trained.class_names[:10]}{' ...' if len(trained.class_names) > 10 else ''}"
+        )
+    # Labels in the model's order: the folder's classes may be a subset, sorted differently.
+    model_index = {name: index for index, name in enumerate(trained.class_names)}
+    dataset.samples = [(path, model_index[dataset.classes[target]]) for path, target in dataset.samples]
+    dataset.targets = [target for _, target in dataset.samples]
+    return dataset
+
+
+@torch.inference_mode()
+def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: int = 2) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = trained.model.to(device)
+    num_classes = len(trained.class_names)
+    top5 = min(5, num_classes)
+    heads = {"class": None, "distillation": None, "average": None}
+    metrics = {
+        name: {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, top5)}
+        for name in heads
+    }
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    model_seconds, images_seen = 0.0, 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        start = time.perf_counter()
+        cls_logits, dist_logits = forward_heads(model, images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        model_seconds += time.perf_counter() - start
+        images_seen += len(images)
+        outputs = {
+            "class": cls_logits,
+            "distillation": dist_logits,
+            "average": average_heads(cls_logits, dist_logits),
+        }
+        for name, logits in outputs.items():
+            if logits is not None:
+                for metric in metrics[name].values():
+                    metric(logits, labels)
+    if images_seen == 0:
+        raise DeitTrainError("the evaluation folder holds no images")
+    if dist_logits is None:  # a single-head student: its one head is the prediction
+        del metrics["class"], metrics["distillation"]
+    return {
+        "images": images_seen,
+        "images_per_second": images_seen / model_seconds,
+        "device": device.type,
+        "heads": {
+            name: {f"top{k}": 100 * metric.compute().item() for k, metric in head.items()}
+            for name, head in metrics.items()
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    top5 = next(k for k in next(iter(result["heads"].values())) if k != "top1")
+    lines = [f"{'head':<14}{'top-1':>8}{top5.replace('top', 'top-'):>8}"]
+    for name, scores in result["heads"].items():
+        lines.append(f"{name:<14}{scores['top1']:>8.2f}{scores[top5]:>8.2f}")
+    lines.append(
+        f"{result['images']} images, {result['images_per_second']:.1f} images/s (model only, {result['device']})"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deit-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
+    parser.add_argument("data", help="an ImageFolder, or a folder with one under val/")
+    parser.add_argument(
+        "--split", default="val", help="sub-folder of DATA to use when present (default: val)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    try:
+        trained = load_trained_model(args.model, ema=args.ema)
+        dataset = open_eval_folder(args.data, args.split, trained)
+        result = {
+            "model": args.model,
+            "data": dataset.root,
+            **evaluate(trained, dataset, args.batch_size, args.num_workers),
+        }
+    except DeitTrainError as error:
+        print(f"deit-eval: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

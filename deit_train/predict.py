@@ -1,0 +1,84 @@
+"""`deit-predict MODEL IMAGE_OR_FOLDER...`: top-k class names with probabilities, one JSON line per image.
+
+MODEL is a deit-train .ckpt or a deit-export directory (transformers or timm). Folders are searched
+recursively for images. The prediction is the softmax of the average of the two heads' logits.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from deit_train.data.datasets import load_rgb
+from deit_train.errors import DeitTrainError
+from deit_train.trained import TrainedModel, load_trained_model
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    paths = []
+    for name in inputs:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DeitTrainError(f"{path} does not exist")
+    if not paths:
+        raise DeitTrainError(f"no images found in {inputs} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return paths
+
+
+@torch.inference_mode()
+def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size: int = 32) -> Iterator[dict]:
+    """One record per image: {"image", "predictions": [{"label", "score"}, ...]} or {"image", "error"}."""
+    transform = trained.transform()
+    top_k = min(top_k, len(trained.class_names))
+    for start in range(0, len(paths), batch_size):
+        batch, readable = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append(transform(load_rgb(str(path))))
+                readable.append(path)
+            except DeitTrainError as error:
+                yield {"image": str(path), "error": str(error)}
+        if not batch:
+            continue
+        probabilities = trained.model(torch.stack(batch)).softmax(dim=-1)
+        scores, indices = probabilities.topk(top_k, dim=-1)
+        for path, image_scores, image_indices in zip(
+            readable, scores.tolist(), indices.tolist(), strict=True
+        ):
+            yield {
+                "image": str(path),
+                "predictions": [
+                    {"label": trained.class_names[index], "score": score}
+                    for score, index in zip(image_scores, image_indices, strict=True)
+                ],
+            }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deit-predict", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
+    parser.add_argument("images", nargs="+", help="image files and/or folders")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
+    args = parser.parse_args(argv)
+    failed = 0
+    try:
+        trained = load_trained_model(args.model, ema=args.ema)
+        for record in predict(trained, image_paths(args.images), args.top_k, args.batch_size):
+            print(json.dumps(record), flush=True)
+            if "error" in record:
+                failed += 1
+                print(f"deit-predict: {record['error']}", file=sys.stderr)
+    except DeitTrainError as error:
+        print(f"deit-predict: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if failed else 0)
