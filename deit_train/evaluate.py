@@ -128,3 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -122,3 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"timm:         timm.create_model('local-dir:{out_dir / 'timm'}', pretrained=True)")
     if args.onnx:
         print(f"onnx:         {out_dir / 'model.onnx'}")
+
+
+if __name__ == "__main__":
+    main()

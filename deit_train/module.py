@@ -4,8 +4,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
@@ -14,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import average_heads, forward_heads, is_distilled
+from deit_train.optim import configure_optimizers
 
 
 class DeiTModule(L.LightningModule):
@@ -146,28 +145,7 @@ class DeiTModule(L.LightningModule):
                 self.log(f"val_ema/{name}", metric)
 
     def configure_optimizers(self):
-        optim = self.optim
-        # Linear scaling rule of the paper: lr = base lr x global batch / 512.
-        lr = optim.lr * self.global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
-        # timm's factory: no weight decay on norms, biases, tokens and position embeddings.
-        extra = dict(optim.get("kwargs") or {})
-        if optim.name == "adamw" and self.device.type == "cuda":
-            extra.setdefault("fused", True)  # one kernel for the whole update
-        optimizer = create_optimizer_v2(
-            self.student, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, **extra
-        )
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=optim.schedule,
-            num_epochs=self.trainer.max_epochs,
-            warmup_epochs=optim.warmup_epochs,
-            warmup_lr=optim.warmup_lr,
-            min_lr=optim.min_lr,
-            step_on_epochs=False,  # per optimizer step: a smooth warm-up even for short runs
-            updates_per_epoch=steps_per_epoch,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.student, self.optim, self.global_batch_size)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)

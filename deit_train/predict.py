@@ -82,3 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"deit-predict: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

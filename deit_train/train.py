@@ -18,9 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import deit_train.conf
 from deit_train.data import DeiTDataModule
+from deit_train.data.masking import MaskGenerator
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
+from deit_train.mim_module import MIMModule
 from deit_train.models import build_student, build_teacher, compile_student
+from deit_train.models.mim import MaskedImageModel
 from deit_train.module import DeiTModule, student_summary
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
@@ -38,6 +41,11 @@ def check_config(cfg: DictConfig) -> None:
             f"the config needs {', '.join(f'{key}=...' for key in missing)}: add it to the command line"
         )
     distillation = cfg.loss.distillation_type
+    if cfg.task.name == "mim" and (distillation != "none" or cfg.teacher.name is not None):
+        raise DeitTrainError(
+            "task=mim pre-trains without labels or teacher: drop loss=/teacher= here and distil when fine-tuning "
+            "from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill teacher=...)"
+        )
     if distillation != "none" and cfg.teacher.name is None:
         raise DeitTrainError(
             f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
@@ -112,32 +120,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     output_dir = Path(cfg.paths.output_dir)
-
-    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
-    class_names = datamodule.class_names
-    criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
-    teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None
-    student = build_student(cfg.model, len(class_names))
-    if cfg.compile:
-        compile_student(student)
-    log.info(
-        "student %s on %d classes; teacher %s",
-        student_summary(student),
-        len(class_names),
-        cfg.teacher.name if teacher is not None else "none",
-    )
-
-    module = DeiTModule(
-        student=student,
-        teacher=teacher,
-        criterion=criterion,
-        class_names=class_names,
-        optim=cfg.optim,
-        augment=cfg.augment,
-        global_batch_size=cfg.data.batch_size,
-        ema_decay=cfg.ema.decay,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    build = build_mim if cfg.task.name == "mim" else build_classification
+    datamodule, module = build(cfg, config)
     # A group entry set to null (callbacks.progress_bar=null) switches that object off.
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
@@ -152,6 +137,61 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_metrics(metrics, output_dir)
         log.info("final metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics
+
+
+def build_classification(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule, DeiTModule]:
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
+    class_names = datamodule.class_names
+    criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
+    teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None
+    student = build_student(cfg.model, len(class_names))
+    if cfg.compile:
+        compile_student(student)
+    log.info(
+        "student %s on %d classes; teacher %s",
+        student_summary(student),
+        len(class_names),
+        cfg.teacher.name if teacher is not None else "none",
+    )
+    module = DeiTModule(
+        student=student,
+        teacher=teacher,
+        criterion=criterion,
+        class_names=class_names,
+        optim=cfg.optim,
+        augment=cfg.augment,
+        global_batch_size=cfg.data.batch_size,
+        ema_decay=cfg.ema.decay,
+        config=config,
+    )
+    return datamodule, module
+
+
+def build_mim(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule, MIMModule]:
+    """task=mim: the student's encoder (no heads) with a mask token and a pixel decoder, on unlabeled images."""
+    encoder = build_student(cfg.model, num_classes=0)
+    if not hasattr(encoder, "patch_embed") or not hasattr(encoder, "_pos_embed"):
+        raise DeitTrainError(
+            f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch embedding"
+        )
+    if cfg.compile:
+        compile_student(encoder)
+    model = MaskedImageModel(encoder)
+    masks = MaskGenerator(cfg.model.img_size, cfg.task.mask_patch_size, model.patch_size, cfg.task.mask_ratio)
+    datamodule = DeiTDataModule(
+        cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed, masks=masks
+    )
+    log.info("masked image modeling: encoder %s, %d of %d blocks masked", student_summary(encoder),
+             masks.mask_count, masks.grid**2)  # fmt: skip
+    module = MIMModule(
+        model,
+        optim=cfg.optim,
+        global_batch_size=cfg.data.batch_size,
+        pictures=cfg.task.pictures,
+        pictures_dir=Path(cfg.paths.output_dir) / "reconstructions",
+        config=config,
+    )
+    return datamodule, module
 
 
 def user_message(error: DeitTrainError) -> str:
@@ -169,7 +209,8 @@ def main(cfg: DictConfig) -> float | None:
     except DeitTrainError as error:
         log.error("%s", user_message(error))
         sys.exit(2)
-    return metrics.get("val/acc1")  # the value sweeps optimise
+    # The value sweeps optimise: accuracy, or for task=mim the reconstruction loss (hparams_search direction: minimize).
+    return metrics.get("val/loss" if cfg.task.name == "mim" else "val/acc1")
 
 
 if __name__ == "__main__":

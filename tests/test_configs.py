@@ -30,6 +30,7 @@ GROUPS = [
     "callbacks",
     "paths",
     "hydra",
+    "task",
     "experiment",
 ]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted(Path(CONFIG_DIR, group).glob("*.yaml"))]

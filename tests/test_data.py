@@ -114,7 +114,9 @@ def test_eval_transform_is_the_official_deit_one_with_the_crop_at_floor_offsets(
     torch.testing.assert_close(ours(image), official_deit_eval(floor_crop)(image), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size,same_as_torchvision", [((97, 410), True), ((224, 224), True), ((333, 251), False)])
+@pytest.mark.parametrize(
+    "size,same_as_torchvision", [((97, 410), True), ((224, 224), True), ((333, 251), False)]
+)
 def test_eval_crop_moves_one_pixel_from_torchvision_only_when_its_rounding_differs(size, same_as_torchvision):
     """333x251 resizes to 339x256: torchvision's CenterCrop starts at round(115 / 2) = 58, ours at 57."""
     image = random_image(*size)

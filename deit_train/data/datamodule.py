@@ -7,14 +7,25 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from deit_train.data.datasets import find_class_names, open_split
+from deit_train.data.masking import MaskedImages, MaskGenerator
 from deit_train.data.samplers import RepeatedAugmentationSampler
 from deit_train.data.transforms import eval_transform, train_transform
+from deit_train.data.unlabeled import open_unlabeled_split
 from deit_train.errors import DeitTrainError
 
 
 class DeiTDataModule(L.LightningDataModule):
-    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data: DictConfig,
+        augment: DictConfig,
+        img_size: int,
+        seed: int = 0,
+        masks: MaskGenerator | None = None,
+    ) -> None:
+        """`masks` switches to masked image modeling: unlabeled images, each with a SimMIM mask."""
         super().__init__()
+        self.masks = masks
         self.data = data
         self.augment = augment
         self.img_size = img_size
@@ -47,6 +58,14 @@ class DeiTDataModule(L.LightningDataModule):
         return self.data.batch_size // shares
 
     def setup(self, stage: str | None = None) -> None:
+        if self.masks is not None:
+            train = open_unlabeled_split(self.data, "train", train_transform(self.augment, self.img_size))
+            val = open_unlabeled_split(self.data, "val", eval_transform(self.augment, self.img_size))
+            self.train_set, self.val_set = (
+                MaskedImages(train, self.masks),
+                MaskedImages(val, self.masks, fixed=True),
+            )
+            return
         self.train_set = open_split(self.data, "train", train_transform(self.augment, self.img_size))
         self.val_set = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
 

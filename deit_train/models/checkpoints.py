@@ -1,8 +1,8 @@
 """Read weights from the files users bring, without ever executing pickled code.
 
-Accepted: a deit-train Lightning checkpoint (`.ckpt`, student weights under `student.`), a torch state
-dict (`.pth`/`.pt`, bare or wrapped as the official DeiT `{"model": ...}` or timm's
-`{"state_dict": ...}`), `.safetensors`, or a directory: a Hugging Face transformers DeiT (`config.json` with
+Accepted: a deit-train Lightning checkpoint (`.ckpt`, student weights under `student.`, or a task=mim run's
+encoder under `model.encoder.`), a torch state dict (`.pth`/`.pt`, bare or wrapped as the official DeiT
+`{"model": ...}` or timm's `{"state_dict": ...}`), `.safetensors`, or a directory: a Hugging Face transformers DeiT (`config.json` with
 `model_type: deit` and its weights, any DeiT class, v4 or v5 names) or a timm export (`config.json` with
 `architecture`, `model.safetensors`), as `deit-export` writes them. Weights are always returned under timm's names.
 """
@@ -73,12 +73,14 @@ def load_weights_file(path: Path) -> Weights:
     if not isinstance(stored, dict):
         raise DeitTrainError(f"{path} does not hold a state dict (found {type(stored).__name__})")
     if "state_dict" in stored and "pytorch-lightning_version" in stored:
-        student = {
-            k.removeprefix("student."): v for k, v in stored["state_dict"].items() if k.startswith("student.")
-        }
-        if not student:
-            raise DeitTrainError(f"{path} is a Lightning checkpoint without student weights")
-        return Weights(student, stored.get("class_names"))
+        # A classification run's student, or a masked-image-modeling run's encoder (task=mim).
+        for prefix in ("student.", "model.encoder."):
+            student = {
+                k.removeprefix(prefix): v for k, v in stored["state_dict"].items() if k.startswith(prefix)
+            }
+            if student:
+                return Weights(student, stored.get("class_names"))
+        raise DeitTrainError(f"{path} is a Lightning checkpoint without student weights")
     for wrapper in ("model", "state_dict", "model_state"):
         if isinstance(stored.get(wrapper), dict):
             stored = stored[wrapper]

@@ -23,14 +23,17 @@ def initialize_from(student: nn.Module, source: str) -> None:
     state = dict(load_weights(source).state)
     expected = student.state_dict()
     heads = classifier_keys(student)
-    if not any(key in state for key in heads):  # an encoder: DeiTModel, a MIM pre-training checkpoint
+    encoder_present = set(expected) - set(heads) <= set(state)
+    if (
+        heads and encoder_present and not any(key in state for key in heads)
+    ):  # DeiTModel, a MIM pre-training checkpoint
         log.warning("model.init: %s has no classification heads: both heads start fresh", source)
         state.update({key: expected[key] for key in heads})
     elif "head.weight" in state and "head_dist.weight" in expected and "head_dist.weight" not in state:
         # transformers' DeiTForImageClassification: one head, on the class token.
         log.warning("model.init: %s has one head: the distillation head starts as a copy of it", source)
         state.update({key: state[key.replace("head_dist", "head")] for key in heads if "head_dist" in key})
-    resized = [key for key in heads if state[key].shape != expected[key].shape]
+    resized = [key for key in heads if key in state and state[key].shape != expected[key].shape]
     if resized:
         log.warning(
             "model.init: %d classes in %s, %d here: both heads start fresh",

@@ -1,0 +1,73 @@
+"""Images without labels, for masked image modeling: a folder with train/ (and val/), any layout below them,
+or one flat folder of images. Labels, where the data has them, are ignored."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from deit_train.data.datasets import CIFAR, imagefolder_root, load_rgb, open_split
+from deit_train.errors import DeitTrainError
+
+HOLDOUT_EVERY = 20  # a folder without val/ keeps every 20th image (5 %) for validation
+
+
+class ImageFiles(Dataset):
+    def __init__(self, files: list[Path], transform) -> None:
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(str(self.files[index])))
+
+
+class WithoutLabels(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index][0]
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def unlabeled_root(cfg: DictConfig) -> Path:
+    if cfg.name == "demo":
+        return imagefolder_root(cfg)
+    if cfg.get("root") in (None, "", "???"):
+        raise DeitTrainError(
+            f"data={cfg.name} needs data.root=PATH: a folder of images (or with train/ and val/)"
+        )
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DeitTrainError(f"data.root={root} does not exist: point it at a folder of images")
+    return root
+
+
+def open_unlabeled_split(cfg: DictConfig, split: str, transform) -> Dataset:
+    """The `split` ("train" or "val") images of the data, without labels."""
+    if cfg.name in CIFAR:
+        return WithoutLabels(open_split(cfg, split, transform))
+    root = unlabeled_root(cfg)
+    if (root / "train").is_dir() and (root / split).is_dir():
+        files = image_files(root / split)
+    else:  # no split folders: hold out every HOLDOUT_EVERY-th image, the same ones in every run
+        source = root / "train" if (root / "train").is_dir() else root
+        every = image_files(source)
+        held_out = set(every[::HOLDOUT_EVERY])
+        files = sorted(held_out) if split == "val" else [f for f in every if f not in held_out]
+    if not files:
+        raise DeitTrainError(
+            f"no {split} images under {root} (extensions: {', '.join(IMG_EXTENSIONS)}); masked image modeling "
+            f"needs at least {HOLDOUT_EVERY + 1} images in a flat folder, or train/ and val/ folders"
+        )
+    return ImageFiles(files, transform)
