@@ -48,7 +48,8 @@ class MIMModule(L.LightningModule):
         ), reconstruction
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.reconstruction_loss(*batch)
+        images, masks, _view_keys = batch
+        loss, _ = self.reconstruction_loss(images, masks)
         self.loss_diverged |= ~torch.isfinite(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:

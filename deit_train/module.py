@@ -9,10 +9,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from deit_train.data.views import MIXUP_STREAM, seeded, view_seed
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import average_heads, forward_heads, is_distilled
 from deit_train.optim import configure_optimizers
+from deit_train.teacher_cache import TeacherCache, TeacherCacheSettings
 
 
 class DeiTModule(L.LightningModule):
@@ -26,6 +28,8 @@ class DeiTModule(L.LightningModule):
         global_batch_size: int,
         teacher: nn.Module | None = None,
         ema_decay: float | None = None,
+        seed: int = 0,
+        teacher_cache: TeacherCacheSettings | None = None,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -37,6 +41,10 @@ class DeiTModule(L.LightningModule):
         self.class_names = list(class_names)
         self.optim = optim
         self.global_batch_size = global_batch_size
+        self.seed = seed
+        # teacher.cache: the teacher's training outputs read from / written to disk (teacher_cache.py).
+        self.teacher_cache_settings = teacher_cache
+        self.teacher_cache: TeacherCache | None = None
         self.mixup = build_mixup(augment, self.num_classes)
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
@@ -103,11 +111,33 @@ class DeiTModule(L.LightningModule):
         """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
         return average_heads(*forward_heads(self.student, images))
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def on_fit_start(self) -> None:
+        if self.teacher_cache_settings is not None:
+            self.teacher_cache = self.teacher_cache_settings.open(self.trainer, self.teacher)
+
+    def on_train_epoch_start(self) -> None:
+        if self.teacher_cache is not None:
+            self.teacher_cache.start_epoch(self.current_epoch, self.trainer.num_training_batches)
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            self.teacher_cache.end_epoch()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        images, targets, view_keys = batch
         if self.mixup is not None:  # the teacher sees the same mixed images as the student
-            images, targets = self.mixup(images, targets)
-        teacher_logits = self.teacher_logits(images) if self.criterion.needs_teacher else None
+            # One draw per batch, from (seed, epoch, batch index, rank): reproducible views (data/views.py).
+            with seeded(view_seed(self.seed, self.current_epoch, batch_idx, self.global_rank, MIXUP_STREAM)):
+                images, targets = self.mixup(images, targets)
+        teacher_logits = None
+        if self.criterion.needs_teacher:
+            if self.teacher_cache is not None:
+                compute = lambda: self.teacher_logits(images)  # noqa: E731
+                teacher_logits = self.teacher_cache.teacher_logits(batch_idx, view_keys, compute)
+            else:
+                teacher_logits = self.teacher_logits(images)
+        if self.teacher_cache_settings is not None and self.teacher_cache_settings.fill_only:
+            return None  # task=teacher_cache: no student step
         cls_logits, dist_logits = forward_heads(self.student, images)
         loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
         self.loss_diverged |= ~torch.isfinite(loss.detach())

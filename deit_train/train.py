@@ -25,6 +25,7 @@ from deit_train.mim_module import MIMModule
 from deit_train.models import build_student, build_teacher, compile_student
 from deit_train.models.mim import MaskedImageModel
 from deit_train.module import DeiTModule, student_summary
+from deit_train.teacher_cache import Encoding, TeacherCacheSettings
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
@@ -51,6 +52,13 @@ def check_config(cfg: DictConfig) -> None:
             f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
             f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
         )
+    if cfg.task.name == "teacher_cache" and (distillation == "none" or not cfg.teacher.cache):
+        raise DeitTrainError(
+            "task=teacher_cache fills teacher.cache=DIR for a distillation run: give the run's loss=hard_distill or "
+            "soft_distill, its teacher and teacher.cache=DIR"
+        )
+    if cfg.teacher.get("cache") and distillation == "none":
+        log.warning("teacher.cache=%s is unused: loss=ce runs no teacher", cfg.teacher.cache)
     if distillation == "none" and cfg.teacher.name is not None:
         log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
     if relaunches_ranks_inside_a_sweep(cfg):
@@ -121,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     output_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    build = build_mim if cfg.task.name == "mim" else build_classification
+    build = build_mim if cfg.task.name == "mim" else build_classification  # classify, teacher_cache
     datamodule, module = build(cfg, config)
     # A group entry set to null (callbacks.progress_bar=null) switches that object off.
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -162,9 +170,33 @@ def build_classification(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule,
         augment=cfg.augment,
         global_batch_size=cfg.data.batch_size,
         ema_decay=cfg.ema.decay,
+        seed=cfg.seed,
+        teacher_cache=teacher_cache_settings(cfg, len(class_names)) if teacher is not None else None,
         config=config,
     )
     return datamodule, module
+
+
+def teacher_cache_settings(cfg: DictConfig, num_classes: int) -> TeacherCacheSettings | None:
+    """teacher.cache=DIR: what the module needs to key, read and write the cache (teacher_cache.py)."""
+    if not cfg.teacher.cache:
+        return None
+    encoding = Encoding.choose(
+        cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.get("tau", 1.0)
+    )
+    config = {  # the configuration's share of the fingerprint; the trainer adds world size, data and weights
+        "augment": OmegaConf.to_container(cfg.augment, resolve=True),
+        "image_size": cfg.model.img_size,
+        "seed": cfg.seed,
+        "global_batch": cfg.data.batch_size,
+        "accumulate": cfg.trainer.get("accumulate_grad_batches", 1),
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+        "skip_corrupt": bool(cfg.data.get("skip_corrupt", False)),
+        "teacher": cfg.teacher.name,
+    }
+    return TeacherCacheSettings(
+        cfg.teacher.cache, encoding, config, fill_only=cfg.task.name == "teacher_cache"
+    )
 
 
 def build_mim(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule, MIMModule]:

@@ -9,6 +9,8 @@ Rows (same student, teacher, batch, image size and in-memory batches everywhere)
   4. eval images/s of our prediction path vs the raw timm model under torch.inference_mode
   5. input pipeline images/s per data-loader worker: JPEG decode + augment=deit at the image size
   6. peak memory of a training step
+  7. train images/s with a heavy convnet teacher (RegNetY-16GF, random weights) run online vs read from
+     teacher.cache, and of the student alone (loss=ce); cached / online is what the cache buys
 
     python scripts/benchmark.py [--preset cpu|gpu] [--precision bf16-mixed] [--json out.json]
 """
@@ -37,6 +39,7 @@ from deit_train.data.transforms import train_transform
 from deit_train.losses import DistillationLoss
 from deit_train.models import build_student, build_teacher, compile_student
 from deit_train.module import DeiTModule
+from deit_train.teacher_cache import Encoding, TeacherCache
 from deit_train.train import CONFIG_DIR
 
 PRESETS = {
@@ -79,7 +82,7 @@ def autocast(device: torch.device, precision: str):
         yield
 
 
-def config(args, teacher_checkpoint: Path):
+def config(args, teacher_checkpoint: Path, teacher: str | None = None, loss: str = "hard_distill"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             "train",
@@ -87,9 +90,9 @@ def config(args, teacher_checkpoint: Path):
                 f"model={args.model}",
                 f"model.img_size={args.img_size}",
                 "model.drop_path_rate=0.0",
-                "loss=hard_distill",
+                f"loss={loss}",
                 "teacher=timm",
-                f"teacher.name={args.teacher}",
+                f"teacher.name={teacher or args.teacher}",
                 f"teacher.checkpoint={teacher_checkpoint}",
                 "augment=none",
                 f"data.batch_size={args.batch}",
@@ -110,9 +113,11 @@ def make_models(cfg, num_classes: int):
     return student, teacher
 
 
-def lightning_train(cfg, batches, args, device) -> float:
-    """Row 1: images/s of DeiTModule under the Lightning Trainer."""
+def lightning_train(cfg, batches, args, device, teacher_cache: TeacherCache | None = None) -> float:
+    """Row 1: images/s of DeiTModule under the Lightning Trainer (row 7: with a teacher cache)."""
     student, teacher = make_models(cfg, args.num_classes)
+    if cfg.loss.distillation_type == "none":
+        teacher = None
     module = DeiTModule(
         student=student,
         teacher=teacher,
@@ -121,6 +126,9 @@ def lightning_train(cfg, batches, args, device) -> float:
         optim=cfg.optim,
         augment=cfg.augment,
         global_batch_size=args.batch,
+    )
+    module.teacher_cache = (
+        teacher_cache  # normally opened by the module from teacher.cache; here given directly
     )
     times = {}
 
@@ -148,7 +156,8 @@ def lightning_train(cfg, batches, args, device) -> float:
         limit_val_batches=0,
         callbacks=[Timer()],
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    steps = batches[: args.warmup + args.steps]  # one epoch: the cache writes whole epochs
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(steps, batch_size=None))
     return args.steps * args.batch / (times["end"] - times["start"])
 
 
@@ -159,7 +168,7 @@ def bare_train(cfg, batches, args, device) -> tuple[float, float]:
     teacher.to(device).eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05)
     step_time = teacher_time = 0.0
-    for index, (images, labels) in enumerate(batches[: args.warmup + args.steps]):
+    for index, (images, labels, _) in enumerate(batches[: args.warmup + args.steps]):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         synchronize(device)
         start = time.perf_counter()
@@ -271,6 +280,33 @@ def pipeline_throughput(cfg, args, workers: int) -> float:
         return count / (time.perf_counter() - start)
 
 
+def cached_teacher(args, batches, device, tmp: str) -> dict[str, float]:
+    """Row 7: a heavy teacher online vs read from the cache (filled by a first pass), and the student alone."""
+    checkpoint = Path(tmp, "heavy_teacher.safetensors")
+    heavy = timm.create_model(args.cache_teacher, num_classes=args.num_classes)
+    save_file({k: v.contiguous() for k, v in heavy.state_dict().items()}, str(checkpoint))
+    cfg = config(args, checkpoint, teacher=args.cache_teacher)
+    encoding = Encoding.choose("hard", args.num_classes, None, 1.0)
+
+    def cache() -> TeacherCache:
+        return TeacherCache(Path(tmp, "teacher_cache"), {"benchmark": args.cache_teacher}, encoding, rank=0)
+
+    lightning_train(cfg, batches, args, device, teacher_cache=cache())  # fills the cache
+    online, cached, alone = [], [], []
+    student_only = config(args, checkpoint, teacher=args.cache_teacher, loss="ce")
+    for _ in range(args.repeats):
+        online.append(lightning_train(cfg, batches, args, device))
+        cached.append(lightning_train(cfg, batches, args, device, teacher_cache=cache()))
+        alone.append(lightning_train(student_only, batches, args, device))
+    return {
+        "train_ips_heavy_teacher_online": max(online),
+        "train_ips_heavy_teacher_cached": max(cached),
+        "train_ips_student_alone": max(alone),
+        "cached_over_online": max(cached) / max(online),
+        "cached_over_student_alone": max(cached) / max(alone),
+    }
+
+
 def peak_memory(cfg, batches, args, device) -> float:
     """Row 6: peak memory (MiB) of training steps: CUDA max allocated, or the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -297,8 +333,9 @@ def main() -> None:
     parser.add_argument("--teacher")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (compile=true)")
+    parser.add_argument("--cache-teacher", default="regnety_160", help="the heavy teacher of row 7")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["pipeline", "memory"], help="rows to leave out"
+        "--skip", nargs="*", default=[], choices=["pipeline", "memory", "cache"], help="rows to leave out"
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -324,8 +361,12 @@ def main() -> None:
             (
                 torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator),
                 torch.randint(0, args.num_classes, (args.batch,), generator=generator),
-            )
-            for _ in range(max(args.warmup + args.steps, args.eval_batches))
+                torch.stack(
+                    [torch.arange(args.batch) + step * args.batch, torch.zeros(args.batch, dtype=torch.long)],
+                    1,
+                ),
+            )  # images, labels, view keys (index, repeat)
+            for step in range(max(args.warmup + args.steps, args.eval_batches))
         ]
         results = {}
         # Rows 1 and 2 alternate (bare, ours, bare, ours, ...) so that drift in the machine's speed hits both;
@@ -347,6 +388,8 @@ def main() -> None:
             results["pipeline_ips_per_worker"] = pipeline_throughput(cfg, args, workers=1)
         if "memory" not in args.skip:
             results["peak_train_memory_mib"] = peak_memory(cfg, batches, args, device)
+        if "cache" not in args.skip:
+            results.update(cached_teacher(args, batches, device, tmp))
 
     setup = {
         k: getattr(args, k)
@@ -359,9 +402,9 @@ def main() -> None:
     )
     setup["torch"] = torch.__version__
     print("\n" + ", ".join(f"{k}={v}" for k, v in setup.items()))
-    print(f"{'figure':32s} {'value':>12s}")
+    print(f"{'figure':40s} {'value':>12s}")
     for key, value in results.items():
-        print(f"{key:32s} {value:12.3f}")
+        print(f"{key:40s} {value:12.3f}")
     if args.json:
         args.json.write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
 

@@ -3,6 +3,7 @@
 from functools import cached_property
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -11,6 +12,7 @@ from deit_train.data.masking import MaskedImages, MaskGenerator
 from deit_train.data.samplers import RepeatedAugmentationSampler
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.data.unlabeled import open_unlabeled_split
+from deit_train.data.views import SeededViews
 from deit_train.errors import DeitTrainError
 
 
@@ -72,26 +74,31 @@ class DeiTDataModule(L.LightningDataModule):
     def loader(self, dataset, train: bool) -> DataLoader:
         workers = self.data.num_workers
         sampler = None
-        repeats = self.augment.get("repeated_aug", 1) if train else 1
-        if repeats > 1:
+        if train:
+            # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
+            # dataset draws each view under that key's seed. Repeated augmentation when augment.repeated_aug > 1.
             trainer = self.trainer
             sampler = RepeatedAugmentationSampler(
                 dataset,
-                repeats=repeats,
+                repeats=self.augment.get("repeated_aug", 1),
                 num_replicas=trainer.world_size if trainer is not None else 1,
                 rank=trainer.global_rank if trainer is not None else 0,
                 seed=self.seed,
+                keys=True,
             )
+            dataset = SeededViews(dataset, self.seed)
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
             drop_last=train,
             num_workers=workers,
             pin_memory=self.data.pin_memory,
             persistent_workers=workers > 0,
+            # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
+            # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -26,7 +26,9 @@ class RepeatedAugmentationSampler(DistributedSampler):
         rank: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        keys: bool = False,
     ) -> None:
+        """keys=True yields (index, epoch, repeat) view keys for SeededViews instead of bare indices."""
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         super().__init__(
@@ -35,22 +37,32 @@ class RepeatedAugmentationSampler(DistributedSampler):
         self.dataset_size = len(dataset)
         self.repeats = repeats
         self.samples_per_rank = math.ceil(self.dataset_size / num_replicas)
+        self.keys = keys
 
-    def global_order(self) -> torch.Tensor:
-        """The order of all ranks together, before dealing: each image `repeats` times in a row."""
+    def global_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The order of all ranks together, before dealing: each image `repeats` times in a row; and each
+        position's repeat number (which copy of its image it is)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             images = torch.randperm(self.dataset_size, generator=generator)
         else:
             images = torch.arange(self.dataset_size)
         order = images.repeat_interleave(self.repeats)
+        copies = torch.arange(self.repeats).repeat(self.dataset_size)
         total = self.samples_per_rank * self.num_replicas
         if total > len(order):  # tiny datasets with repeats=1: wrap around so every rank gets as many
-            order = torch.cat([order, order[: total - len(order)]])
-        return order[:total]
+            extra = total - len(order)
+            order = torch.cat([order, order[:extra]])
+            copies = torch.cat([copies, copies[:extra] + self.repeats])  # a further copy: its own view
+        return order[:total], copies[:total]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order()[self.rank :: self.num_replicas].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int, int]]:
+        order, copies = self.global_order()
+        indices = order[self.rank :: self.num_replicas].tolist()
+        if not self.keys:
+            return iter(indices)
+        repeats = copies[self.rank :: self.num_replicas].tolist()
+        return iter([(index, self.epoch, repeat) for index, repeat in zip(indices, repeats, strict=True)])
 
     def __len__(self) -> int:
         return self.samples_per_rank

@@ -1,0 +1,65 @@
+"""Reproducible training views: every random choice of a training input derives from the run's seed and where the
+input sits, never from worker or process state.
+
+A sample's view (crop, flip, RandAugment, colour jitter, random erasing, a MIM mask) is drawn from the seed
+(seed, epoch, sample index, repeat); a batch's Mixup/CutMix draw from (seed, epoch, batch index, rank). The order
+of the samples comes from the sampler, seeded by (seed, epoch). So the same configuration yields bit-identical
+batches whatever data.num_workers is. What a view does depend on: the seed, the data (its file list), the
+augment config and image size, and, through the order and the split of each batch over ranks, the global batch
+size and the world size. This is what lets the teacher cache (teacher.cache) serve the exact view the student sees.
+"""
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+MIXUP_STREAM = 1  # keeps the batch-level seeds apart from the sample-level ones
+
+
+def view_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys (NumPy's SeedSequence hashes them: nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU generators (timm's and torchvision's transforms draw from all three)
+    for the block, and restore their previous states after it, so the process's own streams are untouched."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class SeededViews(Dataset):
+    """Indexed by the sampler's (index, epoch, repeat) keys; returns the wrapped dataset's sample drawn under
+    that key's seed, followed by the tensor [index, repeat] that names the view."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # samples, classes, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, epoch, repeat = key
+        with seeded(view_seed(self.seed, epoch, index, repeat)):
+            sample = self.dataset[index]
+        sample = sample if isinstance(sample, tuple) else (sample,)  # (image, label) or (image, mask)
+        return (*sample, torch.tensor([index, repeat]))

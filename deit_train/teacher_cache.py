@@ -1,0 +1,249 @@
+"""Teacher outputs on the exact views the student sees, computed once and reused across runs (teacher.cache=DIR).
+
+Precomputed teacher labels on fixed crops (FKD, Shen & Xing 2022) save the teacher's cost but teach the student
+on views it never sees; Beyer et al. 2022 show distillation wants the teacher on exactly the student's view, Mixup
+included. Training views are reproducible (data/views.py), so the teacher's output on every training batch is a
+function of the configuration, and can be stored the first time and read afterwards.
+
+Layout: DIR/<fingerprint>/epochNNNN-rankR.safetensors, one file per epoch and rank, written when the epoch's
+last batch is done (to a temporary name, then renamed: a crash or a half-written file is never read as complete).
+The fingerprint hashes everything that decides the teacher's input and output (fingerprint_inputs). Each file
+carries its fingerprint, batch count and a SHA-256 of its tensors, and each batch the hash of its view keys, so
+a corrupt, truncated or foreign file is recomputed with a warning, never served. Runs of a sweep may share DIR.
+
+What is stored per sample (bytes per sample per epoch):
+  hard            the teacher's argmax: int16 (2 B; int32 past 32767 classes)
+  soft, full      the logits in fp16 (2 x classes B: 2,000 B for 1000 classes)
+  soft, top-k     the k largest logits in fp16, their class indices in int16, and logsumexp(logits / tau) in
+                  fp32 (4k + 4 B: 44 B for k = 10); the remaining probability mass is spread evenly over the
+                  other classes.
+A soft run with a cache trains on the stored (fp16 or top-k) teacher, the first run included, so the run that
+fills the cache and the runs that read it are identical.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+FULL_LOGITS_UP_TO = 100  # classes; beyond, soft outputs are stored as top-k unless teacher.cache_topk says
+VERSIONS_THAT_SHAPE_VIEWS = ("torch", "torchvision", "timm", "pillow")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How teacher logits are stored and turned back into logits for the loss."""
+
+    distillation_type: str  # hard | soft
+    num_classes: int
+    topk: int | None = None  # soft only; None: full logits
+    tau: float = 1.0  # soft top-k only: the temperature at which the rest of the mass is spread
+
+    @classmethod
+    def choose(cls, distillation_type: str, num_classes: int, topk: int | None, tau: float) -> "Encoding":
+        if distillation_type == "hard":
+            return cls("hard", num_classes)
+        if topk is None:
+            topk = None if num_classes <= FULL_LOGITS_UP_TO else 10
+        if topk is not None and not 0 < topk < num_classes:  # teacher.cache_topk=0: full logits
+            topk = None
+        return cls("soft", num_classes, topk, tau if topk is not None else 1.0)
+
+    def encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = logits.detach().float()
+        if self.distillation_type == "hard":
+            dtype = torch.int16 if self.num_classes <= torch.iinfo(torch.int16).max else torch.int32
+            return {"labels": logits.argmax(dim=1).to(dtype)}
+        if self.topk is None:
+            return {"logits": logits.half()}
+        values, indices = logits.topk(self.topk, dim=1)
+        return {
+            "values": values.half(),
+            "indices": indices.to(torch.int16 if self.num_classes <= 32767 else torch.int32),
+            "logsumexp": torch.logsumexp(logits / self.tau, dim=1),
+        }
+
+    def decode(self, stored: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Logits the loss reads as the teacher's: the same argmax (hard), the same distribution at tau (soft)."""
+        stored = {name: tensor.to(device) for name, tensor in stored.items()}
+        if self.distillation_type == "hard":
+            labels = stored["labels"].long()
+            return nn.functional.one_hot(labels, self.num_classes).float()
+        if self.topk is None:
+            return stored["logits"].float()
+        top_probs = torch.exp(stored["values"].float() / self.tau - stored["logsumexp"][:, None])
+        rest = (1 - top_probs.sum(dim=1, keepdim=True)).clamp_min(1e-12) / (self.num_classes - self.topk)
+        probs = rest.expand(-1, self.num_classes).clone()
+        probs.scatter_(1, stored["indices"].long(), top_probs)
+        return self.tau * probs.log()  # log_softmax(this / tau) = log(probs): the loss sees `probs`
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def dataset_digest(dataset: Dataset) -> str:
+    """The training data's identity: its file list with sizes (ImageFolder), or its arrays (CIFAR)."""
+    dataset = getattr(dataset, "dataset", dataset)  # SkipCorrupt
+    digest = hashlib.sha256()
+    if hasattr(dataset, "samples"):
+        root = Path(dataset.root)
+        for path, target in dataset.samples:
+            digest.update(f"{Path(path).relative_to(root)}\t{os.path.getsize(path)}\t{target}\n".encode())
+    elif hasattr(dataset, "data"):
+        digest.update(memoryview(dataset.data).tobytes())
+        digest.update(json.dumps(list(map(int, dataset.targets))).encode())
+    else:
+        raise TypeError(f"cannot fingerprint a {type(dataset).__name__}")
+    return digest.hexdigest()
+
+
+def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teacher: nn.Module) -> dict:
+    """Everything that decides the teacher's input (the views) and output on each training batch."""
+    return {
+        "format": CACHE_FORMAT,
+        **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
+        "world_size": world_size,
+        "data": dataset_digest(train_set),
+        "teacher_weights": tensor_digest(teacher.state_dict()),
+        "versions": {name: importlib.metadata.version(name) for name in VERSIONS_THAT_SHAPE_VIEWS},
+    }
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(tmp, path)  # concurrent writers of one sweep write the same content: the last rename wins
+
+
+class TeacherCache:
+    def __init__(self, directory: str | Path, inputs: dict, encoding: Encoding, rank: int) -> None:
+        self.fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+        self.root = Path(directory).expanduser() / self.fingerprint
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / "fingerprint.json"
+        if not manifest.exists():  # what this cache is keyed by, for people
+            tmp = manifest.with_name(f".fingerprint.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, manifest)
+        self.encoding = encoding
+        self.rank = rank
+        self.stored: dict[str, torch.Tensor] | None = None  # this epoch's file, when it is complete and valid
+        self.computed: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        self.epoch, self.num_batches = 0, 0
+        self.batches_read = self.batches_computed = 0
+
+    def epoch_file(self, epoch: int) -> Path:
+        return self.root / f"epoch{epoch:04d}-rank{self.rank}.safetensors"
+
+    def start_epoch(self, epoch: int, num_batches: int) -> None:
+        self.epoch, self.num_batches = epoch, num_batches
+        self.stored = self.read(self.epoch_file(epoch))
+        self.computed = {}
+
+    def read(self, path: Path) -> dict[str, torch.Tensor] | None:
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+            tensors = load_file(str(path))
+            problem = None
+            if metadata.get("fingerprint") != self.fingerprint:
+                problem = "it belongs to another configuration"
+            elif int(metadata.get("batches", -1)) != self.num_batches:
+                problem = f"it holds {metadata.get('batches')} batches, this epoch has {self.num_batches}"
+            elif metadata.get("sha256") != tensor_digest(tensors):
+                problem = "its checksum does not match (corrupt)"
+        except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
+            problem = f"it cannot be read (truncated or corrupt: {error})"
+        if problem:
+            warnings.warn(
+                f"teacher cache {path}: {problem}; recomputing this epoch's teacher outputs", stacklevel=2
+            )
+            return None
+        return tensors
+
+    def teacher_logits(self, batch_idx: int, view_keys: torch.Tensor, compute: Callable[[], torch.Tensor]):
+        """The teacher's logits for this batch: read, or computed by `compute` (and stored at the epoch's end)."""
+        key = batch_key(view_keys)
+        if self.stored is not None:
+            if int(self.stored["batch_keys"][batch_idx]) == key:
+                self.batches_read += 1
+                outputs = {name: t[batch_idx] for name, t in self.stored.items() if name != "batch_keys"}
+                return self.encoding.decode(outputs, view_keys.device)
+            warnings.warn(
+                f"teacher cache {self.epoch_file(self.epoch)}: batch {batch_idx} holds other views than this run "
+                f"draws; recomputing from here on",
+                stacklevel=2,
+            )
+            for earlier in range(batch_idx):  # those matched their views: keep them for the rewritten file
+                outputs = {name: t[earlier] for name, t in self.stored.items() if name != "batch_keys"}
+                self.computed[earlier] = (int(self.stored["batch_keys"][earlier]), outputs)
+            self.stored = None
+        self.batches_computed += 1
+        outputs = {name: t.cpu() for name, t in self.encoding.encode(compute()).items()}
+        self.computed[batch_idx] = (key, outputs)
+        return self.encoding.decode(outputs, view_keys.device)
+
+    def end_epoch(self) -> None:
+        """Write the epoch's file if this epoch was computed in full (a run stopped mid-epoch writes nothing)."""
+        if self.stored is not None or len(self.computed) != self.num_batches or not self.num_batches:
+            return
+        order = [self.computed[i] for i in range(self.num_batches)]
+        tensors = {"batch_keys": torch.tensor([key for key, _ in order], dtype=torch.int64)}
+        for name in order[0][1]:
+            tensors[name] = torch.stack([outputs[name] for _, outputs in order])
+        metadata = {
+            "fingerprint": self.fingerprint,
+            "batches": str(self.num_batches),
+            "sha256": tensor_digest(tensors),
+            "format": str(CACHE_FORMAT),
+        }
+        atomic_save(tensors, self.epoch_file(self.epoch), metadata)
+        self.computed = {}
+
+
+def batch_key(view_keys: torch.Tensor) -> int:
+    """A 63-bit hash of a batch's (index, repeat) view keys: which views, in which order."""
+    data = view_keys.detach().cpu().to(torch.int64).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+@dataclass
+class TeacherCacheSettings:
+    """teacher.cache as the module receives it; opened once the trainer knows the world size and the data."""
+
+    directory: str
+    encoding: Encoding
+    config: dict  # the configuration part of the fingerprint (train.py: teacher_cache_settings)
+    fill_only: bool = False  # task=teacher_cache: fill the cache, train no student
+
+    def open(self, trainer, teacher: nn.Module) -> TeacherCache:
+        config = {**self.config, "encoding": asdict(self.encoding)}
+        inputs = fingerprint_inputs(config, trainer.world_size, trainer.datamodule.train_set, teacher)
+        cache = TeacherCache(self.directory, inputs, self.encoding, trainer.global_rank)
+        log.info("teacher cache: %s", cache.root)
+        return cache

@@ -1,0 +1,186 @@
+"""Reproducible views and the teacher cache (teacher.cache=DIR): a run reading the cache trains exactly as one
+running the teacher, and nothing stale or broken is ever served."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from deit_train.data import DeiTDataModule
+from deit_train.module import DeiTModule
+from deit_train.teacher_cache import Encoding
+from deit_train.train import train
+
+from .conftest import save_safetensors
+
+
+def student_weights(cfg) -> dict[str, torch.Tensor]:
+    state = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """How often the teacher ran on training batches (the module in train mode) and on validation batches."""
+    calls = {"train": 0, "val": 0}
+    original = DeiTModule.teacher_logits
+
+    def counting(self, images):
+        calls["train" if self.training else "val"] += 1
+        return original(self, images)
+
+    monkeypatch.setattr(DeiTModule, "teacher_logits", counting)
+    return calls
+
+
+@pytest.fixture
+def distill(tiny_config, random_teacher_checkpoint, tmp_path):
+    """distill(*overrides, run=...): a tiny hard-distillation run with Mixup/CutMix, repeated augmentation and
+    random erasing: every random choice a view has."""
+
+    def make(*overrides, run, loss="hard_distill"):
+        return tiny_config(
+            f"loss={loss}",
+            "teacher=timm",
+            "teacher.name=resnet10t",
+            f"teacher.checkpoint={random_teacher_checkpoint}",
+            "augment.mixup=0.8",
+            "augment.cutmix=1.0",
+            "augment.repeated_aug=2",
+            "augment.reprob=0.25",
+            "trainer.max_epochs=2",
+            *overrides,
+            run=run,
+        )
+
+    return make
+
+
+def test_training_batches_are_bit_identical_whatever_the_number_of_workers(distill):
+    batches = []
+    for workers in (0, 2):
+        cfg = distill(f"data.num_workers={workers}", run=f"w{workers}")
+        datamodule = DeiTDataModule(cfg.data, cfg.augment, cfg.model.img_size, seed=cfg.seed)
+        datamodule.setup()
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(1)
+        batches.append(list(loader))
+    assert len(batches[0]) == len(batches[1]) > 1
+    for ours, theirs in zip(*batches, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+    # and each view key (index, repeat) appears once: the two copies of an image are two different views
+    keys = torch.cat([batch[2] for batch in batches[0]])
+    assert len({tuple(k.tolist()) for k in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("loss", ["hard_distill", "soft_distill"])
+def test_a_run_reading_the_cache_trains_exactly_as_the_run_that_filled_it(
+    distill, tmp_path, teacher_calls, loss
+):
+    cache = f"teacher.cache={tmp_path / 'cache'}"
+    filled = distill(cache, run="fill", loss=loss)
+    train(filled)
+    assert teacher_calls["train"] == 2 * 5  # 2 epochs of 5 batches, all computed
+    read = distill(cache, "data.num_workers=2", run="read", loss=loss)
+    train(read)
+    assert teacher_calls["train"] == 10  # none more: every training batch came from the cache
+    assert_same_weights(student_weights(filled), student_weights(read))
+    if loss == "hard_distill":  # the argmax is stored exactly: the same as a run without any cache
+        online = distill(run="online", loss=loss)
+        train(online)
+        assert_same_weights(student_weights(online), student_weights(read))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "seed=1",
+        "augment.reprob=0.5",
+        "data.batch_size=8",
+        "trainer.precision=bf16-mixed",
+        "teacher.checkpoint=OTHER",
+    ],
+)
+def test_any_fingerprint_change_recomputes(distill, tmp_path, teacher_calls, change):
+    cache = tmp_path / "cache"
+    train(distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="first"))
+    computed = teacher_calls["train"]
+    if change == "teacher.checkpoint=OTHER":
+        torch.manual_seed(1)
+        save_safetensors(timm.create_model("resnet10t", num_classes=10), tmp_path / "other.safetensors")
+        change = f"teacher.checkpoint={tmp_path / 'other.safetensors'}"
+    train(distill(f"teacher.cache={cache}", "trainer.max_epochs=1", change, run="second"))
+    assert teacher_calls["train"] > computed  # the teacher ran again
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # under a second fingerprint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte"])
+def test_a_corrupt_or_truncated_cache_file_is_recomputed_with_a_warning(
+    distill, tmp_path, teacher_calls, damage
+):
+    cache = tmp_path / "cache"
+    first = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="first")
+    train(first)
+    (epoch_file,) = cache.glob("*/epoch0000-rank0.safetensors")
+    data = bytearray(epoch_file.read_bytes())
+    epoch_file.write_bytes(
+        data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF])
+    )
+    with pytest.warns(UserWarning, match="teacher cache .*recomputing"):
+        second = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="second")
+        train(second)
+    assert teacher_calls["train"] == 2 * 5
+    assert_same_weights(student_weights(first), student_weights(second))
+    third = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="third")
+    train(third)  # the rewritten file is whole again
+    assert teacher_calls["train"] == 2 * 5
+
+
+def test_task_teacher_cache_fills_the_cache_for_the_students_of_a_sweep(distill, tmp_path, teacher_calls):
+    cache = f"teacher.cache={tmp_path / 'cache'}"
+    train(distill(cache, "task=teacher_cache", run="fill"))
+    assert teacher_calls == {"train": 10, "val": 0}
+    assert not (tmp_path / "fill" / "checkpoints").exists()
+    for lr in ("1e-3", "2e-3"):  # two students of a sweep: only the teacher's validation passes remain
+        train(distill(cache, f"optim.lr={lr}", run=f"student{lr}"))
+    assert teacher_calls["train"] == 10
+
+
+@pytest.mark.parametrize(
+    "classes,topk,bytes_per_sample", [(10, None, 2), (10, 0, 2 * 10), (1000, None, 4 * 10 + 4)]
+)
+def test_bytes_per_sample_as_documented(classes, topk, bytes_per_sample):
+    """hard: int16 argmax; soft: fp16 logits up to 100 classes; top-10 (fp16 value, int16 index) + fp32 lse."""
+    kind = "hard" if topk is None and classes == 10 else "soft"
+    encoding = Encoding.choose(kind, classes, topk, tau=3.0)
+    stored = encoding.encode(torch.randn(4, classes))
+    assert sum(t.element_size() * t[0].numel() for t in stored.values()) == bytes_per_sample
+
+
+def test_encodings_keep_what_each_loss_reads():
+    logits = torch.randn(64, 1000) * 3
+    hard = Encoding.choose("hard", 1000, None, 1.0)
+    assert torch.equal(hard.decode(hard.encode(logits), logits.device).argmax(1), logits.argmax(1))
+    full = Encoding.choose("soft", 50, None, 3.0)
+    torch.testing.assert_close(
+        full.decode(full.encode(logits[:, :50]), logits.device), logits[:, :50].half().float()
+    )
+    tau = 3.0
+    topk = Encoding.choose("soft", 1000, 10, tau)
+    decoded = F.softmax(topk.decode(topk.encode(logits), logits.device) / tau, dim=1)
+    exact = F.softmax(logits / tau, dim=1)
+    top = exact.topk(10, dim=1).indices
+    torch.testing.assert_close(decoded.gather(1, top), exact.gather(1, top), rtol=2e-3, atol=1e-6)
+    rest = torch.ones_like(exact, dtype=torch.bool).scatter_(1, top, False)
+    expected_rest = (1 - exact.gather(1, top).sum(1, keepdim=True)) / 990
+    torch.testing.assert_close(
+        decoded[rest].view(64, 990), expected_rest.expand(64, 990), rtol=2e-3, atol=1e-7
+    )
+    torch.testing.assert_close(decoded.sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
