@@ -94,7 +94,10 @@ def export(source: str | Path, out_dir: str | Path, ema: bool = False, onnx: boo
     trained = load_trained_model(source, ema=ema)
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_transformers(trained, out_dir / "transformers")
+    if is_distilled(trained.model):
+        export_transformers(trained, out_dir / "transformers")
+    else:  # transformers' DeiT classes hold the two-token DeiT only
+        log.warning("%s is a single-head %s: no transformers export, timm only", source, type(trained.model).__name__)
     export_timm(trained, out_dir / "timm")
     if onnx:
         export_onnx(trained, out_dir / "model.onnx")

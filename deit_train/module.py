@@ -45,6 +45,8 @@ class DeiTModule(L.LightningModule):
         # teacher.cache: the teacher's training outputs read from / written to disk (teacher_cache.py).
         self.teacher_cache_settings = teacher_cache
         self.teacher_cache: TeacherCache | None = None
+        if teacher_cache is not None and teacher_cache.fill_only:
+            self.automatic_optimization = False  # task=teacher_cache: no student step (training_step returns None)
         self.mixup = build_mixup(augment, self.num_classes)
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.

@@ -153,7 +153,6 @@ class TeacherCache:
         self.stored: dict[str, torch.Tensor] | None = None  # this epoch's file, when it is complete and valid
         self.computed: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
         self.epoch, self.num_batches = 0, 0
-        self.batches_read = self.batches_computed = 0
 
     def epoch_file(self, epoch: int) -> Path:
         return self.root / f"epoch{epoch:04d}-rank{self.rank}.safetensors"
@@ -191,7 +190,6 @@ class TeacherCache:
         key = batch_key(view_keys)
         if self.stored is not None:
             if int(self.stored["batch_keys"][batch_idx]) == key:
-                self.batches_read += 1
                 outputs = {name: t[batch_idx] for name, t in self.stored.items() if name != "batch_keys"}
                 return self.encoding.decode(outputs, view_keys.device)
             warnings.warn(
@@ -203,13 +201,19 @@ class TeacherCache:
                 outputs = {name: t[earlier] for name, t in self.stored.items() if name != "batch_keys"}
                 self.computed[earlier] = (int(self.stored["batch_keys"][earlier]), outputs)
             self.stored = None
-        self.batches_computed += 1
         outputs = {name: t.cpu() for name, t in self.encoding.encode(compute()).items()}
         self.computed[batch_idx] = (key, outputs)
         return self.encoding.decode(outputs, view_keys.device)
 
     def end_epoch(self) -> None:
         """Write the epoch's file if this epoch was computed in full (a run stopped mid-epoch writes nothing)."""
+        log.info(
+            "teacher cache, epoch %d, rank %d: %d batches read, %d computed",
+            self.epoch,
+            self.rank,
+            self.num_batches - len(self.computed) if self.stored is not None else 0,
+            len(self.computed),
+        )
         if self.stored is not None or len(self.computed) != self.num_batches or not self.num_batches:
             return
         order = [self.computed[i] for i in range(self.num_batches)]

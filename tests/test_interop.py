@@ -305,3 +305,25 @@ def test_bad_sources_each_give_one_clear_error(trained_run, exported, tmp_path):
         load_trained_model(no_weights)
     result = run_tool("predict", tmp_path / "missing.ckpt", tmp_path, cwd=tmp_path)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ema_weights_export_and_a_single_head_student_exports_to_timm_only(tiny_config, tmp_path, caplog):
+    run = tiny_config("ema.decay=0.5", run="ema")
+    train(run)
+    checkpoint = f"{run.paths.output_dir}/checkpoints/last.ckpt"
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    out = export(checkpoint, tmp_path / "ema_export", ema=True)
+    exported = load_trained_model(out / "transformers")
+    torch.testing.assert_close(exported.model.head.weight, stored["ema.module.head.weight"], rtol=0, atol=0)
+    assert not torch.equal(stored["ema.module.head.weight"], stored["student.head.weight"])
+
+    convnet = tiny_config(
+        "model=timm", "model.name=resnet10t", "model.img_size=16", run="convnet", student=[]
+    )
+    train(convnet)
+    images = torch.randn(2, 3, 16, 16)
+    out = export(f"{convnet.paths.output_dir}/checkpoints/last.ckpt", tmp_path / "convnet_export")
+    assert not (out / "transformers").exists() and "timm only" in caplog.text
+    ours = load_trained_model(f"{convnet.paths.output_dir}/checkpoints/last.ckpt").model
+    with torch.no_grad():
+        torch.testing.assert_close(load_trained_model(out / "timm").model(images), ours(images))

@@ -108,10 +108,20 @@ def test_unlabeled_images_from_a_flat_folder_hold_out_every_twentieth(tmp_path):
 
 def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teacher_checkpoint, caplog):
     pretrain = tiny_config(
-        "task=mim", "task.mask_patch_size=8", "task.pictures=3", "trainer.max_epochs=2", run="mim"
+        "task=mim",
+        "task.mask_patch_size=8",
+        "task.pictures=3",
+        "trainer.max_epochs=2",
+        "logger=tensorboard",
+        run="mim",
     )
     metrics = train(pretrain)
     assert math.isfinite(metrics["val/loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = Path(pretrain.paths.output_dir).rglob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload()
+    assert "val/reconstruction" in logged.Tags()["images"] and "val/loss" in logged.Tags()["scalars"]
     pictures = sorted(Path(pretrain.paths.output_dir).glob("reconstructions/*.png"))
     assert [p.name for p in pictures] == ["epoch_000.png", "epoch_001.png"]
     # 3 rows (input, masked, reconstruction) x 3 images of 16 px with 2 px padding

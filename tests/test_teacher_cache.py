@@ -184,3 +184,22 @@ def test_encodings_keep_what_each_loss_reads():
         decoded[rest].view(64, 990), expected_rest.expand(64, 990), rtol=2e-3, atol=1e-7
     )
     torch.testing.assert_close(decoded.sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
+
+
+def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, random_teacher_checkpoint):
+    from .test_cli import run_cli
+
+    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.cutmix=1.0",
+               f"teacher.cache={tmp_path / 'cache'}", "trainer=ddp_cpu", "trainer.devices=2"]  # fmt: skip
+    fill = run_cli(
+        *distill, "task=teacher_cache", "hydra.run.dir=fill", tmp_path=tmp_path, cache_dir=cache_dir
+    )
+    assert fill.returncode == 0, fill.stdout + fill.stderr
+    files = sorted(p.name for p in tmp_path.glob("cache/*/epoch*"))
+    assert files == ["epoch0000-rank0.safetensors", "epoch0000-rank1.safetensors"]
+    read = run_cli(*distill, "hydra.run.dir=read", tmp_path=tmp_path, cache_dir=cache_dir)
+    output = read.stdout + read.stderr
+    assert read.returncode == 0, output
+    for rank in (0, 1):  # 80 images, global batch 16: 5 batches of 8 per rank
+        assert f"epoch 0, rank {rank}: 5 batches read, 0 computed" in output
