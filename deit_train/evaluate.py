@@ -50,10 +50,9 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
     model = trained.model.to(device)
     num_classes = len(trained.class_names)
     top5 = min(5, num_classes)
-    heads = {"class": None, "distillation": None, "average": None}
     metrics = {
         name: {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, top5)}
-        for name in heads
+        for name in ("class", "distillation", "average")
     }
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"

@@ -25,16 +25,13 @@ log = logging.getLogger("deit_train")
 
 
 def export_transformers(trained: TrainedModel, directory: Path) -> None:
+    """A distilled DeiT as DeiTForImageClassificationWithTeacher, with its class names and preprocessing."""
     try:
         from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
     except ImportError as error:
         raise DeitTrainError(
             "the transformers export needs transformers: pip install 'deit-train[hf]'"
         ) from error
-    if not is_distilled(trained.model):
-        raise DeitTrainError(
-            "the transformers export is for distilled DeiT students (class and distillation heads)"
-        )
     config = transformers_config(trained.model, trained.class_names)
     config.pop("model_type")
     hf_model = DeiTForImageClassificationWithTeacher(DeiTConfig(**config))
@@ -97,7 +94,9 @@ def export(source: str | Path, out_dir: str | Path, ema: bool = False, onnx: boo
     if is_distilled(trained.model):
         export_transformers(trained, out_dir / "transformers")
     else:  # transformers' DeiT classes hold the two-token DeiT only
-        log.warning("%s is a single-head %s: no transformers export, timm only", source, type(trained.model).__name__)
+        log.warning(
+            "%s is a single-head %s: no transformers export, timm only", source, type(trained.model).__name__
+        )
     export_timm(trained, out_dir / "timm")
     if onnx:
         export_onnx(trained, out_dir / "model.onnx")
@@ -119,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     except DeitTrainError as error:
         print(f"deit-export: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(
-        f"transformers: DeiTForImageClassificationWithTeacher.from_pretrained({str(out_dir / 'transformers')!r})"
-    )
+    if (out_dir / "transformers").is_dir():
+        hf_dir = str(out_dir / "transformers")
+        print(f"transformers: DeiTForImageClassificationWithTeacher.from_pretrained({hf_dir!r})")
     print(f"timm:         timm.create_model('local-dir:{out_dir / 'timm'}', pretrained=True)")
     if args.onnx:
         print(f"onnx:         {out_dir / 'model.onnx'}")

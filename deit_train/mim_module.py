@@ -1,7 +1,6 @@
 """The LightningModule of masked image modeling (task=mim): SimMIM pre-training of a DeiT encoder on unlabeled
 images. Its checkpoint's encoder starts a classification run: model.init=<run>/checkpoints/last.ckpt."""
 
-import logging
 from pathlib import Path
 
 import lightning as L
@@ -15,8 +14,6 @@ from deit_train.errors import DeitTrainError
 from deit_train.losses import masked_reconstruction_loss
 from deit_train.models.mim import MaskedImageModel
 from deit_train.optim import configure_optimizers
-
-log = logging.getLogger(__name__)
 
 
 class MIMModule(L.LightningModule):
@@ -39,17 +36,13 @@ class MIMModule(L.LightningModule):
         self.picture_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("loss_diverged", torch.tensor(False), persistent=False)
 
-    def reconstruction_loss(
-        self, images: torch.Tensor, masks: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruction_loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         reconstruction = self.model(images, masks)
-        return masked_reconstruction_loss(
-            images, reconstruction, masks, self.model.patch_size
-        ), reconstruction
+        return masked_reconstruction_loss(images, reconstruction, masks, self.model.patch_size)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, masks, _view_keys = batch
-        loss, _ = self.reconstruction_loss(images, masks)
+        loss = self.reconstruction_loss(images, masks)
         self.loss_diverged |= ~torch.isfinite(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -68,7 +61,7 @@ class MIMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, masks = batch
-        loss, _ = self.reconstruction_loss(images, masks)
+        loss = self.reconstruction_loss(images, masks)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(images))
         if batch_idx == 0:
             self.picture_batch = (images[: self.pictures], masks[: self.pictures])

@@ -45,8 +45,9 @@ class DeiTModule(L.LightningModule):
         # teacher.cache: the teacher's training outputs read from / written to disk (teacher_cache.py).
         self.teacher_cache_settings = teacher_cache
         self.teacher_cache: TeacherCache | None = None
-        if teacher_cache is not None and teacher_cache.fill_only:
-            self.automatic_optimization = False  # task=teacher_cache: no student step (training_step returns None)
+        # task=teacher_cache: the teacher fills the cache, the student takes no step (training_step returns None).
+        self.fill_teacher_cache_only = teacher_cache is not None and teacher_cache.fill_only
+        self.automatic_optimization = not self.fill_teacher_cache_only
         self.mixup = build_mixup(augment, self.num_classes)
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
@@ -138,8 +139,8 @@ class DeiTModule(L.LightningModule):
                 teacher_logits = self.teacher_cache.teacher_logits(batch_idx, view_keys, compute)
             else:
                 teacher_logits = self.teacher_logits(images)
-        if self.teacher_cache_settings is not None and self.teacher_cache_settings.fill_only:
-            return None  # task=teacher_cache: no student step
+        if self.fill_teacher_cache_only:
+            return None
         cls_logits, dist_logits = forward_heads(self.student, images)
         loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
         self.loss_diverged |= ~torch.isfinite(loss.detach())

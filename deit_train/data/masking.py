@@ -35,7 +35,7 @@ class MaskGenerator:
 
 
 class MaskedImages(Dataset):
-    """(image, mask) pairs. Training masks are fresh draws (worker RNGs are seeded by Lightning); `fixed=True`
+    """(image, mask) pairs. Training masks are drawn with the view's seed (data/views.py: SeededViews); `fixed=True`
     (validation) draws each image's mask from its index, so the validation loss compares across epochs."""
 
     def __init__(self, images: Dataset, masks: MaskGenerator, fixed: bool = False) -> None:

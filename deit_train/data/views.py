@@ -32,7 +32,9 @@ def seeded(seed: int) -> Iterator[None]:
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(
+        seed
+    )  # the CPU generator only: torch.manual_seed would reset CUDA's too
     try:
         yield
     finally:

@@ -1,10 +1,11 @@
 """Read weights from the files users bring, without ever executing pickled code.
 
 Accepted: a deit-train Lightning checkpoint (`.ckpt`, student weights under `student.`, or a task=mim run's
-encoder under `model.encoder.`), a torch state dict (`.pth`/`.pt`, bare or wrapped as the official DeiT
-`{"model": ...}` or timm's `{"state_dict": ...}`), `.safetensors`, or a directory: a Hugging Face transformers DeiT (`config.json` with
-`model_type: deit` and its weights, any DeiT class, v4 or v5 names) or a timm export (`config.json` with
-`architecture`, `model.safetensors`), as `deit-export` writes them. Weights are always returned under timm's names.
+encoder under `model.encoder.`); a torch state dict (`.pth`/`.pt`, bare or wrapped as the official DeiT
+`{"model": ...}` or timm's `{"state_dict": ...}`); `.safetensors`; or a directory: a Hugging Face transformers
+DeiT (`config.json` with `model_type: deit` and its weights, any DeiT class, v4 or v5 names) or a timm export
+(`config.json` with `architecture`, `model.safetensors`), as `deit-export` writes them. Weights are always
+returned under timm's names.
 """
 
 import json

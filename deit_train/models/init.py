@@ -24,9 +24,8 @@ def initialize_from(student: nn.Module, source: str) -> None:
     expected = student.state_dict()
     heads = classifier_keys(student)
     encoder_present = set(expected) - set(heads) <= set(state)
-    if (
-        heads and encoder_present and not any(key in state for key in heads)
-    ):  # DeiTModel, a MIM pre-training checkpoint
+    # An encoder without heads: transformers' DeiTModel, a task=mim checkpoint.
+    if heads and encoder_present and not any(key in state for key in heads):
         log.warning("model.init: %s has no classification heads: both heads start fresh", source)
         state.update({key: expected[key] for key in heads})
     elif "head.weight" in state and "head_dist.weight" in expected and "head_dist.weight" not in state:
