@@ -247,7 +247,11 @@ class TeacherCacheSettings:
 
     def open(self, trainer, teacher: nn.Module) -> TeacherCache:
         config = {**self.config, "encoding": asdict(self.encoding)}
-        inputs = fingerprint_inputs(config, trainer.world_size, trainer.datamodule.train_set, teacher)
+        # One rank reads every file's size and hashes the teacher; the others receive the result.
+        inputs = None
+        if trainer.is_global_zero:
+            inputs = fingerprint_inputs(config, trainer.world_size, trainer.datamodule.train_set, teacher)
+        inputs = trainer.strategy.broadcast(inputs, src=0)
         cache = TeacherCache(self.directory, inputs, self.encoding, trainer.global_rank)
         log.info("teacher cache: %s", cache.root)
         return cache

@@ -34,8 +34,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from deit_train.data.datasets import open_split
-from deit_train.data.transforms import train_transform
+from deit_train.data import DeiTDataModule
 from deit_train.losses import DistillationLoss
 from deit_train.models import build_student, build_teacher, compile_student
 from deit_train.module import DeiTModule
@@ -253,7 +252,7 @@ def eval_throughput(cfg, batches, args, device) -> tuple[float, float]:
 
 
 def pipeline_throughput(cfg, args, workers: int) -> float:
-    """Row 5: JPEG decode + augment=deit at img_size, images/s through a DataLoader with `workers` workers."""
+    """Row 5: JPEG decode + augment=deit at img_size, images/s through the training loader with `workers` workers."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         deit_augment = compose(
             "train", overrides=["augment=deit", "paths.output_dir=.", "paths.cache_dir=."]
@@ -269,13 +268,22 @@ def pipeline_throughput(cfg, args, workers: int) -> float:
                     base = np.linspace(0, 255, 500)[None, :, None] * rng.uniform(0.3, 1, 3)
                     pixels = np.clip(base + rng.normal(0, 20, (375, 500, 3)), 0, 255).astype(np.uint8)
                     Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
-        data_cfg = OmegaConf.create({"name": "imagefolder", "root": root})
-        dataset = open_split(data_cfg, "train", train_transform(deit_augment, args.img_size))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers, shuffle=True)
-        iterator = iter(loader)
+        # The training loader itself: repeated augmentation, reproducible (seeded) views.
+        data_cfg = OmegaConf.create(
+            {
+                "name": "imagefolder",
+                "root": root,
+                "batch_size": 16,
+                "num_workers": workers,
+                "pin_memory": False,
+            }
+        )
+        datamodule = DeiTDataModule(data_cfg, deit_augment, args.img_size)
+        datamodule.setup()
+        iterator = iter(datamodule.train_dataloader())
         next(iterator)  # start the workers
         start, count = time.perf_counter(), 0
-        for images, _ in iterator:
+        for images, *_ in iterator:
             count += len(images)
         return count / (time.perf_counter() - start)
 
