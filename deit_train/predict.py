@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from deit_train.data.datasets import load_rgb
+from deit_train.data.datasets import image_files, load_rgb
 from deit_train.errors import DeitTrainError
 from deit_train.trained import TrainedModel, load_trained_model
 
@@ -23,7 +23,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
     for name in inputs:
         path = Path(name).expanduser()
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+            paths += image_files(path)
         elif path.is_file():
             paths.append(path)
         else:

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.data.demo import ensure_demo_dataset
 from deit_train.errors import DeitTrainError
@@ -26,19 +27,28 @@ def load_rgb(path: str) -> Image.Image:
         ) from error
 
 
+def given_root(cfg: DictConfig, expected: str) -> Path:
+    """data.root, checked to be set and to exist; `expected` tells the user what it should hold."""
+    if cfg.get("root") in (None, "", "???"):
+        raise DeitTrainError(f"data={cfg.name} needs data.root=PATH: {expected}.")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DeitTrainError(f"data.root={root} does not exist: point it at {expected}.")
+    return root
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file below `folder`, in a fixed (sorted) order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
 def imagefolder_root(cfg: DictConfig) -> Path:
     """The folder holding train/ and val/, checked before anything is built."""
     if cfg.name == "demo":
         return ensure_demo_dataset(
             cfg.cache_dir, cfg.image_size, cfg.train_per_class, cfg.val_per_class, cfg.seed
         )
-    if cfg.get("root") in (None, "", "???"):
-        raise DeitTrainError(
-            f"data={cfg.name} needs data.root=PATH: a folder with train/ and val/, one sub-folder per class."
-        )
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DeitTrainError(f"data.root={root} does not exist: point it at a folder with train/ and val/.")
+    root = given_root(cfg, "a folder with train/ and val/, one sub-folder per class")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DeitTrainError(

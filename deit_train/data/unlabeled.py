@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from deit_train.data.datasets import CIFAR, imagefolder_root, load_rgb, open_split
+from deit_train.data.datasets import CIFAR, given_root, image_files, imagefolder_root, load_rgb, open_split
 from deit_train.errors import DeitTrainError
 
 HOLDOUT_EVERY = 20  # a folder without val/ keeps every 20th image (5 %) for validation
@@ -36,21 +36,10 @@ class WithoutLabels(Dataset):
         return self.dataset[index][0]
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-
-
 def unlabeled_root(cfg: DictConfig) -> Path:
     if cfg.name == "demo":
         return imagefolder_root(cfg)
-    if cfg.get("root") in (None, "", "???"):
-        raise DeitTrainError(
-            f"data={cfg.name} needs data.root=PATH: a folder of images (or with train/ and val/)"
-        )
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DeitTrainError(f"data.root={root} does not exist: point it at a folder of images")
-    return root
+    return given_root(cfg, "a folder of images (or with train/ and val/)")
 
 
 def open_unlabeled_split(cfg: DictConfig, split: str, transform) -> Dataset:
