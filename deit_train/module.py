@@ -1,4 +1,4 @@
-"""The LightningModule: a student, an optional frozen teacher and the DeiT loss (losses.py)."""
+"""The LightningModule: a student, an optional frozen teacher (teacher/) and the DeiT loss (losses.py)."""
 
 import lightning as L
 import torch
@@ -14,7 +14,7 @@ from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import average_heads, forward_heads, is_distilled
 from deit_train.optim import configure_optimizers
-from deit_train.teacher_cache import TeacherCache, TeacherCacheSettings
+from deit_train.teacher import Teacher
 
 
 class DeiTModule(L.LightningModule):
@@ -26,10 +26,10 @@ class DeiTModule(L.LightningModule):
         optim: DictConfig,
         augment: DictConfig,
         global_batch_size: int,
-        teacher: nn.Module | None = None,
+        teacher: Teacher | None = None,
         ema_decay: float | None = None,
         seed: int = 0,
-        teacher_cache: TeacherCacheSettings | None = None,
+        fill_teacher_cache_only: bool = False,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -42,12 +42,9 @@ class DeiTModule(L.LightningModule):
         self.optim = optim
         self.global_batch_size = global_batch_size
         self.seed = seed
-        # teacher.cache: the teacher's training outputs read from / written to disk (teacher_cache.py).
-        self.teacher_cache_settings = teacher_cache
-        self.teacher_cache: TeacherCache | None = None
-        # task=teacher_cache: the teacher fills the cache, the student takes no step (training_step returns None).
-        self.fill_teacher_cache_only = teacher_cache is not None and teacher_cache.fill_only
-        self.automatic_optimization = not self.fill_teacher_cache_only
+        # task=teacher_cache: the teacher fills its cache, the student takes no step (training_step returns None).
+        self.fill_teacher_cache_only = fill_teacher_cache_only
+        self.automatic_optimization = not fill_teacher_cache_only
         self.mixup = build_mixup(augment, self.num_classes)
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
@@ -73,28 +70,18 @@ class DeiTModule(L.LightningModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    # The teacher is frozen: always in eval mode, never trained, never saved with the student.
-    def train(self, mode: bool = True) -> "DeiTModule":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        for key in [k for k in state if k.startswith(prefix + "teacher.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.teacher is not None:  # the teacher's weights come from teacher config, not the checkpoint
-            state_dict = {**{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}, **state_dict}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.stop_if_diverged()  # never replace the last good checkpoint by a diverged model
         checkpoint["class_names"] = self.class_names
+        # The teacher's weights come from the teacher config, not from the student's checkpoints.
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:  # strict loading: put the teacher's own weights back
+            teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+            checkpoint["state_dict"] = {**teacher_state, **checkpoint["state_dict"]}
 
     def stop_if_diverged(self) -> None:
         if bool(self.loss_diverged):
@@ -104,41 +91,34 @@ class DeiTModule(L.LightningModule):
                 f"trainer.precision=bf16-mixed to 16-mixed; then resume=true or start again."
             )
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """One teacher forward pass: no autograd, convnets in channels_last (see build_teacher)."""
-        with torch.inference_mode():
-            logits = self.teacher(images.contiguous(memory_format=torch.channels_last))
-        return logits.clone()  # a normal tensor, which the loss may save for its backward pass
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
         return average_heads(*forward_heads(self.student, images))
 
-    def on_fit_start(self) -> None:
-        if self.teacher_cache_settings is not None:
-            self.teacher_cache = self.teacher_cache_settings.open(self.trainer, self.teacher)
+    # teacher.cache (teacher/cache.py): opened once the training data and world size are known.
+    def on_train_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.open_cache(self.trainer)
 
     def on_train_epoch_start(self) -> None:
-        if self.teacher_cache is not None:
-            self.teacher_cache.start_epoch(self.current_epoch, self.trainer.num_training_batches)
+        if self.teacher is not None:
+            self.teacher.start_epoch(self.current_epoch, self.trainer.num_training_batches)
 
     def on_train_epoch_end(self) -> None:
-        if self.teacher_cache is not None:
-            self.teacher_cache.end_epoch()
+        if self.teacher is not None:
+            self.teacher.end_epoch()
+
+    def mix(self, images: torch.Tensor, targets: torch.Tensor, batch_idx: int):
+        """Mixup/CutMix, one draw per batch from (seed, epoch, batch index, rank): reproducible views."""
+        if self.mixup is None:
+            return images, targets
+        with seeded(view_seed(self.seed, self.current_epoch, batch_idx, self.global_rank, MIXUP_STREAM)):
+            return self.mixup(images, targets)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         images, targets, view_keys = batch
-        if self.mixup is not None:  # the teacher sees the same mixed images as the student
-            # One draw per batch, from (seed, epoch, batch index, rank): reproducible views (data/views.py).
-            with seeded(view_seed(self.seed, self.current_epoch, batch_idx, self.global_rank, MIXUP_STREAM)):
-                images, targets = self.mixup(images, targets)
-        teacher_logits = None
-        if self.criterion.needs_teacher:
-            if self.teacher_cache is not None:
-                compute = lambda: self.teacher_logits(images)  # noqa: E731
-                teacher_logits = self.teacher_cache.teacher_logits(batch_idx, view_keys, compute)
-            else:
-                teacher_logits = self.teacher_logits(images)
+        images, targets = self.mix(images, targets, batch_idx)  # the teacher sees the same mixed images
+        teacher_logits = self.teacher(images, view_keys, batch_idx) if self.teacher is not None else None
         if self.fill_teacher_cache_only:
             return None
         cls_logits, dist_logits = forward_heads(self.student, images)
@@ -166,7 +146,7 @@ class DeiTModule(L.LightningModule):
             metrics["acc1_cls"](cls_logits, labels)
             metrics["acc1_dist"](dist_logits, labels)
         if self.teacher is not None:
-            teacher_logits = self.teacher_logits(images)
+            teacher_logits = self.teacher(images)
             metrics["teacher_acc1"](teacher_logits, labels)
             metrics["agreement"](logits, teacher_logits.argmax(dim=1))
         for name, metric in metrics.items():

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -22,10 +23,10 @@ from deit_train.data.masking import MaskGenerator
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.mim_module import MIMModule
-from deit_train.models import build_student, build_teacher, compile_student
+from deit_train.models import build_student, compile_student
 from deit_train.models.mim import MaskedImageModel
 from deit_train.module import DeiTModule, student_summary
-from deit_train.teacher_cache import Encoding, TeacherCacheSettings
+from deit_train.teacher import build_teacher
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
@@ -120,8 +121,18 @@ def logger_run_id(logger_cfg: DictConfig, output_dir: Path) -> dict:
     return {"id": digest, "resume": "allow"}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """One training run; returns the final validation metrics (also written to metrics.json)."""
+@dataclass
+class TrainRun:
+    """What train() returns: the final validation metrics and the objects it built."""
+
+    metrics: dict[str, float]
+    trainer: L.Trainer
+    module: L.LightningModule
+    datamodule: DeiTDataModule
+
+
+def train(cfg: DictConfig) -> TrainRun:
+    """One training run: builds data, module and trainer from the config, fits, writes metrics.json."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
@@ -144,14 +155,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         log.info("final metrics: %s", json.dumps(metrics, sort_keys=True))
-    return metrics
+    return TrainRun(metrics, trainer, module, datamodule)
 
 
 def build_classification(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule, DeiTModule]:
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
-    class_names = datamodule.class_names
+    return datamodule, build_module(cfg, datamodule.class_names, config)
+
+
+def build_module(cfg: DictConfig, class_names: list[str], config: dict | None = None) -> DeiTModule:
+    """Student, teacher and loss of a classification run (also task=teacher_cache) on these classes."""
     criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
-    teacher = build_teacher(cfg.teacher, class_names) if criterion.needs_teacher else None
+    teacher = build_teacher(cfg, class_names) if criterion.needs_teacher else None
     student = build_student(cfg.model, len(class_names))
     if cfg.compile:
         compile_student(student)
@@ -161,7 +176,7 @@ def build_classification(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule,
         len(class_names),
         cfg.teacher.name if teacher is not None else "none",
     )
-    module = DeiTModule(
+    return DeiTModule(
         student=student,
         teacher=teacher,
         criterion=criterion,
@@ -171,31 +186,8 @@ def build_classification(cfg: DictConfig, config: dict) -> tuple[DeiTDataModule,
         global_batch_size=cfg.data.batch_size,
         ema_decay=cfg.ema.decay,
         seed=cfg.seed,
-        teacher_cache=teacher_cache_settings(cfg, len(class_names)) if teacher is not None else None,
+        fill_teacher_cache_only=cfg.task.name == "teacher_cache",
         config=config,
-    )
-    return datamodule, module
-
-
-def teacher_cache_settings(cfg: DictConfig, num_classes: int) -> TeacherCacheSettings | None:
-    """teacher.cache=DIR: what the module needs to key, read and write the cache (teacher_cache.py)."""
-    if not cfg.teacher.cache:
-        return None
-    encoding = Encoding.choose(
-        cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.get("tau", 1.0)
-    )
-    config = {  # the configuration's share of the fingerprint; the trainer adds world size, data and weights
-        "augment": OmegaConf.to_container(cfg.augment, resolve=True),
-        "image_size": cfg.model.img_size,
-        "seed": cfg.seed,
-        "global_batch": cfg.data.batch_size,
-        "accumulate": cfg.trainer.get("accumulate_grad_batches", 1),
-        "precision": str(cfg.trainer.get("precision", "32-true")),
-        "skip_corrupt": bool(cfg.data.get("skip_corrupt", False)),
-        "teacher": cfg.teacher.name,
-    }
-    return TeacherCacheSettings(
-        cfg.teacher.cache, encoding, config, fill_only=cfg.task.name == "teacher_cache"
     )
 
 
@@ -237,7 +229,7 @@ def user_message(error: DeitTrainError) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        metrics = train(cfg).metrics
     except DeitTrainError as error:
         log.error("%s", user_message(error))
         sys.exit(2)

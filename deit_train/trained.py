@@ -17,7 +17,13 @@ from torch import nn
 from deit_train.data.transforms import eval_resize_size, resize_crop_transform
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
-from deit_train.models.checkpoints import load_into, load_weights, read_checkpoint, read_export_config
+from deit_train.models.checkpoints import (
+    RunCheckpoint,
+    load_into,
+    load_weights,
+    read_checkpoint,
+    read_export_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +59,17 @@ def load_trained_model(source: str | Path, ema: bool = False) -> TrainedModel:
 
 
 def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
-    stored = read_checkpoint(path)
-    config = (stored.get("hyper_parameters") or {}).get("config") if isinstance(stored, dict) else None
-    if not config or "class_names" not in stored:
+    run = RunCheckpoint.of(read_checkpoint(path))
+    if run is None or run.config is None or run.class_names is None:
         raise DeitTrainError(
             f"{path} is not a deit-train checkpoint (no run config or class names inside). For timm or "
             f"official DeiT weights, start a run from them with model.init={path}."
         )
-    cfg = OmegaConf.create(config)
-    class_names = list(stored["class_names"])
+    cfg = OmegaConf.create(run.config)
+    class_names = list(run.class_names)
     model_cfg = OmegaConf.merge(cfg.model, {"init": None, "pretrained": False})
     student = build_student(model_cfg, len(class_names))
-    prefix = "ema.module." if ema else "student."
-    state = {k.removeprefix(prefix): v for k, v in stored["state_dict"].items() if k.startswith(prefix)}
+    state = run.part("ema.module." if ema else "student.")
     if not state:
         what = "EMA weights (the run did not set ema.decay)" if ema else "student weights"
         raise DeitTrainError(f"{path} holds no {what}")

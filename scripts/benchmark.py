@@ -35,11 +35,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deit_train.data import DeiTDataModule
-from deit_train.losses import DistillationLoss
-from deit_train.models import build_student, build_teacher, compile_student
-from deit_train.module import DeiTModule
-from deit_train.teacher_cache import Encoding, TeacherCache
-from deit_train.train import CONFIG_DIR
+from deit_train.models import build_student, compile_student
+from deit_train.teacher import build_teacher_network
+from deit_train.train import CONFIG_DIR, build_module
 
 PRESETS = {
     # A few minutes on a 2-core CPU.
@@ -81,7 +79,13 @@ def autocast(device: torch.device, precision: str):
         yield
 
 
-def config(args, teacher_checkpoint: Path, teacher: str | None = None, loss: str = "hard_distill"):
+def config(
+    args,
+    teacher_checkpoint: Path,
+    teacher: str | None = None,
+    loss: str = "hard_distill",
+    cache: str | None = None,
+):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             "train",
@@ -98,6 +102,7 @@ def config(args, teacher_checkpoint: Path, teacher: str | None = None, loss: str
                 "paths.output_dir=.",
                 "paths.cache_dir=.",
                 f"compile={args.compile}",
+                f"teacher.cache={cache or 'null'}",
             ],
         )
 
@@ -108,27 +113,15 @@ def make_models(cfg, num_classes: int):
     student = build_student(cfg.model, num_classes)
     if cfg.compile:
         compile_student(student)
-    teacher = build_teacher(cfg.teacher, [str(i) for i in range(num_classes)])
+    teacher = build_teacher_network(cfg.teacher, [str(i) for i in range(num_classes)])
     return student, teacher
 
 
-def lightning_train(cfg, batches, args, device, teacher_cache: TeacherCache | None = None) -> float:
-    """Row 1: images/s of DeiTModule under the Lightning Trainer (row 7: with a teacher cache)."""
-    student, teacher = make_models(cfg, args.num_classes)
-    if cfg.loss.distillation_type == "none":
-        teacher = None
-    module = DeiTModule(
-        student=student,
-        teacher=teacher,
-        criterion=DistillationLoss(**cfg.loss),
-        class_names=[str(i) for i in range(args.num_classes)],
-        optim=cfg.optim,
-        augment=cfg.augment,
-        global_batch_size=args.batch,
-    )
-    module.teacher_cache = (
-        teacher_cache  # normally opened by the module from teacher.cache; here given directly
-    )
+def lightning_train(cfg, batches, args, device) -> float:
+    """Row 1: images/s of DeiTModule, built as deit-train builds it, under the Lightning Trainer (row 7: with
+    teacher.cache set)."""
+    torch.manual_seed(0)
+    module = build_module(cfg, [str(i) for i in range(args.num_classes)])
     times = {}
 
     class Timer(L.Callback):
@@ -216,21 +209,9 @@ def teacher_layouts(cfg, batches, args, device) -> dict[str, float]:
 
 def eval_throughput(cfg, batches, args, device) -> tuple[float, float]:
     """Row 4: (our prediction path, raw timm) images/s under inference_mode."""
-    student, teacher = make_models(cfg, args.num_classes)
-    module = (
-        DeiTModule(
-            student=student,
-            teacher=None,
-            criterion=DistillationLoss(),
-            class_names=[str(i) for i in range(args.num_classes)],
-            optim=cfg.optim,
-            augment=cfg.augment,
-            global_batch_size=args.batch,
-        )
-        .to(device)
-        .eval()
-    )
-    raw = student  # the same timm model, called directly
+    torch.manual_seed(0)
+    module = build_module(cfg, [str(i) for i in range(args.num_classes)]).to(device).eval()
+    raw = module.student  # the same timm model, called directly
 
     def measure(predict) -> float:
         images = [b[0].to(device) for b in batches[: args.eval_batches]]
@@ -294,17 +275,13 @@ def cached_teacher(args, batches, device, tmp: str) -> dict[str, float]:
     heavy = timm.create_model(args.cache_teacher, num_classes=args.num_classes)
     save_file({k: v.contiguous() for k, v in heavy.state_dict().items()}, str(checkpoint))
     cfg = config(args, checkpoint, teacher=args.cache_teacher)
-    encoding = Encoding.choose("hard", args.num_classes, None, 1.0)
-
-    def cache() -> TeacherCache:
-        return TeacherCache(Path(tmp, "teacher_cache"), {"benchmark": args.cache_teacher}, encoding, rank=0)
-
-    lightning_train(cfg, batches, args, device, teacher_cache=cache())  # fills the cache
+    with_cache = config(args, checkpoint, teacher=args.cache_teacher, cache=str(Path(tmp, "teacher_cache")))
+    lightning_train(with_cache, batches, args, device)  # fills the cache
     online, cached, alone = [], [], []
     student_only = config(args, checkpoint, teacher=args.cache_teacher, loss="ce")
     for _ in range(args.repeats):
         online.append(lightning_train(cfg, batches, args, device))
-        cached.append(lightning_train(cfg, batches, args, device, teacher_cache=cache()))
+        cached.append(lightning_train(with_cache, batches, args, device))
         alone.append(lightning_train(student_only, batches, args, device))
     return {
         "train_ips_heavy_teacher_online": max(online),

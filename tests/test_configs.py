@@ -13,7 +13,8 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
-from deit_train.models import build_student, build_teacher, forward_heads
+from deit_train.models import build_student, forward_heads
+from deit_train.teacher import build_teacher_network
 from deit_train.train import CONFIG_DIR
 
 from .conftest import compose_config, save_safetensors
@@ -106,7 +107,7 @@ def test_teacher_options_build_from_a_checkpoint(option, tmp_path):
     reference = timm.create_model(architecture, num_classes=4).eval()
     save_safetensors(reference, tmp_path / "t.safetensors")
     cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
-    teacher = build_teacher(cfg.teacher, ["a", "b", "c", "d"])
+    teacher = build_teacher_network(cfg.teacher, ["a", "b", "c", "d"])
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(teacher(images), reference(images))

@@ -106,7 +106,7 @@ def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(
         run="finetune",
         data=[],
     )
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     assert 0.0 <= metrics["val/acc1"] <= 1.0
     checkpoint = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["student.pos_embed"].shape == (1, 36 + 2, 32)

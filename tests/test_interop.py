@@ -65,7 +65,7 @@ def trained_run(tmp_path_factory, cache_dir):
     """A tiny distilled-architecture student trained one epoch on the demo data (CE, no teacher)."""
     run = tmp_path_factory.mktemp("interop") / "run"
     cfg = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT], run, cache_dir)
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     return run / "checkpoints" / "last.ckpt", metrics
 
 

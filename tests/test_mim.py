@@ -115,7 +115,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
         "logger=tensorboard",
         run="mim",
     )
-    metrics = train(pretrain)
+    metrics = train(pretrain).metrics
     assert math.isfinite(metrics["val/loss"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,7 +142,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
     for key, tensor in student.state_dict().items():
         if not key.startswith("head"):
             torch.testing.assert_close(tensor, stored[f"model.encoder.{key}"], rtol=0, atol=0)
-    metrics = train(finetune)
+    metrics = train(finetune).metrics
     assert 0.0 <= metrics["val/acc1"] <= 1.0 and "val/agreement" in metrics
 
 

@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
-from deit_train.models import build_student, build_teacher, forward_heads
+from deit_train.models import build_student, forward_heads
 from deit_train.models.checkpoints import load_weights
+from deit_train.teacher import build_teacher_network
 
 from .conftest import save_safetensors
 
@@ -79,7 +80,7 @@ def save_teacher(path, num_classes, wrapper=None):
 )
 def test_teacher_loads_every_checkpoint_form_and_is_frozen(tmp_path, filename, wrapper):
     reference = save_teacher(tmp_path / filename, 3, wrapper).eval()
-    teacher = build_teacher(teacher_config(checkpoint=str(tmp_path / filename)), ["a", "b", "c"])
+    teacher = build_teacher_network(teacher_config(checkpoint=str(tmp_path / filename)), ["a", "b", "c"])
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     images = torch.randn(2, 3, 32, 32)
@@ -89,18 +90,20 @@ def test_teacher_loads_every_checkpoint_form_and_is_frozen(tmp_path, filename, w
 def test_teacher_class_count_must_match_data(tmp_path):
     save_teacher(tmp_path / "t10.pth", 10)
     with pytest.raises(DeitTrainError, match=r"has 10 classes .* but the data has 100"):
-        build_teacher(teacher_config(checkpoint=str(tmp_path / "t10.pth")), [f"c{i}" for i in range(100)])
+        build_teacher_network(
+            teacher_config(checkpoint=str(tmp_path / "t10.pth")), [f"c{i}" for i in range(100)]
+        )
 
 
 def test_teacher_without_weights_is_refused():
     with pytest.raises(DeitTrainError, match="has no weights"):
-        build_teacher(teacher_config(), ["a", "b"])
+        build_teacher_network(teacher_config(), ["a", "b"])
 
 
 def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
     torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(DeitTrainError, match="does not match the teacher resnet10t architecture"):
-        build_teacher(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
+        build_teacher_network(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

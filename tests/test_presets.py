@@ -120,5 +120,5 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_c
         else ["data=imagefolder", f"data.root={demo_data}"]
     )
     cfg = compose_config(overrides, tmp_path / "run", tmp_path)
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     assert 0.0 <= metrics["val/acc1"] <= 1.0

@@ -1,4 +1,4 @@
-"""Students (DeiT or any timm classifier), frozen teachers, and safe checkpoint reading."""
+"""Students (DeiT or any timm classifier) and safe checkpoint reading; the teacher has its own package."""
 
 from deit_train.models.student import (
     average_heads,
@@ -7,13 +7,11 @@ from deit_train.models.student import (
     forward_heads,
     is_distilled,
 )
-from deit_train.models.teacher import build_teacher
 
 __all__ = [
     "average_heads",
     "build_student",
     "compile_student",
-    "build_teacher",
     "forward_heads",
     "is_distilled",
 ]

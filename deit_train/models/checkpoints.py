@@ -45,6 +45,29 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 @dataclass
+class RunCheckpoint:
+    """A deit-train Lightning checkpoint: the module's weights, the run config and the data's class names."""
+
+    state_dict: StateDict
+    config: dict | None
+    class_names: list[str] | None
+
+    @classmethod
+    def of(cls, stored: object) -> "RunCheckpoint | None":
+        """The checkpoint, or None when `stored` is not a Lightning checkpoint."""
+        if not (
+            isinstance(stored, dict) and "state_dict" in stored and "pytorch-lightning_version" in stored
+        ):
+            return None
+        config = (stored.get("hyper_parameters") or {}).get("config")
+        return cls(stored["state_dict"], config or None, stored.get("class_names"))
+
+    def part(self, prefix: str) -> StateDict:
+        """The weights of one submodule (`student.`, `ema.module.`, `model.encoder.`), prefix removed."""
+        return {k.removeprefix(prefix): v for k, v in self.state_dict.items() if k.startswith(prefix)}
+
+
+@dataclass
 class Weights:
     state: StateDict
     class_names: list[str] | None = None  # known for deit-train checkpoints
@@ -73,14 +96,12 @@ def load_weights_file(path: Path) -> Weights:
     stored = read_checkpoint(path)
     if not isinstance(stored, dict):
         raise DeitTrainError(f"{path} does not hold a state dict (found {type(stored).__name__})")
-    if "state_dict" in stored and "pytorch-lightning_version" in stored:
+    run = RunCheckpoint.of(stored)
+    if run is not None:
         # A classification run's student, or a masked-image-modeling run's encoder (task=mim).
         for prefix in ("student.", "model.encoder."):
-            student = {
-                k.removeprefix(prefix): v for k, v in stored["state_dict"].items() if k.startswith(prefix)
-            }
-            if student:
-                return Weights(student, stored.get("class_names"))
+            if student := run.part(prefix):
+                return Weights(student, run.class_names)
         raise DeitTrainError(f"{path} is a Lightning checkpoint without student weights")
     for wrapper in ("model", "state_dict", "model_state"):
         if isinstance(stored.get(wrapper), dict):

@@ -1,4 +1,4 @@
-"""The frozen teacher: any timm classifier, with weights from a checkpoint or the timm hub."""
+"""The teacher's network: any timm classifier, with weights from a checkpoint or the timm hub, frozen."""
 
 import torch
 from omegaconf import DictConfig
@@ -9,7 +9,7 @@ from deit_train.models.checkpoints import classifier_keys, load_into, load_weigh
 from deit_train.models.student import create_timm_model
 
 
-def build_teacher(cfg: DictConfig, class_names: list[str]) -> nn.Module:
+def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
     """A teacher whose classes are the data's, frozen and in eval mode. Refuses a teacher without weights."""
     num_classes = len(class_names)
     if cfg.checkpoint:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -103,8 +104,14 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def dataset_digest(dataset: Dataset) -> str:
-    """The training data's identity: its file list with sizes (ImageFolder), or its arrays (CIFAR)."""
-    dataset = getattr(dataset, "dataset", dataset)  # SkipCorrupt
+    """The training data's identity: its file list with sizes (ImageFolder), its arrays (CIFAR), or the tensors of
+    in-memory samples (scripts/benchmark.py)."""
+    while hasattr(dataset, "dataset"):  # SeededViews, SkipCorrupt
+        dataset = dataset.dataset
+    if isinstance(dataset, list | tuple):
+        return tensor_digest(
+            {f"{i}.{j}": t for i, sample in enumerate(dataset) for j, t in enumerate(sample)}
+        )
     digest = hashlib.sha256()
     if hasattr(dataset, "samples"):
         root = Path(dataset.root)
@@ -237,20 +244,39 @@ def batch_key(view_keys: torch.Tensor) -> int:
 
 
 @dataclass
-class TeacherCacheSettings:
-    """teacher.cache as the module receives it; opened once the trainer knows the world size and the data."""
+class CacheSettings:
+    """teacher.cache as the run configures it; opened once the trainer knows the world size and the data."""
 
     directory: str
     encoding: Encoding
-    config: dict  # the configuration part of the fingerprint (train.py: teacher_cache_settings)
-    fill_only: bool = False  # task=teacher_cache: fill the cache, train no student
+    config: dict  # the configuration's share of the fingerprint (from_config)
 
-    def open(self, trainer, teacher: nn.Module) -> TeacherCache:
-        config = {**self.config, "encoding": asdict(self.encoding)}
-        # One rank reads every file's size and hashes the teacher; the others receive the result.
+    @classmethod
+    def from_config(cls, cfg: DictConfig, num_classes: int) -> "CacheSettings":
+        """Everything in the run config that decides the training views and the teacher's stored outputs."""
+        encoding = Encoding.choose(
+            cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.get("tau", 1.0)
+        )
+        config = {
+            "augment": OmegaConf.to_container(cfg.augment, resolve=True),
+            "image_size": cfg.model.img_size,
+            "seed": cfg.seed,
+            "global_batch": cfg.data.batch_size,
+            "accumulate": cfg.trainer.get("accumulate_grad_batches", 1),
+            "precision": str(cfg.trainer.get("precision", "32-true")),
+            "skip_corrupt": bool(cfg.data.get("skip_corrupt", False)),
+            "teacher": cfg.teacher.name,
+            "encoding": asdict(encoding),
+        }
+        return cls(cfg.teacher.cache, encoding, config)
+
+    def open(self, trainer, network: nn.Module) -> TeacherCache:
+        """The cache of this run: the configuration plus world size, training data and teacher weights. One
+        rank reads every file's size and hashes the teacher; the others receive the result."""
         inputs = None
         if trainer.is_global_zero:
-            inputs = fingerprint_inputs(config, trainer.world_size, trainer.datamodule.train_set, teacher)
+            train_set = trainer.train_dataloader.dataset
+            inputs = fingerprint_inputs(self.config, trainer.world_size, train_set, network)
         inputs = trainer.strategy.broadcast(inputs, src=0)
         cache = TeacherCache(self.directory, inputs, self.encoding, trainer.global_rank)
         log.info("teacher cache: %s", cache.root)
