@@ -49,6 +49,8 @@ class DeiTModule(L.LightningModule):
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
         self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay is not None else None
+        if self.ema is not None:  # updated by copying, never by gradients: DDP must not wait for its grads
+            self.ema.requires_grad_(False)
         # The resolved run config travels in every checkpoint (plain containers: weights_only-safe);
         # the class names too (on_save_checkpoint).
         self.save_hyperparameters({"config": config or {}})
@@ -69,6 +71,13 @@ class DeiTModule(L.LightningModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def setup(self, stage: str) -> None:
+        # Per-rank randomness inside the model (drop path), as the official code's seed + rank: without it every
+        # rank draws the same stochastic-depth masks, and the repeated copies of an image (neighbouring ranks, same
+        # local index) share one. The data views stay a function of (seed, epoch, sample, copy): data/views.py.
+        if self.trainer.world_size > 1:
+            L.seed_everything(self.seed + self.global_rank, workers=True, verbose=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.stop_if_diverged()  # never replace the last good checkpoint by a diverged model
@@ -141,7 +150,7 @@ class DeiTModule(L.LightningModule):
         metrics = self.val_metrics
         metrics["acc1"](logits, labels)
         metrics["acc5"](logits, labels)
-        metrics["loss"](nn.functional.cross_entropy(logits, labels))
+        metrics["loss"](nn.functional.cross_entropy(logits, labels, reduction="none"))  # a mean over images
         if dist_logits is not None:
             metrics["acc1_cls"](cls_logits, labels)
             metrics["acc1_dist"](dist_logits, labels)

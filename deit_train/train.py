@@ -18,6 +18,12 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import deit_train.conf
+from deit_train.cluster import (
+    acknowledge_warning_signals,
+    fit_until_preempted,
+    requeued_checkpoint,
+    slurm_plugins,
+)
 from deit_train.data import DeiTDataModule
 from deit_train.data.masking import MaskGenerator
 from deit_train.errors import DeitTrainError
@@ -98,12 +104,15 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
 
 
 def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
-    """The checkpoint to continue from: ckpt_path, or with resume=true this run's last.ckpt if there is one."""
+    """The checkpoint to continue from: ckpt_path, or this run's last.ckpt if there is one and resume=true or Slurm
+    requeued the job (which runs again in the same directory)."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).expanduser().is_file():
             raise DeitTrainError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return str(Path(cfg.ckpt_path).expanduser())
     last = output_dir / "checkpoints" / "last.ckpt"
+    if requeued := requeued_checkpoint(output_dir):
+        return requeued
     if cfg.resume and last.is_file():
         log.info("resuming from %s", last)
         return str(last)
@@ -145,8 +154,11 @@ def train(cfg: DictConfig) -> TrainRun:
     # A group entry set to null (callbacks.progress_bar=null) switches that object off.
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
+    plugins = [instantiate(plugin) for plugin in cfg.trainer.get("plugins") or []] + slurm_plugins()
+    acknowledge_warning_signals()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
+    checkpoint = resume_from(cfg, output_dir)
+    fit_until_preempted(trainer, module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
 
     for run_logger in loggers:
         if isinstance(run_logger, WandbLogger) and trainer.is_global_zero:
@@ -238,4 +250,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m deit_train.train`: run the function of the importable module, not of __main__, so that launchers
+    # that pickle the task (submitit, joblib) pickle a reference to it rather than the function and its globals.
+    from deit_train.train import main as importable_main
+
+    importable_main()

@@ -7,9 +7,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from deit_train.cluster import data_worker_init
 from deit_train.data.datasets import find_class_names, open_split
 from deit_train.data.masking import MaskedImages, MaskGenerator
-from deit_train.data.samplers import RepeatedAugmentationSampler
+from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.data.unlabeled import open_unlabeled_split
 from deit_train.data.views import SeededViews
@@ -87,6 +88,8 @@ class DeiTDataModule(L.LightningDataModule):
                 keys=True,
             )
             dataset = SeededViews(dataset, self.seed)
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            sampler = ShardedEvalSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
@@ -99,6 +102,7 @@ class DeiTDataModule(L.LightningDataModule):
             # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
             # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=data_worker_init if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

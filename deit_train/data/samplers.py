@@ -66,3 +66,18 @@ class RepeatedAugmentationSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.samples_per_rank
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Validation under DDP with every image counted exactly once: rank r takes images r, r + world, ...
+    (Lightning's DistributedSampler pads the set to a multiple of the world size, counting a few twice). Ranks
+    may then see one batch more or less, which evaluation allows: nothing is all-reduced per step."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))

@@ -1,0 +1,188 @@
+"""The paths users run at scale, on CPU processes (gloo): the paper presets under 2-process DDP and resumed,
+distillation x EMA x teacher cache x bf16 together, per-rank randomness, exact distributed validation, and
+two single-device launches acting as two nodes."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deit_train.evaluate import evaluate, open_eval_folder
+from deit_train.trained import load_trained_model
+
+from .conftest import TINY, TINY_RUN, TINY_VIT
+from .test_presets import PAPER, SHRINK
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, env: dict | None = None, base=TINY):
+    """`deit-train` in a subprocess (DDP re-launches it once per rank), with tests/ importable for probes."""
+    command = [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.Popen(command, cwd=run_dir.parent, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> str:
+    output = process.communicate(timeout=400)[0]
+    assert process.returncode == 0, output
+    return output
+
+
+def run_ok(*overrides: str, run_dir: Path, cache_dir: Path, **kwargs) -> str:
+    return finish(deit_train(*overrides, run_dir=run_dir, cache_dir=cache_dir, **kwargs))
+
+
+def checkpoint(run_dir: Path, name: str = "last") -> dict:
+    return torch.load(run_dir / "checkpoints" / f"{name}.ckpt", map_location="cpu", weights_only=True)
+
+
+def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in checkpoint(run_dir)["state_dict"].items() if k.startswith("student.")}
+
+
+DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, random_teacher_checkpoint):
+    """Two optimizer steps and a validation on 2 processes with everything the preset turns on (EMA, repeated
+    augmentation, Mixup/CutMix, erasing), then a second launch resumes from last.ckpt for two more."""
+    import timm
+
+    student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, depth=2,
+                                embed_dim=32, num_heads=2, num_classes=10)  # fmt: skip
+    torch.save({"model": student.state_dict()}, tmp_path / "student.pth")
+    data = ["data=imagefolder"] if preset == "deit_transfer" else []
+    overrides = [f"experiment={preset}", *[o for o in SHRINK if "limit_train" not in o and "max_epochs" not in o],
+                 *DDP, *data, f"data.root={demo_data}", f"teacher.checkpoint={random_teacher_checkpoint}",
+                 f"model.init={tmp_path / 'student.pth'}", "+trainer.limit_train_batches=2", "resume=true"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_ok(*overrides, "trainer.max_epochs=1", run_dir=run_dir, cache_dir=tmp_path, base=[])
+    first = checkpoint(run_dir)
+    assert (first["epoch"], first["global_step"]) == (0, 2)
+    output = run_ok(*overrides, "trainer.max_epochs=2", run_dir=run_dir, cache_dir=tmp_path, base=[])
+    assert "resuming from" in output
+    second = checkpoint(run_dir)
+    assert (second["epoch"], second["global_step"]) == (1, 4)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/acc1"] <= 1.0
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(second["hyper_parameters"]["config"])
+    if config.ema.decay is not None:
+        assert "val_ema/acc1" in metrics and any(k.startswith("ema.module.") for k in second["state_dict"])
+
+
+@pytest.mark.parametrize("loss", ["hard_distill", "soft_distill"])
+def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
+    loss, tmp_path, cache_dir, random_teacher_checkpoint
+):
+    overrides = [*DDP, f"loss={loss}", "teacher=timm", "teacher.name=resnet10t",
+                 f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+                 "ema.decay=0.9", "trainer.precision=bf16-mixed", "augment.mixup=0.8", "augment.cutmix=1.0",
+                 "augment.repeated_aug=2", "trainer.max_epochs=2"]  # fmt: skip
+    output = run_ok(*overrides, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    for rank in (0, 1):  # the cache was filled by both ranks in the first epoch
+        assert f"epoch 0, rank {rank}: 0 batches read, 5 computed" in output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"val/acc1", "val_ema/acc1", "val/teacher_acc1"} <= set(metrics)
+    assert sorted(p.name for p in tmp_path.glob("cache/*/epoch*")) == [
+        f"epoch000{e}-rank{r}.safetensors" for e in (0, 1) for r in (0, 1)
+    ]
+    # a second run reads every batch of both epochs from the cache and ends with the same student
+    again = run_ok(*overrides, run_dir=tmp_path / "again", cache_dir=cache_dir)
+    assert again.count("5 batches read, 0 computed") == 4  # 2 epochs x 2 ranks
+    first, second = student_state(tmp_path / "run"), student_state(tmp_path / "again")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_workers(tmp_path, cache_dir):
+    masks = {}
+    states = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"w{workers}"
+        run_ok(*DDP, "model.drop_path_rate=0.5", "augment.repeated_aug=2", f"data.num_workers={workers}",
+               "+callbacks.probe._target_=tests.probes.DropPathMasks", f"+callbacks.probe.path={run_dir / 'masks'}",
+               run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+        masks[workers] = [torch.load(run_dir / "masks" / f"rank{r}.pt") for r in (0, 1)]
+        states[workers] = student_state(run_dir)
+    rank0, rank1 = masks[0]
+    assert rank0.shape == rank1.shape and rank0.numel() >= 16
+    assert not torch.equal(rank0, rank1)  # same local index, different ranks: different masks
+    assert 0 < rank0.float().mean() < 1  # something was dropped and something kept
+    for a, b in zip(masks[0], masks[2], strict=True):
+        assert torch.equal(a, b)
+    assert all(
+        torch.equal(states[0][k], states[2][k]) for k in states[0]
+    )  # bit-identical whatever the workers
+
+
+def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo_data):
+    """39 val images on 2 processes: Lightning's sampler would count one twice; ours counts each once."""
+    data = tmp_path / "odd"
+    shutil.copytree(demo_data, data)
+    next(iter(sorted((data / "val").glob("*/*")))).unlink()
+    assert len(list((data / "val").glob("*/*"))) == 39
+    run_dir = tmp_path / "run"
+    run_ok(*DDP, "data=imagefolder", f"data.root={data}", "data.batch_size=16", "data.num_workers=0",
+           "data.pin_memory=false", "trainer.max_epochs=2", run_dir=run_dir, cache_dir=cache_dir,
+           base=[*TINY_RUN, *TINY_VIT])  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # The same checkpoint in one process: deit-eval's accuracy and the loss over all 39 images.
+    trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt")
+    dataset = open_eval_folder(data, "val", trained)
+    single = evaluate(trained, dataset, batch_size=7, num_workers=0)
+    single_acc1 = single["heads"]["average"]["top1"] / 100
+    assert metrics["val/acc1"] == pytest.approx(single_acc1, abs=1e-7)  # k / 39 for the same k
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    with torch.no_grad():
+        loss = F.cross_entropy(trained.model(torch.stack(images)), torch.tensor(labels))
+    assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    print(f"2-process val/acc1 {metrics['val/acc1']:.6f} val/loss {metrics['val/loss']:.6f}; one process "
+          f"acc1 {single_acc1:.6f} loss {loss.item():.6f}")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache_dir):
+    """2 nodes x 1 device (two launches, Lightning's NODE_RANK / MASTER_* variables) give the same run as
+    1 node x 2 devices, in one run directory."""
+    common = ["augment.repeated_aug=2", "augment.mixup=0.8", "augment.cutmix=1.0", "trainer.max_epochs=2"]
+    run_ok(*DDP, *common, run_dir=tmp_path / "one_node", cache_dir=cache_dir)
+    port = str(free_port())
+    nodes = [
+        deit_train(
+            "trainer=ddp_cpu",
+            "trainer.devices=1",
+            "trainer.num_nodes=2",
+            *common,
+            run_dir=tmp_path / "two_nodes",
+            cache_dir=cache_dir,
+            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)},
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [finish(node) for node in nodes]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_node", "two_nodes"]
+    one, two = student_state(tmp_path / "one_node"), student_state(tmp_path / "two_nodes")
+    for key in one:  # gloo may sum the gradients in another order across "nodes": fp32 rounding apart, equal
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-7, msg=key)
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one_node", "two_nodes")]
+    assert metrics[0] == metrics[1]
