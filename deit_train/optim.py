@@ -15,7 +15,7 @@ def configure_optimizers(
     # Linear scaling rule of the paper: lr = base lr x global batch / 512.
     lr = optim.lr * global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
     # timm's factory: no weight decay on norms, biases, tokens and position embeddings.
-    extra = dict(optim.get("kwargs") or {})
+    extra = dict(optim.kwargs)
     if optim.name == "adamw" and module.device.type == "cuda":
         extra.setdefault("fused", True)  # one kernel for the whole update
     optimizer = create_optimizer_v2(model, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, **extra)

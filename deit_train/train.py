@@ -11,13 +11,18 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import deit_train.conf
+import deit_train.schema  # noqa: F401  (registers train_schema with Hydra's ConfigStore)
 from deit_train.cluster import (
     acknowledge_warning_signals,
     fit_until_preempted,
@@ -32,6 +37,7 @@ from deit_train.mim_module import MIMModule
 from deit_train.models import build_student, compile_student
 from deit_train.models.mim import MaskedImageModel
 from deit_train.module import DeiTModule, student_summary
+from deit_train.schema import check as check_values
 from deit_train.teacher import build_teacher
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
@@ -39,7 +45,7 @@ log = logging.getLogger("deit_train")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Combinations that would train something other than what the user asked for."""
+    """Values and combinations that would fail later or train something other than what the user asked for."""
     # Values left unset: ??? in a config group (data.root), or listed under `required` by a preset (model.init).
     missing = sorted(
         OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None}
@@ -48,6 +54,7 @@ def check_config(cfg: DictConfig) -> None:
         raise DeitTrainError(
             f"the config needs {', '.join(f'{key}=...' for key in missing)}: add it to the command line"
         )
+    check_values(cfg)  # ranges, choices, batch and size rules (schema.py)
     distillation = cfg.loss.distillation_type
     if cfg.task.name == "mim" and (distillation != "none" or cfg.teacher.name is not None):
         raise DeitTrainError(
@@ -64,20 +71,20 @@ def check_config(cfg: DictConfig) -> None:
             "task=teacher_cache fills teacher.cache=DIR for a distillation run: give the run's loss=hard_distill or "
             "soft_distill, its teacher and teacher.cache=DIR"
         )
-    if cfg.teacher.get("cache") and distillation == "none":
-        log.warning("teacher.cache=%s is unused: loss=ce runs no teacher", cfg.teacher.cache)
-    if distillation == "none" and cfg.teacher.name is not None:
-        log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
     if relaunches_ranks_inside_a_sweep(cfg):
         raise DeitTrainError(
             "trainer.strategy=ddp re-launches this script once per rank, which inside a local multirun (-m) "
             "would not find the job's directory. Use trainer=ddp_spawn (or trainer.strategy=ddp_spawn) in sweeps, "
             "or the SLURM launcher (hydra/launcher=slurm), where the ranks are SLURM tasks."
         )
-    if (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0) and cfg.data.batch_size % 2:
-        raise DeitTrainError(
-            f"Mixup/CutMix need an even batch: data.batch_size={cfg.data.batch_size} is odd."
-        )
+
+
+def warn_about_config(cfg: DictConfig) -> None:
+    """Settings that do nothing in this run."""
+    if cfg.teacher.cache and cfg.loss.distillation_type == "none":
+        log.warning("teacher.cache=%s is unused: loss=ce runs no teacher", cfg.teacher.cache)
+    if cfg.loss.distillation_type == "none" and cfg.teacher.name is not None:
+        log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
 
 
 def relaunches_ranks_inside_a_sweep(cfg: DictConfig) -> bool:
@@ -85,8 +92,8 @@ def relaunches_ranks_inside_a_sweep(cfg: DictConfig) -> bool:
     sweep job's directory; under SLURM the ranks are already separate tasks and nothing is re-launched."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
-    strategy = str(cfg.trainer.get("strategy", ""))
-    devices = cfg.trainer.get("devices", 1)
+    strategy = str(cfg.trainer.strategy)
+    devices = cfg.trainer.devices
     several = (
         devices == -1
         or devices == "auto"
@@ -143,6 +150,7 @@ class TrainRun:
 def train(cfg: DictConfig) -> TrainRun:
     """One training run: builds data, module and trainer from the config, fits, writes metrics.json."""
     check_config(cfg)
+    warn_about_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
@@ -154,7 +162,7 @@ def train(cfg: DictConfig) -> TrainRun:
     # A group entry set to null (callbacks.progress_bar=null) switches that object off.
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
-    plugins = [instantiate(plugin) for plugin in cfg.trainer.get("plugins") or []] + slurm_plugins()
+    plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + slurm_plugins()
     acknowledge_warning_signals()
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
     checkpoint = resume_from(cfg, output_dir)
@@ -245,13 +253,64 @@ def main(cfg: DictConfig) -> float | None:
     except DeitTrainError as error:
         log.error("%s", user_message(error))
         sys.exit(2)
-    # The value sweeps optimise: accuracy, or for task=mim the reconstruction loss (hparams_search direction: minimize).
-    return metrics.get("val/loss" if cfg.task.name == "mim" else "val/acc1")
+    # The value sweeps optimise (hparams_search's direction follows task.optimized_mode).
+    return metrics.get(cfg.task.optimized_metric)
+
+
+def refuse_bad_command_line(args: list[str]) -> None:
+    """Compose a single run's config as Hydra will and check it, before Hydra creates the run directory: a bad
+    value ends here with exit status 2 and one line naming the key, the value and what is allowed. Sweeps (-m,
+    a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself (check_config)."""
+    if any(arg.startswith("-") for arg in args):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+        if any(override.is_sweep_override() for override in overrides):
+            return
+        own = [
+            arg
+            for arg, override in zip(args, overrides, strict=True)
+            if not override.key_or_group.startswith("hydra")
+        ]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            # the run directory is Hydra's to choose: a stand-in here, where nothing is written
+            cfg = compose("train", overrides=["paths.output_dir=.", *own])
+        check_config(cfg)
+    except DeitTrainError as error:
+        refuse_and_exit(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        refuse_and_exit(one_line(error))
+
+
+def one_line(error: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line, naming the key and the value."""
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    text = str(cause).split("Config search path:")[0]
+    skip = ("object_type=", "reference_type=", "Set the environment")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(skip)]
+    if any(line.startswith("Available options") for line in lines):  # an unknown option of a group
+        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        lines = [*lines[:at], f"{lines[at]} {', '.join(lines[at + 1 :])}"]
+    full_key = getattr(cause, "full_key", None)
+    if full_key and not any(line.startswith("full_key:") for line in lines):
+        lines.append(f"full_key: {full_key}")
+    return " | ".join(lines)
+
+
+def refuse_and_exit(message: str) -> None:
+    print(f"deit-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cli() -> None:
+    """The deit-train console script."""
+    refuse_bad_command_line(sys.argv[1:])
+    main()
 
 
 if __name__ == "__main__":
     # `python -m deit_train.train`: run the function of the importable module, not of __main__, so that launchers
     # that pickle the task (submitit, joblib) pickle a reference to it rather than the function and its globals.
-    from deit_train.train import main as importable_main
+    from deit_train.train import cli as importable_cli
 
-    importable_main()
+    importable_cli()

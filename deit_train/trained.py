@@ -24,6 +24,7 @@ from deit_train.models.checkpoints import (
     read_checkpoint,
     read_export_config,
 )
+from deit_train.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
         )
     cfg = OmegaConf.create(run.config)
     class_names = list(run.class_names)
-    model_cfg = OmegaConf.merge(cfg.model, {"init": None, "pretrained": False})
+    model_cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), cfg.model, {"init": None, "pretrained": False}
+    )
     student = build_student(model_cfg, len(class_names))
     state = run.part("ema.module." if ema else "student.")
     if not state:

@@ -13,6 +13,7 @@ from deit_train.data.datasets import find_class_names, load_rgb, open_split
 from deit_train.data.demo import CLASS_NAMES, ensure_demo_dataset
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import DeitTrainError
+from deit_train.schema import DataConfig
 
 
 def folder_digest(root) -> str:
@@ -31,8 +32,12 @@ def test_demo_dataset_is_deterministic_and_complete(tmp_path):
     assert Image.open(next((first / "val").rglob("*.png"))).size == (16, 16)
 
 
+def data_config(**values):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
+
+
 def imagefolder_config(root):
-    return OmegaConf.create({"name": "imagefolder", "root": str(root)})
+    return data_config(name="imagefolder", root=str(root))
 
 
 def make_folder(root, classes, split_classes=None):
@@ -52,7 +57,7 @@ def test_class_names_come_from_the_folders(tmp_path):
 )
 def test_missing_data_root_is_a_clear_error(root, message):
     with pytest.raises(DeitTrainError, match=message):
-        find_class_names(OmegaConf.create({"name": "imagefolder", "root": root}))
+        find_class_names(data_config(name="imagefolder", root=root))
 
 
 def test_missing_val_split_is_a_clear_error(tmp_path):
@@ -79,7 +84,7 @@ def test_corrupt_image_is_reported_by_path(tmp_path):
 
 
 def test_cifar_without_files_says_how_to_get_them(tmp_path):
-    cfg = OmegaConf.create({"name": "cifar10", "root": str(tmp_path), "download": False})
+    cfg = data_config(name="cifar10", root=str(tmp_path))
     with pytest.raises(DeitTrainError, match="data.download=true"):
         find_class_names(cfg)
 
@@ -145,7 +150,7 @@ def test_global_batch_is_split_over_devices(tmp_path):
 def test_corrupt_image_can_be_skipped_with_a_counted_warning(tmp_path):
     make_folder(tmp_path, ["a", "b"])
     (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"not an image")
-    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "skip_corrupt": True})
+    cfg = data_config(name="imagefolder", root=str(tmp_path), skip_corrupt=True)
     dataset = open_split(cfg, "train", transform=None)
     index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg")][0]
     with pytest.warns(UserWarning, match=r"corrupt image .*broken.jpg.*\(1 skipped so far"):

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
+from deit_train.schema import ModelConfig
 from deit_train.train import train
 
 from .conftest import save_safetensors
@@ -22,7 +23,7 @@ def student_config(img_size=16, init=None, **changes):
         "img_size": img_size,
         "init": init,
     }
-    return OmegaConf.create({**fields, **TINY_VIT, **changes})
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**fields, **TINY_VIT, **changes})
 
 
 def save_source(path, num_classes=10, img_size=16, wrapper=None, **changes):

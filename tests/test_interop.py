@@ -32,6 +32,7 @@ from deit_train.export import export
 from deit_train.models import build_student, forward_heads
 from deit_train.models.transformers_format import timm_to_transformers, transformers_to_timm
 from deit_train.predict import image_paths, predict
+from deit_train.schema import ModelConfig
 from deit_train.train import train
 from deit_train.trained import load_trained_model
 
@@ -57,7 +58,8 @@ def odd_images(seed=0):
 
 
 def student_from(init, num_classes=10):
-    return build_student(OmegaConf.create({**STUDENT, "init": str(init)}), num_classes).eval()
+    config = OmegaConf.merge(OmegaConf.structured(ModelConfig), {**STUDENT, "init": str(init)})
+    return build_student(config, num_classes).eval()
 
 
 @pytest.fixture(scope="module")

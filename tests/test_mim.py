@@ -17,6 +17,7 @@ from deit_train.losses import masked_reconstruction_loss
 from deit_train.models import build_student
 from deit_train.models.mim import MaskedImageModel
 from deit_train.models.transformers_format import transformers_to_timm
+from deit_train.schema import ModelConfig
 from deit_train.train import train
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -49,8 +50,8 @@ def test_reconstruction_and_loss_equal_transformers_deit_for_masked_image_modeli
     # Their checkpoint also starts a classifier: the encoder is kept, mask token and decoder dropped.
     theirs.save_pretrained(tmp_path / "hf_mim")
     student = build_student(
-        OmegaConf.create({"name": "deit_tiny_distilled_patch16_224", "pretrained": False, "img_size": 16,
-                          "init": str(tmp_path / "hf_mim"), **TINY}),
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "deit_tiny_distilled_patch16_224",
+                        "img_size": 16, "init": str(tmp_path / "hf_mim"), **TINY}),
         num_classes=5,
     )  # fmt: skip
     torch.testing.assert_close(student.blocks[1].mlp.fc2.weight, ours.encoder.blocks[1].mlp.fc2.weight)
@@ -147,7 +148,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
 
 
 def test_mim_refuses_a_teacher(tiny_config, random_teacher_checkpoint):
-    cfg = tiny_config("task=mim", "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+    cfg = tiny_config("task=mim", "task.mask_patch_size=8", "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
                       f"teacher.checkpoint={random_teacher_checkpoint}")  # fmt: skip
     with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
         train(cfg)

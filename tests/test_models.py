@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student, forward_heads
 from deit_train.models.checkpoints import load_weights
+from deit_train.schema import ModelConfig
 from deit_train.teacher import build_teacher_network
 
 from .conftest import save_safetensors
@@ -18,14 +19,15 @@ TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_student_config(**changes):
-    return OmegaConf.create(
+    return OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
         {
             "name": "deit_tiny_distilled_patch16_224",
             "pretrained": False,
             "drop_path_rate": 0.0,
             **TINY_VIT,
             **changes,
-        }
+        },
     )
 
 
@@ -55,7 +57,8 @@ def test_forward_heads_equal_timm_in_train_and_eval_mode():
 
 
 def test_single_head_student_from_any_timm_name():
-    student = build_student(OmegaConf.create({"name": "resnet10t", "pretrained": False, "img_size": 16}), 4)
+    config = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "resnet10t", "img_size": 16})
+    student = build_student(config, 4)
     logits, dist_logits = forward_heads(student.eval(), torch.randn(2, 3, 16, 16))
     assert dist_logits is None and logits.shape == (2, 4)
 

@@ -81,7 +81,7 @@ class DeiTDataModule(L.LightningDataModule):
             trainer = self.trainer
             sampler = RepeatedAugmentationSampler(
                 dataset,
-                repeats=self.augment.get("repeated_aug", 1),
+                repeats=self.augment.repeated_aug,
                 num_replicas=trainer.world_size if trainer is not None else 1,
                 rank=trainer.global_rank if trainer is not None else 0,
                 seed=self.seed,

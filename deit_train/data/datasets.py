@@ -29,7 +29,7 @@ def load_rgb(path: str) -> Image.Image:
 
 def given_root(cfg: DictConfig, expected: str) -> Path:
     """data.root, checked to be set and to exist; `expected` tells the user what it should hold."""
-    if cfg.get("root") in (None, "", "???"):
+    if cfg.root in (None, ""):
         raise DeitTrainError(f"data={cfg.name} needs data.root=PATH: {expected}.")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
@@ -84,7 +84,7 @@ def open_split(cfg: DictConfig, split: str, transform) -> Dataset:
         dataset = datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:  # a class folder without images
         raise DeitTrainError(f"{folder}: {error}") from error
-    return SkipCorrupt(dataset) if cfg.get("skip_corrupt") else dataset
+    return SkipCorrupt(dataset) if cfg.skip_corrupt else dataset
 
 
 class SkipCorrupt(Dataset):

@@ -31,16 +31,16 @@ def create_timm_model(name: str, what: str, **kwargs) -> nn.Module:
 
 def build_student(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The model config's timm architecture with `num_classes` outputs on each head."""
-    kwargs = {k: cfg[k] for k in VIT_ARCHITECTURE_FIELDS if cfg.get(k) is not None}
+    kwargs = {k: cfg[k] for k in VIT_ARCHITECTURE_FIELDS if cfg[k] is not None}
     if kwargs:  # a ViT: the data resolution is also the model's
         kwargs["img_size"] = cfg.img_size
-    if cfg.get("drop_path_rate") is not None:
+    if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    kwargs.update(cfg.get("kwargs") or {})
+    kwargs.update(cfg.kwargs)
     model = create_timm_model(
         cfg.name, "student", pretrained=cfg.pretrained, num_classes=num_classes, **kwargs
     )
-    if cfg.get("init"):
+    if cfg.init:
         initialize_from(model, cfg.init)
     if is_distilled(model):
         model.set_distilled_training(True)

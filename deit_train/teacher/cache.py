@@ -255,16 +255,16 @@ class CacheSettings:
     def from_config(cls, cfg: DictConfig, num_classes: int) -> "CacheSettings":
         """Everything in the run config that decides the training views and the teacher's stored outputs."""
         encoding = Encoding.choose(
-            cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.get("tau", 1.0)
+            cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.tau
         )
         config = {
             "augment": OmegaConf.to_container(cfg.augment, resolve=True),
             "image_size": cfg.model.img_size,
             "seed": cfg.seed,
             "global_batch": cfg.data.batch_size,
-            "accumulate": cfg.trainer.get("accumulate_grad_batches", 1),
-            "precision": str(cfg.trainer.get("precision", "32-true")),
-            "skip_corrupt": bool(cfg.data.get("skip_corrupt", False)),
+            "accumulate": cfg.trainer.accumulate_grad_batches,
+            "precision": str(cfg.trainer.precision),
+            "skip_corrupt": cfg.data.skip_corrupt,
             "teacher": cfg.teacher.name,
             "encoding": asdict(encoding),
         }
