@@ -57,18 +57,54 @@ class DistillationLoss(nn.Module):
         smoothing = self.label_smoothing if targets.dtype == torch.long else 0.0
         return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
-    def distillation_loss(self, dist_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def terms(
+        self,
+        cls_logits: torch.Tensor,
+        dist_logits: torch.Tensor | None,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The objective's parts before weighting: `cls` = CE(Z_s, y); `dist` = the distillation head's term
+        (CE(Z_dist, argmax Z_t), tau^2 KL(...), or CE(Z_dist, y) without a teacher); `kl` = the KL alone (soft)."""
+        if self.distillation_type == "none":
+            if dist_logits is None:
+                return {"cls": self.label_loss(cls_logits, targets)}
+            # Without a teacher both heads learn the label (the "classic" fine-tuning of a distilled model).
+            return {
+                "cls": self.label_loss(cls_logits, targets),
+                "dist": self.label_loss(dist_logits, targets),
+            }
+        if teacher_logits is None:
+            raise ValueError(f"{self.distillation_type} distillation needs teacher_logits")
+        dist_logits = (
+            cls_logits if dist_logits is None else dist_logits
+        )  # a single head: "usual distillation"
+        terms = {"cls": self.label_loss(cls_logits, targets)}
         if self.distillation_type == "hard":
-            return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
-        tau = self.tau
+            terms["dist"] = F.cross_entropy(dist_logits, teacher_logits.float().argmax(dim=1))
+        else:
+            terms["kl"] = self.kl(dist_logits, teacher_logits.float())
+            terms["dist"] = self.tau * self.tau * terms["kl"]
+        return terms
+
+    def kl(self, dist_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """KL(psi(Z_dist / tau) || psi(Z_t / tau)), reduced as kl_reduction says."""
         kl_sum = F.kl_div(
-            F.log_softmax(dist_logits / tau, dim=1),
-            F.log_softmax(teacher_logits / tau, dim=1),
+            F.log_softmax(dist_logits / self.tau, dim=1),
+            F.log_softmax(teacher_logits / self.tau, dim=1),
             reduction="sum",
             log_target=True,
         )
         denominator = dist_logits.shape[0] if self.kl_reduction == "batchmean" else dist_logits.numel()
-        return kl_sum * (tau * tau) / denominator
+        return kl_sum / denominator
+
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(1 - alpha) cls + alpha dist; without a teacher, the mean of the heads' label losses."""
+        if "dist" not in terms:
+            return terms["cls"]
+        if self.distillation_type == "none":
+            return 0.5 * (terms["cls"] + terms["dist"])
+        return (1.0 - self.alpha) * terms["cls"] + self.alpha * terms["dist"]
 
     def forward(
         self,
@@ -78,17 +114,7 @@ class DistillationLoss(nn.Module):
         teacher_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """cls_logits: Z_s; dist_logits: Z_dist (None for a single-head student); targets: y."""
-        dist_logits = cls_logits if dist_logits is None else dist_logits
-        if self.distillation_type == "none":
-            if dist_logits is cls_logits:
-                return self.label_loss(cls_logits, targets)
-            # Without a teacher both heads learn the label (the "classic" fine-tuning of a distilled model).
-            return 0.5 * (self.label_loss(cls_logits, targets) + self.label_loss(dist_logits, targets))
-        if teacher_logits is None:
-            raise ValueError(f"{self.distillation_type} distillation needs teacher_logits")
-        label_term = self.label_loss(cls_logits, targets)
-        distill_term = self.distillation_loss(dist_logits, teacher_logits.float())
-        return (1.0 - self.alpha) * label_term + self.alpha * distill_term
+        return self.combine(self.terms(cls_logits, dist_logits, targets, teacher_logits))
 
 
 def masked_reconstruction_loss(

@@ -131,10 +131,12 @@ class DeiTModule(L.LightningModule):
         if self.fill_teacher_cache_only:
             return None
         cls_logits, dist_logits = forward_heads(self.student, images)
-        loss = self.criterion(cls_logits, dist_logits, targets, teacher_logits)
+        terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
+        loss = self.criterion.combine(terms)
         self.loss_diverged |= ~torch.isfinite(loss.detach())
         # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.
         self.log("train/loss", loss)
+        self.log_dict({f"train/loss_{name}": term.detach() for name, term in terms.items()})
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.stop_if_diverged()
         return loss

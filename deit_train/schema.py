@@ -230,6 +230,9 @@ def check(cfg: DictConfig) -> None:
         raise refuse(
             "model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}"
         )
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise DeitTrainError("data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
+                             "per class (task=mim: any folder of images)")  # fmt: skip
     if cfg.task.name == "mim":
         check_mim_masks(cfg)
     check_batch(cfg)

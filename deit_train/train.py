@@ -29,6 +29,7 @@ from deit_train.cluster import (
     requeued_checkpoint,
     slurm_plugins,
 )
+from deit_train.console import config_summary, quiet_console
 from deit_train.data import DeiTDataModule
 from deit_train.data.masking import MaskGenerator
 from deit_train.errors import DeitTrainError
@@ -149,9 +150,11 @@ class TrainRun:
 
 def train(cfg: DictConfig) -> TrainRun:
     """One training run: builds data, module and trainer from the config, fits, writes metrics.json."""
+    quiet_console()
     check_config(cfg)
     warn_about_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    log.info("%s", config_summary(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels

@@ -184,3 +184,18 @@ def test_preset_with_an_unset_required_value_says_which(tmp_path, cache_dir, dem
         base=[],
     )
     assert_clear_failure(result, "needs model.init=...")
+
+
+def test_a_default_run_prints_a_quiet_useful_console(tmp_path, cache_dir):
+    """The config summary, a line of metrics per epoch and the final metrics; none of Lightning's tips, the frozen
+    teacher's eval-mode notice, the CPU pin_memory warning, the logging-interval warning or deprecations."""
+    result = run_cli("trainer.max_epochs=2", "trainer.log_every_n_steps=50", "data.pin_memory=true",
+                     tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for expected in ("config: experiment=demo", "epoch 0: ", "epoch 1: ", "final metrics:"):
+        assert expected in output, output
+    deny = ["Tip:", "litlogger", "pin_memory", "in eval mode", "logging interval", "deprecated", "Deprecat",
+            "FutureWarning", "srun", "Traceback", "Seed set to"]  # fmt: skip
+    assert [word for word in deny if word in output] == [], output
+    print(f"{len(output.splitlines())} console lines")

@@ -109,3 +109,13 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes():
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     cfg = compose_with_hydra(["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=3"])
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 3
+
+
+@pytest.mark.parametrize("task,metric,mode,direction", [("classify", "val/acc1", "max", "maximize"),
+                                                        ("mim", "val/loss", "min", "minimize")])  # fmt: skip
+def test_each_task_optimizes_its_own_metric_in_checkpoints_and_optuna(task, metric, mode, direction):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_with_hydra([f"task={task}", "hparams_search=optuna"])
+    assert (cfg.task.optimized_metric, cfg.task.optimized_mode) == (metric, mode)
+    assert (cfg.callbacks.best_checkpoint.monitor, cfg.callbacks.best_checkpoint.mode) == (metric, mode)
+    assert cfg.hydra.sweeper.direction == direction

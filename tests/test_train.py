@@ -240,3 +240,26 @@ def test_wandb_logger_works_offline_and_keeps_its_run_id_on_resume(tiny_config, 
     train(cfg)
     run_ids = {p.name.rsplit("-", 1)[-1] for p in Path(cfg.paths.output_dir, "wandb").glob("offline-run-*")}
     assert run_ids == {run_id}
+
+
+def test_loss_terms_are_logged_and_add_up_to_the_loss(tiny_config, random_teacher_checkpoint):
+    """train/loss_cls, train/loss_dist and the KL of soft distillation beside train/loss, at every log step:
+    loss = (1 - alpha) cls + alpha dist and dist = tau^2 KL (losses.py)."""
+    import csv
+
+    cfg = tiny_config("loss=soft_distill", "loss.alpha=0.3", "loss.tau=2.0", "teacher=timm", "teacher.name=resnet10t",
+                      f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.cutmix=1.0")  # fmt: skip
+    train(cfg)
+    (metrics_file,) = Path(cfg.paths.output_dir).glob("csv/version_0/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics_file.open()) if row.get("train/loss")]
+    assert len(rows) == 5  # log_every_n_steps=1, 5 steps
+    for row in rows:
+        loss, cls, dist, kl = (float(row[f"train/{k}"]) for k in ("loss", "loss_cls", "loss_dist", "loss_kl"))
+        assert loss == pytest.approx(0.7 * cls + 0.3 * dist, rel=1e-5)
+        assert dist == pytest.approx(4.0 * kl, rel=1e-5)
+
+
+def test_debug_fast_dev_run_takes_one_step(tiny_config):
+    run = train(tiny_config("debug=fdr"))
+    assert run.trainer.global_step == 1
+    assert "val/acc1" in run.metrics

@@ -97,7 +97,7 @@ class DeiTDataModule(L.LightningDataModule):
             # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
             drop_last=train,
             num_workers=workers,
-            pin_memory=self.data.pin_memory,
+            pin_memory=self.data.pin_memory and torch.cuda.is_available(),  # pinning serves copies to a GPU
             persistent_workers=workers > 0,
             # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
             # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
@@ -106,7 +106,10 @@ class DeiTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, train=True)
+        loader = self.loader(self.train_set, train=True)
+        if self.trainer is not None:  # small data: log (and check for NaN) at least once an epoch
+            self.trainer.log_every_n_steps = max(1, min(self.trainer.log_every_n_steps, len(loader)))
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, train=False)

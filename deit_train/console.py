@@ -1,0 +1,72 @@
+"""A quiet, useful console: the config summary, a progress bar, the per-epoch metrics and real warnings, without
+the notices that say nothing about this run (advertising tips, the frozen teacher's eval mode, dependency
+deprecations, Lightning's srun hint on a machine that merely has Slurm installed)."""
+
+import logging
+import re
+import warnings
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+log = logging.getLogger("deit_train")
+
+# Lightning's info lines and warnings that are noise here, each with why.
+NOISE = [
+    r"💡 Tip",  # advertising for Lightning's cloud products
+    r"module\(s\) in eval mode",  # the frozen teacher is in eval mode on purpose (teacher/teacher.py)
+    r"The `srun` command is available",  # a local launch on a machine with Slurm installed
+    r"is deprecated|will be removed in",  # deprecations inside our dependencies; nothing a user can act on
+    r"LeafSpec",  # torch's pytree deprecation, raised inside Lightning
+    r"Loading `train_dataloader` to estimate",  # Lightning's note on sizing the schedule
+]
+NOISE_PATTERN = re.compile("|".join(NOISE))
+
+
+class DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not NOISE_PATTERN.search(record.getMessage())
+
+
+def quiet_console() -> None:
+    """Filter Lightning's and the dependencies' noise, in this process (each DDP rank calls it)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropNoise) for f in logger.filters):
+            logger.addFilter(DropNoise())
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=f".*(?:{pattern})")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!deit_train)")
+
+
+def config_summary(cfg: DictConfig) -> str:
+    """One line: the option chosen in each group and the run's main values."""
+    choices = {}
+    if HydraConfig.initialized():
+        choices = {
+            group: choice
+            for group, choice in HydraConfig.get().runtime.choices.items()
+            if not group.startswith("hydra") and choice is not None
+        }
+    chosen = " ".join(f"{group}={choice}" for group, choice in choices.items())
+    return (
+        f"config: {chosen} | model {cfg.model.name} at {cfg.model.img_size}px, batch {cfg.data.batch_size} "
+        f"(global), lr {cfg.optim.lr}, {cfg.trainer.max_epochs} epochs, seed {cfg.seed} -> {cfg.paths.output_dir}"
+    )
+
+
+class EpochSummary(L.Callback):
+    """One line per validated epoch with its metrics (the progress bar keeps only the last epoch's)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {
+            k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1
+        }
+        shown = [
+            f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k
+        ]
+        log.info("epoch %d: %s", trainer.current_epoch, ", ".join(shown))

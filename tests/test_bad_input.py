@@ -1,0 +1,125 @@
+"""Every value checked before training: a corpus of bad command lines, each refused with exit status 2 and one
+line naming the key, the value and what is allowed; and a few through the real console script."""
+
+import subprocess
+import sys
+
+import pytest
+
+from deit_train.train import refuse_bad_command_line
+
+# (command line after `deit-train experiment=demo`, what the one line must name), by config group.
+CORPUS = {
+    "model": [
+        ("model=deit_huge", "model/deit_huge"),
+        ("model.depht=3", "depht"),
+        ("model.img_size=abc", "model.img_size"),
+        ("model.img_size=30", "model.img_size=30"),  # not a multiple of the 4 px patches
+        ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5"),
+        ("model.num_heads=5", "model.num_heads=5"),  # 192 is not divisible by 5
+        ("model.depth=0", "model.depth=0"),
+    ],
+    "teacher": [
+        ("teacher.cache_topk=-1", "teacher.cache_topk=-1"),
+        ("loss=hard_distill", "needs a teacher"),
+        ("teacher=nonexistent", "teacher/nonexistent"),
+        ("teacher.pretrained=perhaps", "teacher.pretrained"),
+    ],
+    "loss": [
+        ("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"),
+        ("loss.tau=0", "loss.tau=0"),
+        ("loss.kl_reduction=mean", "loss.kl_reduction=mean"),
+        ("loss.distillation_type=medium", "loss.distillation_type=medium"),
+        ("loss=soft", "loss/soft"),
+    ],
+    "data": [
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.num_workers=-1", "data.num_workers=-1"),
+        ("data=imagefolder", "data.root"),
+        ("data.pin_memory=perhaps", "data.pin_memory"),
+        ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6"),  # 3 per device: odd
+        ("data.batch_size=7 trainer=ddp_cpu", "data.batch_size=7"),  # does not split over 2 devices
+    ],
+    "augment": [
+        ("augment.crop=foo", "augment.crop=foo"),
+        ("augment.repeated_aug=0", "augment.repeated_aug=0"),
+        ("augment.reprob=2", "augment.reprob=2"),
+        ("augment.mixup=-0.5", "augment.mixup=-0.5"),
+        ("augment.smoothing=1.0", "augment.smoothing=1.0"),
+        ("augment.scale=[0.5,0.1]", "augment.scale"),
+        ("augment.eval_crop_pct=0", "augment.eval_crop_pct=0"),
+    ],
+    "optim": [
+        ("optim.lr=-1", "optim.lr=-1"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1"),
+        ("optim.lr_batch_ref=0", "optim.lr_batch_ref=0"),
+    ],
+    "trainer": [
+        ("trainer.precision=17", "trainer.precision=17"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
+        ("trainer=tpu", "trainer/tpu"),
+    ],
+    "task": [
+        ("task=mim task.mask_ratio=1.5", "task.mask_ratio=1.5"),
+        ("task=mim task.mask_patch_size=24", "task.mask_patch_size=24"),  # does not divide 32
+        ("task.name=segment", "task.name=segment"),
+        ("task=mim loss=hard_distill", "task=mim"),
+    ],
+    "run": [
+        ("ema.decay=1.5", "ema.decay=1.5"),
+        ("ema.decay=abc", "ema.decay"),
+        ("seed=abc", "seed"),
+        ("resume=perhaps", "resume"),
+        ("debug=nope", "debug/nope"),
+    ],
+}
+CASES = [(group, line, named) for group, lines in CORPUS.items() for line, named in lines]
+
+
+def test_the_corpus_covers_every_group_with_at_least_thirty_lines():
+    assert len(CASES) >= 30
+    assert {"model", "teacher", "loss", "data", "augment", "optim", "trainer", "task"} <= set(CORPUS)
+
+
+@pytest.mark.parametrize("group,line,named", CASES, ids=[line for _, line, _ in CASES])
+def test_a_bad_value_is_refused_in_one_line_before_the_run(group, line, named, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        refuse_bad_command_line(["experiment=demo", *line.split()])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("deit-train: error: ") and named in lines[0], lines[0]
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory: nothing a later resume=true could trip on
+
+
+@pytest.mark.parametrize("line", ["model=deit_tiny", "loss=soft_distill teacher=timm teacher.checkpoint=x.pt",
+                                  "data.batch_size=8 trainer=ddp_cpu augment.mixup=0.8"])  # fmt: skip
+def test_good_command_lines_pass_the_check(line, capsys):
+    refuse_bad_command_line(["experiment=demo", *line.split()])
+    assert capsys.readouterr().err == ""
+
+
+def test_sweeps_and_hydra_flags_are_left_to_hydra(capsys):
+    refuse_bad_command_line(["-m", "optim.lr=-1,1"])  # each job checks its own config
+    refuse_bad_command_line(["optim.lr=-1,1"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "line,named",
+    [("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"), ("data.batch_size=abc", "data.batch_size"),
+     ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6")],
+)  # fmt: skip
+def test_the_console_script_exits_2_with_one_line(line, named, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deit_train.train", "experiment=demo", *line.split()],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert output == [output[0]] and named in output[0], output
+    assert list(tmp_path.iterdir()) == []
