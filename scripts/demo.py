@@ -1,7 +1,8 @@
 """The README's first command: the DeiT result in miniature on the generated demo data, on a CPU.
 
 (a) trains a small convnet teacher, (b) a DeiT student without distillation, (c) the same student with
-hard distillation from that teacher; then prints their validation accuracies side by side.
+hard distillation from that teacher; then prints their validation accuracies side by side and writes the report of
+the three runs (deit-report: report.md, report.csv, report.png in --out).
 
     python scripts/demo.py [--out outputs/demo] [extra overrides for every run ...]
 """
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from deit_train.report import report
 
 TEACHER = "resnet18"
 
@@ -73,6 +76,11 @@ def main() -> None:
     gain = 100 * (distilled["val/acc1"] - plain["val/acc1"])
     print(f"\nhard distillation vs none: {gain:+.2f} points top-1 (DeiT-Ti on ImageNet: +2.3, paper Table 5)")
     (args.out / "summary.json").write_text(json.dumps({name: m for name, m, _ in rows}, indent=2))
+    # The three runs side by side: a table (report.md, report.csv) and their validation curves (report.png).
+    written = report(args.out)
+    print(
+        f"\n{written['table']}\nreport of the three runs: {args.out / 'report.md'}, figure: {written['figure']}"
+    )
 
 
 if __name__ == "__main__":

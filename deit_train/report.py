@@ -1,0 +1,332 @@
+"""`deit-report PATH [--out DIR]`: see a run, compare a sweep, with seeds aggregated.
+
+PATH is a run directory (what `deit-train` writes: `.hydra/`, `metrics.json`, `csv/` or `tensorboard/` logs) or a
+directory of runs (a `-m` sweep, local, Slurm or Optuna, or any folder of runs such as the demo's). For one run it
+draws its curves; for several it prints a Markdown table with one row per configuration (the overrides that differ
+between runs, `seed` aside): mean, standard deviation and number of seeds of each final metric, the best row
+marked, runs without `metrics.json` listed as failed; and draws every configuration's validation curve with its
+seeds as a band. Nothing but the files the runs already wrote is read.
+"""
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from deit_train.errors import DeitTrainError
+
+VAL_CURVES = {  # metric -> legend label, in drawing order
+    "val/acc1": "prediction (avg of heads)",
+    "val/acc1_cls": "class head",
+    "val/acc1_dist": "distillation head",
+    "val_ema/acc1": "EMA",
+    "val/teacher_acc1": "teacher",
+    "val/agreement": "student-teacher agreement",
+}
+TABLE_METRICS = ("val/acc1", "val/acc1_cls", "val/acc1_dist", "val_ema/acc1", "val/acc5", "val/loss")
+
+
+@dataclass
+class Run:
+    directory: Path
+    overrides: list[str]
+    metrics: dict[str, float] | None  # metrics.json; None: the run failed or is still running
+    optimized: tuple[str, str] = ("val/acc1", "max")  # task.optimized_metric, task.optimized_mode
+    history: dict[str, list[tuple[int, int, float]]] = field(
+        default_factory=dict
+    )  # name -> (epoch, step, value)
+
+    def configuration(self, common: set[str] = frozenset()) -> str:
+        """The overrides that make this run's configuration: those not shared by all runs, seed aside."""
+        shown = [o for o in self.overrides if o not in common and not is_seed_or_hydra(o)]
+        return " ".join(shown) or "(the same configuration)"
+
+
+def is_seed_or_hydra(override: str) -> bool:
+    return override.split("=")[0].lstrip("+~").startswith(("seed", "hydra"))
+
+
+def is_run(directory: Path) -> bool:
+    return (directory / ".hydra" / "config.yaml").is_file() or (directory / "metrics.json").is_file()
+
+
+def find_runs(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DeitTrainError(f"{path} does not exist: pass a deit-train run directory or a sweep directory")
+    if is_run(path):
+        return [path]
+    runs = sorted((p for p in path.rglob(".hydra") if p.is_dir() and p.parent != path), key=lambda p: str(p))
+    runs = [p.parent for p in runs]
+    if not runs:
+        raise DeitTrainError(
+            f"{path} holds no deit-train runs: no .hydra/config.yaml or metrics.json in it or below it"
+        )
+    return sorted(
+        runs, key=lambda p: [int(part) if part.isdigit() else part for part in p.relative_to(path).parts]
+    )
+
+
+def read_run(directory: Path) -> Run:
+    import json
+
+    overrides = []
+    if (directory / ".hydra" / "overrides.yaml").is_file():
+        overrides = list(yaml.safe_load((directory / ".hydra" / "overrides.yaml").read_text()) or [])
+    metrics = None
+    if (directory / "metrics.json").is_file():
+        metrics = json.loads((directory / "metrics.json").read_text())
+    run = Run(directory, [str(o) for o in overrides], metrics)
+    config_file = directory / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        task = (yaml.safe_load(config_file.read_text()) or {}).get("task") or {}
+        run.optimized = (task.get("optimized_metric", "val/acc1"), task.get("optimized_mode", "max"))
+    run.history = read_history(directory)
+    return run
+
+
+def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
+    """Every logged scalar of the run over all its launches (a resumed run writes version_1, ...): CSV logger
+    files, or TensorBoard event files when that is what the run used. Later launches replace repeated steps."""
+    history: dict[str, dict[int, tuple[int, int, float]]] = defaultdict(dict)
+    versions = sorted(
+        directory.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
+    for metrics_file in versions:
+        with metrics_file.open() as file:
+            for row in csv.DictReader(file):
+                step, epoch = int(float(row.get("step") or 0)), int(float(row.get("epoch") or 0))
+                for name, value in row.items():
+                    if name not in ("step", "epoch") and value not in ("", None):
+                        key = epoch if name.startswith("val") else step  # one validation per epoch
+                        history[name][key] = (epoch, step, float(value))
+    if not versions:
+        for event_file in sorted(directory.glob("tensorboard/version_*/events.out.tfevents.*")):
+            read_tensorboard(event_file, history)
+    return {name: [points[k] for k in sorted(points)] for name, points in history.items()}
+
+
+def read_tensorboard(event_file: Path, history: dict) -> None:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError as error:
+        raise DeitTrainError(
+            f"{event_file} is a TensorBoard log: pip install tensorboard to read it"
+        ) from error
+    events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    epochs = {event.step: int(event.value) for event in events.Scalars("epoch")} if "epoch" in tags else {}
+    for tag in tags:
+        if tag == "epoch":
+            continue
+        for event in events.Scalars(tag):
+            epoch = epochs.get(event.step, 0)
+            key = epoch if tag.startswith("val") else event.step
+            history[tag][key] = (epoch, event.step, float(event.value))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+
+
+def run_figure(run: Run):
+    """Validation top-1 of every head (and EMA, teacher, agreement) per epoch; train loss and its terms per step;
+    learning rate per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (val_axes, loss_axes, lr_axes) = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
+    figure.suptitle(textwrap.fill(f"{run.directory}: {run.configuration()}", 200), fontsize=8)
+    for name, label in VAL_CURVES.items():
+        points = run.history.get(name)
+        if points:
+            val_axes.plot([e for e, _, _ in points], [100 * v for _, _, v in points], marker=".", label=label)
+    val_axes.set(title="validation", xlabel="epoch", ylabel="top-1 (%)")
+    val_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for name in sorted(n for n in run.history if n.startswith("train/loss")):
+        points = run.history[name]
+        loss_axes.plot(
+            [s for _, s, _ in points], [v for _, _, v in points], label=name.removeprefix("train/")
+        )
+    loss_axes.set(title="training loss", xlabel="optimizer step", ylabel="loss (nats)")
+    for name in sorted(n for n in run.history if n.startswith("lr-")):
+        points = run.history[name]
+        lr_axes.plot([s for _, s, _ in points], [v for _, _, v in points], label=name)
+    lr_axes.set(title="learning rate", xlabel="optimizer step", ylabel="learning rate")
+    for axes in (val_axes, loss_axes, lr_axes):
+        if axes.lines:
+            axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several runs
+
+
+@dataclass
+class Row:
+    configuration: str
+    runs: list[Run]
+    stats: dict[str, tuple[float, float, int]]  # metric -> (mean, std, n) over the finished runs
+    best: bool = False
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def sweep_rows(runs: list[Run]) -> list[Row]:
+    common = set.intersection(*(set(run.overrides) for run in runs))
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.configuration(common)].append(run)
+    rows = []
+    for configuration, members in groups.items():
+        finished = [run.metrics for run in members if run.metrics is not None]
+        names = [m for m in TABLE_METRICS if finished and all(m in metrics for metrics in finished)]
+        stats = {name: mean_std([metrics[name] for metrics in finished]) for name in names}
+        rows.append(Row(configuration, members, stats))
+    metric, mode = runs[0].optimized
+    scored = [row for row in rows if metric in row.stats]
+    if scored:
+        best = (max if mode == "max" else min)(scored, key=lambda row: row.stats[metric][0])
+        best.best = True
+    return rows
+
+
+def markdown_table(rows: list[Row], optimized: str) -> str:
+    metrics = [m for m in TABLE_METRICS if any(m in row.stats for row in rows)]
+    header = ["configuration", "n", *metrics, "failed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        n = max((s[2] for s in row.stats.values()), default=0)
+        cells = [row.configuration + (" **(best)**" if row.best else ""), str(n)]
+        for metric in metrics:
+            if metric not in row.stats:
+                cells.append("-")
+                continue
+            mean, std, _ = row.stats[metric]
+            scale = 1 if metric.endswith("loss") else 100  # accuracies in %
+            cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
+        failed = [run.directory.name for run in row.runs if run.metrics is None]
+        cells.append(", ".join(failed) or "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nAccuracies in %, mean ± standard deviation over seeds (n runs); best by {optimized}.")
+    return "\n".join(lines)
+
+
+def write_table_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["configuration", "best", "metric", "mean", "std", "n", "failed_runs"])
+        for row in rows:
+            failed = " ".join(str(run.directory) for run in row.runs if run.metrics is None)
+            for metric, (mean, std, n) in row.stats.items():
+                writer.writerow([row.configuration, row.best, metric, mean, std, n, failed])
+            if not row.stats:
+                writer.writerow([row.configuration, row.best, "", "", "", 0, failed])
+
+
+def sweep_figure(rows: list[Row], metric: str = "val/acc1"):
+    """`metric` per epoch for every configuration: the mean over its seeds, with mean ± std as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    for row in rows:
+        per_epoch: dict[int, list[float]] = defaultdict(list)
+        for run in row.runs:
+            for epoch, _, value in run.history.get(metric, []):
+                per_epoch[epoch].append(100 * value)
+        if not per_epoch:
+            continue
+        epochs = sorted(per_epoch)
+        means = [statistics.fmean(per_epoch[e]) for e in epochs]
+        stds = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
+        seeds = max(len(per_epoch[e]) for e in epochs)
+        (line,) = axes.plot(epochs, means, marker=".", label=f"{row.configuration} (n={seeds})")
+        axes.fill_between(epochs, [m - s for m, s in zip(means, stds, strict=True)],
+                          [m + s for m, s in zip(means, stds, strict=True)], color=line.get_color(), alpha=0.2)  # fmt: skip
+    axes.set(
+        title=f"{metric} per configuration (band: ± 1 std over seeds)", xlabel="epoch", ylabel="top-1 (%)"
+    )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def report(path: Path, out: Path | None = None) -> dict:
+    """Write the report of `path` into `out` (default: `path`); returns what was written."""
+    run_dirs = find_runs(path)
+    out = out or (path if path.is_dir() else path.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [read_run(d) for d in run_dirs]
+    if len(runs) == 1:
+        run = runs[0]
+        if not run.history:
+            raise DeitTrainError(
+                f"{run.directory} has no logs to draw: no csv/version_*/metrics.csv or tensorboard/ event files "
+                f"(was it run with logger=null, or has it not finished an epoch yet?)"
+            )
+        figure_path = out / "report.png"
+        run_figure(run).savefig(figure_path, dpi=110)
+        return {"runs": runs, "figure": figure_path}
+    if not any(run.metrics is not None for run in runs):
+        raise DeitTrainError(
+            f"none of the {len(runs)} runs in {path} has finished (no metrics.json): failed, or still running"
+        )
+    rows = sweep_rows(runs)
+    table = markdown_table(rows, runs[0].optimized[0])
+    (out / "report.md").write_text(table + "\n")
+    write_table_csv(rows, out / "report.csv")
+    figure_path = out / "report.png"
+    sweep_figure(rows).savefig(figure_path, dpi=110)
+    return {"runs": runs, "rows": rows, "table": table, "figure": figure_path}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deit-report", description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="a run directory or a directory of runs (a sweep)")
+    parser.add_argument("--out", type=Path, help="where to write report.png (and report.md, report.csv)")
+    args = parser.parse_args(argv)
+    try:
+        written = report(args.path, args.out)
+    except DeitTrainError as error:
+        print(f"deit-report: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if "table" in written:
+        print(written["table"])
+        failed = [run for run in written["runs"] if run.metrics is None]
+        if failed:
+            names = ", ".join(str(run.directory) for run in failed)
+            print(
+                f"\n{len(failed)} of {len(written['runs'])} runs have no metrics.json (failed or still running): {names}"
+            )
+    else:
+        run = written["runs"][0]
+        final = {k: round(v, 4) for k, v in (run.metrics or {}).items() if not math.isnan(v)}
+        print(f"{run.directory}: {final or 'no metrics.json yet'}")
+    print(f"figure: {written['figure']}")
+
+
+if __name__ == "__main__":
+    main()
