@@ -183,6 +183,6 @@ def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one_node", "two_nodes"]
     one, two = student_state(tmp_path / "one_node"), student_state(tmp_path / "two_nodes")
     for key in one:  # gloo may sum the gradients in another order across "nodes": fp32 rounding apart, equal
-        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6, msg=key)
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one_node", "two_nodes")]
     assert metrics[0] == metrics[1]

@@ -170,14 +170,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, 
     from deit_train.errors import DeitTrainError
     from deit_train.losses import DistillationLoss
 
-    original, calls = DistillationLoss.forward, []
+    original, calls = DistillationLoss.combine, []
 
     def diverging(self, *args, **kwargs):
         calls.append(1)
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if len(calls) > 7 else loss  # NaN from step 8, in the second epoch
 
-    monkeypatch.setattr(DistillationLoss, "forward", diverging)
+    monkeypatch.setattr(DistillationLoss, "combine", diverging)
     cfg = tiny_config(
         "trainer.max_epochs=3", "trainer.log_every_n_steps=50"
     )  # checked before the save at least
