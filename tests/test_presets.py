@@ -50,7 +50,9 @@ PAPER = {
     "deit_base_384_finetune": {**FINETUNE_384, "loss.distillation_type": "none", "teacher.name": None},
     # The official repository's maintainers' advice for CIFAR-style transfer.
     "deit_transfer": {
-        "optim.name": "momentum",
+        "optim.name": "sgd",  # timm's sgd is Nesterov, as the official --opt sgd
+        "optim.warmup_epochs": 5,
+        "trainer.max_epochs": 1000,
         "optim.lr": 0.01,
         "optim.weight_decay": 1e-4,
         "augment.reprob": 0.0,
