@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from deit_train.train import refuse_bad_command_line
+from deit_train.cli import refuse_bad_command_line
 
 # (command line after `deit-train experiment=demo`, what the one line must name), by config group.
 CORPUS = {
