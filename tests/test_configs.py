@@ -42,12 +42,20 @@ PAPER_MODELS = {
     "deit_small": (384, 6, 12, 224),
     "deit_base": (768, 12, 12, 224),
     "deit_base_384": (768, 12, 12, 384),
+    # the plain DeiT (no distillation token): Table 1's same sizes
+    "deit_tiny_plain": (192, 3, 12, 224),
+    "deit_small_plain": (384, 6, 12, 224),
+    "deit_base_plain": (768, 12, 12, 224),
+    "deit_base_384_plain": (768, 12, 12, 384),
 }
 
 
-def distilled_vit_parameters(dim: int, depth: int, tokens: int, classes: int, patch: int = 16) -> int:
-    """Closed-form parameter count of a distilled ViT: patch embedding, class + distillation tokens, position
-    embeddings, depth x (2 norms, qkv, proj, 4x MLP), final norm, two heads."""
+def vit_parameters(
+    dim: int, depth: int, tokens: int, classes: int, patch: int = 16, distilled: bool = True
+) -> int:
+    """Closed-form parameter count of a (distilled) ViT: patch embedding, class (+ distillation) token, position
+    embeddings, depth x (2 norms, qkv, proj, 4x MLP), final norm, one head (two when distilled)."""
+    prefix = 2 if distilled else 1
     block = (
         2 * dim
         + (3 * dim * dim + 3 * dim)
@@ -58,11 +66,11 @@ def distilled_vit_parameters(dim: int, depth: int, tokens: int, classes: int, pa
     )
     return (
         (3 * patch * patch * dim + dim)
-        + 2 * dim
-        + (tokens + 2) * dim
+        + prefix * dim
+        + (tokens + prefix) * dim
         + depth * block
         + 2 * dim
-        + 2 * (dim * classes + classes)
+        + prefix * (dim * classes + classes)
     )
 
 
@@ -85,12 +93,16 @@ def test_paper_models_build_with_the_paper_sizes(option, tmp_path):
     ]
     student = build_student(cfg.model, num_classes=10)
     tokens = (resolution // 16) ** 2
-    assert sum(p.numel() for p in student.parameters()) == distilled_vit_parameters(dim, depth, tokens, 10)
+    distilled = not option.endswith("_plain")
+    assert sum(p.numel() for p in student.parameters()) == vit_parameters(
+        dim, depth, tokens, 10, distilled=distilled
+    )
     assert student.patch_embed.img_size == (resolution, resolution)
     cls_logits, dist_logits = forward_heads(
         student.eval(), torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)
     )
-    assert cls_logits.shape == dist_logits.shape == (1, 10)
+    assert cls_logits.shape == (1, 10)
+    assert (dist_logits is not None) == distilled
 
 
 def test_timm_and_demo_models_build(tmp_path):

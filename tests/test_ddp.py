@@ -18,7 +18,7 @@ from deit_train.evaluate import evaluate, open_eval_folder
 from deit_train.trained import load_trained_model
 
 from .conftest import TINY, TINY_RUN, TINY_VIT
-from .test_presets import PAPER, SHRINK
+from .test_presets import PAPER, SHRINK, official_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,7 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, random_teacher_checkpoint):
     """Two optimizer steps and a validation on 2 processes with everything the preset turns on (EMA, repeated
     augmentation, Mixup/CutMix, erasing), then a second launch resumes from last.ckpt for two more."""
-    import timm
-
-    student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, depth=2,
-                                embed_dim=32, num_heads=2, num_classes=10)  # fmt: skip
-    torch.save({"model": student.state_dict()}, tmp_path / "student.pth")
+    official_checkpoint(preset, tmp_path / "student.pth")
     data = ["data=imagefolder"] if preset == "deit_transfer" else []
     overrides = [f"experiment={preset}", *[o for o in SHRINK if "limit_train" not in o and "max_epochs" not in o],
                  *DDP, *data, f"data.root={demo_data}", f"teacher.checkpoint={random_teacher_checkpoint}",

@@ -47,7 +47,13 @@ PAPER = {
         "loss.distillation_type": "hard",
         "teacher.name": "regnety_160.deit_in1k",
     },
-    "deit_base_384_finetune": {**FINETUNE_384, "loss.distillation_type": "none", "teacher.name": None},
+    # The paper's plain DeiT-B (no distillation token), so that it starts from the non-distilled 224 checkpoint.
+    "deit_base_384_finetune": {
+        **FINETUNE_384,
+        "model.name": "deit_base_patch16_384",
+        "loss.distillation_type": "none",
+        "teacher.name": None,
+    },
     # The official repository's maintainers' advice for CIFAR-style transfer.
     "deit_transfer": {
         "optim.name": "sgd",  # timm's sgd is Nesterov, as the official --opt sgd
@@ -98,23 +104,31 @@ SHRINK = [
 ]
 
 
-@pytest.mark.parametrize("preset", list(PAPER))
-def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
+def official_checkpoint(preset: str, path):
+    """A tiny stand-in for the checkpoint the preset starts from, as the official {"model": ...} file: the plain
+    (non-distilled) DeiT for deit_base_384_finetune, at a lower resolution (2x2 patches, resampled to 4x4) as the
+    official 224 -> 384 fine-tuning; the distilled DeiT for the others."""
+    plain = preset == "deit_base_384_finetune"
     student = timm.create_model(
-        "deit_tiny_distilled_patch16_224",
-        img_size=16,
+        "deit_tiny_patch16_224" if plain else "deit_tiny_distilled_patch16_224",
+        img_size=8 if plain else 16,
         patch_size=4,
         depth=2,
         embed_dim=32,
         num_heads=2,
-        num_classes=10,
+        num_classes=1000 if plain else 10,  # ImageNet heads: replaced for the data's 10 classes
     )
-    torch.save({"model": student.state_dict()}, tmp_path / "student.pth")
+    torch.save({"model": student.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
     overrides = [
         f"experiment={preset}",
         *SHRINK,
         f"teacher.checkpoint={random_teacher_checkpoint}",
-        f"model.init={tmp_path / 'student.pth'}",
+        f"model.init={official_checkpoint(preset, tmp_path / 'student.pth')}",
     ]
     overrides += (
         [f"data.root={demo_data}"]
