@@ -3,7 +3,7 @@
 Requeueing belongs to Slurm and submitit (hydra/launcher=slurm). A preempting scheduler or `scontrol requeue`
 sends SIGTERM, kills the job and queues it again; submitit requeues a job that reaches its time limit (SIGUSR2,
 90 s before). The job then runs again in the same run directory and resumes from checkpoints/last.ckpt, which
-is written atomically after every epoch (resume_checkpoint). Lightning's own SLURM auto-requeue stands aside
+is written atomically after every epoch (requeued_checkpoint, train.resume_from). Lightning's own SLURM auto-requeue stands aside
 (auto_requeue=False): a second owner would requeue twice and write a mid-epoch checkpoint that a resumed run
 could not continue exactly.
 """
@@ -26,9 +26,9 @@ def slurm_restart_count() -> int:
 
 def requeued_checkpoint(output_dir: Path) -> str | None:
     """last.ckpt of a job that Slurm requeued, which the job resumes from without being asked."""
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if slurm_restart_count() > 0 and last.is_file():
-        log.info("Slurm requeued this job (restart %d): resuming from %s", slurm_restart_count(), last)
+    last, restarts = output_dir / "checkpoints" / "last.ckpt", slurm_restart_count()
+    if restarts > 0 and last.is_file():
+        log.info("Slurm requeued this job (restart %d): resuming from %s", restarts, last)
         return str(last)
     return None
 

@@ -67,6 +67,6 @@ class EpochSummary(L.Callback):
             k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1
         }
         shown = [
-            f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k
+            f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k
         ]
         log.info("epoch %d: %s", trainer.current_epoch, ", ".join(shown))

@@ -21,9 +21,8 @@ from deit_train.errors import DeitTrainError
 class ModelConfig:
     name: str = MISSING  # a timm model name; DeiT: a VisionTransformerDistilled (class + distillation heads)
     pretrained: bool = False  # timm hub weights (needs network)
-    init: str | None = (
-        None  # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, export
-    )
+    # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, an export directory
+    init: str | None = None
     img_size: int = 224  # the training and eval resolution
     # ViT architecture: set for DeiT models, null for other timm models (their architecture's own)
     patch_size: int | None = None
@@ -38,9 +37,8 @@ class ModelConfig:
 class TeacherConfig:
     name: str | None = None  # a timm classifier; null: no teacher (loss=ce)
     pretrained: bool = False
-    checkpoint: str | None = (
-        None  # a deit-train .ckpt, a torch .pth/.pt (also {"model": ...}) or .safetensors
-    )
+    # a deit-train .ckpt, a torch .pth/.pt (also {"model": ...}) or .safetensors
+    checkpoint: str | None = None
     cache: str | None = None  # DIR: the teacher's outputs on the training views, stored once and read after
     cache_topk: int | None = None  # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
 
@@ -91,7 +89,9 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # a timm optimizer name (adamw, momentum = SGD with Nesterov, lamb, ...)
+    name: str = (
+        "adamw"  # a timm optimizer name (adamw; sgd = SGD with Nesterov, momentum = without; lamb, ...)
+    )
     lr: float = 5.0e-4  # for a global batch of lr_batch_ref: the run uses lr x batch / lr_batch_ref
     lr_batch_ref: int | None = 512  # null: lr as given
     weight_decay: float = 0.05  # none on norms, biases, tokens and position embeddings
@@ -153,63 +153,74 @@ CHOICES = {
     "task.optimized_mode": ("max", "min"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
-# (lowest, highest, what): None for no bound; "open" bounds exclude the value itself.
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: [low, high], an open bound excluded, None for no bound; `allowed` says it in
+    words for the error message."""
+
+    low: float
+    high: float | None
+    allowed: str
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above_low and below_high
+
+
 RANGES = {
-    "loss.alpha": (0.0, 1.0, "a weight in [0, 1]"),
-    "loss.tau": ("open", 0.0, None, "a temperature > 0"),
-    "augment.reprob": (0.0, 1.0, "a probability in [0, 1]"),
-    "augment.mixup_prob": (0.0, 1.0, "a probability in [0, 1]"),
-    "augment.mixup_switch_prob": (0.0, 1.0, "a probability in [0, 1]"),
-    "augment.smoothing": (0.0, 1.0, "a label smoothing in [0, 1)"),
-    "augment.mixup": (0.0, None, "an alpha >= 0 (0: off)"),
-    "augment.cutmix": (0.0, None, "an alpha >= 0 (0: off)"),
-    "augment.color_jitter": (0.0, None, "a strength >= 0"),
-    "augment.repeated_aug": (1, None, "a count >= 1 (1: off)"),
-    "augment.eval_crop_pct": ("open", 0.0, 1.0, "a crop fraction in (0, 1]"),
-    "optim.lr": (0.0, None, "a learning rate >= 0"),
-    "optim.lr_batch_ref": (1, None, "a batch size >= 1, or null"),
-    "optim.weight_decay": (0.0, None, "a weight decay >= 0"),
-    "optim.warmup_epochs": (0, None, "a number of epochs >= 0"),
-    "optim.warmup_lr": (0.0, None, "a learning rate >= 0"),
-    "optim.min_lr": (0.0, None, "a learning rate >= 0"),
-    "data.batch_size": (1, None, "a batch size >= 1"),
-    "data.num_workers": (0, None, "a number of processes >= 0"),
-    "model.img_size": (1, None, "an image size >= 1"),
-    "model.patch_size": (1, None, "a patch size >= 1"),
-    "model.embed_dim": (1, None, "a width >= 1"),
-    "model.depth": (1, None, "a number of blocks >= 1"),
-    "model.num_heads": (1, None, "a number of heads >= 1"),
-    "model.drop_path_rate": (0.0, 1.0, "a rate in [0, 1)"),
-    "teacher.cache_topk": (0, None, "a number of classes >= 0 (0: full logits)"),
-    "task.mask_ratio": ("open", 0.0, 1.0, "a share in (0, 1)"),
-    "task.mask_patch_size": (1, None, "a block size >= 1"),
-    "task.pictures": (0, None, "a number of pictures >= 0"),
-    "ema.decay": (0.0, 1.0, "a decay in [0, 1), or null (no EMA)"),
-    "trainer.max_epochs": (1, None, "a number of epochs >= 1"),
-    "trainer.devices": (-1, None, "a number of devices (-1: all), or auto"),
-    "trainer.num_nodes": (1, None, "a number of nodes >= 1"),
-    "trainer.accumulate_grad_batches": (1, None, "a number of micro-batches >= 1"),
-    "trainer.log_every_n_steps": (1, None, "a number of steps >= 1"),
-    "trainer.gradient_clip_val": ("open", 0.0, None, "a norm > 0, or null"),
+    "loss.alpha": Range(0.0, 1.0, "a weight in [0, 1]"),
+    "loss.tau": Range(0.0, None, "a temperature > 0", low_open=True),
+    "augment.reprob": Range(0.0, 1.0, "a probability in [0, 1]"),
+    "augment.mixup_prob": Range(0.0, 1.0, "a probability in [0, 1]"),
+    "augment.mixup_switch_prob": Range(0.0, 1.0, "a probability in [0, 1]"),
+    "augment.smoothing": Range(0.0, 1.0, "a label smoothing in [0, 1)", high_open=True),
+    "augment.mixup": Range(0.0, None, "an alpha >= 0 (0: off)"),
+    "augment.cutmix": Range(0.0, None, "an alpha >= 0 (0: off)"),
+    "augment.color_jitter": Range(0.0, None, "a strength >= 0"),
+    "augment.repeated_aug": Range(1, None, "a count >= 1 (1: off)"),
+    "augment.eval_crop_pct": Range(0.0, 1.0, "a crop fraction in (0, 1]", low_open=True),
+    "optim.lr": Range(0.0, None, "a learning rate >= 0"),
+    "optim.lr_batch_ref": Range(1, None, "a batch size >= 1, or null"),
+    "optim.weight_decay": Range(0.0, None, "a weight decay >= 0"),
+    "optim.warmup_epochs": Range(0, None, "a number of epochs >= 0"),
+    "optim.warmup_lr": Range(0.0, None, "a learning rate >= 0"),
+    "optim.min_lr": Range(0.0, None, "a learning rate >= 0"),
+    "data.batch_size": Range(1, None, "a batch size >= 1"),
+    "data.num_workers": Range(0, None, "a number of processes >= 0"),
+    "model.img_size": Range(1, None, "an image size >= 1"),
+    "model.patch_size": Range(1, None, "a patch size >= 1"),
+    "model.embed_dim": Range(1, None, "a width >= 1"),
+    "model.depth": Range(1, None, "a number of blocks >= 1"),
+    "model.num_heads": Range(1, None, "a number of heads >= 1"),
+    "model.drop_path_rate": Range(0.0, 1.0, "a rate in [0, 1)", high_open=True),
+    "teacher.cache_topk": Range(0, None, "a number of classes >= 0 (0: full logits)"),
+    "task.mask_ratio": Range(0.0, 1.0, "a share in (0, 1)", low_open=True, high_open=True),
+    "task.mask_patch_size": Range(1, None, "a block size >= 1"),
+    "task.pictures": Range(0, None, "a number of pictures >= 0"),
+    "ema.decay": Range(0.0, 1.0, "a decay in [0, 1), or null (no EMA)", high_open=True),
+    "trainer.max_epochs": Range(1, None, "a number of epochs >= 1"),
+    "trainer.devices": Range(-1, None, "a number of devices (-1: all), or auto"),
+    "trainer.num_nodes": Range(1, None, "a number of nodes >= 1"),
+    "trainer.accumulate_grad_batches": Range(1, None, "a number of micro-batches >= 1"),
+    "trainer.log_every_n_steps": Range(1, None, "a number of steps >= 1"),
+    "trainer.gradient_clip_val": Range(0.0, None, "a norm > 0, or null", low_open=True),
 }
-EXCLUSIVE_TOP = {"augment.smoothing", "model.drop_path_rate", "task.mask_ratio", "ema.decay"}
 
 
 def refuse(key: str, value: Any, allowed: str) -> DeitTrainError:
     return DeitTrainError(f"{key}={value}: expected {allowed}")
 
 
-def check_range(key: str, value: Any, rule: tuple) -> None:
-    open_low = rule[0] == "open"
-    low, high, allowed = rule[1:] if open_low else rule
-    if value is None or (isinstance(value, str) and key == "trainer.devices" and value == "auto"):
+def check_range(key: str, value: Any, rule: Range) -> None:
+    if value is None or (key == "trainer.devices" and value == "auto"):
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise refuse(key, value, allowed)
-    below = value <= low if open_low else value < low
-    above = high is not None and (value >= high if key in EXCLUSIVE_TOP else value > high)
-    if below or above:
-        raise refuse(key, value, allowed)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not rule.admits(value):
+        raise refuse(key, value, rule.allowed)
 
 
 def check(cfg: DictConfig) -> None:
@@ -250,7 +261,7 @@ def devices_per_node(trainer: DictConfig) -> int | None:
     devices = trainer.devices
     if isinstance(devices, int) and devices > 0:
         return devices
-    if isinstance(devices, list | tuple) or hasattr(devices, "__len__") and not isinstance(devices, str):
+    if OmegaConf.is_list(devices):  # device indices, e.g. [0, 1]
         return len(devices)
     return None  # auto / -1: known once the trainer has looked
 
