@@ -9,12 +9,18 @@ Z_t teacher logits, y the label, tau the temperature, psi the softmax.
 
 y may be class indices (label smoothing applies) or soft targets from Mixup/CutMix. A single-head
 student passes the same logits as Z_s and Z_dist (the paper's "usual distillation").
+
+label_loss=bce (DeiT III, Touvron et al. 2022, section 3.1; official main.py --bce-loss) replaces CE(Z_s, y) by
+the binary cross-entropy of each class, mean over batch x classes, on targets binarised as y > threshold (0: each
+class Mixup/CutMix put in the image is a positive, as the official engine.py's targets.gt(0.0)); timm's
+BinaryCrossEntropy. The distillation term stays as above.
 """
 
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy
 from torch import nn
 
 DistillationType = Literal["none", "soft", "hard"]
@@ -22,6 +28,7 @@ DistillationType = Literal["none", "soft", "hard"]
 # deit_official: KL summed, divided by batch x classes (facebookresearch/deit losses.py, on purpose per its
 #   issue #61); numerically the batchmean value divided by the number of classes.
 KLReduction = Literal["batchmean", "deit_official"]
+LabelLoss = Literal["ce", "bce"]
 
 
 class DistillationLoss(nn.Module):
@@ -32,12 +39,16 @@ class DistillationLoss(nn.Module):
         tau: float = 1.0,
         kl_reduction: KLReduction = "batchmean",
         label_smoothing: float = 0.0,
+        label_loss: LabelLoss = "ce",
+        bce_target_threshold: float | None = 0.0,
     ) -> None:
         super().__init__()
         if distillation_type not in ("none", "soft", "hard"):
             raise ValueError(f"distillation_type must be none, soft or hard, got {distillation_type!r}")
         if kl_reduction not in ("batchmean", "deit_official"):
             raise ValueError(f"kl_reduction must be batchmean or deit_official, got {kl_reduction!r}")
+        if label_loss not in ("ce", "bce"):
+            raise ValueError(f"label_loss must be ce or bce, got {label_loss!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         if tau <= 0:
@@ -47,13 +58,21 @@ class DistillationLoss(nn.Module):
         self.tau = tau
         self.kl_reduction = kl_reduction
         self.label_smoothing = label_smoothing
+        self.bce = (
+            BinaryCrossEntropy(smoothing=label_smoothing, target_threshold=bce_target_threshold)
+            if label_loss == "bce"
+            else None
+        )
 
     @property
     def needs_teacher(self) -> bool:
         return self.distillation_type != "none"
 
     def label_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """CE(Z, y): y as class indices (smoothed here) or as soft targets (already smoothed by Mixup)."""
+        """CE(Z, y) or BCE(Z, y): y as class indices (smoothed here) or as soft targets (already smoothed by
+        Mixup)."""
+        if self.bce is not None:
+            return self.bce(logits, targets)
         smoothing = self.label_smoothing if targets.dtype == torch.long else 0.0
         return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 

@@ -63,6 +63,10 @@ class DeiTModule(L.LightningModule):
         if teacher is not None:
             # agreement: the student's prediction scored against the teacher's prediction.
             self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
+            if len(teacher.members) > 1:  # an ensemble: each network's own top-1 too
+                self.val_metrics.update(
+                    {f"teacher_acc1_member{i}": acc(1) for i in range(len(teacher.members))}
+                )
         if self.ema is not None:
             self.val_ema_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5)})
         # Set on the device when a loss is NaN/inf; read (a host sync) only at log steps and before a save.
@@ -157,9 +161,13 @@ class DeiTModule(L.LightningModule):
             metrics["acc1_cls"](cls_logits, labels)
             metrics["acc1_dist"](dist_logits, labels)
         if self.teacher is not None:
-            teacher_logits = self.teacher(images)
+            member_logits = self.teacher.member_logits(images)
+            teacher_logits = self.teacher.combine(member_logits)
             metrics["teacher_acc1"](teacher_logits, labels)
             metrics["agreement"](logits, teacher_logits.argmax(dim=1))
+            if len(member_logits) > 1:
+                for i, member in enumerate(member_logits):
+                    metrics[f"teacher_acc1_member{i}"](member, labels)
         for name, metric in metrics.items():
             self.log(f"val/{name}", metric, prog_bar=name == "acc1")
         if self.ema is not None:

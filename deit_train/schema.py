@@ -34,11 +34,23 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherNetworkConfig:
+    """One network of teacher=ensemble."""
+
+    name: str = MISSING  # a timm classifier
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+
+@dataclass
 class TeacherConfig:
-    name: str | None = None  # a timm classifier; null: no teacher (loss=ce)
+    name: str | None = None  # a timm classifier; ensemble: the average of teacher.members; null: no teacher
     pretrained: bool = False
     # a deit-train .ckpt, a torch .pth/.pt (also {"model": ...}) or .safetensors
     checkpoint: str | None = None
+    # teacher=ensemble: its networks, each with its own weights (and its own normalisation, from timm)
+    members: list[TeacherNetworkConfig] = field(default_factory=list)
+    img_size: int | None = None  # the resolution the teacher sees the views at; null: the student's
     cache: str | None = None  # DIR: the teacher's outputs on the training views, stored once and read after
     cache_topk: int | None = None  # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
 
@@ -49,6 +61,9 @@ class LossConfig:
     alpha: float = 0.5  # weight of the distillation term
     tau: float = 1.0  # soft distillation temperature
     kl_reduction: str = "batchmean"  # batchmean | deit_official (the official code's sum / (batch x classes))
+    label_loss: str = "ce"  # ce | bce (DeiT III: binary cross-entropy per class, loss=bce)
+    # bce: targets binarised as y > threshold (DeiT III: 0.0, every class in the mixed image); null: soft targets
+    bce_target_threshold: float | None = 0.0
 
 
 @dataclass
@@ -145,6 +160,7 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 CHOICES = {
     "loss.distillation_type": ("none", "hard", "soft"),
     "loss.kl_reduction": ("batchmean", "deit_official"),
+    "loss.label_loss": ("ce", "bce"),
     "augment.crop": ("random_resized", "simple_random", "center"),
     "augment.train_interpolation": ("bilinear", "bicubic", "random"),
     "data.name": ("demo", "imagefolder", "cifar10", "cifar100"),
@@ -175,6 +191,9 @@ class Range:
 RANGES = {
     "loss.alpha": Range(0.0, 1.0, "a weight in [0, 1]"),
     "loss.tau": Range(0.0, None, "a temperature > 0", low_open=True),
+    "loss.bce_target_threshold": Range(
+        0.0, 1.0, "a threshold in [0, 1), or null (soft targets)", high_open=True
+    ),
     "augment.reprob": Range(0.0, 1.0, "a probability in [0, 1]"),
     "augment.mixup_prob": Range(0.0, 1.0, "a probability in [0, 1]"),
     "augment.mixup_switch_prob": Range(0.0, 1.0, "a probability in [0, 1]"),
@@ -199,6 +218,7 @@ RANGES = {
     "model.num_heads": Range(1, None, "a number of heads >= 1"),
     "model.drop_path_rate": Range(0.0, 1.0, "a rate in [0, 1)", high_open=True),
     "teacher.cache_topk": Range(0, None, "a number of classes >= 0 (0: full logits)"),
+    "teacher.img_size": Range(1, None, "an image size >= 1, or null (the student's)"),
     "task.mask_ratio": Range(0.0, 1.0, "a share in (0, 1)", low_open=True, high_open=True),
     "task.mask_patch_size": Range(1, None, "a block size >= 1"),
     "task.pictures": Range(0, None, "a number of pictures >= 0"),
@@ -246,7 +266,26 @@ def check(cfg: DictConfig) -> None:
                              "per class (task=mim: any folder of images)")  # fmt: skip
     if cfg.task.name == "mim":
         check_mim_masks(cfg)
+    check_ensemble(cfg.teacher)
+    if (
+        cfg.loss.label_loss == "bce"
+        and cfg.loss.bce_target_threshold is not None
+        and cfg.augment.smoothing > 0
+    ):
+        # Smoothing puts smoothing / classes on every class: above the threshold every target becomes 1, below it
+        # the binarised targets are those without smoothing. Wrong or a no-op, never what was asked for.
+        raise refuse("augment.smoothing", cfg.augment.smoothing, "0.0 with loss.label_loss=bce, which binarises "
+                     "its targets (DeiT III); or loss.bce_target_threshold=null for smoothed soft targets")  # fmt: skip
     check_batch(cfg)
+
+
+def check_ensemble(teacher: DictConfig) -> None:
+    members = len(teacher.members)
+    if teacher.name == "ensemble" and members < 2:
+        raise refuse("teacher.members", f"{members} network(s)", "two or more networks for teacher=ensemble, "
+                     "e.g. teacher.members='[{name:resnet50,checkpoint:A},{name:regnety_160,checkpoint:B}]'")  # fmt: skip
+    if members and teacher.name != "ensemble":
+        raise refuse("teacher.name", teacher.name, "ensemble when teacher.members is set (teacher=ensemble)")
 
 
 def check_mim_masks(cfg: DictConfig) -> None:

@@ -24,6 +24,13 @@ CORPUS = {
         ("loss=hard_distill", "needs a teacher"),
         ("teacher=nonexistent", "teacher/nonexistent"),
         ("teacher.pretrained=perhaps", "teacher.pretrained"),
+        (
+            "loss=hard_distill teacher=ensemble teacher.members=[{name:resnet10t,checkpoint:a}]",
+            "teacher.members",
+        ),
+        ("loss=hard_distill teacher=timm teacher.members=[{name:resnet10t},{name:resnet18}]", "teacher.name"),
+        ("loss=hard_distill teacher=ensemble teacher.members=[{nme:resnet10t}]", "nme"),
+        ("teacher.img_size=0", "teacher.img_size=0"),
     ],
     "loss": [
         ("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"),
@@ -31,6 +38,9 @@ CORPUS = {
         ("loss.kl_reduction=mean", "loss.kl_reduction=mean"),
         ("loss.distillation_type=medium", "loss.distillation_type=medium"),
         ("loss=soft", "loss/soft"),
+        ("loss.label_loss=focal", "loss.label_loss=focal"),
+        ("loss=bce", "augment.smoothing=0.1"),  # DeiT III binarises the targets: smoothing would make all 1s
+        ("loss=bce augment.smoothing=0 loss.bce_target_threshold=1.5", "loss.bce_target_threshold=1.5"),
     ],
     "data": [
         ("data.batch_size=0", "data.batch_size=0"),

@@ -142,3 +142,42 @@ def test_distillation_without_teacher_logits_is_refused():
 def test_bad_loss_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         DistillationLoss(**kwargs)
+
+
+def manual_bce(logits: torch.Tensor, targets: list[list[float]]) -> float:
+    """Binary cross-entropy written out: mean over samples and classes of -(t log s(z) + (1 - t) log(1 - s(z)))."""
+    total, count = 0.0, 0
+    for z_row, t_row in zip(logits.tolist(), targets, strict=True):
+        for z, t in zip(z_row, t_row, strict=True):
+            s = 1 / (1 + math.exp(-z))
+            total -= t * math.log(s) + (1 - t) * math.log(1 - s)
+            count += 1
+    return total / count
+
+
+# Mixup/CutMix targets: lam one-hot(y) + (1 - lam) one-hot(y'), one image unmixed (lam = 1).
+MIXED = torch.tensor(
+    [[0.7, 0, 0, 0.3, 0], [0, 0, 0, 0.55, 0.45], [0, 1.0, 0, 0, 0], [0.2, 0, 0, 0, 0.8]], dtype=torch.float32
+)
+
+
+def test_bce_counts_every_class_mixup_put_in_the_image_as_present():
+    """DeiT III (official engine.py): targets.gt(0.0), then BCEWithLogitsLoss (mean over batch x classes)."""
+    binary = [[1.0 if t > 0 else 0.0 for t in row] for row in MIXED.tolist()]
+    loss = DistillationLoss("none", label_loss="bce")(CLS, None, MIXED)
+    assert loss.item() == pytest.approx(manual_bce(CLS, binary), rel=1e-6)
+    official = torch.nn.BCEWithLogitsLoss()(CLS, MIXED.gt(0.0).type(MIXED.dtype))
+    assert loss.item() == pytest.approx(official.item(), rel=1e-6)
+
+
+def test_bce_with_soft_targets_keeps_the_mixup_weights():
+    loss = DistillationLoss("none", label_loss="bce", bce_target_threshold=None)(CLS, None, MIXED)
+    assert loss.item() == pytest.approx(manual_bce(CLS, MIXED.tolist()), rel=1e-6)
+
+
+def test_hard_distillation_on_top_of_bce_keeps_the_teacher_term_a_cross_entropy():
+    loss = DistillationLoss("hard", alpha=0.5, label_loss="bce")(CLS, DIST, MIXED, TEACHER)
+    binary = [[1.0 if t > 0 else 0.0 for t in row] for row in MIXED.tolist()]
+    teacher_labels = [max(range(C), key=lambda c, row=row: row[c]) for row in TEACHER.tolist()]
+    expected = 0.5 * manual_bce(CLS, binary) + 0.5 * manual_ce(DIST, torch.tensor(teacher_labels))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)

@@ -21,14 +21,14 @@ def test_a_teacher_with_its_own_mean_and_std_sees_its_own_normalisation():
     with torch.no_grad():
         expected = network((pixels - 0.5) / 0.5)
     torch.testing.assert_close(teacher(data_images), expected, rtol=1e-4, atol=1e-5)
-    assert teacher.renormalize
+    assert teacher.members[0].renormalize
 
 
 def test_a_teacher_with_the_datas_normalisation_gets_the_images_unchanged():
     network = timm.create_model("resnet10t", num_classes=3).eval()
     teacher = Teacher(network)
     images = torch.randn(2, 3, 32, 32)
-    assert not teacher.renormalize
+    assert not teacher.members[0].renormalize
     with torch.no_grad():
         expected = network(images.contiguous(memory_format=torch.channels_last))  # the teacher's layout
         torch.testing.assert_close(teacher(images), expected, rtol=0, atol=0)

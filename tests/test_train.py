@@ -84,7 +84,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
         "augment.cutmix=1.0",
     )
     run = train(cfg)
-    after = run.module.teacher.network.state_dict()
+    after = run.module.teacher.members[0].network.state_dict()
     for key, tensor in state.items():
         torch.testing.assert_close(after[key], tensor, rtol=0, atol=0, msg=key)
     assert not [name for name, module in run.module.teacher.named_modules() if module.training]
@@ -101,7 +101,9 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
 
     def counted_teacher(*args, **kwargs):
         teacher = original(*args, **kwargs)
-        teacher.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        teacher.members[0].register_forward_hook(
+            lambda module, inputs, output: calls.append(inputs[0].shape[0])
+        )
         return teacher
 
     monkeypatch.setattr(train_module, "build_teacher", counted_teacher)

@@ -2,15 +2,18 @@
 (teacher.py) and the cache of its outputs on the training views (cache.py)."""
 
 from deit_train.teacher.cache import CacheSettings, Encoding, TeacherCache
-from deit_train.teacher.network import build_teacher_network, check_teacher_classes
-from deit_train.teacher.teacher import Teacher, build_teacher
+from deit_train.teacher.network import build_teacher_network, check_teacher_classes, teacher_members
+from deit_train.teacher.teacher import Teacher, TeacherNetwork, build_teacher, ensemble_logits
 
 __all__ = [
     "CacheSettings",
     "Encoding",
     "Teacher",
+    "TeacherNetwork",
     "TeacherCache",
     "build_teacher",
     "build_teacher_network",
     "check_teacher_classes",
+    "ensemble_logits",
+    "teacher_members",
 ]

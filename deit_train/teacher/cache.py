@@ -39,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from deit_train.teacher.network import teacher_members
+
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
@@ -265,12 +267,18 @@ class CacheSettings:
             "accumulate": cfg.trainer.accumulate_grad_batches,
             "precision": str(cfg.trainer.precision),
             "skip_corrupt": cfg.data.skip_corrupt,
-            "teacher": cfg.teacher.name,
+            "teacher": [member.name for member in teacher_members(cfg.teacher)],
+            "teacher_img_size": cfg.teacher.img_size,
+            # an ensemble averages its members' probabilities at the loss's tau (teacher.py, ensemble_logits)
+            "ensemble_tau": cfg.loss.tau
+            if len(cfg.teacher.members) > 1 and encoding.distillation_type == "soft"
+            else None,
             "encoding": asdict(encoding),
         }
         return cls(cfg.teacher.cache, encoding, config)
 
     def open(self, trainer, network: nn.Module) -> TeacherCache:
+        """`network`: the teacher's network(s), whose weights the fingerprint hashes."""
         """The cache of this run: the configuration plus world size, training data and teacher weights. One
         rank reads every file's size and hashes the teacher; the others receive the result."""
         inputs = None

@@ -36,6 +36,11 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
     return teacher.eval().to(memory_format=torch.channels_last)
 
 
+def teacher_members(teacher: DictConfig) -> list[DictConfig]:
+    """The networks of the teacher config: its members (teacher=ensemble), or the teacher itself."""
+    return list(teacher.members) if teacher.members else [teacher]
+
+
 def check_teacher_classes(
     teacher: nn.Module,
     state: dict,

@@ -1,38 +1,32 @@
 """The frozen teacher as the training step sees it: `teacher(images)` returns its logits for a batch."""
 
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from deit_train.teacher.cache import CacheSettings, TeacherCache
-from deit_train.teacher.network import build_teacher_network
+from deit_train.teacher.network import build_teacher_network, teacher_members
 
 log = logging.getLogger(__name__)
 
 
-class Teacher(nn.Module):
-    """A frozen classifier, always in eval mode and never saved with the student (DeiTModule.on_save_checkpoint).
-
-    Training batches come with their view keys: with teacher.cache their logits are read from the cache (or
-    computed and stored, teacher/cache.py); validation batches, without keys, always run the network.
-    """
+class TeacherNetwork(nn.Module):
+    """One frozen classifier with its own input normalisation: timm's pretrained_cfg mean/std, when they differ
+    from the data's. A teacher trained on inputs scaled to [-1, 1] would otherwise see the wrong colours."""
 
     def __init__(
         self,
         network: nn.Module,
-        cache: CacheSettings | None = None,
         data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     ) -> None:
         super().__init__()
         self.network = network
-        self.cache_settings = cache
-        self.cache: TeacherCache | None = None
-        # The teacher's own normalisation (timm's pretrained_cfg), when it differs from the data's: a teacher
-        # trained on inputs scaled to [-1, 1] would otherwise see the wrong colours. x_teacher = a * x + b.
         config = getattr(network, "pretrained_cfg", None) or {}
         mean, std = tuple(config.get("mean", data_mean)), tuple(config.get("std", data_std))
         self.renormalize = (mean, std) != (tuple(data_mean), tuple(data_std))
@@ -40,11 +34,54 @@ class Teacher(nn.Module):
             log.info("teacher input re-normalised from the data's mean/std %s/%s to its own %s/%s",
                      data_mean, data_std, mean, std)  # fmt: skip
         to_column = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
-        scale = to_column(data_std) / to_column(std)
-        self.register_buffer("input_scale", scale, persistent=False)
+        # x_teacher = a * x + b
+        self.register_buffer("input_scale", to_column(data_std) / to_column(std), persistent=False)
         self.register_buffer(
             "input_shift", (to_column(data_mean) - to_column(mean)) / to_column(std), persistent=False
         )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.renormalize:
+            images = images * self.input_scale + self.input_shift
+        # channels_last: the faster layout for convnets
+        return self.network(images.contiguous(memory_format=torch.channels_last))
+
+
+def ensemble_logits(member_logits: list[torch.Tensor], tau: float = 1.0) -> torch.Tensor:
+    """An ensemble's output as logits at temperature tau: tau log p with p = mean_i softmax(Z_i / tau), the average
+    of the members' probabilities. Then softmax(output / tau) = p (what soft distillation reads) and argmax output =
+    argmax p (what hard distillation reads, at tau = 1). log p is a logsumexp of log-probabilities: finite where
+    p underflows."""
+    log_probs = torch.stack([F.log_softmax(logits.float() / tau, dim=1) for logits in member_logits])
+    return tau * (torch.logsumexp(log_probs, dim=0) - math.log(len(member_logits)))
+
+
+class Teacher(nn.Module):
+    """A frozen classifier or an ensemble of them, always in eval mode and never saved with the student
+    (DeiTModule.on_save_checkpoint).
+
+    Training batches come with their view keys: with teacher.cache their logits are read from the cache (or
+    computed and stored, teacher/cache.py); validation batches, without keys, always run the networks.
+    An ensemble's logits are ensemble_logits of its members' at `tau` (soft distillation's; 1 for hard).
+    `img_size` resizes the views the teacher sees (null: the student's views as they are).
+    """
+
+    def __init__(
+        self,
+        networks: nn.Module | list[nn.Module],
+        cache: CacheSettings | None = None,
+        tau: float = 1.0,
+        img_size: int | None = None,
+        data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+        data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        super().__init__()
+        networks = networks if isinstance(networks, list) else [networks]
+        self.members = nn.ModuleList(TeacherNetwork(network, data_mean, data_std) for network in networks)
+        self.tau = tau
+        self.img_size = img_size
+        self.cache_settings = cache
+        self.cache: TeacherCache | None = None
         self.train(False)
 
     def train(self, mode: bool = True) -> "Teacher":
@@ -59,17 +96,27 @@ class Teacher(nn.Module):
         return self.run_network(images)
 
     def run_network(self, images: torch.Tensor) -> torch.Tensor:
-        """One forward pass without autograd, in channels_last (the faster layout for convnets)."""
+        return self.combine(self.member_logits(images))
+
+    def combine(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits: the single network's, or the ensemble's (ensemble_logits)."""
+        if len(member_logits) == 1:
+            return member_logits[0]
+        return ensemble_logits(member_logits, self.tau)
+
+    def member_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each network's logits, in one forward pass each without autograd."""
         with torch.inference_mode():
-            if self.renormalize:
-                images = images * self.input_scale + self.input_shift
-            logits = self.network(images.contiguous(memory_format=torch.channels_last))
-        return logits.clone()  # a normal tensor, which the loss may save for its backward pass
+            if self.img_size is not None and images.shape[-2:] != (self.img_size, self.img_size):
+                images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic",
+                                       align_corners=False, antialias=True)  # fmt: skip
+            logits = [member(images) for member in self.members]
+        return [member.clone() for member in logits]  # normal tensors, which the loss may save for backward
 
     # teacher.cache: opened once the training data and world size are known, one file per epoch and rank.
     def open_cache(self, trainer) -> None:
         if self.cache_settings is not None:
-            self.cache = self.cache_settings.open(trainer, self.network)
+            self.cache = self.cache_settings.open(trainer, self.members)
 
     def start_epoch(self, epoch: int, num_batches: int) -> None:
         if self.cache is not None:
@@ -81,7 +128,9 @@ class Teacher(nn.Module):
 
 
 def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
-    """The run's teacher (cfg.teacher) on the data's classes, with its cache when teacher.cache is set."""
-    network = build_teacher_network(cfg.teacher, class_names)
+    """The run's teacher (cfg.teacher, or each of teacher.members for teacher=ensemble) on the data's classes, with
+    its cache when teacher.cache is set."""
+    networks = [build_teacher_network(member, class_names) for member in teacher_members(cfg.teacher)]
     cache = CacheSettings.from_config(cfg, len(class_names)) if cfg.teacher.cache else None
-    return Teacher(network, cache)
+    tau = cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0
+    return Teacher(networks, cache, tau=tau, img_size=cfg.teacher.img_size)
