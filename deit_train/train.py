@@ -31,7 +31,7 @@ from deit_train.data.masking import MaskGenerator
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.mim_module import MIMModule
-from deit_train.models import build_student, compile_student
+from deit_train.models import build_student, compile_student, is_distilled
 from deit_train.models.mim import MaskedImageModel
 from deit_train.module import DeiTModule, student_summary
 from deit_train.schema import check as check_values
@@ -187,6 +187,12 @@ def build_module(cfg: DictConfig, class_names: list[str], config: dict | None = 
     criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
     teacher = build_teacher(cfg, class_names) if criterion.needs_teacher else None
     student = build_student(cfg.model, len(class_names))
+    if criterion.needs_teacher and criterion.alpha == 1.0 and is_distilled(student):
+        raise DeitTrainError(
+            f"loss.alpha=1.0 gives the class head of the distilled student {cfg.model.name} no training signal, yet "
+            f"its predictions are averaged with the distillation head's. Take a single-head student for pure "
+            f"distillation (function matching), e.g. model=deit_small_plain, or set loss.alpha below 1."
+        )
     if cfg.compile:
         compile_student(student)
     log.info(

@@ -66,6 +66,98 @@ PAPER = {
         "loss.distillation_type": "hard",
     },
 }
+# DeiT III (Touvron et al. 2022), ImageNet-1k: the official README_revenge.md commands. Global batch = --batch x GPUs
+# x nodes; --unscale-lr: lr as given (lr_batch_ref null); --eval-crop-ratio 1.0; no --src (random resized crop);
+# EMA 0.99996 is main.py's default. Top-1 (README_revenge.md's table): ViT-S 81.4, ViT-B 83.8, ViT-L 84.9.
+DEIT3_PRETRAIN = {
+    "loss.label_loss": "bce",  # --bce-loss
+    "loss.bce_target_threshold": 0.0,  # engine.py: targets.gt(0.0)
+    "optim.name": "lamb",  # --opt fusedlamb
+    "optim.lr_batch_ref": None,
+    "optim.weight_decay": 0.05,
+    "optim.warmup_epochs": 5,
+    "optim.warmup_lr": 1e-6,
+    "optim.min_lr": 1e-5,
+    "data.batch_size": 2048,  # 256 x 8 GPUs (S, B); 64 x 8 x 4 nodes (L)
+    "trainer.max_epochs": 800,
+    "augment.crop": "random_resized",
+    "augment.auto_augment": "3a",  # --ThreeAugment
+    "augment.color_jitter": 0.3,
+    "augment.smoothing": 0.0,
+    "augment.reprob": 0.0,
+    "augment.mixup": 0.8,
+    "augment.cutmix": 1.0,
+    "augment.repeated_aug": 3,
+    "augment.eval_crop_pct": 1.0,
+    "ema.decay": 0.99996,
+}
+DEIT3_FINETUNE_224 = {  # B and L: 20 epochs at 224 from the 192 px checkpoint
+    "required": ["model.init"],
+    "model.img_size": 224,
+    "loss.label_loss": "ce",
+    "optim.name": "adamw",
+    "optim.lr": 1e-5,
+    "optim.lr_batch_ref": None,
+    "optim.weight_decay": 0.1,
+    "optim.warmup_epochs": 5,
+    "data.batch_size": 512,  # 64 x 8 GPUs
+    "trainer.max_epochs": 20,
+    "augment.auto_augment": "rand-m9-mstd0.5-inc1",
+    "augment.smoothing": 0.1,
+    "augment.reprob": 0.0,
+    "augment.repeated_aug": 1,  # --no-repeated-aug
+    "augment.eval_crop_pct": 1.0,
+}
+VIT_S = {"model.embed_dim": 384, "model.depth": 12, "model.num_heads": 6}
+VIT_B = {"model.embed_dim": 768, "model.depth": 12, "model.num_heads": 12}
+VIT_L = {"model.embed_dim": 1024, "model.depth": 24, "model.num_heads": 16}
+DEIT3 = {
+    "deit3_small": {**DEIT3_PRETRAIN, **VIT_S, "model.name": "deit3_small_patch16_224", "model.img_size": 224,
+                    "optim.lr": 4e-3, "model.drop_path_rate": 0.05},
+    "deit3_base_192": {**DEIT3_PRETRAIN, **VIT_B, "model.name": "deit3_base_patch16_224", "model.img_size": 192,
+                       "optim.lr": 3e-3, "model.drop_path_rate": 0.2},
+    "deit3_large_192": {**DEIT3_PRETRAIN, **VIT_L, "model.name": "deit3_large_patch16_224", "model.img_size": 192,
+                        "optim.lr": 3e-3, "model.drop_path_rate": 0.45},
+    "deit3_base_224_finetune": {**DEIT3_FINETUNE_224, **VIT_B, "model.name": "deit3_base_patch16_224",
+                                "model.drop_path_rate": 0.2},
+    "deit3_large_224_finetune": {**DEIT3_FINETUNE_224, **VIT_L, "model.name": "deit3_large_patch16_224",
+                                 "model.drop_path_rate": 0.45},
+}  # fmt: skip
+# The same recipes with a teacher on top (not in the paper): DeiT III's ViT with DeiT's distillation token.
+DEIT3_DISTILLED = {
+    f"{size}_distilled{stage}": {
+        **DEIT3[f"{size}{stage}"],
+        "model.name": f"deit_{'small' if size == 'deit3_small' else 'base'}_distilled_patch16_224",
+        "model.kwargs": {"init_values": 1e-6},  # LayerScale
+        "loss.distillation_type": "hard",
+        "loss.alpha": 0.5,
+        "teacher.name": "regnety_160.deit_in1k",
+    }
+    for size, stage in [("deit3_small", ""), ("deit3_base", "_192"), ("deit3_base", "_224_finetune"),
+                        ("deit3_large", "_192"), ("deit3_large", "_224_finetune")]
+}  # fmt: skip
+PAPER |= DEIT3 | DEIT3_DISTILLED
+# Function matching (Beyer et al. 2022): big_vision's configs/proj/distill/bit_i1k.py, the paper's ImageNet config.
+PAPER["function_matching"] = {
+    "model.name": "resnetv2_50x1_bit",  # student: BiT-R50x1
+    "teacher.name": "resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k",  # BiT-M R152x2 ic224
+    "loss.distillation_type": "soft",  # distance 'kl'
+    "loss.alpha": 1.0,  # no label term
+    "loss.tau": 1.0,  # distance_kw t=1.0
+    "augment.mixup": 1.0,  # mixup p=1.0: the Beta concentration
+    "augment.cutmix": 0.0,
+    "augment.mixup_prob": 1.0,
+    "augment.auto_augment": None,  # decode_jpeg_and_inception_crop(224)|flip_lr only
+    "augment.reprob": 0.0,
+    "data.batch_size": 4096,
+    "optim.lr": 0.03,
+    "optim.lr_batch_ref": 4096,
+    "optim.weight_decay": 3e-4,
+    "optim.warmup_epochs": 16,  # warmup_steps=5000 at 306 steps an epoch
+    "trainer.max_epochs": 1200,
+    "trainer.gradient_clip_val": 1.0,  # grad_clip_norm
+    "ema.decay": None,
+}
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
@@ -105,30 +197,30 @@ SHRINK = [
 
 
 def official_checkpoint(preset: str, path):
-    """A tiny stand-in for the checkpoint the preset starts from, as the official {"model": ...} file: the plain
-    (non-distilled) DeiT for deit_base_384_finetune, at a lower resolution (2x2 patches, resampled to 4x4) as the
-    official 224 -> 384 fine-tuning; the distilled DeiT for the others."""
-    plain = preset == "deit_base_384_finetune"
-    student = timm.create_model(
-        "deit_tiny_patch16_224" if plain else "deit_tiny_distilled_patch16_224",
-        img_size=8 if plain else 16,
-        patch_size=4,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=1000 if plain else 10,  # ImageNet heads: replaced for the data's 10 classes
-    )
+    """A tiny stand-in for the checkpoint the preset starts from, as the official {"model": ...} file: the preset's
+    own architecture (plain or distilled, DeiT or DeiT III) with ImageNet's 1000-class head, at a lower resolution
+    (3x3 patches, resampled to the run's 4x4 as in 224 -> 384 or 192 -> 224 fine-tuning)."""
+    model = compose_config([f"experiment={preset}"], path.parent, path.parent).model
+    student = timm.create_model(model.name, img_size=12, patch_size=4, depth=2, embed_dim=32, num_heads=2,
+                                num_classes=1000, **model.kwargs)  # fmt: skip
     torch.save({"model": student.state_dict()}, path)
     return path
+
+
+def shrink(preset: str, path) -> list[str]:
+    """The preset at CPU size, starting from a tiny official-style checkpoint (a ViT), or a tiny convnet."""
+    if PAPER[preset].get("model.name", "").startswith("resnet"):
+        vit_sizes = ("model.patch_size", "model.depth", "model.embed_dim", "model.num_heads")
+        return ["model.name=resnet10t", *[o for o in SHRINK if not o.startswith(vit_sizes)]]
+    return [*SHRINK, f"model.init={official_checkpoint(preset, path / 'student.pth')}"]
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
 def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
     overrides = [
         f"experiment={preset}",
-        *SHRINK,
+        *shrink(preset, tmp_path),
         f"teacher.checkpoint={random_teacher_checkpoint}",
-        f"model.init={official_checkpoint(preset, tmp_path / 'student.pth')}",
     ]
     overrides += (
         [f"data.root={demo_data}"]
@@ -138,3 +230,16 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_c
     cfg = compose_config(overrides, tmp_path / "run", tmp_path)
     metrics = train(cfg).metrics
     assert 0.0 <= metrics["val/acc1"] <= 1.0
+
+
+def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, random_teacher_checkpoint):
+    """alpha 1 trains the distillation head only: a distilled DeiT's class head would stay random."""
+    from deit_train.errors import DeitTrainError
+
+    overrides = ["experiment=function_matching", "model=deit_tiny", *SHRINK, f"data.root={demo_data}",
+                 f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+    assert compose_config(overrides, tmp_path, tmp_path).model.name == "deit_tiny_distilled_patch16_224"
+    with pytest.raises(DeitTrainError, match="loss.alpha=1.0 gives the class head"):
+        train(compose_config(overrides, tmp_path / "run", tmp_path))
+    single_head = compose_config([*overrides, "model=deit_tiny_plain"], tmp_path / "plain", tmp_path)
+    assert 0.0 <= train(single_head).metrics["val/acc1"] <= 1.0

@@ -52,7 +52,9 @@ def initialize_from(student: nn.Module, source: str) -> None:
 
 
 def resample_position_embeddings(student: nn.Module, pos_embed: torch.Tensor, source: str) -> torch.Tensor:
-    prefix = student.num_prefix_tokens  # class (+ distillation) token(s): kept bit for bit
+    # class (+ distillation) token(s): kept bit for bit; DeiT III (no_embed_class) has position embeddings on the
+    # patches only
+    prefix = 0 if getattr(student, "no_embed_class", False) else student.num_prefix_tokens
     new_grid = list(student.patch_embed.grid_size)
     old_tokens = pos_embed.shape[1] - prefix
     old_side = int(old_tokens**0.5)
