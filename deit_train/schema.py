@@ -30,6 +30,8 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float | None = None  # stochastic depth; null: the architecture's default
+    # parameter-name patterns (fnmatch) that train, the rest frozen; null: all. FixRes: [head.*]
+    trainable: list[str] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from deit_train.train import train
 
-from .conftest import compose_config
+from .conftest import compose_config, save_safetensors
 
 # Written from the DeiT paper (Touvron et al. 2021, Table 9 and section 6.3) and the official README's commands.
 IMAGENET_RECIPE = {
@@ -46,6 +46,26 @@ PAPER = {
         **FINETUNE_384,
         "loss.distillation_type": "hard",
         "teacher.name": "regnety_160.deit_in1k",
+        # Section 6.3: the teacher at the target resolution, adapted by FixRes (experiment=teacher_fixres_384).
+        "teacher.img_size": 384,
+        "required": ["model.init", "teacher.checkpoint"],
+    },
+    # FixRes (Touvron et al. 2019), official imnet_finetune/train.py and main_finetune.py defaults: the classifier
+    # alone, test transform, SGD momentum 0.9, wd 1e-4, lr 8 x 1e-3 x batch / 512 (batch 8 x 32 GPUs), 1 epoch.
+    "teacher_fixres_384": {
+        "model.name": "regnety_160.deit_in1k",
+        "model.img_size": 384,
+        "model.trainable": ["head.*"],
+        "augment.crop": "center",
+        "augment.eval_crop_pct": 0.875,
+        "optim.name": "momentum",
+        "optim.lr": 8e-3,
+        "optim.lr_batch_ref": 512,
+        "optim.weight_decay": 1e-4,
+        "optim.warmup_epochs": 0,
+        "data.batch_size": 256,
+        "trainer.max_epochs": 1,
+        "loss.distillation_type": "none",
     },
     # The paper's plain DeiT-B (no distillation token), so that it starts from the non-distilled 224 checkpoint.
     "deit_base_384_finetune": {
@@ -53,6 +73,8 @@ PAPER = {
         "model.name": "deit_base_patch16_384",
         "loss.distillation_type": "none",
         "teacher.name": None,
+        "teacher.img_size": None,
+        "required": ["model.init"],
     },
     # The official repository's maintainers' advice for CIFAR-style transfer.
     "deit_transfer": {
@@ -209,9 +231,12 @@ def official_checkpoint(preset: str, path):
 
 def shrink(preset: str, path) -> list[str]:
     """The preset at CPU size, starting from a tiny official-style checkpoint (a ViT), or a tiny convnet."""
-    if PAPER[preset].get("model.name", "").startswith("resnet"):
+    model = compose_config([f"experiment={preset}"], path, path).model
+    if model.patch_size is None:
         vit_sizes = ("model.patch_size", "model.depth", "model.embed_dim", "model.num_heads")
-        return ["model.name=resnet10t", *[o for o in SHRINK if not o.startswith(vit_sizes)]]
+        convnet = ["model.name=resnet10t", "model.pretrained=false"]
+        convnet += ["model.trainable=[fc.*]"] if model.trainable else []  # resnet10t's classifier
+        return [*convnet, *[o for o in SHRINK if not o.startswith(vit_sizes)]]
     return [*SHRINK, f"model.init={official_checkpoint(preset, path / 'student.pth')}"]
 
 
@@ -243,3 +268,18 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
         train(compose_config(overrides, tmp_path / "run", tmp_path))
     single_head = compose_config([*overrides, "model=deit_tiny_plain"], tmp_path / "plain", tmp_path)
     assert 0.0 <= train(single_head).metrics["val/acc1"] <= 1.0
+
+
+def test_fixres_trains_the_classifier_alone_and_re_estimates_batch_norm(tmp_path, demo_data):
+    start = save_safetensors(
+        timm.create_model("resnet10t", num_classes=10), tmp_path / "teacher_224.safetensors"
+    )
+    overrides = ["experiment=teacher_fixres_384", *shrink("teacher_fixres_384", tmp_path), f"data.root={demo_data}",
+                 f"model.init={tmp_path / 'teacher_224.safetensors'}", "trainer.max_epochs=2"]  # fmt: skip
+    student = train(compose_config(overrides, tmp_path / "run", tmp_path)).module.student
+    after = student.state_dict()
+    changed = {key for key, tensor in start.items() if not torch.equal(after[key], tensor)}
+    assert {"fc.weight", "fc.bias"} <= changed
+    assert {key for key in changed if not key.startswith("fc.")} == {
+        key for key in start if key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }

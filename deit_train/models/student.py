@@ -1,5 +1,7 @@
 """The student: a distilled DeiT (timm's VisionTransformerDistilled) or any single-head timm classifier."""
 
+from fnmatch import fnmatch
+
 import timm
 import torch
 from omegaconf import DictConfig
@@ -42,9 +44,27 @@ def build_student(cfg: DictConfig, num_classes: int) -> nn.Module:
     )
     if cfg.init:
         initialize_from(model, cfg.init)
+    if cfg.trainable is not None:
+        freeze_all_but(model, list(cfg.trainable))
     if is_distilled(model):
         model.set_distilled_training(True)
     return model
+
+
+def freeze_all_but(model: nn.Module, patterns: list[str]) -> None:
+    """Only parameters whose name matches one of `patterns` train (FixRes fine-tunes the classifier alone); the
+    others keep their weights. BatchNorm statistics still follow the data in training mode."""
+    trained = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(fnmatch(name, pattern) for pattern in patterns))
+        if parameter.requires_grad:
+            trained.append(name)
+    if not trained:
+        names = [name for name, _ in model.named_parameters()]
+        raise DeitTrainError(
+            f"model.trainable={patterns} matches none of the {len(names)} parameters of {type(model).__name__} "
+            f"(they are named like {names[0]}, ..., {names[-1]})"
+        )
 
 
 def compile_student(model: nn.Module) -> None:
