@@ -62,7 +62,12 @@ def test_single_process_keeps_copies_together_for_batch_augmentation():
     assert all(indices[k] == indices[k + 1] == indices[k + 2] for k in range(0, 30, 3))
 
 
-def test_lightning_keeps_our_sampler_in_the_train_loader(tmp_path, cache_dir):
+@pytest.mark.parametrize("single_process,repeats,distinct", [(False, 1, 80), (True, 3, 27)])
+def test_lightning_keeps_our_sampler_in_the_train_loader(
+    single_process, repeats, distinct, tmp_path, cache_dir
+):
+    """One process: repeated augmentation only with augment.repeated_aug_single_process=true (the official code
+    repeats only when distributed); off, an epoch sees every one of the 80 images."""
     cfg = compose_config(
         [
             "experiment=demo",
@@ -70,6 +75,7 @@ def test_lightning_keeps_our_sampler_in_the_train_loader(tmp_path, cache_dir):
             "data.train_per_class=8",
             "data.val_per_class=4",
             "augment.repeated_aug=3",
+            f"augment.repeated_aug_single_process={str(single_process).lower()}",
             "data.batch_size=8",
             "data.num_workers=0",
         ],
@@ -83,5 +89,6 @@ def test_lightning_keeps_our_sampler_in_the_train_loader(tmp_path, cache_dir):
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     assert isinstance(loader.sampler, RepeatedAugmentationSampler)
-    assert loader.sampler.seed == 7 and loader.sampler.repeats == 3
+    assert loader.sampler.seed == 7 and loader.sampler.repeats == repeats
     assert len(loader) == 80 // 8
+    assert len({index for index, _epoch, _copy in loader.sampler}) == distinct  # ceil(80 / 3) with x3

@@ -52,6 +52,7 @@ def distill(tiny_config, random_teacher_checkpoint, tmp_path):
             "augment.mixup=0.8",
             "augment.cutmix=1.0",
             "augment.repeated_aug=2",
+            "augment.repeated_aug_single_process=true",  # copies in one batch: keys must still match
             "augment.reprob=0.25",
             "trainer.max_epochs=2",
             *overrides,

@@ -120,7 +120,8 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
 
 
 def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
-    cfg = tiny_config("augment.repeated_aug=3", "augment.mixup=0.8", "augment.cutmix=1.0")
+    cfg = tiny_config("augment.repeated_aug=3", "augment.repeated_aug_single_process=true", "augment.mixup=0.8",
+                      "augment.cutmix=1.0")  # fmt: skip
     train(cfg)
     checkpoint = torch.load(
         Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True

@@ -1,5 +1,6 @@
 """The Lightning data module: datasets, DeiT transforms and loaders for any world size."""
 
+import logging
 from functools import cached_property
 
 import lightning as L
@@ -15,6 +16,8 @@ from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.data.unlabeled import open_unlabeled_split
 from deit_train.data.views import SeededViews
 from deit_train.errors import DeitTrainError
+
+log = logging.getLogger(__name__)
 
 
 class DeiTDataModule(L.LightningDataModule):
@@ -79,10 +82,11 @@ class DeiTDataModule(L.LightningDataModule):
             # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
             # dataset draws each view under that key's seed. Repeated augmentation when augment.repeated_aug > 1.
             trainer = self.trainer
+            world_size = trainer.world_size if trainer is not None else 1
             sampler = RepeatedAugmentationSampler(
                 dataset,
-                repeats=self.augment.repeated_aug,
-                num_replicas=trainer.world_size if trainer is not None else 1,
+                repeats=self.repeats(world_size),
+                num_replicas=world_size,
                 rank=trainer.global_rank if trainer is not None else 0,
                 seed=self.seed,
                 keys=True,
@@ -104,6 +108,16 @@ class DeiTDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             worker_init_fn=data_worker_init if workers > 0 else None,
         )
+
+    def repeats(self, world_size: int) -> int:
+        """augment.repeated_aug, with one process only if augment.repeated_aug_single_process (DeiT's code repeats
+        only when distributed: one process would see a third of the distinct images per epoch, with x3)."""
+        repeats = self.augment.repeated_aug
+        if repeats > 1 and world_size == 1 and not self.augment.repeated_aug_single_process:
+            log.info("repeated augmentation (x%d) off with one process; augment.repeated_aug_single_process=true "
+                     "turns it on", repeats)  # fmt: skip
+            return 1
+        return repeats
 
     def train_dataloader(self) -> DataLoader:
         loader = self.loader(self.train_set, train=True)
