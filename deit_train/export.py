@@ -87,15 +87,21 @@ def export_onnx(trained: TrainedModel, path: Path) -> None:
     )
 
 
+def has_transformers_class(model: torch.nn.Module) -> bool:
+    """transformers' DeiT classes hold the two-token DeiT, without DeiT III's LayerScale (ls1, ls2)."""
+    return is_distilled(model) and all(isinstance(block.ls1, torch.nn.Identity) for block in model.blocks)
+
+
 def export(source: str | Path, out_dir: str | Path, ema: bool = False, onnx: bool = False) -> Path:
     trained = load_trained_model(source, ema=ema)
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_distilled(trained.model):
+    if has_transformers_class(trained.model):
         export_transformers(trained, out_dir / "transformers")
-    else:  # transformers' DeiT classes hold the two-token DeiT only
+    else:
+        kind = "a single-head" if not is_distilled(trained.model) else "a LayerScale (DeiT III)"
         log.warning(
-            "%s is a single-head %s: no transformers export, timm only", source, type(trained.model).__name__
+            "%s is %s %s: no transformers export, timm only", source, kind, type(trained.model).__name__
         )
     export_timm(trained, out_dir / "timm")
     if onnx:

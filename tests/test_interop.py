@@ -329,3 +329,19 @@ def test_ema_weights_export_and_a_single_head_student_exports_to_timm_only(tiny_
     ours = load_trained_model(f"{convnet.paths.output_dir}/checkpoints/last.ckpt").model
     with torch.no_grad():
         torch.testing.assert_close(load_trained_model(out / "timm").model(images), ours(images))
+
+
+def test_a_distilled_deit_iii_student_exports_to_timm_only_with_the_same_logits(
+    tiny_config, tmp_path, caplog
+):
+    """transformers' DeiT has no LayerScale: the export must not drop DeiT III's ls1/ls2 or fail on their names."""
+    run = tiny_config("model=deit3_small_distilled", run="deit3")
+    train(run)
+    checkpoint = f"{run.paths.output_dir}/checkpoints/last.ckpt"
+    out = export(checkpoint, tmp_path / "deit3_export")
+    assert not (out / "transformers").exists() and "LayerScale (DeiT III)" in caplog.text
+    ours = load_trained_model(checkpoint).model
+    assert any(key.endswith("ls1.gamma") for key in ours.state_dict())
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_trained_model(out / "timm").model(images), ours(images))
