@@ -254,8 +254,11 @@ class CacheSettings:
     config: dict  # the configuration's share of the fingerprint (from_config)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, num_classes: int) -> "CacheSettings":
-        """Everything in the run config that decides the training views and the teacher's stored outputs."""
+    def from_config(
+        cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None = None
+    ) -> "CacheSettings":
+        """Everything in the run config that decides the training views and the teacher's stored outputs;
+        ensemble_tau: the temperature at which an ensemble averages its members (teacher.py), None for one."""
         encoding = Encoding.choose(
             cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.tau
         )
@@ -269,10 +272,7 @@ class CacheSettings:
             "skip_corrupt": cfg.data.skip_corrupt,
             "teacher": [member.name for member in teacher_members(cfg.teacher)],
             "teacher_img_size": cfg.teacher.img_size,
-            # an ensemble averages its members' probabilities at the loss's tau (teacher.py, ensemble_logits)
-            "ensemble_tau": cfg.loss.tau
-            if len(cfg.teacher.members) > 1 and encoding.distillation_type == "soft"
-            else None,
+            "ensemble_tau": ensemble_tau,
             "encoding": asdict(encoding),
         }
         return cls(cfg.teacher.cache, encoding, config)

@@ -131,6 +131,7 @@ def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
     """The run's teacher (cfg.teacher, or each of teacher.members for teacher=ensemble) on the data's classes, with
     its cache when teacher.cache is set."""
     networks = [build_teacher_network(member, class_names) for member in teacher_members(cfg.teacher)]
-    cache = CacheSettings.from_config(cfg, len(class_names)) if cfg.teacher.cache else None
-    tau = cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0
+    tau = cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0  # hard: the argmax of the average
+    ensemble_tau = tau if len(networks) > 1 else None
+    cache = CacheSettings.from_config(cfg, len(class_names), ensemble_tau) if cfg.teacher.cache else None
     return Teacher(networks, cache, tau=tau, img_size=cfg.teacher.img_size)
