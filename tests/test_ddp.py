@@ -188,4 +188,8 @@ def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache
     for key in one:  # gloo may sum the gradients in another order across "nodes": fp32 rounding apart, equal
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6, msg=key)
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one_node", "two_nodes")]
-    assert metrics[0] == metrics[1]
+    assert metrics[0].keys() == metrics[1].keys()
+    for key, value in metrics[
+        0
+    ].items():  # the same predictions; the mean loss of those weights to fp32 rounding
+        assert metrics[1][key] == (pytest.approx(value, rel=1e-6) if key == "val/loss" else value), key
