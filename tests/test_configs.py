@@ -51,10 +51,18 @@ PAPER_MODELS = {
 
 
 def vit_parameters(
-    dim: int, depth: int, tokens: int, classes: int, patch: int = 16, distilled: bool = True
+    dim: int,
+    depth: int,
+    tokens: int,
+    classes: int,
+    patch: int = 16,
+    distilled: bool = True,
+    layer_scale: bool = False,
+    position_on_prefix: bool = True,
 ) -> int:
     """Closed-form parameter count of a (distilled) ViT: patch embedding, class (+ distillation) token, position
-    embeddings, depth x (2 norms, qkv, proj, 4x MLP), final norm, one head (two when distilled)."""
+    embeddings (on the patches, and on the prefix tokens unless DeiT III), depth x (2 norms, qkv, proj, 4x MLP, and
+    DeiT III's two LayerScale vectors), final norm, one head (two when distilled)."""
     prefix = 2 if distilled else 1
     block = (
         2 * dim
@@ -63,15 +71,37 @@ def vit_parameters(
         + 2 * dim
         + (4 * dim * dim + 4 * dim)
         + (4 * dim * dim + dim)
+        + (2 * dim if layer_scale else 0)
     )
     return (
         (3 * patch * patch * dim + dim)
         + prefix * dim
-        + (tokens + prefix) * dim
+        + (tokens + (prefix if position_on_prefix else 0)) * dim
         + depth * block
         + 2 * dim
         + prefix * (dim * classes + classes)
     )
+
+
+# DeiT III (README_revenge.md's table, ImageNet-1k heads): ViT-S 22.0M, ViT-B 86.6M, ViT-L 304.4M parameters.
+DEIT3_MODELS = {"deit3_small": (384, 6, 12, 22.0), "deit3_base": (768, 12, 12, 86.6),
+                "deit3_large": (1024, 16, 24, 304.4)}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", [*DEIT3_MODELS, *(f"{name}_distilled" for name in DEIT3_MODELS)])
+def test_deit3_models_have_layer_scale_and_the_published_sizes(option, tmp_path):
+    cfg = compose_config([f"model={option}"], tmp_path, tmp_path)
+    dim, heads, depth, published_millions = DEIT3_MODELS[option.removesuffix("_distilled")]
+    assert (cfg.model.embed_dim, cfg.model.num_heads, cfg.model.depth) == (dim, heads, depth)
+    distilled = option.endswith("_distilled")
+    # timm's distilled ViT keeps position embeddings on its two tokens (no_embed_class would not fit them)
+    count = lambda classes: vit_parameters(dim, depth, 196, classes, distilled=distilled, layer_scale=True,  # noqa: E731
+                                           position_on_prefix=distilled)  # fmt: skip
+    if not distilled:
+        assert count(1000) / 1e6 == pytest.approx(published_millions, abs=0.1)  # S: 22.06M, printed 22.0
+    student = build_student(cfg.model, num_classes=10)
+    assert sum(p.numel() for p in student.parameters()) == count(10)
+    assert student.blocks[0].ls1.gamma.flatten()[0].item() == pytest.approx(1e-6)  # LayerScale's init
 
 
 def test_every_group_has_options():
