@@ -42,6 +42,7 @@ class TeacherNetworkConfig:
     name: str = MISSING  # a timm classifier
     pretrained: bool = False
     checkpoint: str | None = None
+    img_size: int | None = None  # the resolution this network sees the views at; null: teacher.img_size
 
 
 @dataclass
@@ -291,6 +292,8 @@ def check_ensemble(teacher: DictConfig) -> None:
                      "e.g. teacher.members='[{name:resnet50,checkpoint:A},{name:regnety_160,checkpoint:B}]'")  # fmt: skip
     if members and teacher.name != "ensemble":
         raise refuse("teacher.name", teacher.name, "ensemble when teacher.members is set (teacher=ensemble)")
+    for i, member in enumerate(teacher.members):
+        check_range(f"teacher.members.{i}.img_size", member.img_size, RANGES["teacher.img_size"])
 
 
 def check_mim_masks(cfg: DictConfig) -> None:

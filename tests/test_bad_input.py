@@ -31,6 +31,10 @@ CORPUS = {
         ("loss=hard_distill teacher=timm teacher.members=[{name:resnet10t},{name:resnet18}]", "teacher.name"),
         ("loss=hard_distill teacher=ensemble teacher.members=[{nme:resnet10t}]", "nme"),
         ("teacher.img_size=0", "teacher.img_size=0"),
+        (
+            "loss=hard_distill teacher=ensemble teacher.members=[{name:a,img_size:0},{name:b}]",
+            "teacher.members.0.img_size=0",
+        ),
     ],
     "loss": [
         ("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"),

@@ -133,3 +133,15 @@ def test_the_teacher_cache_is_keyed_on_every_member(tiny_config, two_teachers, t
     assert len(fingerprints) == 2
     members = [(d / "fingerprint.json").read_text() for d in fingerprints]
     assert all('"resnet10t"' in text and '"resnet14t"' in text for text in members)
+
+
+def test_each_member_sees_the_views_at_its_own_resolution(tiny_config, two_teachers):
+    """A 384 px teacher beside a 224 px one, in miniature: member 0 at 8 px, member 1 at teacher.img_size=12."""
+    first, second = two_teachers
+    members = f"teacher.members=[{{name:resnet10t,checkpoint:{first},img_size:8}},{{name:resnet14t,checkpoint:{second}}}]"
+    run = train(tiny_config(*ensemble_overrides(first, second)[:2], members, "teacher.img_size=12"))
+    seen = []
+    for member in run.module.teacher.members:
+        member.network.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[-1]))
+    run.module.teacher(torch.randn(2, 3, 16, 16))
+    assert seen == [8, 12]

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from deit_train.teacher.network import teacher_members
+from deit_train.teacher.network import member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class CacheSettings:
             "precision": str(cfg.trainer.precision),
             "skip_corrupt": cfg.data.skip_corrupt,
             "teacher": [member.name for member in teacher_members(cfg.teacher)],
-            "teacher_img_size": cfg.teacher.img_size,
+            "teacher_img_size": member_img_sizes(cfg.teacher),
             "ensemble_tau": ensemble_tau,
             "encoding": asdict(encoding),
         }

@@ -41,6 +41,15 @@ def teacher_members(teacher: DictConfig) -> list[DictConfig]:
     return list(teacher.members) if teacher.members else [teacher]
 
 
+def member_img_sizes(teacher: DictConfig) -> list[int | None]:
+    """The resolution each teacher network sees the views at: its own img_size, else teacher.img_size (None: the
+    student's)."""
+    return [
+        member.img_size if member.img_size is not None else teacher.img_size
+        for member in teacher_members(teacher)
+    ]
+
+
 def check_teacher_classes(
     teacher: nn.Module,
     state: dict,

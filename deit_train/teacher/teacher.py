@@ -10,23 +10,26 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from deit_train.teacher.cache import CacheSettings, TeacherCache
-from deit_train.teacher.network import build_teacher_network, teacher_members
+from deit_train.teacher.network import build_teacher_network, member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
 
 
 class TeacherNetwork(nn.Module):
-    """One frozen classifier with its own input normalisation: timm's pretrained_cfg mean/std, when they differ
-    from the data's. A teacher trained on inputs scaled to [-1, 1] would otherwise see the wrong colours."""
+    """One frozen classifier with its own input: the views resized to its img_size (bicubic, antialiased; None: as
+    they come), and its own normalisation: timm's pretrained_cfg mean/std, when they differ from the data's. A
+    teacher trained on inputs scaled to [-1, 1] would otherwise see the wrong colours."""
 
     def __init__(
         self,
         network: nn.Module,
+        img_size: int | None = None,
         data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     ) -> None:
         super().__init__()
         self.network = network
+        self.img_size = img_size
         config = getattr(network, "pretrained_cfg", None) or {}
         mean, std = tuple(config.get("mean", data_mean)), tuple(config.get("std", data_std))
         self.renormalize = (mean, std) != (tuple(data_mean), tuple(data_std))
@@ -41,6 +44,11 @@ class TeacherNetwork(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.img_size
+        if size is not None and images.shape[-2:] != (size, size):
+            images = F.interpolate(
+                images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+            )
         if self.renormalize:
             images = images * self.input_scale + self.input_shift
         # channels_last: the faster layout for convnets
@@ -63,7 +71,7 @@ class Teacher(nn.Module):
     Training batches come with their view keys: with teacher.cache their logits are read from the cache (or
     computed and stored, teacher/cache.py); validation batches, without keys, always run the networks.
     An ensemble's logits are ensemble_logits of its members' at `tau` (soft distillation's; 1 for hard).
-    `img_size` resizes the views the teacher sees (null: the student's views as they are).
+    `img_sizes`: the resolution each network sees the views at (None: the student's views as they are).
     """
 
     def __init__(
@@ -71,15 +79,18 @@ class Teacher(nn.Module):
         networks: nn.Module | list[nn.Module],
         cache: CacheSettings | None = None,
         tau: float = 1.0,
-        img_size: int | None = None,
+        img_sizes: list[int | None] | None = None,
         data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     ) -> None:
         super().__init__()
         networks = networks if isinstance(networks, list) else [networks]
-        self.members = nn.ModuleList(TeacherNetwork(network, data_mean, data_std) for network in networks)
+        img_sizes = img_sizes or [None] * len(networks)
+        self.members = nn.ModuleList(
+            TeacherNetwork(network, size, data_mean, data_std)
+            for network, size in zip(networks, img_sizes, strict=True)
+        )
         self.tau = tau
-        self.img_size = img_size
         self.cache_settings = cache
         self.cache: TeacherCache | None = None
         self.train(False)
@@ -107,9 +118,6 @@ class Teacher(nn.Module):
     def member_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each network's logits, in one forward pass each without autograd."""
         with torch.inference_mode():
-            if self.img_size is not None and images.shape[-2:] != (self.img_size, self.img_size):
-                images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic",
-                                       align_corners=False, antialias=True)  # fmt: skip
             logits = [member(images) for member in self.members]
         return [member.clone() for member in logits]  # normal tensors, which the loss may save for backward
 
@@ -134,4 +142,4 @@ def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
     tau = cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0  # hard: the argmax of the average
     ensemble_tau = tau if len(networks) > 1 else None
     cache = CacheSettings.from_config(cfg, len(class_names), ensemble_tau) if cfg.teacher.cache else None
-    return Teacher(networks, cache, tau=tau, img_size=cfg.teacher.img_size)
+    return Teacher(networks, cache, tau=tau, img_sizes=member_img_sizes(cfg.teacher))
