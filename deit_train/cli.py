@@ -1,40 +1,52 @@
 """The `deit-train` console script: a single run's config is composed and checked before Hydra starts, so that a bad
-value ends with exit status 2 and one line naming the key, the value and what is allowed, and no run directory."""
+value ends with exit status 2 and one line naming the key, the value and what is allowed, and nothing is written:
+no run directory, and nothing changed in an existing one (busy, or finished and asked to resume)."""
 
+import json
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from deit_train.errors import DeitTrainError
+from deit_train.errors import error_boundary, fail
+from deit_train.run_dir import RunLock, finished_metrics, is_launch_leader
 from deit_train.train import CONFIG_DIR, check_config, main
 
 
 def refuse_bad_command_line(args: list[str]) -> None:
-    """Compose a single run's config as Hydra will and check it, before Hydra creates the run directory: a bad
-    value ends here with exit status 2 and one line naming the key, the value and what is allowed. Sweeps (-m,
-    a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself (check_config)."""
+    """Compose a single run's config as Hydra will and check it, before Hydra creates the run directory. Sweeps
+    (-m, a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself."""
     if any(arg.startswith("-") for arg in args):
         return
+    with error_boundary("deit-train"):
+        check_command_line(args)
+
+
+def check_command_line(args: list[str]) -> None:
     try:
         overrides = OverridesParser.create().parse_overrides(args)
         if any(override.is_sweep_override() for override in overrides):
             return
-        own = [
-            arg
-            for arg, override in zip(args, overrides, strict=True)
-            if not override.key_or_group.startswith("hydra")
-        ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            # the run directory is Hydra's to choose: a stand-in here, where nothing is written
-            cfg = compose("train", overrides=["paths.output_dir=.", *own])
+            cfg = compose("train", overrides=args, return_hydra_config=True)
+        run_dir = Path(cfg.hydra.run.dir)
+        with open_dict(cfg):
+            del cfg.hydra
+            cfg.paths.output_dir = str(run_dir)
         check_config(cfg)
-    except DeitTrainError as error:
-        refuse_and_exit(str(error))
+        if not is_launch_leader():  # a rank the trainer started: the first process checked the directory
+            return
+        RunLock(run_dir).check_free()
+        if (finished := finished_metrics(cfg, run_dir)) is not None:
+            print(f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
+                  f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}")  # fmt: skip
+            sys.exit(0)
     except (HydraException, OmegaConfBaseException) as error:
-        refuse_and_exit(one_line(error))
+        fail("deit-train", one_line(error), 2)
 
 
 def one_line(error: Exception) -> str:
@@ -50,11 +62,6 @@ def one_line(error: Exception) -> str:
     if full_key and not any(line.startswith("full_key:") for line in lines):
         lines.append(f"full_key: {full_key}")
     return " | ".join(lines)
-
-
-def refuse_and_exit(message: str) -> None:
-    print(f"deit-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def cli() -> None:

@@ -20,6 +20,8 @@ NOISE = [
     r"is deprecated|will be removed in",  # deprecations inside our dependencies; nothing a user can act on
     r"LeafSpec",  # torch's pytree deprecation, raised inside Lightning
     r"Loading `train_dataloader` to estimate",  # Lightning's note on sizing the schedule
+    r"have no `validation_step`",  # task=teacher_cache validates nothing on purpose
+    r"`configure_optimizers` returned `None`",  # task=teacher_cache trains nothing on purpose
 ]
 NOISE_PATTERN = re.compile("|".join(NOISE))
 

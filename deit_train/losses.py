@@ -42,17 +42,8 @@ class DistillationLoss(nn.Module):
         label_loss: LabelLoss = "ce",
         bce_target_threshold: float | None = 0.0,
     ) -> None:
+        """Values as the schema checked them (schema.py, LossConfig)."""
         super().__init__()
-        if distillation_type not in ("none", "soft", "hard"):
-            raise ValueError(f"distillation_type must be none, soft or hard, got {distillation_type!r}")
-        if kl_reduction not in ("batchmean", "deit_official"):
-            raise ValueError(f"kl_reduction must be batchmean or deit_official, got {kl_reduction!r}")
-        if label_loss not in ("ce", "bce"):
-            raise ValueError(f"label_loss must be ce or bce, got {label_loss!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
@@ -134,16 +125,3 @@ class DistillationLoss(nn.Module):
     ) -> torch.Tensor:
         """cls_logits: Z_s; dist_logits: Z_dist (None for a single-head student); targets: y."""
         return self.combine(self.terms(cls_logits, dist_logits, targets, teacher_logits))
-
-
-def masked_reconstruction_loss(
-    images: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor, patch_size: int
-) -> torch.Tensor:
-    """SimMIM's objective (Xie et al. 2022, eq. 1), as transformers' DeiTForMaskedImageModeling computes it: the L1
-    distance between the reconstruction and the (normalised) input on masked pixels only, divided by the number of
-    masked pixels times channels. bool_masked_pos: (batch, patches) over the model's patch grid, True = masked."""
-    batch, channels, height, width = images.shape
-    mask = bool_masked_pos.reshape(batch, height // patch_size, width // patch_size)
-    mask = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).type_as(images)
-    l1 = F.l1_loss(reconstruction, images, reduction="none")
-    return (l1 * mask).sum() / (mask.sum() + 1e-5) / channels

@@ -17,13 +17,7 @@ from torch import nn
 from deit_train.data.transforms import eval_resize_size, resize_crop_transform
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
-from deit_train.models.checkpoints import (
-    RunCheckpoint,
-    load_into,
-    load_weights,
-    read_checkpoint,
-    read_export_config,
-)
+from deit_train.models.checkpoints import load_into, load_weights, read_export_config, read_run_checkpoint
 from deit_train.schema import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -60,12 +54,10 @@ def load_trained_model(source: str | Path, ema: bool = False) -> TrainedModel:
 
 
 def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
-    run = RunCheckpoint.of(read_checkpoint(path))
-    if run is None or run.config is None or run.class_names is None:
-        raise DeitTrainError(
-            f"{path} is not a deit-train checkpoint (no run config or class names inside). For timm or "
-            f"official DeiT weights, start a run from them with model.init={path}."
-        )
+    run = read_run_checkpoint(path, "MODEL")
+    if run.class_names is None:
+        raise DeitTrainError(f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
+                             f"(deit-train model.init={path} ...)")  # fmt: skip
     cfg = OmegaConf.create(run.config)
     class_names = list(run.class_names)
     model_cfg = OmegaConf.merge(
@@ -85,7 +77,7 @@ def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
 
 def from_transformers(directory: Path, config: dict) -> TrainedModel:
     """A timm VisionTransformerDistilled holding a transformers DeiT's weights."""
-    weights = load_weights(directory)
+    weights = load_weights(directory, "MODEL")
     if "head_dist.weight" not in weights.state:
         raise DeitTrainError(
             f"{directory} is a transformers DeiT without the two heads of "

@@ -79,13 +79,18 @@ CORPUS = {
     "task": [
         ("task=mim task.mask_ratio=1.5", "task.mask_ratio=1.5"),
         ("task=mim task.mask_patch_size=24", "task.mask_patch_size=24"),  # does not divide 32
-        ("task.name=segment", "task.name=segment"),
+        ("task=segment", "task/segment"),
+        ("task.pictures=2", "task.pictures"),  # the default task has no such field
+        ("task=mim task.pictures=-2", "task.pictures=-2"),
+        ("task._target_=nowhere.Segment", "task: Error locating target 'nowhere.Segment'"),
         ("task=mim loss=hard_distill", "task=mim"),
     ],
     "run": [
         ("ema.decay=1.5", "ema.decay=1.5"),
         ("ema.decay=abc", "ema.decay"),
         ("seed=abc", "seed"),
+        ("seed=-1", "seed=-1: expected a seed in [0, 2**32 - 1]"),
+        ("seed=4294967296", "seed=4294967296"),
         ("resume=perhaps", "resume"),
         ("debug=nope", "debug/nope"),
     ],

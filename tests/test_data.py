@@ -137,13 +137,19 @@ def test_global_batch_is_split_over_devices(tmp_path):
         world_size = 4
         accumulate_grad_batches = 1
 
-    module = DeiTDataModule(OmegaConf.create({"batch_size": 64}), OmegaConf.create({}), 16)
+    mixing = OmegaConf.create({"mixup": 0.8, "cutmix": 1.0})
+    module = DeiTDataModule(OmegaConf.create({"batch_size": 64}), mixing, 16)
     module.trainer = FakeTrainer()
     assert module.per_device_batch_size == 16
     FakeTrainer.accumulate_grad_batches = 2  # two micro-batches per optimizer step
     assert module.per_device_batch_size == 8
     FakeTrainer.world_size = 3
-    with pytest.raises(DeitTrainError, match="must divide evenly"):
+    with pytest.raises(DeitTrainError, match=r"data.batch_size=64: expected a multiple of 6 \(3 devices x 2 acc"):
+        _ = module.per_device_batch_size
+    FakeTrainer.world_size, FakeTrainer.accumulate_grad_batches = 32, 1  # 2 each: even, as Mixup needs
+    assert module.per_device_batch_size == 2
+    FakeTrainer.world_size = 64  # 1 each: Mixup would pair an image with itself
+    with pytest.raises(DeitTrainError, match="an even number per device and micro-batch for Mixup/CutMix"):
         _ = module.per_device_batch_size
 
 

@@ -53,14 +53,14 @@ IMAGES = torch.zeros(3, 3, 4, 4)
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_soft_target_is_the_average_of_the_members_probabilities(tau):
-    target = torch.softmax(ensemble(tau)(IMAGES) / tau, dim=1)  # what soft distillation reads
+    target = torch.softmax(ensemble(tau)(IMAGES).logits / tau, dim=1)  # what soft distillation reads
     torch.testing.assert_close(target, torch.tensor(hand_average(tau)), rtol=1e-6, atol=1e-7)
 
 
 def test_hard_target_is_the_argmax_of_the_average():
     expected = [max(range(3), key=row.__getitem__) for row in hand_average(1.0)]
     assert expected == [2, 1, 2]  # sample 0: neither member's own argmax
-    assert ensemble(1.0)(IMAGES).argmax(dim=1).tolist() == expected
+    assert ensemble(1.0)(IMAGES).logits.argmax(dim=1).tolist() == expected
 
 
 def test_soft_distillation_from_an_ensemble_equals_the_formula_on_the_average():
@@ -68,7 +68,7 @@ def test_soft_distillation_from_an_ensemble_equals_the_formula_on_the_average():
     torch.manual_seed(0)
     cls_logits, dist_logits, labels = torch.randn(3, 3), torch.randn(3, 3), torch.tensor([0, 1, 2])
     loss = DistillationLoss("soft", alpha=alpha, tau=tau)
-    terms = loss.terms(cls_logits, dist_logits, labels, ensemble(tau)(IMAGES))
+    terms = loss.terms(cls_logits, dist_logits, labels, ensemble(tau)(IMAGES).logits)
     kl = 0.0  # KL(p_teacher || p_student) at tau, summed over classes, averaged over the batch
     for p_row, z_row in zip(hand_average(tau), dist_logits.tolist(), strict=True):
         q_row = softmax(z_row, tau)
@@ -78,7 +78,7 @@ def test_soft_distillation_from_an_ensemble_equals_the_formula_on_the_average():
 
 def test_a_single_teacher_is_passed_through_unchanged():
     teacher = Teacher(FixedLogits(LOGITS_A), tau=3.0)
-    torch.testing.assert_close(teacher(IMAGES), LOGITS_A, rtol=0, atol=0)
+    torch.testing.assert_close(teacher(IMAGES).logits, LOGITS_A, rtol=0, atol=0)
 
 
 @pytest.fixture

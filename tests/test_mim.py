@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import DeiTConfig, DeiTForMaskedImageModeling
 
-from deit_train.data.masking import MaskGenerator
-from deit_train.data.unlabeled import HOLDOUT_EVERY, open_unlabeled_split
 from deit_train.errors import DeitTrainError
-from deit_train.losses import masked_reconstruction_loss
+from deit_train.mim.data import HOLDOUT_EVERY, open_unlabeled_split
+from deit_train.mim.loss import masked_reconstruction_loss
+from deit_train.mim.masking import MaskGenerator
+from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student
-from deit_train.models.mim import MaskedImageModel
 from deit_train.models.transformers_format import transformers_to_timm
 from deit_train.schema import ModelConfig
 from deit_train.train import train
@@ -90,11 +90,24 @@ def test_mask_generator_masks_the_exact_ratio_in_blocks(img_size, mask_patch, mo
     assert torch.equal(masks(generator()), masks(generator()))
 
 
-def test_mask_sizes_that_do_not_tile_are_refused():
-    with pytest.raises(DeitTrainError, match="mask_patch_size=24 must divide"):
-        MaskGenerator(224, 24, 16, 0.6)
-    with pytest.raises(DeitTrainError, match="mask_ratio"):
-        MaskGenerator(224, 32, 16, 1.0)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task.mask_patch_size=24"], "task.mask_patch_size=24: expected a divisor of model.img_size=224"),
+        (["model.img_size=96", "task.mask_patch_size=8"], "task.mask_patch_size=8: expected a multiple of model.pat"),
+        (["task.mask_ratio=1.0"], "task.mask_ratio=1.0: expected a share in (0, 1)"),
+        (["task.pictures=-1"], "task.pictures=-1: expected a number of pictures >= 0"),
+    ],
+)
+def test_mask_sizes_that_do_not_tile_are_refused(overrides, message, tmp_path, cache_dir):
+    from deit_train.train import check_config
+
+    from .conftest import compose_config
+
+    cfg = compose_config(["task=mim", "model=deit_tiny", *overrides], tmp_path, cache_dir)
+    with pytest.raises(DeitTrainError) as refused:
+        check_config(cfg)
+    assert str(refused.value).startswith(message)
 
 
 def test_unlabeled_images_from_a_flat_folder_hold_out_every_twentieth(tmp_path):

@@ -20,7 +20,7 @@ def test_a_teacher_with_its_own_mean_and_std_sees_its_own_normalisation():
     data_images = (pixels - mean) / std  # what the data pipeline delivers
     with torch.no_grad():
         expected = network((pixels - 0.5) / 0.5)
-    torch.testing.assert_close(teacher(data_images), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(teacher(data_images).logits, expected, rtol=1e-4, atol=1e-5)
     assert teacher.members[0].renormalize
 
 
@@ -31,7 +31,7 @@ def test_a_teacher_with_the_datas_normalisation_gets_the_images_unchanged():
     assert not teacher.members[0].renormalize
     with torch.no_grad():
         expected = network(images.contiguous(memory_format=torch.channels_last))  # the teacher's layout
-        torch.testing.assert_close(teacher(images), expected, rtol=0, atol=0)
+        torch.testing.assert_close(teacher(images).logits, expected, rtol=0, atol=0)
 
 
 def test_the_teacher_stays_in_eval_mode():
@@ -48,13 +48,13 @@ def test_teacher_img_size_shows_the_teacher_the_views_at_its_resolution():
     seen = []
     network.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
     images = torch.randn(2, 3, 16, 16)
-    logits = Teacher(network, img_sizes=[8])(images)
+    logits = Teacher(network, img_sizes=[8])(images).logits
     assert seen == [(2, 3, 8, 8)]
     # A uniform colour stays that colour at any size: the teacher's logits are the network's on the 8 px image.
     colour = torch.randn(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(Teacher(network, img_sizes=[8])(colour.expand(1, 3, 16, 16)),
+        torch.testing.assert_close(Teacher(network, img_sizes=[8])(colour.expand(1, 3, 16, 16)).logits,
                                    network(colour.expand(1, 3, 8, 8)), rtol=1e-4, atol=1e-5)  # fmt: skip
         resized = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", antialias=True)
         torch.testing.assert_close(logits, network(resized), rtol=1e-4, atol=1e-5)
-    assert Teacher(network, img_sizes=[16])(images).shape == (2, 3)  # already at its size: unchanged
+    assert Teacher(network, img_sizes=[16])(images).logits.shape == (2, 3)  # already at its size: unchanged

@@ -28,13 +28,13 @@ def assert_same_weights(a, b):
 def teacher_calls(monkeypatch):
     """How often the teacher ran on training batches (the module in train mode) and on validation batches."""
     calls = {"train": 0, "val": 0}
-    original = Teacher.run_network
+    original = Teacher.run_networks
 
     def counting(self, images):
         calls["train" if torch.is_grad_enabled() else "val"] += 1  # Lightning validates without grad
         return original(self, images)
 
-    monkeypatch.setattr(Teacher, "run_network", counting)
+    monkeypatch.setattr(Teacher, "run_networks", counting)
     return calls
 
 

@@ -94,7 +94,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
 def test_teacher_runs_once_per_batch_in_training_and_validation(
     tiny_config, random_teacher_checkpoint, monkeypatch
 ):
-    from deit_train import train as train_module
+    from deit_train.tasks import classify as train_module
 
     calls = []
     original = train_module.build_teacher

@@ -6,32 +6,22 @@ from functools import cached_property
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from deit_train.cluster import data_worker_init
 from deit_train.data.datasets import find_class_names, open_split
-from deit_train.data.masking import MaskedImages, MaskGenerator
 from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.transforms import eval_transform, train_transform
-from deit_train.data.unlabeled import open_unlabeled_split
 from deit_train.data.views import SeededViews
 from deit_train.errors import DeitTrainError
+from deit_train.schema import check_batch
 
 log = logging.getLogger(__name__)
 
 
 class DeiTDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        data: DictConfig,
-        augment: DictConfig,
-        img_size: int,
-        seed: int = 0,
-        masks: MaskGenerator | None = None,
-    ) -> None:
-        """`masks` switches to masked image modeling: unlabeled images, each with a SimMIM mask."""
+    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int, seed: int = 0) -> None:
         super().__init__()
-        self.masks = masks
         self.data = data
         self.augment = augment
         self.img_size = img_size
@@ -55,25 +45,18 @@ class DeiTDataModule(L.LightningDataModule):
         the accumulated micro-batches."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        shares = world_size * accumulate
-        if self.data.batch_size % shares:
-            raise DeitTrainError(
-                f"data.batch_size={self.data.batch_size} is the global batch and must divide evenly over "
-                f"{world_size} devices x {accumulate} accumulated micro-batches"
-            )
-        return self.data.batch_size // shares
+        # The schema checks this rule when the config names the devices; with devices=auto only the trainer knows.
+        check_batch(self.data.batch_size, world_size, accumulate, mixes=self.augment.mixup > 0 or self.augment.cutmix > 0)
+        return self.data.batch_size // (world_size * accumulate)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.masks is not None:
-            train = open_unlabeled_split(self.data, "train", train_transform(self.augment, self.img_size))
-            val = open_unlabeled_split(self.data, "val", eval_transform(self.augment, self.img_size))
-            self.train_set, self.val_set = (
-                MaskedImages(train, self.masks),
-                MaskedImages(val, self.masks, fixed=True),
-            )
-            return
-        self.train_set = open_split(self.data, "train", train_transform(self.augment, self.img_size))
-        self.val_set = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
+        self.train_set, self.val_set = self.open_datasets()
+
+    def open_datasets(self) -> tuple[Dataset, Dataset]:
+        """(training set, validation set): labelled images with the train and eval transforms."""
+        train = open_split(self.data, "train", train_transform(self.augment, self.img_size))
+        val = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
+        return train, val
 
     def loader(self, dataset, train: bool) -> DataLoader:
         workers = self.data.num_workers

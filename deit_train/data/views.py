@@ -15,9 +15,14 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from timm.data import Mixup
 from torch.utils.data import Dataset
 
-MIXUP_STREAM = 1  # keeps the batch-level seeds apart from the sample-level ones
+# Streams keep the seeds of batch-level draws (Mixup/CutMix) and of the model's own randomness (drop path, in
+# training.py) apart from the sample-level ones.
+MIXUP_STREAM = 1
+MODEL_STREAM = 2
 
 
 def view_seed(*keys: int) -> int:
@@ -65,3 +70,29 @@ class SeededViews(Dataset):
             sample = self.dataset[index]
         sample = sample if isinstance(sample, tuple) else (sample,)  # (image, label) or (image, mask)
         return (*sample, torch.tensor([index, repeat]))
+
+
+class BatchMixer:
+    """timm's Mixup/CutMix with label smoothing (DeiT: mixup 0.8, cutmix 1.0, smoothing 0.1), one draw per batch
+    from (seed, epoch, batch index, rank): the mixed batch is as reproducible as its views. Without Mixup and
+    CutMix the batch passes unchanged."""
+
+    def __init__(self, augment: DictConfig, num_classes: int, seed: int) -> None:
+        self.seed = seed
+        self.mixup = None
+        if augment.mixup > 0 or augment.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=augment.mixup,
+                cutmix_alpha=augment.cutmix,
+                prob=augment.mixup_prob,
+                switch_prob=augment.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=augment.smoothing,
+                num_classes=num_classes,
+            )
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch_idx: int, rank: int):
+        if self.mixup is None:
+            return images, targets
+        with seeded(view_seed(self.seed, epoch, batch_idx, rank, MIXUP_STREAM)):
+            return self.mixup(images, targets)

@@ -4,6 +4,7 @@ from deit_train.models.student import (
     average_heads,
     build_student,
     compile_student,
+    describe,
     forward_heads,
     is_distilled,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "average_heads",
     "build_student",
     "compile_student",
+    "describe",
     "forward_heads",
     "is_distilled",
 ]

@@ -8,8 +8,12 @@ DeiT (`config.json` with `model_type: deit` and its weights, any DeiT class, v4 
 returned under timm's names.
 """
 
+import argparse
+import contextlib
+import io
 import json
 import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,91 +29,191 @@ from deit_train.models.transformers_format import is_transformers_state, transfo
 StateDict = dict[str, torch.Tensor]
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The raw object stored in a torch checkpoint, loaded with weights_only=True."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DeitTrainError(f"checkpoint {path} does not exist")
+# Objects the official DeiT training checkpoints hold besides tensors (their `args`): plain data, safe to build.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def describe_file(path: Path) -> str:
+    """What a file is, from its first bytes: for the messages that say why it cannot serve."""
+    if path.stat().st_size == 0:
+        return "an empty file"
+    with open(path, "rb") as file:
+        head = file.read(1024)
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format, or another zip
+        first = head[30 : 30 + int.from_bytes(head[26:28], "little")].decode(errors="replace")
+        if not zipfile.is_zipfile(path):
+            return "a truncated torch checkpoint" if "/" in first else "a truncated zip archive"
+        with zipfile.ZipFile(path) as archive:
+            return "a torch checkpoint" if any(n.endswith("data.pkl") for n in archive.namelist()) else "a zip archive"
+    if len(head) >= 9 and int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:9] == b"{":
+        return "a safetensors file"
+    if head[:1] == b"\x80":
+        return "a pickle file"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
+        return f"not a checkpoint (unrecognised binary content starting {head[:8].hex(' ')})"
+    first_line = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (starting {first_line!r})"
+
+
+def source(flag: str, path: Path) -> str:
+    """How a message names the file: `model.init=PATH`, or the bare PATH of a command's argument."""
+    return f"{path}" if flag == "MODEL" else f"{flag} ({path})" if "=" in flag else f"{flag}={path}"
+
+
+def read_torch_file(path: Path, flag: str) -> object:
+    """The object in a torch checkpoint, loaded with weights_only=True (no pickled code runs), or a DeitTrainError
+    that says what the file is instead and what `flag` expects."""
+    named = source(flag, path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DeitTrainError(f"{named} {what}: expected {EXPECTED[flag]}")
+    kind = describe_file(path)
+    if kind.startswith("a truncated"):
+        raise DeitTrainError(f"{named} is {kind} (cut short: an interrupted download or copy?); fetch it again")
+    if kind not in ("a torch checkpoint", "a pickle file"):
+        raise DeitTrainError(f"{named} is {kind}: expected {EXPECTED[flag]}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise DeitTrainError(
-            f"{path} holds Python objects besides tensors and was refused (it is read with "
-            f"weights_only=True so that no code inside it runs). Re-save it as a plain state dict "
-            f"or .safetensors. Detail: {str(error).splitlines()[0]}"
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise DeitTrainError(
-            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}"
-        ) from error
+        if name := next(iter(foreign_globals(path)), None):
+            raise DeitTrainError(
+                f"{named} holds Python objects besides tensors ({name}), which loading would have to run as "
+                f"code: refused. Where you trust the file, load it yourself and save the weights alone "
+                f"(torch.save(model.state_dict(), ...) or safetensors)"
+            ) from error
+        raise DeitTrainError(f"{named} is {kind} that cannot be read as a checkpoint (corrupt?)") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as error:
+        raise DeitTrainError(f"{named} is {kind} that cannot be read: truncated or corrupt "
+                             f"({str(error).splitlines()[0][:120]})") from error  # fmt: skip
+
+
+def foreign_globals(path: Path) -> list[str]:
+    """The Python objects a pickle (or a torch checkpoint's data.pkl) names besides torch's tensors and plain
+    containers, read from its opcodes without running it."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    else:
+        data = path.read_bytes()
+    names, strings, stream = [], [], io.BytesIO(data)
+    with contextlib.suppress(Exception):  # the end of the pickles (raw tensor bytes follow in the legacy format)
+        while stream.tell() < len(data):
+            for opcode, argument, _ in pickletools.genops(stream):
+                if "UNICODE" in opcode.name:
+                    strings.append(argument)
+                elif opcode.name == "GLOBAL":
+                    names.append(argument.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+    plain = ("torch.", "collections.OrderedDict", "argparse.Namespace")
+    return [name for name in names if not name.startswith(plain)]
+
+
+# What each flag that reads a checkpoint expects, for the messages that refuse something else.
+EXPECTED = {
+    "resume=true": "a deit-train run checkpoint (<run>/checkpoints/last.ckpt)",
+    "model.init": "a deit-train .ckpt, a timm or official DeiT .pth/.pt state dict, .safetensors, or a "
+    "transformers / deit-export directory",
+    "teacher.checkpoint": "a classifier's weights: a deit-train .ckpt (trained with model=timm), a .pth/.pt state "
+    "dict, .safetensors, or a timm export directory",
+    "MODEL": "a deit-train .ckpt or a deit-export directory",
+}
+EXPECTED["ckpt_path"] = EXPECTED["resume=true"] + "; to start from weights instead, use model.init"
 
 
 @dataclass
 class RunCheckpoint:
-    """A deit-train Lightning checkpoint: the module's weights, the run config and the data's class names."""
+    """A deit-train Lightning checkpoint: the module's weights, the run config, the data's class names, the epoch
+    it ended, and the prefix of the weights that start a student."""
 
     state_dict: StateDict
     config: dict | None
     class_names: list[str] | None
+    epoch: int | None
+    student_prefix: str
 
     @classmethod
     def of(cls, stored: object) -> "RunCheckpoint | None":
-        """The checkpoint, or None when `stored` is not a Lightning checkpoint."""
-        if not (
-            isinstance(stored, dict) and "state_dict" in stored and "pytorch-lightning_version" in stored
-        ):
+        """The checkpoint, or None when `stored` is not a deit-train Lightning checkpoint."""
+        if not (isinstance(stored, dict) and "state_dict" in stored and "pytorch-lightning_version" in stored):
             return None
         config = (stored.get("hyper_parameters") or {}).get("config")
-        return cls(stored["state_dict"], config or None, stored.get("class_names"))
+        if not (isinstance(config, dict) and "model" in config and "loss" in config):
+            return None
+        prefix = (stored.get("deit_train") or {}).get("student", "student.")
+        return cls(stored["state_dict"], config, stored.get("class_names"), stored.get("epoch"), prefix)
 
     def part(self, prefix: str) -> StateDict:
         """The weights of one submodule (`student.`, `ema.module.`, `model.encoder.`), prefix removed."""
         return {k.removeprefix(prefix): v for k, v in self.state_dict.items() if k.startswith(prefix)}
 
 
+def is_lightning_checkpoint(stored: object) -> bool:
+    return isinstance(stored, dict) and "pytorch-lightning_version" in stored
+
+
+def read_run_checkpoint(path: str | Path, flag: str) -> RunCheckpoint:
+    """A deit-train run checkpoint, or a DeitTrainError naming what the file is instead."""
+    path = Path(path).expanduser()
+    stored = read_torch_file(path, flag)
+    run = RunCheckpoint.of(stored)
+    if run is None:
+        what = ("a Lightning checkpoint of another program" if is_lightning_checkpoint(stored)
+                else "a state dict (weights only)" if isinstance(stored, dict) else f"a {type(stored).__name__}")  # fmt: skip
+        raise DeitTrainError(f"{source(flag, path)} is {what}, not a deit-train run checkpoint: expected "
+                             f"{EXPECTED[flag]}")  # fmt: skip
+    return run
+
+
 @dataclass
 class Weights:
     state: StateDict
-    class_names: list[str] | None = None  # known for deit-train checkpoints
+    class_names: list[str] | None = None  # known for deit-train checkpoints and exports
 
 
-def load_weights(path: str | Path) -> Weights:
+def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
     """Model weights from any accepted file or export directory, under timm's names, wrappers removed."""
     path = Path(path).expanduser()
-    weights = load_export_directory(path) if path.is_dir() else load_weights_file(path)
+    weights = load_export_directory(path, flag) if path.is_dir() else load_weights_file(path, flag)
     if is_transformers_state(weights.state):
         try:
             weights.state = transformers_to_timm(weights.state)
         except KeyError as error:
-            raise DeitTrainError(f"{path}: unknown tensor in transformers DeiT weights: {error}") from error
+            raise DeitTrainError(f"{source(flag, path)}: unknown tensor in transformers DeiT weights: {error}") from error
     return weights
 
 
-def load_weights_file(path: Path) -> Weights:
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise DeitTrainError(f"checkpoint {path} does not exist")
+def load_weights_file(path: Path, flag: str) -> Weights:
+    if path.is_file() and describe_file(path) == "a safetensors file":
         try:
             return Weights(load_safetensors(str(path)))
-        except (SafetensorError, OSError) as error:
-            raise DeitTrainError(f"{path} is not a readable .safetensors file: {error}") from error
-    stored = read_checkpoint(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise DeitTrainError(f"{source(flag, path)} is a safetensors file that cannot be read (truncated or "
+                                 f"corrupt?): {error}") from error  # fmt: skip
+    stored = read_torch_file(path, flag)
     if not isinstance(stored, dict):
-        raise DeitTrainError(f"{path} does not hold a state dict (found {type(stored).__name__})")
-    run = RunCheckpoint.of(stored)
-    if run is not None:
-        # A classification run's student, or a masked-image-modeling run's encoder (task=mim).
-        for prefix in ("student.", "model.encoder."):
-            if student := run.part(prefix):
-                return Weights(student, run.class_names)
-        raise DeitTrainError(f"{path} is a Lightning checkpoint without student weights")
-    for wrapper in ("model", "state_dict", "model_state"):
+        raise DeitTrainError(f"{source(flag, path)} holds a {type(stored).__name__}, not weights: expected "
+                             f"{EXPECTED[flag]}")  # fmt: skip
+    if is_lightning_checkpoint(stored):
+        run = RunCheckpoint.of(stored)
+        if run is None:
+            raise DeitTrainError(f"{source(flag, path)} is a Lightning checkpoint of another program: its weights are "
+                                 f"named after that program's modules. Save the model's own state_dict() and pass "
+                                 f"that file")  # fmt: skip
+        return Weights(run.part(run.student_prefix), run.class_names)
+    for wrapper in ("model", "state_dict", "model_state", "module"):
         if isinstance(stored.get(wrapper), dict):
             stored = stored[wrapper]
             break
     state = {k.removeprefix("module."): v for k, v in stored.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise DeitTrainError(f"{path} holds no tensors")
+        raise DeitTrainError(f"{source(flag, path)} holds no tensors (keys: {sorted(map(str, stored))[:5]}): "
+                             f"expected {EXPECTED[flag]}")  # fmt: skip
     return Weights(state)
 
 
@@ -134,11 +238,11 @@ def read_export_config(directory: Path) -> dict:
     return config
 
 
-def load_export_directory(directory: Path) -> Weights:
+def load_export_directory(directory: Path, flag: str) -> Weights:
     config = read_export_config(directory)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
-            weights = load_weights_file(directory / name)
+            weights = load_weights_file(directory / name, flag)
             break
     else:
         raise DeitTrainError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")

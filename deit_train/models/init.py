@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def initialize_from(student: nn.Module, source: str) -> None:
     """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT
     directory or a deit-export directory) into `student`."""
-    state = dict(load_weights(source).state)
+    state = dict(load_weights(source, "model.init").state)
     expected = student.state_dict()
     heads = classifier_keys(student)
     encoder_present = set(expected) - set(heads) <= set(state)

@@ -90,3 +90,9 @@ def forward_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
 def average_heads(cls_logits: torch.Tensor, dist_logits: torch.Tensor | None) -> torch.Tensor:
     """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
     return cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+
+
+def describe(model: nn.Module) -> str:
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    heads = "class + distillation heads" if is_distilled(model) else "single head"
+    return f"{type(model).__name__} ({params:.2f}M params, {heads})"

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
@@ -254,9 +255,7 @@ class CacheSettings:
     config: dict  # the configuration's share of the fingerprint (from_config)
 
     @classmethod
-    def from_config(
-        cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None = None
-    ) -> "CacheSettings":
+    def from_config(cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None) -> "CacheSettings":
         """Everything in the run config that decides the training views and the teacher's stored outputs;
         ensemble_tau: the temperature at which an ensemble averages its members (teacher.py), None for one."""
         encoding = Encoding.choose(
@@ -277,15 +276,30 @@ class CacheSettings:
         }
         return cls(cfg.teacher.cache, encoding, config)
 
-    def open(self, trainer, network: nn.Module) -> TeacherCache:
-        """`network`: the teacher's network(s), whose weights the fingerprint hashes."""
-        """The cache of this run: the configuration plus world size, training data and teacher weights. One
-        rank reads every file's size and hashes the teacher; the others receive the result."""
-        inputs = None
-        if trainer.is_global_zero:
-            train_set = trainer.train_dataloader.dataset
-            inputs = fingerprint_inputs(self.config, trainer.world_size, train_set, network)
-        inputs = trainer.strategy.broadcast(inputs, src=0)
-        cache = TeacherCache(self.directory, inputs, self.encoding, trainer.global_rank)
+    def open(self, world_size: int, rank: int, train_set: Dataset, networks: nn.Module, broadcast) -> TeacherCache:
+        """The cache of this run: the configuration plus world size, training data and the teacher networks'
+        weights. Rank 0 reads every file's size and hashes the teacher; `broadcast` gives the others its result."""
+        inputs = fingerprint_inputs(self.config, world_size, train_set, networks) if rank == 0 else None
+        cache = TeacherCache(self.directory, broadcast(inputs, src=0), self.encoding, rank)
         log.info("teacher cache: %s", cache.root)
         return cache
+
+
+class TeacherCacheCallback(L.Callback):
+    """The cache's lifecycle in a run: opened on the teacher once the training data and world size are known, one
+    file read or written per epoch and rank."""
+
+    def __init__(self, settings: CacheSettings, teacher: nn.Module) -> None:
+        self.settings = settings
+        self.teacher = teacher
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        train_set = trainer.train_dataloader.dataset
+        self.teacher.cache = self.settings.open(trainer.world_size, trainer.global_rank, train_set,
+                                                self.teacher.members, trainer.strategy.broadcast)  # fmt: skip
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.teacher.cache.start_epoch(trainer.current_epoch, trainer.num_training_batches)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.teacher.cache.end_epoch()

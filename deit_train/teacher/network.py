@@ -14,7 +14,7 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
     num_classes = len(class_names)
     if cfg.checkpoint:
         teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
-        weights = load_weights(cfg.checkpoint)
+        weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
         check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
         load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
     elif cfg.pretrained:

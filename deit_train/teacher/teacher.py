@@ -2,6 +2,7 @@
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from deit_train.teacher.cache import CacheSettings, TeacherCache
+from deit_train.teacher.cache import TeacherCache
 from deit_train.teacher.network import build_teacher_network, member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
@@ -64,20 +65,28 @@ def ensemble_logits(member_logits: list[torch.Tensor], tau: float = 1.0) -> torc
     return tau * (torch.logsumexp(log_probs, dim=0) - math.log(len(member_logits)))
 
 
+@dataclass
+class TeacherOutput:
+    """What the teacher gives a batch: `logits`, which the loss reads (an ensemble's combined), and each network's
+    own `member_logits` (empty when the logits were read from the cache)."""
+
+    logits: torch.Tensor
+    member_logits: list[torch.Tensor]
+
+
 class Teacher(nn.Module):
     """A frozen classifier or an ensemble of them, always in eval mode and never saved with the student
-    (DeiTModule.on_save_checkpoint).
+    (tasks/classify.py, DeiTModule.on_save_checkpoint).
 
-    Training batches come with their view keys: with teacher.cache their logits are read from the cache (or
-    computed and stored, teacher/cache.py); validation batches, without keys, always run the networks.
-    An ensemble's logits are ensemble_logits of its members' at `tau` (soft distillation's; 1 for hard).
-    `img_sizes`: the resolution each network sees the views at (None: the student's views as they are).
+    `teacher(images)` runs the networks; `teacher(images, view_keys, batch_idx)` on a training batch reads its
+    logits from `self.cache` when one is open (teacher/cache.py, opened by TeacherCacheCallback). An ensemble's
+    logits are ensemble_logits of its members' at `tau` (soft distillation's; 1 for hard). `img_sizes`: the
+    resolution each network sees the views at (None: the student's views as they are).
     """
 
     def __init__(
         self,
         networks: nn.Module | list[nn.Module],
-        cache: CacheSettings | None = None,
         tau: float = 1.0,
         img_sizes: list[int | None] | None = None,
         data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
@@ -91,7 +100,6 @@ class Teacher(nn.Module):
             for network, size in zip(networks, img_sizes, strict=True)
         )
         self.tau = tau
-        self.cache_settings = cache
         self.cache: TeacherCache | None = None
         self.train(False)
 
@@ -100,46 +108,29 @@ class Teacher(nn.Module):
 
     def forward(
         self, images: torch.Tensor, view_keys: torch.Tensor | None = None, batch_idx: int = 0
-    ) -> torch.Tensor:
-        """The teacher's logits for `images`; pass a training batch's view keys and index to use the cache."""
+    ) -> TeacherOutput:
         if self.cache is not None and view_keys is not None:
-            return self.cache.teacher_logits(batch_idx, view_keys, lambda: self.run_network(images))
-        return self.run_network(images)
+            logits = self.cache.teacher_logits(batch_idx, view_keys, lambda: self.run_networks(images).logits)
+            return TeacherOutput(logits, [])
+        return self.run_networks(images)
 
-    def run_network(self, images: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.member_logits(images))
-
-    def combine(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
-        """The teacher's logits: the single network's, or the ensemble's (ensemble_logits)."""
-        if len(member_logits) == 1:
-            return member_logits[0]
-        return ensemble_logits(member_logits, self.tau)
-
-    def member_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each network's logits, in one forward pass each without autograd."""
+    def run_networks(self, images: torch.Tensor) -> TeacherOutput:
+        """Each network's logits, in one forward pass each without autograd, and their combination."""
         with torch.inference_mode():
-            logits = [member(images) for member in self.members]
-        return [member.clone() for member in logits]  # normal tensors, which the loss may save for backward
-
-    # teacher.cache: opened once the training data and world size are known, one file per epoch and rank.
-    def open_cache(self, trainer) -> None:
-        if self.cache_settings is not None:
-            self.cache = self.cache_settings.open(trainer, self.members)
-
-    def start_epoch(self, epoch: int, num_batches: int) -> None:
-        if self.cache is not None:
-            self.cache.start_epoch(epoch, num_batches)
-
-    def end_epoch(self) -> None:
-        if self.cache is not None:
-            self.cache.end_epoch()
+            member_logits = [member(images) for member in self.members]
+        member_logits = [logits.clone() for logits in member_logits]  # normal tensors the loss may save
+        if len(member_logits) == 1:
+            return TeacherOutput(member_logits[0], member_logits)
+        return TeacherOutput(ensemble_logits(member_logits, self.tau), member_logits)
 
 
 def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
-    """The run's teacher (cfg.teacher, or each of teacher.members for teacher=ensemble) on the data's classes, with
-    its cache when teacher.cache is set."""
+    """The run's teacher (cfg.teacher, or each of teacher.members for teacher=ensemble) on the data's classes."""
     networks = [build_teacher_network(member, class_names) for member in teacher_members(cfg.teacher)]
-    tau = cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0  # hard: the argmax of the average
-    ensemble_tau = tau if len(networks) > 1 else None
-    cache = CacheSettings.from_config(cfg, len(class_names), ensemble_tau) if cfg.teacher.cache else None
-    return Teacher(networks, cache, tau=tau, img_sizes=member_img_sizes(cfg.teacher))
+    return Teacher(networks, tau=ensemble_tau(cfg), img_sizes=member_img_sizes(cfg.teacher))
+
+
+def ensemble_tau(cfg: DictConfig) -> float:
+    """The temperature an ensemble averages its members' probabilities at: soft distillation's; 1 for hard, whose
+    target is the argmax of the average."""
+    return cfg.loss.tau if cfg.loss.distillation_type == "soft" else 1.0

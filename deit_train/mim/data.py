@@ -7,8 +7,11 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from deit_train.data import DeiTDataModule
 from deit_train.data.datasets import CIFAR, given_root, image_files, imagefolder_root, load_rgb, open_split
+from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
+from deit_train.mim.masking import MaskedImages, MaskGenerator
 
 HOLDOUT_EVERY = 20  # a folder without val/ keeps every 20th image (5 %) for validation
 
@@ -60,3 +63,17 @@ def open_unlabeled_split(cfg: DictConfig, split: str, transform) -> Dataset:
             f"needs at least {HOLDOUT_EVERY + 1} images in a flat folder, or train/ and val/ folders"
         )
     return ImageFiles(files, transform)
+
+
+class MaskedImageDataModule(DeiTDataModule):
+    """The data of task=mim: unlabeled images, each with a SimMIM mask (training masks from the view's seed,
+    validation masks fixed per image)."""
+
+    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int, seed: int, masks: MaskGenerator):
+        super().__init__(data, augment, img_size, seed)
+        self.masks = masks
+
+    def open_datasets(self) -> tuple[Dataset, Dataset]:
+        train = open_unlabeled_split(self.data, "train", train_transform(self.augment, self.img_size))
+        val = open_unlabeled_split(self.data, "val", eval_transform(self.augment, self.img_size))
+        return MaskedImages(train, self.masks), MaskedImages(val, self.masks, fixed=True)

@@ -1,0 +1,217 @@
+"""The run directory's one owner (NeMo's exp_manager, in small): who may write into it, what a run resumes from,
+which changes a resumed run accepts, and the files it writes besides the trainer's.
+
+- A lock (`.deit-train.lock`, an flock held by the run's first process) makes a second run into a busy directory
+  fail in one line naming the other process. The kernel releases the lock of a killed run, so a stale lock is
+  simply taken over (and the log says whose it was).
+- Hydra's own `.hydra/` files are written here, once the lock is held and the config passed its checks
+  (hydra.output_subdir is null in conf/hydra/default.yaml), so a refused run changes nothing of an earlier one.
+- `resume=true` continues from checkpoints/last.ckpt; on a finished run it says so and changes nothing. The new
+  config is compared with the checkpoint's: what changes what is trained is refused with the list of
+  differences, what may change (RESUMABLE_CHANGES) is applied and logged.
+- A run that fails before it trained anything leaves no directory behind.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from deit_train.cluster import requeued_checkpoint
+from deit_train.errors import DeitTrainError, RunDirectoryBusy
+
+log = logging.getLogger("deit_train")
+
+LOCK_NAME = ".deit-train.lock"
+
+# Keys a resumed run may change; they are applied (the optimizer's hyper-parameters and the schedule are rebuilt
+# from the new values, training.py) and logged. Any other difference changes what is trained (architecture,
+# classes, data, loss, augmentation, seed, the optimizer itself) and is refused. A key ending in "." is a prefix.
+RESUMABLE_CHANGES = (
+    "trainer.max_epochs",  # train longer (or stop sooner)
+    "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr",
+    "trainer.gradient_clip_val", "trainer.precision",  # the advice after a divergence
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.sync_batchnorm",
+    "trainer.log_every_n_steps", "trainer.check_val_every_n_epoch", "trainer.limit_", "trainer.enable_",
+    "trainer.profiler", "trainer.plugins", "trainer.default_root_dir", "trainer.num_sanity_val_steps",
+    "trainer.deterministic", "trainer.benchmark",
+    "data.root",  # the same data moved (its classes are compared)
+    "data.num_workers", "data.pin_memory", "data.skip_corrupt", "data.cache_dir", "data.scan",
+    "model.init", "model.pretrained", "teacher.pretrained",  # starting weights: a resumed run has its own
+    "teacher.cache", "compile", "logger.", "callbacks.", "paths.", "debug", "resume", "ckpt_path", "required",
+)  # fmt: skip
+
+
+def is_launch_leader() -> bool:
+    """Whether this process is the run's first (global rank 0), known from the launcher's variables before the
+    trainer starts: torchrun's RANK, Slurm's SLURM_PROCID, Lightning's NODE_RANK / LOCAL_RANK for the processes it
+    starts itself."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return os.environ.get("SLURM_PROCID", "0") == "0"
+    return os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class RunLock:
+    """An exclusive flock on DIR/.deit-train.lock, holding the owner's pid, host and start time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self.file = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self.owner(file)
+            file.close()
+            raise RunDirectoryBusy(
+                f"{self.path.parent} is in use by another deit-train run ({owner}). Wait for it to end, or give "
+                f"this run its own directory (hydra.run.dir=...)"
+            ) from None
+        previous = self.owner(file)
+        if previous:
+            log.info("run directory: took over the lock of a run that ended without releasing it (%s)", previous)
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self.file = file
+
+    @staticmethod
+    def owner(file) -> str:
+        file.seek(0)
+        return file.read().strip()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+    def check_free(self) -> None:
+        """Refuse at once when another run holds the lock (the console script, before Hydra writes anything)."""
+        if self.path.is_file():
+            self.acquire()
+            self.release()
+
+
+def last_checkpoint(output_dir: Path) -> Path:
+    return output_dir / "checkpoints" / "last.ckpt"
+
+
+def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to continue from: ckpt_path, or this run's last.ckpt if there is one and resume=true or Slurm
+    requeued the job (which runs again in the same directory)."""
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+            raise DeitTrainError(f"ckpt_path={cfg.ckpt_path} {what}: pass a deit-train .ckpt (e.g. "
+                                 f"<run>/checkpoints/last.ckpt)")  # fmt: skip
+        return str(path)
+    if requeued := requeued_checkpoint(output_dir):
+        return requeued
+    last = last_checkpoint(output_dir)
+    if cfg.resume and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    if cfg.resume:
+        log.info("resume=true but %s does not exist yet: starting from scratch", last)
+    return None
+
+
+def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The results of this directory's finished run, when resume=true has nothing left to do: its metrics.json
+    exists and its last checkpoint ended the last of trainer.max_epochs."""
+    metrics, last = output_dir / "metrics.json", last_checkpoint(output_dir)
+    if not (cfg.resume and not cfg.ckpt_path and metrics.is_file() and last.is_file()):
+        return None
+    from deit_train.models.checkpoints import read_run_checkpoint
+
+    epoch = read_run_checkpoint(last, "resume=true").epoch
+    if epoch is None or epoch + 1 < cfg.trainer.max_epochs:
+        return None
+    return json.loads(metrics.read_text())
+
+
+def flatten(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        items = {}
+        for key, value in node.items():
+            items.update(flatten(value, f"{prefix}{key}."))
+        return items or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def check_resume(cfg: DictConfig, stored_config: dict | None, stored_classes: list[str] | None,
+                 class_names: list[str] | None) -> None:  # fmt: skip
+    """Refuse a resume whose config changes what is trained; log the changes it applies."""
+    if stored_classes is not None and class_names is not None and list(stored_classes) != list(class_names):
+        raise DeitTrainError(
+            f"resume: the data's classes ({len(class_names)}: {class_names[:4]}...) are not the checkpoint's "
+            f"({len(stored_classes)}: {list(stored_classes)[:4]}...): the heads would read the wrong labels. Resume "
+            f"on the same data, or start a new run from it with model.init=<checkpoint> (heads reset)"
+        )
+    if not stored_config:
+        return
+    new, old = flatten(OmegaConf.to_container(cfg, resolve=True)), flatten(stored_config)
+    changed = sorted(key for key in new.keys() & old.keys() if new[key] != old[key])
+    changed += sorted((new.keys() ^ old.keys()) - {""})
+    resumable = [key for key in changed if key.startswith(RESUMABLE_CHANGES)]
+    refused = [key for key in changed if key not in resumable]
+    if refused:
+        listed = ", ".join(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise DeitTrainError(
+            f"resume: {len(refused)} change(s) to what the run trains: {listed}{more}. Resume with the run's own "
+            f"values (they are in its .hydra/config.yaml), or start a new run from its weights with "
+            f"model.init=<checkpoint>. Changes a resumed run accepts: max_epochs, the learning rate and its schedule, "
+            f"weight decay, clipping, precision, devices, workers, loggers and callbacks"
+        )
+    for key in resumable:
+        if key.split(".")[0] not in ("paths", "resume", "ckpt_path", "callbacks", "logger", "hydra"):
+            log.info("resume: %s changed %s -> %s (applied)", key, old.get(key, "(unset)"), new.get(key, "(unset)"))
+
+
+def write_config(cfg: DictConfig, output_dir: Path) -> None:
+    """The composed config and the overrides, where Hydra would have written them (.hydra/)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_dir = output_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    hydra = HydraConfig.get()
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
+                       ("overrides.yaml", hydra.overrides.task)):  # fmt: skip
+        staging = hydra_dir / f".{name}.tmp"
+        staging.write_text(OmegaConf.to_yaml(node))
+        staging.replace(hydra_dir / name)
+
+
+def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / ".metrics.json.tmp"
+    staging.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    staging.replace(output_dir / "metrics.json")
+
+
+def discard_if_unused(output_dir: Path) -> None:
+    """Remove the directory of a run that failed before writing anything of its own: nothing in it but Hydra's
+    log file and the lock."""
+    if not output_dir.is_dir():
+        return
+    files = [p for p in output_dir.rglob("*") if p.is_file()]
+    if all(p.suffix == ".log" or p.name == LOCK_NAME for p in files):
+        shutil.rmtree(output_dir, ignore_errors=True)

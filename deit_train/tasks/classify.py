@@ -1,0 +1,200 @@
+"""task=classify: supervised training of a student with the DeiT loss (losses.py), from an optional frozen teacher
+(teacher/). DeiTModule is its LightningModule; its training step reads like the paper: mix, teacher, both heads,
+loss."""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from deit_train.data import DeiTDataModule
+from deit_train.data.views import BatchMixer
+from deit_train.errors import DeitTrainError
+from deit_train.losses import DistillationLoss
+from deit_train.models import (
+    average_heads,
+    build_student,
+    compile_student,
+    describe,
+    forward_heads,
+    is_distilled,
+)
+from deit_train.tasks import Built, Task
+from deit_train.teacher import CacheSettings, Teacher, TeacherCacheCallback, build_teacher, ensemble_tau
+from deit_train.training import TrainingModule, run_config
+
+log = logging.getLogger("deit_train")
+
+
+class DeiTModule(TrainingModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        criterion: DistillationLoss,
+        class_names: list[str],
+        optim: DictConfig,
+        augment: DictConfig,
+        global_batch_size: int,
+        teacher: Teacher | None = None,
+        ema_decay: float | None = None,
+        seed: int = 0,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__(optim, global_batch_size, seed, config)
+        self.student = student
+        self.teacher = teacher
+        self.criterion = criterion
+        self.class_names = list(class_names)
+        self.mix = BatchMixer(augment, self.num_classes, seed)
+        # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
+        # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
+        self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay is not None else None
+        if self.ema is not None:  # updated by copying, never by gradients: DDP must not wait for its grads
+            self.ema.requires_grad_(False)
+
+        top5 = min(5, self.num_classes)
+        acc = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
+        self.val_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5), "loss": MeanMetric()})
+        if is_distilled(student):  # each head on its own; acc1 is their average, the model's prediction
+            self.val_metrics.update({"acc1_cls": acc(1), "acc1_dist": acc(1)})
+        if teacher is not None:
+            # agreement: the student's prediction scored against the teacher's prediction.
+            self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
+            if len(teacher.members) > 1:  # an ensemble: each network's own top-1 too
+                self.val_metrics.update({f"teacher_acc1_member{i}": acc(1) for i in range(len(teacher.members))})
+        if self.ema is not None:
+            self.val_ema_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5)})
+
+    @property
+    def network(self) -> nn.Module:
+        return self.student
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["class_names"] = self.class_names
+        # The teacher's weights come from the teacher config, not from the student's checkpoints.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:  # strict loading: put the teacher's own weights back
+            teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+            checkpoint["state_dict"] = {**teacher_state, **checkpoint["state_dict"]}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
+        return average_heads(*forward_heads(self.student, images))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets, view_keys = batch
+        # Mixup/CutMix; the teacher sees the same mixed images
+        images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
+        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if self.teacher is not None else None
+        cls_logits, dist_logits = forward_heads(self.student, images)
+        terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
+        loss = self.criterion.combine(terms)
+        self.track(loss)
+        # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.
+        self.log("train/loss", loss)
+        self.log_dict({f"train/loss_{name}": term.detach() for name, term in terms.items()})
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update(self.student, step=self.global_step)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        cls_logits, dist_logits = forward_heads(self.student, images)
+        logits = average_heads(cls_logits, dist_logits)
+        metrics = self.val_metrics
+        metrics["acc1"](logits, labels)
+        metrics["acc5"](logits, labels)
+        metrics["loss"](nn.functional.cross_entropy(logits, labels, reduction="none"))  # a mean over images
+        if dist_logits is not None:
+            metrics["acc1_cls"](cls_logits, labels)
+            metrics["acc1_dist"](dist_logits, labels)
+        if self.teacher is not None:
+            teacher = self.teacher(images)
+            metrics["teacher_acc1"](teacher.logits, labels)
+            metrics["agreement"](logits, teacher.logits.argmax(dim=1))
+            if len(teacher.member_logits) > 1:
+                for i, member in enumerate(teacher.member_logits):
+                    metrics[f"teacher_acc1_member{i}"](member, labels)
+        for name, metric in metrics.items():
+            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
+        if self.ema is not None:
+            ema_logits = average_heads(*forward_heads(self.ema.module, images))
+            for name, metric in self.val_ema_metrics.items():
+                metric(ema_logits, labels)
+                self.log(f"val_ema/{name}", metric)
+
+
+@dataclass
+class Classify(Task):
+    """The default task: the student learns the data's labels, with hard or soft distillation when the loss group
+    asks for a teacher."""
+
+    def check(self, cfg: DictConfig) -> None:
+        super().check(cfg)
+        distillation = cfg.loss.distillation_type
+        if distillation != "none" and cfg.teacher.name is None:
+            raise DeitTrainError(
+                f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
+                f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
+            )
+
+    def build(self, cfg: DictConfig) -> Built:
+        datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
+        module = self.build_module(cfg, datamodule.class_names)
+        return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
+
+    @staticmethod
+    def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
+        """Student, teacher and loss on these classes."""
+        criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
+        if cfg.teacher.name is not None and not criterion.needs_teacher:
+            log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
+        if cfg.teacher.cache and not criterion.needs_teacher:
+            log.warning("teacher.cache=%s is unused: loss=ce runs no teacher", cfg.teacher.cache)
+        teacher = build_teacher(cfg, class_names) if criterion.needs_teacher else None
+        student = build_student(cfg.model, len(class_names))
+        # A rule on the built student (which of timm's classes a model name gives): it cannot be in the schema.
+        if criterion.needs_teacher and criterion.alpha == 1.0 and is_distilled(student):
+            raise DeitTrainError(
+                f"loss.alpha=1.0 gives the class head of the distilled student {cfg.model.name} no training signal, "
+                f"yet its predictions are averaged with the distillation head's. Take a single-head student for pure "
+                f"distillation (function matching), e.g. model=deit_small_plain, or set loss.alpha below 1."
+            )
+        if cfg.compile:
+            compile_student(student)
+        log.info("student %s on %d classes; teacher %s", describe(student), len(class_names),
+                 cfg.teacher.name if teacher is not None else "none")  # fmt: skip
+        return DeiTModule(
+            student=student,
+            teacher=teacher,
+            criterion=criterion,
+            class_names=class_names,
+            optim=cfg.optim,
+            augment=cfg.augment,
+            global_batch_size=cfg.data.batch_size,
+            ema_decay=cfg.ema.decay,
+            seed=cfg.seed,
+            config=run_config(cfg),
+        )
+
+
+def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:
+    """teacher.cache's callback, when the run has a teacher and a cache."""
+    if teacher is None or not cfg.teacher.cache:
+        return []
+    tau = ensemble_tau(cfg) if len(teacher.members) > 1 else None
+    return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau), teacher)]

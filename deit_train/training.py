@@ -1,0 +1,117 @@
+"""What every task's LightningModule shares: the optimizer and schedule of the optim group, model randomness
+drawn from (seed, epoch, rank), a guard that stops a diverged run before it can replace the last good
+checkpoint, and the run config and metadata inside every checkpoint."""
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from deit_train.data.views import MODEL_STREAM, view_seed
+from deit_train.errors import TrainingDiverged
+
+CHECKPOINT_FORMAT = 1  # checkpoint["deit_train"]["format"]: how a deit-train checkpoint is laid out
+
+
+class TrainingModule(L.LightningModule):
+    """A task's module sets `network` (the nn.Module the optimizer trains) and calls `self.track(loss)` in its
+    training step. `student_prefix`: where the weights that start a student (model.init) sit in its state dict."""
+
+    student_prefix = "student."
+    divergence_advice = "Lower optim.lr, set trainer.gradient_clip_val=1.0, or prefer bf16-mixed to 16-mixed"
+
+    def __init__(self, optim: DictConfig, global_batch_size: int, seed: int = 0, config: dict | None = None):
+        super().__init__()
+        self.optim = optim
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        # The resolved run config travels in every checkpoint (plain containers: weights_only-safe).
+        self.save_hyperparameters({"config": config or {}})
+        # Set on the device when a loss is NaN/inf; read (a host sync) only at log steps and before a save.
+        self.register_buffer("loss_diverged", torch.tensor(False), persistent=False)
+        self.fresh_optimizer_settings: tuple[list[dict], dict] | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        raise NotImplementedError
+
+    # Model randomness (drop path, dropout) is drawn from (seed, epoch, rank): each rank its own masks, as the
+    # official code's seed + rank, and a run resumed at an epoch boundary draws what the uninterrupted run draws.
+    # The data views have their own seeds (data/views.py).
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(view_seed(self.seed, self.current_epoch, self.global_rank, MODEL_STREAM))
+
+    def track(self, loss: torch.Tensor) -> None:
+        """Remember a non-finite loss without a host sync; check it at log steps."""
+        self.loss_diverged |= ~torch.isfinite(loss.detach())
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
+
+    def stop_if_diverged(self) -> None:
+        if bool(self.loss_diverged):
+            raise TrainingDiverged(
+                f"the training loss became NaN or inf (detected at step {self.global_step}). The last good "
+                f"checkpoint is kept. {self.divergence_advice}; then resume=true or start again."
+            )
+        bad = next((name for name, p in self.network.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"the weights became NaN or inf ({bad}, at step {self.global_step}) while the loss was still "
+                f"finite. The last good checkpoint is kept. {self.divergence_advice}; then resume=true or start "
+                f"again."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.stop_if_diverged()  # never replace the last good checkpoint by a diverged model
+        checkpoint["deit_train"] = {"format": CHECKPOINT_FORMAT, "student": self.student_prefix}
+
+    def configure_optimizers(self):
+        """The optim group's optimizer (timm's factory) with the paper's linear scaling rule, and its schedule
+        (timm's), stepped per optimizer step by lr_scheduler_step."""
+        optim = self.optim
+        lr = optim.lr * self.global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
+        extra = dict(optim.kwargs)
+        if optim.name == "adamw" and self.device.type == "cuda":
+            extra.setdefault("fused", True)  # one kernel for the whole update
+        # No weight decay on norms, biases, tokens and position embeddings (timm's factory).
+        optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay,
+                                        **extra)  # fmt: skip
+        trainer = self.trainer
+        steps_per_epoch = max(1, trainer.estimated_stepping_batches // max(1, trainer.max_epochs))
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=optim.schedule,
+            num_epochs=trainer.max_epochs,
+            warmup_epochs=optim.warmup_epochs,
+            warmup_lr=optim.warmup_lr,
+            min_lr=optim.min_lr,
+            step_on_epochs=False,  # per optimizer step: a smooth warm-up even for short runs
+            updates_per_epoch=steps_per_epoch,
+        )
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        self.fresh_optimizer_settings = (groups, scheduler.state_dict())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run restored the optimizer's hyper-parameters and the schedule's settings from the checkpoint;
+        put back this run's (optim.lr, weight decay, warm-up, min lr, max_epochs), keeping the optimizer's moments.
+        timm's schedules are functions of the step, so their state holds nothing but settings."""
+        if self.trainer.ckpt_path is None or self.fresh_optimizer_settings is None:
+            return
+        groups, schedule = self.fresh_optimizer_settings
+        optimizer = self.trainer.optimizers[0]
+        for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+            group.update(fresh)
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        scheduler.load_state_dict(schedule)
+        scheduler.step_update(num_updates=self.global_step)  # the rate of the next step, as without a stop
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The resolved run config as plain containers, as checkpoints store it."""
+    return OmegaConf.to_container(cfg, resolve=True)
