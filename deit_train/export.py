@@ -1,14 +1,22 @@
-"""`deit-export CHECKPOINT OUT_DIR`: a trained student for transformers, timm and (optionally) ONNX.
+"""`deit-export CHECKPOINT OUT_DIR [--as KIND]`: a trained model for transformers, timm and (optionally) ONNX.
 
-OUT_DIR/transformers  DeiTForImageClassificationWithTeacher.from_pretrained and pipeline("image-classification")
-                      load it: config.json (class names as id2label, LayerNorm eps 1e-6), model.safetensors and a
-                      preprocessor_config.json that reproduces our eval transform.
-OUT_DIR/timm          timm.create_model("local-dir:OUT_DIR/timm", pretrained=True) loads it, or the named
-                      architecture with pretrained_cfg_overlay=dict(file=OUT_DIR/timm/model.safetensors).
+OUT_DIR/transformers  the transformers class for what the checkpoint is (docs/interop.md has the table):
+                        distilled DeiT  DeiTForImageClassificationWithTeacher (--as with-teacher, the default),
+                                        DeiTForImageClassification (--as classifier: the class head alone)
+                        plain DeiT/ViT  ViTForImageClassification (--as classifier, the default)
+                        task=mim run    DeiTForMaskedImageModeling, ViTForMaskedImageModeling for a plain encoder
+                                        (--as mim, the default): encoder, mask token and decoder
+                        any of these    DeiTModel / ViTModel (--as backbone): the encoder alone, without pooler
+                      with config.json (class names as id2label, LayerNorm eps 1e-6), model.safetensors and a
+                      preprocessor_config.json that reproduces our eval transform. A model transformers has no class
+                      for (DeiT III's LayerScale, a convnet) gets no such directory, and one line that says so.
+OUT_DIR/timm          timm.create_model("local-dir:OUT_DIR/timm", pretrained=True) loads it (a task=mim run: its
+                      encoder), or the named architecture with pretrained_cfg_overlay=dict(file=.../model.safetensors).
 OUT_DIR/model.onnx    with --onnx: images (N, 3, H, W) -> logits (N, classes), the average of both heads.
 """
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,28 +25,90 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from deit_train.errors import DeitTrainError
+from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
-from deit_train.models.transformers_format import timm_to_transformers, transformers_config
+from deit_train.models.transformers_format import (
+    CLASSIFIER_HEAD,
+    MIM_DECODER,
+    WITH_TEACHER_HEADS,
+    require_transformers,
+    timm_to_transformers,
+    transformers_config,
+    why_no_transformers_class,
+)
 from deit_train.trained import TrainedModel, load_trained_model
 
 log = logging.getLogger("deit_train")
 
+# --as KIND: the transformers class for each family, the distilled DeiT ("deit") and the plain ViT ("vit").
+CLASSES = {
+    "with-teacher": {"deit": "DeiTForImageClassificationWithTeacher"},
+    "classifier": {"deit": "DeiTForImageClassification", "vit": "ViTForImageClassification"},
+    "mim": {"deit": "DeiTForMaskedImageModeling", "vit": "ViTForMaskedImageModeling"},
+    "backbone": {"deit": "DeiTModel", "vit": "ViTModel"},
+}
 
-def export_transformers(trained: TrainedModel, directory: Path) -> None:
-    """A distilled DeiT as DeiTForImageClassificationWithTeacher, with its class names and preprocessing."""
-    try:
-        from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
-    except ImportError as error:
-        raise DeitTrainError(
-            "the transformers export needs transformers: pip install 'deit-train[hf]'"
-        ) from error
-    config = transformers_config(trained.model, trained.class_names)
-    config.pop("model_type")
-    hf_model = DeiTForImageClassificationWithTeacher(DeiTConfig(**config))
-    hf_model.load_state_dict(timm_to_transformers(trained.model.state_dict()), strict=True)
+
+def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.encoder if isinstance(model, MaskedImageModel) else model
+
+
+def default_kind(model: torch.nn.Module) -> str:
+    if isinstance(model, MaskedImageModel):
+        return "mim"
+    return "with-teacher" if is_distilled(model) else "classifier"
+
+
+def transformers_class(model: torch.nn.Module, kind: str) -> str:
+    """The transformers class name that `kind` writes `model` as, or a DeitTrainError saying why not."""
+    family = "deit" if is_distilled(encoder_of(model)) else "vit"
+    is_mim = isinstance(model, MaskedImageModel)
+    if kind == "mim" and not is_mim:
+        raise DeitTrainError("--as mim writes a task=mim run (mask token and decoder); this checkpoint is a "
+                             "classifier: --as classifier or --as backbone")  # fmt: skip
+    if kind in ("with-teacher", "classifier") and is_mim:
+        raise DeitTrainError(f"--as {kind}: a task=mim run has no classification head; fine-tune it first "
+                             f"(deit-train model.init=CHECKPOINT ...), or --as mim / --as backbone")  # fmt: skip
+    if family not in CLASSES[kind]:
+        raise DeitTrainError("--as with-teacher needs a distilled DeiT (two heads); this is a plain ViT with one "
+                             "head: --as classifier (ViTForImageClassification)")  # fmt: skip
+    return CLASSES[kind][family]
+
+
+def transformers_state(model: torch.nn.Module, architecture: str) -> dict[str, torch.Tensor]:
+    """`model`'s weights under `architecture`'s names (transformers_format.py)."""
+    base = "deit" if architecture.startswith("DeiT") else "vit"
+    if isinstance(model, MaskedImageModel):
+        state = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    else:
+        state = model.state_dict()
+    if architecture.endswith("Model"):  # the encoder alone, saved without the base-model prefix
+        heads = ("head.", "head_dist.", "mask_token", "decoder.")
+        return timm_to_transformers({k: v for k, v in state.items() if not k.startswith(heads)}, "", {})
+    if architecture.endswith("ForMaskedImageModeling"):
+        return timm_to_transformers(state, base, MIM_DECODER)
+    if architecture.endswith("WithTeacher"):
+        return timm_to_transformers(state, base, WITH_TEACHER_HEADS)
+    # one head on the class token; a distilled student's distillation head stays behind
+    return timm_to_transformers({k: v for k, v in state.items() if not k.startswith("head_dist.")}, base,
+                                CLASSIFIER_HEAD)  # fmt: skip
+
+
+def export_transformers(trained: TrainedModel, directory: Path, architecture: str) -> None:
+    """`trained` as the transformers class `architecture`, with its class names and preprocessing."""
+    transformers = require_transformers("the transformers export")
+    encoder = encoder_of(trained.model)
+    config = transformers_config(encoder, trained.class_names if "Classification" in architecture else [],
+                                 architecture)  # fmt: skip
+    config_class = transformers.DeiTConfig if config.pop("model_type") == "deit" else transformers.ViTConfig
+    model_class = getattr(transformers, architecture)
+    # DeiTModel / ViTModel add a pooler (dense + tanh on the class token) by default: not part of DeiT, never trained
+    options = {"add_pooling_layer": False} if architecture.endswith("Model") else {}
+    hf_model = model_class(config_class(**config), **options)
+    hf_model.load_state_dict(transformers_state(trained.model, architecture), strict=True)
     hf_model.save_pretrained(directory)
     # DeiTImageProcessor's own default squashes to 256x256; DeiT's eval resizes the short side, then crops.
-    DeiTImageProcessor(
+    transformers.DeiTImageProcessor(
         do_resize=True,
         size={"shortest_edge": trained.resize_size},
         resample=3,  # PIL bicubic
@@ -56,9 +126,9 @@ def export_timm(trained: TrainedModel, directory: Path) -> None:
     from timm.models import save_for_hf
 
     save_for_hf(
-        trained.model,
+        encoder_of(trained.model),
         str(directory),
-        model_config={"label_names": trained.class_names},
+        model_config={"label_names": trained.class_names} if trained.class_names else {},
         safe_serialization=True,
         data_config={
             "input_size": (3, trained.img_size, trained.img_size),
@@ -87,22 +157,25 @@ def export_onnx(trained: TrainedModel, path: Path) -> None:
     )
 
 
-def has_transformers_class(model: torch.nn.Module) -> bool:
-    """transformers' DeiT classes hold the two-token DeiT, without DeiT III's LayerScale (ls1, ls2)."""
-    return is_distilled(model) and all(isinstance(block.ls1, torch.nn.Identity) for block in model.blocks)
-
-
-def export(source: str | Path, out_dir: str | Path, ema: bool = False, onnx: bool = False) -> Path:
-    trained = load_trained_model(source, ema=ema)
+def export(
+    source: str | Path, out_dir: str | Path, ema: bool = False, onnx: bool = False, kind: str | None = None
+) -> Path:
+    """Write `source` to OUT_DIR/transformers (as `kind`, else what it is), OUT_DIR/timm and, with `onnx`,
+    OUT_DIR/model.onnx."""
+    trained = load_trained_model(source, ema=ema, classifier=False)
+    # every refusal before anything is written
+    reason = why_no_transformers_class(encoder_of(trained.model))
+    architecture = (
+        transformers_class(trained.model, kind or default_kind(trained.model)) if not reason else None
+    )
+    if onnx and isinstance(trained.model, MaskedImageModel):
+        raise DeitTrainError("--onnx writes a classifier; a task=mim run has none: fine-tune it first")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if has_transformers_class(trained.model):
-        export_transformers(trained, out_dir / "transformers")
+    if architecture:
+        export_transformers(trained, out_dir / "transformers", architecture)
     else:
-        kind = "a single-head" if not is_distilled(trained.model) else "a LayerScale (DeiT III)"
-        log.warning(
-            "%s is %s %s: no transformers export, timm only", source, kind, type(trained.model).__name__
-        )
+        log.warning("%s: transformers has no class for %s: exported to timm only", source, reason)
     export_timm(trained, out_dir / "timm")
     if onnx:
         export_onnx(trained, out_dir / "model.onnx")
@@ -115,18 +188,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "out_dir", help="written: OUT_DIR/transformers, OUT_DIR/timm (and OUT_DIR/model.onnx)"
     )
+    parser.add_argument(
+        "--as", dest="kind", choices=list(CLASSES),
+        help="the transformers class (default: what the checkpoint is): with-teacher (distilled DeiT), classifier "
+        "(the class head alone), mim (task=mim run), backbone (DeiTModel / ViTModel)",
+    )  # fmt: skip
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema.decay)")
     parser.add_argument("--onnx", action="store_true", help="also write OUT_DIR/model.onnx")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out_dir = export(args.checkpoint, args.out_dir, ema=args.ema, onnx=args.onnx)
+        out_dir = export(args.checkpoint, args.out_dir, ema=args.ema, onnx=args.onnx, kind=args.kind)
     except DeitTrainError as error:
         print(f"deit-export: error: {error}", file=sys.stderr)
         sys.exit(2)
     if (out_dir / "transformers").is_dir():
-        hf_dir = str(out_dir / "transformers")
-        print(f"transformers: DeiTForImageClassificationWithTeacher.from_pretrained({hf_dir!r})")
+        hf_dir = out_dir / "transformers"
+        architecture = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+        print(f"transformers: {architecture}.from_pretrained({str(hf_dir)!r})")
     print(f"timm:         timm.create_model('local-dir:{out_dir / 'timm'}', pretrained=True)")
     if args.onnx:
         print(f"onnx:         {out_dir / 'model.onnx'}")

@@ -1,13 +1,22 @@
 """A trained model ready for inference, from whatever file or directory it was saved as.
 
-Sources: a deit-train checkpoint (`.ckpt`; the run config inside rebuilds the student), a transformers DeiT
-directory or a timm export directory (both as `deit-export` writes them). deit-eval, deit-predict and
+Sources: a deit-train checkpoint (`.ckpt`; the run config inside rebuilds the student), a transformers DeiT or ViT
+directory or a timm export directory (as `deit-export` writes them, or from the hub). deit-eval, deit-predict and
 deit-export all start here, so they see the same model, class names and eval transform.
+
+transformers classes and the timm model each becomes (a classifier with a class-token head: their math is
+the same; transformers' DeiT and ViT classes are only read here, never run):
+  DeiTForImageClassificationWithTeacher   VisionTransformerDistilled (both heads, averaged)
+  DeiTForImageClassification              VisionTransformer with the distillation token as its one register token:
+                                          the same second token, position-embedded, that the class head ignores
+  ViTForImageClassification               VisionTransformer (class token only)
+DeiTModel, ViTModel and the ...ForMaskedImageModeling classes have no head: they start a run (model.init).
 """
 
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -16,8 +25,15 @@ from torch import nn
 
 from deit_train.data.transforms import eval_resize_size, resize_crop_transform
 from deit_train.errors import DeitTrainError
+from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student
-from deit_train.models.checkpoints import load_into, load_weights, read_export_config, read_run_checkpoint
+from deit_train.models.checkpoints import (
+    TRANSFORMERS_MODEL_TYPES,
+    load_into,
+    load_weights,
+    read_export_config,
+    read_run_checkpoint,
+)
 from deit_train.schema import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -27,8 +43,10 @@ DEFAULT_CROP_PCT = 0.875  # DeiT's eval crop, for exports that do not say theirs
 
 @dataclass
 class TrainedModel:
-    model: nn.Module  # in eval mode; a distilled DeiT's forward averages its two heads
-    class_names: list[str]
+    # in eval mode; a distilled DeiT's forward averages its two heads. A task=mim run's MaskedImageModel where
+    # load_trained_model(classifier=False) was asked (deit-export)
+    model: nn.Module
+    class_names: list[str]  # empty for a task=mim run
     img_size: int  # the center crop
     resize_size: int  # the short side before cropping: floor(img_size / crop_pct)
 
@@ -37,8 +55,9 @@ class TrainedModel:
         return resize_crop_transform(self.resize_size, self.img_size)
 
 
-def load_trained_model(source: str | Path, ema: bool = False) -> TrainedModel:
-    """The model in `source`; `ema=True` takes a deit-train checkpoint's EMA weights (ema.decay was set)."""
+def load_trained_model(source: str | Path, ema: bool = False, classifier: bool = True) -> TrainedModel:
+    """The model in `source`; `ema=True` takes a deit-train checkpoint's EMA weights (ema.decay was set);
+    `classifier=False` also accepts a task=mim checkpoint, as its MaskedImageModel."""
     path = Path(source).expanduser()
     if not path.exists():
         raise DeitTrainError(f"{path} does not exist: pass a deit-train .ckpt or a deit-export directory")
@@ -46,23 +65,33 @@ def load_trained_model(source: str | Path, ema: bool = False) -> TrainedModel:
         if ema:
             raise DeitTrainError("--ema reads a deit-train .ckpt; an export holds one set of weights")
         config = read_export_config(path)
-        trained = from_transformers(path, config) if config.get("model_type") == "deit" else from_timm(path)
+        is_transformers = config.get("model_type") in TRANSFORMERS_MODEL_TYPES
+        trained = from_transformers(path, config) if is_transformers else from_timm(path)
     else:
-        trained = from_checkpoint(path, ema)
+        trained = from_checkpoint(path, ema, classifier)
     trained.model.eval()
     return trained
 
 
-def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
+def from_checkpoint(path: Path, ema: bool, classifier: bool) -> TrainedModel:
     run = read_run_checkpoint(path, "MODEL")
-    if run.class_names is None:
-        raise DeitTrainError(f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
-                             f"(deit-train model.init={path} ...)")  # fmt: skip
     cfg = OmegaConf.create(run.config)
-    class_names = list(run.class_names)
     model_cfg = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), cfg.model, {"init": None, "pretrained": False}
     )
+    img_size = cfg.model.img_size
+    resize_size = eval_resize_size(img_size, cfg.augment.eval_crop_pct)
+    if run.class_names is None:
+        if classifier or ema:
+            raise DeitTrainError(f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
+                                 f"(deit-train model.init={path} ...)")  # fmt: skip
+        # MIMModule keeps its MaskedImageModel as `model` and names the encoder inside it as the student
+        model = MaskedImageModel(build_student(model_cfg, num_classes=0))
+        load_into(
+            model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model"
+        )
+        return TrainedModel(model, [], img_size, resize_size)
+    class_names = list(run.class_names)
     student = build_student(model_cfg, len(class_names))
     state = run.part("ema.module." if ema else "student.")
     if not state:
@@ -71,21 +100,31 @@ def from_checkpoint(path: Path, ema: bool) -> TrainedModel:
     load_into(student, state, str(path), "student")
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(False)  # forward = the average of both heads
-    img_size = cfg.model.img_size
-    return TrainedModel(student, class_names, img_size, eval_resize_size(img_size, cfg.augment.eval_crop_pct))
+    return TrainedModel(student, class_names, img_size, resize_size)
 
 
 def from_transformers(directory: Path, config: dict) -> TrainedModel:
-    """A timm VisionTransformerDistilled holding a transformers DeiT's weights."""
+    """A timm ViT holding a transformers DeiT or ViT classifier's weights (the table above)."""
     weights = load_weights(directory, "MODEL")
-    if "head_dist.weight" not in weights.state:
-        raise DeitTrainError(
-            f"{directory} is a transformers DeiT without the two heads of "
-            f"DeiTForImageClassificationWithTeacher; fine-tune it first (model.init={directory})"
-        )
-    num_classes = weights.state["head.weight"].shape[0]
+    state = weights.state
+    architecture = (config.get("architectures") or [config["model_type"]])[0]
+    if "head.weight" not in state:
+        raise DeitTrainError(f"{directory} is a transformers {architecture} without a classification head: "
+                             f"fine-tune it first (deit-train model.init={directory} ...)")  # fmt: skip
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise DeitTrainError(f"{directory}: hidden_act={config['hidden_act']} in its config.json; timm's ViT "
+                             f"computes the exact GELU (hidden_act=gelu) only")  # fmt: skip
+    kwargs = {}
+    if "head_dist.weight" in state:
+        name = "deit_tiny_distilled_patch16_224"
+    else:
+        name = "deit_tiny_patch16_224"
+        if "dist_token" in state:  # DeiTForImageClassification
+            kwargs["reg_tokens"] = 1
+            state["reg_token"] = state.pop("dist_token")
+    num_classes = state["head.weight"].shape[0]
     model = timm.create_model(
-        "deit_tiny_distilled_patch16_224",  # an architecture name only: every size comes from config.json
+        name,  # an architecture name only: every size comes from config.json
         pretrained=False,
         num_classes=num_classes,
         img_size=config["image_size"],
@@ -95,8 +134,11 @@ def from_transformers(directory: Path, config: dict) -> TrainedModel:
         num_heads=config["num_attention_heads"],
         mlp_ratio=config["intermediate_size"] / config["hidden_size"],
         qkv_bias=config.get("qkv_bias", True),
+        # the hub's DeiT and ViT configs say 1e-12 (transformers' default), ours 1e-6: the file's own value
+        norm_layer=partial(nn.LayerNorm, eps=config.get("layer_norm_eps", 1e-12)),
+        **kwargs,
     )
-    load_into(model, weights.state, str(directory), "DeiT described by its config.json")
+    load_into(model, state, str(directory), f"{architecture} described by its config.json")
     class_names = weights.class_names or [str(i) for i in range(num_classes)]
     img_size = config["image_size"]
     resize_size = eval_resize_size(img_size, DEFAULT_CROP_PCT)
@@ -114,6 +156,9 @@ def from_timm(directory: Path) -> TrainedModel:
         model = timm.create_model(f"local-dir:{directory}", pretrained=True)
     except (RuntimeError, OSError, ValueError, KeyError) as error:
         raise DeitTrainError(f"{directory}: timm could not load this export: {error}") from error
+    if model.num_classes == 0:
+        raise DeitTrainError(f"{directory} is a timm encoder without a classification head (a task=mim run's): "
+                             f"fine-tune it first (deit-train model.init={directory} ...)")  # fmt: skip
     cfg = model.pretrained_cfg
     class_names = cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     img_size = cfg["input_size"][-1]

@@ -3,9 +3,9 @@
 Accepted: a deit-train Lightning checkpoint (`.ckpt`, student weights under `student.`, or a task=mim run's
 encoder under `model.encoder.`); a torch state dict (`.pth`/`.pt`, bare or wrapped as the official DeiT
 `{"model": ...}` or timm's `{"state_dict": ...}`); `.safetensors`; or a directory: a Hugging Face transformers
-DeiT (`config.json` with `model_type: deit` and its weights, any DeiT class, v4 or v5 names) or a timm export
-(`config.json` with `architecture`, `model.safetensors`), as `deit-export` writes them. Weights are always
-returned under timm's names.
+DeiT or ViT (`config.json` with `model_type: deit` or `vit` and its weights, any of their classes, v4 or v5 names)
+or a timm export (`config.json` with `architecture`, `model.safetensors`), as `deit-export` writes them. Weights
+are always returned under timm's names.
 """
 
 import argparse
@@ -184,7 +184,7 @@ def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
         try:
             weights.state = transformers_to_timm(weights.state)
         except KeyError as error:
-            raise DeitTrainError(f"{source(flag, path)}: unknown tensor in transformers DeiT weights: {error}") from error
+            raise DeitTrainError(f"{source(flag, path)}: unknown tensor in transformers DeiT/ViT weights: {error}") from error
     return weights
 
 
@@ -217,12 +217,15 @@ def load_weights_file(path: Path, flag: str) -> Weights:
     return Weights(state)
 
 
+TRANSFORMERS_MODEL_TYPES = ("deit", "vit")  # config.json's model_type of the transformers classes we read
+
+
 def read_export_config(directory: Path) -> dict:
     """config.json of a transformers or timm export directory; anything else is refused by name."""
     config_file = directory / "config.json"
     not_an_export = (
         f"{directory} is a directory but not a DeiT export: expected config.json with the weights "
-        f"(a transformers DeiT directory or one written by deit-export)"
+        f"(a transformers DeiT or ViT directory, or one written by deit-export)"
     )
     if not config_file.is_file():
         inside = [f"{directory / name}" for name in ("transformers", "timm") if (directory / name).is_dir()]
@@ -232,7 +235,7 @@ def read_export_config(directory: Path) -> dict:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DeitTrainError(f"{config_file} is not valid JSON: {error}") from error
-    if config.get("model_type") != "deit" and "architecture" not in config:
+    if config.get("model_type") not in TRANSFORMERS_MODEL_TYPES and "architecture" not in config:
         found = config.get("model_type") or config.get("architectures") or sorted(config)[:5]
         raise DeitTrainError(f"{not_an_export}; its config.json describes {found}")
     return config
@@ -246,7 +249,7 @@ def load_export_directory(directory: Path, flag: str) -> Weights:
             break
     else:
         raise DeitTrainError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")
-    if config.get("model_type") == "deit":  # transformers
+    if config.get("model_type") in TRANSFORMERS_MODEL_TYPES:
         labels = config.get("id2label") or {}
         names = [labels[key] for key in sorted(labels, key=int)]
         if names and names != [f"LABEL_{i}" for i in range(len(names))]:

@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def initialize_from(student: nn.Module, source: str) -> None:
-    """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT
+    """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT or ViT
     directory or a deit-export directory) into `student`."""
     state = dict(load_weights(source, "model.init").state)
     expected = student.state_dict()
+    check_distillation_token(state, expected, source)
     heads = classifier_keys(student)
     encoder_present = set(expected) - set(heads) <= set(state)
-    # An encoder without heads: transformers' DeiTModel, a task=mim checkpoint.
+    # An encoder without heads: transformers' DeiTModel / ViTModel / ...ForMaskedImageModeling, a task=mim checkpoint.
     if heads and encoder_present and not any(key in state for key in heads):
         log.warning("model.init: %s has no classification heads: both heads start fresh", source)
         state.update({key: expected[key] for key in heads})
@@ -49,6 +50,22 @@ def initialize_from(student: nn.Module, source: str) -> None:
         state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
     # Anything else that differs is an error naming the tensor.
     load_into(student, state, f"model.init={source}", "student")
+
+
+def check_distillation_token(state: dict, expected: dict, source: str) -> None:
+    """A ViT's weights into a ViT student: both with the distillation token (DeiT) or both without (a ViT, a plain
+    DeiT); the other way round the token and the position embedding's prefix cannot be made up or dropped."""
+    if "cls_token" not in state or ("dist_token" in state) == ("dist_token" in expected):
+        return
+    if "dist_token" in state:
+        raise DeitTrainError(
+            f"model.init={source} is a distilled DeiT (class and distillation tokens) but this student is a plain ViT "
+            f"(class token only): start a distilled student from it (model=deit_tiny, deit_small, deit_base, ...)"
+        )
+    raise DeitTrainError(
+        f"model.init={source} is a ViT without distillation token (transformers' ViT classes, a plain DeiT) but "
+        f"this student is a distilled DeiT: start a plain student from it (model=deit_tiny_plain, ...)"
+    )
 
 
 def resample_position_embeddings(student: nn.Module, pos_embed: torch.Tensor, source: str) -> torch.Tensor:

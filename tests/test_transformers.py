@@ -1,0 +1,229 @@
+"""Every transformers DeiT and ViT class in and out of deit-export / model.init.
+
+Each test is an equality with transformers itself: its classes loading our exports, its pipeline. Runs and models are tiny and random
+(nothing is downloaded). The largest differences are recorded as `largest_difference` properties
+(pytest --junitxml=FILE lists them).
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import transformers
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+
+from deit_train.errors import DeitTrainError
+from deit_train.evaluate import evaluate, open_eval_folder
+from deit_train.export import export, export_transformers
+from deit_train.mim.masking import MaskGenerator
+from deit_train.models import build_student, forward_heads
+from deit_train.schema import ModelConfig
+from deit_train.train import train
+from deit_train.trained import TrainedModel, load_trained_model
+
+from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
+
+TINY_KEYS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+HF_TINY = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=128, layer_norm_eps=1e-6)  # fmt: skip
+FP32 = 1e-5  # fp32 rounding of a two-block width-32 ViT (the differences seen are 0 or ~1e-7)
+RUNS = {  # the kinds of run deit-export tells apart, each one tiny epoch on the demo data
+    "distilled": [],
+    "plain": ["model=deit_tiny_plain"],
+    "mim": ["task=mim", "task.mask_patch_size=8", "task.pictures=1"],
+    "plain_mim": ["model=deit_tiny_plain", "task=mim", "task.mask_patch_size=8", "task.pictures=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """RUNS trained lazily: runs(kind) -> last.ckpt."""
+    done = {}
+
+    def run(kind: str) -> Path:
+        if kind not in done:
+            directory = tmp_path_factory.mktemp(kind) / "run"
+            train(compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, *RUNS[kind]], directory, cache_dir))
+            done[kind] = directory / "checkpoints" / "last.ckpt"
+        return done[kind]
+
+    return run
+
+
+def val_files(demo_data) -> list[Path]:
+    return sorted((demo_data / "val").rglob("*.png"))
+
+
+def val_images(demo_data, trained) -> torch.Tensor:
+    """The demo validation images through the model's eval transform."""
+    transform = trained.transform()
+    return torch.stack([transform(Image.open(path).convert("RGB")) for path in val_files(demo_data)])
+
+
+def largest(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# run kind, --as, the transformers class it writes, what is compared
+KINDS = [
+    ("distilled", None, "DeiTForImageClassificationWithTeacher", "logits"),
+    ("distilled", "classifier", "DeiTForImageClassification", "logits"),
+    ("distilled", "backbone", "DeiTModel", "hidden states"),
+    ("plain", None, "ViTForImageClassification", "logits"),
+    ("plain", "backbone", "ViTModel", "hidden states"),
+    ("mim", None, "DeiTForMaskedImageModeling", "reconstruction"),
+    ("mim", "backbone", "DeiTModel", "hidden states"),
+    ("plain_mim", None, "ViTForMaskedImageModeling", "reconstruction"),
+]
+
+
+@pytest.mark.parametrize("run_kind,kind,architecture,compared", KINDS, ids=[f"{r}-{k or 'default'}" for r, k, *_ in KINDS])
+def test_each_kind_exports_to_its_transformers_class_with_our_outputs(
+    run_kind, kind, architecture, compared, runs, demo_data, tmp_path, record_property
+):
+    checkpoint = runs(run_kind)
+    out = export(checkpoint, tmp_path / "out", kind=kind)
+    ours = load_trained_model(checkpoint, classifier=False).model
+    model_class = getattr(transformers, architecture)
+    options = {"add_pooling_layer": False} if architecture.endswith("Model") else {}
+    theirs = model_class.from_pretrained(out / "transformers", **options).eval()
+    assert theirs.config.architectures == [architecture]
+    trained = load_trained_model(checkpoint, classifier=False)
+    images = val_images(demo_data, trained)
+    with torch.no_grad():
+        if compared == "reconstruction":
+            masks = torch.stack([MaskGenerator(16, 8, 4, 0.6)() for _ in images])
+            difference = largest(theirs(images, bool_masked_pos=masks).reconstruction, ours(images, masks))
+        elif compared == "hidden states":
+            encoder = getattr(ours, "encoder", ours)
+            difference = largest(theirs(images).last_hidden_state, encoder.forward_features(images))
+        else:
+            cls_logits, dist_logits = forward_heads(ours, images)
+            # WithTeacher averages its two heads; DeiTForImageClassification and ViT have the class head alone
+            expected = (cls_logits + dist_logits) / 2 if architecture.endswith("WithTeacher") else cls_logits
+            difference = largest(theirs(images).logits, expected)
+    record_property("largest_difference", f"{run_kind} --as {kind or 'default'} {architecture} {compared}: {difference:.3g}")
+    assert difference < FP32
+    # the preprocessing: transformers' image processor (PIL backend) gives our eval transform's tensors
+    processor = transformers.AutoImageProcessor.from_pretrained(out / "transformers", backend="pil")
+    for path in val_files(demo_data)[:3]:
+        image = Image.open(path).convert("RGB")
+        pixels = processor(image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(pixels, trained.transform()(image), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("run_kind,kind,head", [("distilled", None, "average"), ("distilled", "classifier", "class"),
+                                                ("plain", None, "average")])  # fmt: skip
+def test_pipeline_top1_on_the_validation_folder_equals_deit_eval(run_kind, kind, head, runs, demo_data, tmp_path,
+                                                                  record_property):  # fmt: skip
+    checkpoint = runs(run_kind)
+    out = export(checkpoint, tmp_path / "out", kind=kind)
+    directory = str(out / "transformers")
+    # The PIL backend: exactly our eval transform (the default torchvision one resizes in uint8, 2 grey levels off)
+    processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
+    classify = transformers.pipeline("image-classification", model=directory, image_processor=processor)
+    samples = [(path, path.parent.name) for path in val_files(demo_data)]
+    predictions = classify([str(path) for path, _ in samples], top_k=1)
+    pipeline_top1 = 100 * sum(p[0]["label"] == name for p, (_, name) in zip(predictions, samples, strict=True))
+    pipeline_top1 /= len(samples)
+    exported = load_trained_model(directory)
+    from_export = evaluate(exported, open_eval_folder(demo_data, "val", exported), batch_size=16, num_workers=0)
+    trained = load_trained_model(checkpoint)
+    from_checkpoint = evaluate(trained, open_eval_folder(demo_data, "val", trained), batch_size=16, num_workers=0)
+    record_property("pipeline_vs_deit_eval", f"{run_kind} --as {kind or 'default'}: pipeline {pipeline_top1:.2f}, "
+                    f"deit-eval {from_export['heads']['average']['top1']:.2f} (export), "
+                    f"{from_checkpoint['heads'][head]['top1']:.2f} (checkpoint, {head} head)")  # fmt: skip
+    assert len(samples) == from_export["images"] == 40
+    assert pipeline_top1 == pytest.approx(from_export["heads"]["average"]["top1"], abs=1e-4)
+    assert pipeline_top1 == pytest.approx(from_checkpoint["heads"][head]["top1"], abs=1e-4)
+
+
+def test_export_refuses_a_kind_the_checkpoint_is_not_before_writing(runs, tmp_path):
+    with pytest.raises(DeitTrainError, match="--as with-teacher needs a distilled DeiT"):
+        export(runs("plain"), tmp_path / "a", kind="with-teacher")
+    with pytest.raises(DeitTrainError, match="--as mim writes a task=mim run"):
+        export(runs("distilled"), tmp_path / "b", kind="mim")
+    with pytest.raises(DeitTrainError, match="--as classifier: a task=mim run has no classification head"):
+        export(runs("mim"), tmp_path / "c", kind="classifier")
+    with pytest.raises(DeitTrainError, match="--onnx writes a classifier; a task=mim run has none"):
+        export(runs("mim"), tmp_path / "d", onnx=True)
+    assert not any((tmp_path / name).exists() for name in "abcd")
+    backbone = export(runs("plain"), tmp_path / "e", kind="backbone") / "transformers"
+    with pytest.raises(DeitTrainError, match="ViTModel without a classification head: fine-tune it first"):
+        load_trained_model(backbone)
+
+
+def plain_student(init, num_classes=10, distilled=False):
+    name = "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224"
+    config = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": name, "init": str(init), **TINY_KEYS})
+    return build_student(config, num_classes).eval()
+
+
+V5_TO_V4 = [
+    (r"^(vit\.)?layers\.", r"\1encoder.layer."),
+    (r"\.attention\.([qkv])_proj\.", lambda m: ".attention.attention." + dict(q="query", k="key", v="value")[m[1]] + "."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("names", ["v5", "v4"])
+def test_vit_directories_start_plain_students_as_transformers_loads_them(names, tmp_path):
+    """ViTForImageClassification and ViTModel (the hub's facebook/deit-*-patch16-224 are the former, with v4
+    names) into a plain student, and deit-eval's loader: the same logits and hidden states as transformers'."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**HF_TINY, num_labels=10)
+    images = torch.randn(3, 3, 16, 16)
+    for model_class in (transformers.ViTForImageClassification, transformers.ViTModel):
+        directory = tmp_path / model_class.__name__
+        model_class(config).save_pretrained(directory)
+        if names == "v4":
+            state = {}
+            for key, tensor in model_class.from_pretrained(directory).state_dict().items():
+                for pattern, replacement in V5_TO_V4:
+                    key = re.sub(pattern, replacement, key)
+                state[key] = tensor.contiguous()
+            assert any(".encoder.layer.0.attention.attention.query." in "." + key for key in state)
+            save_file(state, str(directory / "model.safetensors"))
+        theirs = model_class.from_pretrained(directory).eval()  # transformers' own reading of the v4 names
+        student = plain_student(directory)
+        with torch.no_grad():
+            if model_class is transformers.ViTModel:
+                assert largest(student.forward_features(images), theirs(images).last_hidden_state) < FP32
+            else:
+                assert largest(student(images), theirs(images).logits) < FP32
+                assert largest(load_trained_model(directory).model(images), theirs(images).logits) < FP32
+    with pytest.raises(DeitTrainError, match="is a ViT without distillation token .* start a plain student"):
+        plain_student(tmp_path / "ViTModel", distilled=True)
+    transformers.DeiTModel(transformers.DeiTConfig(**HF_TINY)).save_pretrained(tmp_path / "deit")
+    with pytest.raises(DeitTrainError, match="is a distilled DeiT .* start a distilled student"):
+        plain_student(tmp_path / "deit")
+
+
+def test_an_imported_directory_trains_one_step_like_the_same_start_from_timm_weights(tmp_path, cache_dir, demo_data):
+    """A ViTForImageClassification directory (written by transformers from a timm model) and that timm model's own
+    .safetensors start the same run: one step later the weights are the same."""
+    torch.manual_seed(0)
+    start = timm.create_model("deit_tiny_patch16_224", num_classes=10, **TINY_KEYS)
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(tmp_path / "start.safetensors"))
+    plain_run = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, "model=deit_tiny_plain", "+trainer.max_steps=1",
+                                f"model.init={tmp_path / 'start.safetensors'}"], tmp_path / "timm_start", cache_dir)  # fmt: skip
+    train(plain_run)
+    after_timm = torch.load(tmp_path / "timm_start/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    # the directory: transformers' ViTForImageClassification holding `start`, saved by save_pretrained
+    names = sorted(path.name for path in (demo_data / "train").iterdir())
+    export_transformers(TrainedModel(start.eval(), names, 16, 18), tmp_path / "hf", "ViTForImageClassification")
+    assert transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").config.model_type == "vit"
+    hf_run = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, "model=deit_tiny_plain", "+trainer.max_steps=1",
+                             f"model.init={tmp_path / 'hf'}"], tmp_path / "hf_start", cache_dir)  # fmt: skip
+    train(hf_run)
+    after_hf = torch.load(tmp_path / "hf_start/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    students = [key for key in after_timm if key.startswith("student.")]
+    assert students and not torch.equal(after_timm["student.head.weight"], start.state_dict()["head.weight"])
+    for key in students:
+        torch.testing.assert_close(after_hf[key], after_timm[key], rtol=0, atol=1e-6)
