@@ -84,22 +84,29 @@ class ModelConfig:
 
 
 TEACHER_IMAGE_SIZE = Range(1, None, "an image size >= 1, or null (the student's)")
+# timm: name is a timm model; transformers: name is a directory AutoModelForImageClassification loads (teacher=hf)
+TEACHER_LIBRARY = OneOf("timm", "transformers")
 
 
 @dataclass
 class TeacherNetworkConfig:
     """One network of teacher=ensemble."""
 
-    name: str = MISSING  # a timm classifier
+    name: str = MISSING  # a timm classifier, or a transformers classifier's directory (library=transformers)
+    library: str = checked("timm", TEACHER_LIBRARY)
     pretrained: bool = False
     checkpoint: str | None = None
-    # the resolution this network sees the views at; null: teacher.img_size
+    # the resolution this network sees the views at; null: teacher.img_size (a transformers network: else its
+    # image processor's)
     img_size: int | None = checked(None, TEACHER_IMAGE_SIZE)
 
 
 @dataclass
 class TeacherConfig:
-    name: str | None = None  # a timm classifier; ensemble: the average of teacher.members; null: no teacher
+    # a timm classifier; a transformers classifier's directory (library=transformers, teacher=hf); ensemble: the
+    # average of teacher.members; null: no teacher
+    name: str | None = None
+    library: str = checked("timm", TEACHER_LIBRARY)
     pretrained: bool = False
     # a deit-train .ckpt, a torch .pth/.pt (also {"model": ...}) or .safetensors
     checkpoint: str | None = None
@@ -297,6 +304,13 @@ def check_teacher(cfg: DictConfig) -> None:
                      "e.g. teacher.members='[{name:resnet50,checkpoint:A},{name:regnety_160,checkpoint:B}]'")  # fmt: skip
     if members and teacher.name != "ensemble":
         raise refuse("teacher.name", teacher.name, "ensemble when teacher.members is set (teacher=ensemble)")
+    if teacher.library == "transformers" and teacher.name is None:
+        raise refuse("teacher.name", None, "a transformers image classifier's directory with teacher=hf")
+    networks = [(f"teacher.members.{i}", m) for i, m in enumerate(teacher.members)] or [("teacher", teacher)]
+    for key, network in networks:
+        if network.library == "transformers" and network.checkpoint:
+            raise refuse(f"{key}.checkpoint", network.checkpoint, f"null with {key}.library=transformers: the "
+                         f"weights are in the directory {key}.name names")  # fmt: skip
 
 
 def devices_per_node(trainer: DictConfig) -> int | None:

@@ -1,11 +1,13 @@
-"""Every transformers DeiT and ViT class in and out of deit-export / model.init.
+"""Every transformers DeiT and ViT class in and out of deit-export / model.init, and a transformers teacher.
 
-Each test is an equality with transformers itself: its classes loading our exports, its pipeline. Runs and models are tiny and random
+Each test is an equality with transformers itself: its classes loading our exports, its pipeline, its
+AutoModelForImageClassification run by hand on its image processor's output. Runs and models are tiny and random
 (nothing is downloaded). The largest differences are recorded as `largest_difference` properties
 (pytest --junitxml=FILE lists them).
 """
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,112 @@ def test_an_imported_directory_trains_one_step_like_the_same_start_from_timm_wei
     assert students and not torch.equal(after_timm["student.head.weight"], start.state_dict()["head.weight"])
     for key in students:
         torch.testing.assert_close(after_hf[key], after_timm[key], rtol=0, atol=1e-6)
+
+
+def transformers_classifier(directory: Path, class_names: list[str], size: int, seed: int = 0) -> Path:
+    """A tiny random ResNetForImageClassification (BatchNorm: eval mode matters) with an image processor whose
+    mean/std and size are its own, as transformers' run_image_classification.py leaves them."""
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)},
+    )  # fmt: skip
+    model = transformers.ResNetForImageClassification(config)
+    for module in model.modules():  # BatchNorm statistics other than (0, 1): a teacher left in training mode differs
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.save_pretrained(directory)
+    transformers.ViTImageProcessor(
+        size={"height": size, "width": size}, resample=3, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25]
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_transformers_teachers_logits_inside_the_step_equal_the_model_run_on_its_processors_output(
+    tiny_config, random_teacher_checkpoint, demo_data, tmp_path, monkeypatch
+):
+    """teacher=ensemble with a timm member and two transformers members, one at the views' 16 px and one whose
+    processor says 24 px. In the training step each member's logits equal its model run by hand on the processor's
+    output for the same images (the processor resizing and normalising them itself), and the ensemble's their
+    combination; the teacher stays frozen, out of the checkpoint, and in the cache's fingerprint by directory."""
+    from deit_train.tasks import classify
+    from deit_train.teacher import CacheSettings, ensemble_logits
+    from deit_train.teacher.cache import tensor_digest
+
+    names = sorted(path.name for path in (demo_data / "train").iterdir())
+    same_size = transformers_classifier(tmp_path / "hf16", names, size=16, seed=1)
+    larger = transformers_classifier(tmp_path / "hf24", names, size=24, seed=2)
+    members = (f"teacher.members=[{{name:resnet10t,checkpoint:{random_teacher_checkpoint}}},"
+               f"{{library:transformers,name:{same_size}}},{{library:transformers,name:{larger}}}]")  # fmt: skip
+    cfg = tiny_config("loss=soft_distill", "teacher=ensemble", members, "+trainer.max_steps=1")
+    calls = []
+
+    def build_and_watch(*args):
+        teacher = build_teacher(*args)
+        teacher.register_forward_hook(lambda module, inputs, output: calls.append((inputs, output)))
+        calls.append(teacher)
+        return teacher
+
+    build_teacher = classify.build_teacher
+    monkeypatch.setattr(classify, "build_teacher", build_and_watch)
+    train(cfg)
+    teacher = calls[0]
+    (images, _view_keys, _batch_idx), output = next(call for call in calls[1:] if len(call[0]) == 3)
+    assert [member.img_size for member in teacher.members] == [None, 16, 24]  # None: the views as they come
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the data's normalisation (ImageNet's)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    raw = images * std + mean  # the views as images in [0, 1]
+    by_hand = [timm_teacher(random_teacher_checkpoint)(images)]
+    for directory in (same_size, larger):
+        processor = transformers.AutoImageProcessor.from_pretrained(directory)
+        model = transformers.AutoModelForImageClassification.from_pretrained(directory).eval()
+        with torch.no_grad():
+            pixels = processor(images=list(raw), do_rescale=False, return_tensors="pt")["pixel_values"]
+            by_hand.append(model(pixels).logits)
+    assert by_hand[2].shape == (len(images), 10) and pixels.shape[-1] == 24
+    for member, expected in zip(output.member_logits, by_hand, strict=True):
+        assert largest(member, expected) < FP32
+    assert largest(output.logits, ensemble_logits(by_hand, tau=cfg.loss.tau)) < FP32
+    stored = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(key.startswith("teacher.") for key in stored)
+    settings = CacheSettings.from_config(cfg, num_classes=10, ensemble_tau=cfg.loss.tau)
+    assert settings.config["teacher"] == ["resnet10t", str(same_size), str(larger)]
+    digest = tensor_digest(teacher.members.state_dict())
+    with torch.no_grad():
+        teacher.members[2].network.model.classifier[-1].bias.add_(1.0)
+    assert tensor_digest(teacher.members.state_dict()) != digest  # the fingerprint hashes its weights too
+
+
+def timm_teacher(checkpoint: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    model = timm.create_model("resnet10t", num_classes=10)
+    model.load_state_dict(load_file(str(checkpoint)))
+    return model.eval().requires_grad_(False)
+
+
+def test_a_transformers_teacher_is_refused_with_one_line_for_each_problem(tiny_config, demo_data, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    from deit_train.teacher import build_teacher_network
+    from deit_train.train import check_config
+
+    names = sorted(path.name for path in (demo_data / "train").iterdir())
+    directory = transformers_classifier(tmp_path / "hf", names, size=16)
+    teacher = tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}").teacher
+    other = transformers_classifier(tmp_path / "other", [f"class{i}" for i in range(10)], size=16)
+    with pytest.raises(DeitTrainError, match=r"was trained on other classes than the data's \(its id2label: \['class0'"):
+        build_teacher_network(OmegaConf.merge(teacher, {"name": str(other)}), names)
+    with pytest.raises(DeitTrainError, match="predicts 10 classes but the data has 9"):
+        build_teacher_network(teacher, names[:9])
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    with pytest.raises(DeitTrainError, match="has no preprocessor_config.json: teacher=hf takes a directory"):
+        build_teacher_network(teacher, names)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(DeitTrainError, match=r"teacher=hf needs transformers: pip install 'deit-train\[hf\]'"):
+        build_teacher_network(teacher, names)
+    with pytest.raises(DeitTrainError, match="teacher.name=None: expected a transformers image classifier.s directory with teacher=hf"):
+        check_config(tiny_config("loss=hard_distill", "teacher=hf"))
+    with pytest.raises(DeitTrainError, match="teacher.checkpoint=x.pth: expected null with teacher.library=transformers"):
+        check_config(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}", "teacher.checkpoint=x.pth"))

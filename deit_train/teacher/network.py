@@ -1,4 +1,7 @@
-"""The teacher's network: any timm classifier, with weights from a checkpoint or the timm hub, frozen."""
+"""The teacher's network, frozen: any timm classifier, with weights from a checkpoint or the timm hub, or a
+transformers image classifier directory (library=transformers, teacher=hf)."""
+
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -7,12 +10,15 @@ from torch import nn
 from deit_train.errors import DeitTrainError
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
 from deit_train.models.student import create_timm_model
+from deit_train.models.transformers_format import require_transformers
 
 
 def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
     """A teacher whose classes are the data's, frozen and in eval mode. Refuses a teacher without weights."""
     num_classes = len(class_names)
-    if cfg.checkpoint:
+    if cfg.library == "transformers":
+        teacher = build_transformers_classifier(cfg.name, class_names)
+    elif cfg.checkpoint:
         teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
         weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
         check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
@@ -70,3 +76,66 @@ def check_teacher_classes(
             f"(teacher: {list(teacher_class_names)[:5]}..., data: {class_names[:5]}...): its predictions "
             f"would be read as the wrong labels."
         )
+
+
+class TransformersClassifier(nn.Module):
+    """A transformers image classifier as the teacher uses timm's: `forward(images)` returns its logits, and
+    `pretrained_cfg` holds the mean/std its image processor normalises with (for images in [0, 1]), which
+    TeacherNetwork re-normalises the views to; `processor_size` is the side its processor gives it."""
+
+    def __init__(self, model: nn.Module, mean: tuple, std: tuple, processor_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = {"mean": mean, "std": std}
+        self.processor_size = processor_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def build_transformers_classifier(directory: str, class_names: list[str]) -> TransformersClassifier:
+    """AutoModelForImageClassification and AutoImageProcessor from `directory` (local files only), its id2label
+    checked against the data's classes by name."""
+    transformers = require_transformers("teacher=hf")
+    path, flag = Path(directory).expanduser(), f"teacher.name={directory}"
+    for needed in ("config.json", "preprocessor_config.json"):
+        if not (path / needed).is_file():
+            raise DeitTrainError(f"{flag} has no {needed}: teacher=hf takes a directory written by a transformers "
+                                 f"image classifier's and its image processor's save_pretrained(DIR)")  # fmt: skip
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32
+        )
+        processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise DeitTrainError(f"{flag}: transformers cannot load an image classifier from it: "
+                             f"{str(error).splitlines()[0][:200]}") from error  # fmt: skip
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if len(labels) != len(class_names):
+        raise DeitTrainError(f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
+                             f"it on this data first (transformers' run_image_classification.py)")  # fmt: skip
+    placeholders = [f"LABEL_{i}" for i in range(len(labels))]  # transformers' default id2label says nothing
+    if labels not in (placeholders, list(class_names)):
+        raise DeitTrainError(f"{flag} was trained on other classes than the data's (its id2label: {labels[:5]}..., "
+                             f"data: {class_names[:5]}...): its predictions would be read as the wrong labels")  # fmt: skip
+    mean, std, side = processor_input(processor, flag)
+    return TransformersClassifier(model, mean, std, side)
+
+
+def processor_input(processor, flag: str) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """The mean and std an image processor's output has, as for images in [0, 1] (rescale_factor folded in), and
+    the side of the square it gives the model: its crop, or its resize."""
+    scale = 255 * processor.rescale_factor if getattr(processor, "do_rescale", False) else 255
+    if getattr(processor, "do_normalize", False):
+        mean, std = processor.image_mean, processor.image_std
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    read = lambda key: size.get(key) if isinstance(size, dict) else getattr(size, key, None)  # noqa: E731
+    height, width = read("height"), read("width")
+    if height is None:
+        height = width = read("shortest_edge")  # ConvNeXt's processor: the short side, center-cropped square
+    if height is None or height != width:
+        raise DeitTrainError(f"{flag}: its image processor's size {size} is not a square, and the teacher sees "
+                             f"square views: save the processor with a square size or crop_size")  # fmt: skip
+    return tuple(m / scale for m in mean), tuple(s / scale for s in std), int(height)

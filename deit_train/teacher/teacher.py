@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class TeacherNetwork(nn.Module):
-    """One frozen classifier with its own input: the views resized to its img_size (bicubic, antialiased; None: as
-    they come), and its own normalisation: timm's pretrained_cfg mean/std, when they differ from the data's. A
-    teacher trained on inputs scaled to [-1, 1] would otherwise see the wrong colours."""
+    """One frozen classifier with its own input: the views resized to its img_size (bicubic, antialiased; None: a
+    transformers teacher's image processor size, a timm teacher's views as they come), and its own normalisation:
+    timm's pretrained_cfg mean/std (a transformers teacher's: its image processor's), when they differ from the
+    data's. A teacher trained on inputs scaled to [-1, 1] would otherwise see the wrong colours."""
 
     def __init__(
         self,
@@ -30,7 +31,7 @@ class TeacherNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.network = network
-        self.img_size = img_size
+        self.img_size = img_size if img_size is not None else getattr(network, "processor_size", None)
         config = getattr(network, "pretrained_cfg", None) or {}
         mean, std = tuple(config.get("mean", data_mean)), tuple(config.get("std", data_std))
         self.renormalize = (mean, std) != (tuple(data_mean), tuple(data_std))
