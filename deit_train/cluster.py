@@ -40,11 +40,15 @@ def fit_until_preempted(trainer, *args, **kwargs) -> None:
     try:
         trainer.fit(*args, **kwargs)
     except BaseException as error:
-        if not getattr(trainer, "received_sigterm", False):
-            raise
-        log.warning("stopped by SIGTERM at epoch %d, step %d: a requeued job resumes from checkpoints/last.ckpt",
-                    trainer.current_epoch, trainer.global_step)  # fmt: skip
-        raise SystemExit(128 + signal.SIGTERM) from error
+        if getattr(trainer, "received_sigterm", False):
+            log.warning("stopped by SIGTERM at epoch %d, step %d: a requeued job resumes from checkpoints/last.ckpt",
+                        trainer.current_epoch, trainer.global_step)  # fmt: skip
+            raise SystemExit(128 + signal.SIGTERM) from error
+        if isinstance(error, SystemExit) and trainer.interrupted:  # Lightning's answer to Ctrl-C: sys.exit(1)
+            log.warning("interrupted at epoch %d, step %d: resume=true continues from checkpoints/last.ckpt",
+                        trainer.current_epoch, trainer.global_step)  # fmt: skip
+            raise SystemExit(128 + signal.SIGINT) from error
+        raise
 
 
 def slurm_plugins() -> list:

@@ -12,6 +12,7 @@ only with DEIT_TRAIN_DEBUG=1 (or HYDRA_FULL_ERROR=1, Hydra's own switch).
 """
 
 import errno
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator
@@ -88,7 +89,16 @@ def worker_error(error: BaseException) -> DeitTrainError | None:
 
 def fail(prog: str, message: str, code: int) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    end_child_processes()
     sys.exit(code)
+
+
+def end_child_processes() -> None:
+    """Data-loader workers leave SIGTERM to the main process (cluster.py), so the exit handler of multiprocessing,
+    which terminates them with it, would wait for them forever after a failure that left their loader open."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 @contextmanager
@@ -98,7 +108,9 @@ def error_boundary(prog: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         fail(prog, "interrupted", 130)
-    except SystemExit:
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            end_child_processes()
         raise
     except BaseException as error:
         if debugging():

@@ -1,36 +1,37 @@
 """`deit-eval MODEL DATA`: top-1/top-5 of the class head, the distillation head and their average, and images/s.
 
 MODEL is a deit-train .ckpt or a deit-export directory; DATA an ImageFolder (one sub-folder per class), or a
-folder holding one as val/ (the training layout). Class folders are matched to the model's classes by name, so
+folder holding one as val/ (the training layout), or a local Hugging Face dataset (--split, default its
+validation split; data/hf.py). Class folders are matched to the model's classes by name, so
 a subset of the classes may be evaluated. Results are printed as a table and, with --json, written as JSON.
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
-from torchvision import datasets
 
-from deit_train.data.datasets import load_rgb
-from deit_train.errors import DeitTrainError
+from deit_train.cli_args import at_least, writable_file, write_text
+from deit_train.data.datasets import ImageFolder, open_image_folder
+from deit_train.data.hf import is_hf_dataset, open_hf_eval
+from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.models import average_heads, forward_heads
 from deit_train.trained import TrainedModel, load_trained_model
 
 
-def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> datasets.ImageFolder:
+def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> ImageFolder:
     root = Path(data).expanduser()
+    if is_hf_dataset(root):  # a local Hugging Face dataset (save_to_disk, Parquet): its split, by class name
+        return open_hf_eval(root, split, trained.transform(), trained.class_names)
     if not root.is_dir():
-        raise DeitTrainError(f"{root} is not a folder: pass an ImageFolder (one sub-folder per class)")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
     folder = root / split if (root / split).is_dir() else root
-    try:
-        dataset = datasets.ImageFolder(str(folder), transform=trained.transform(), loader=load_rgb)
-    except FileNotFoundError as error:
-        raise DeitTrainError(f"{folder}: {error}") from error
+    dataset = open_image_folder(folder, trained.transform(), max_pixels=None)
     unknown = sorted(set(dataset.classes) - set(trained.class_names))
     if unknown:
         raise DeitTrainError(
@@ -57,7 +58,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    model_seconds, images_seen = 0.0, 0
+    model_seconds, images_seen, non_finite = 0.0, 0, 0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         start = time.perf_counter()
@@ -66,6 +67,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
             torch.cuda.synchronize()
         model_seconds += time.perf_counter() - start
         images_seen += len(images)
+        non_finite += int((~torch.isfinite(cls_logits).all(dim=1)).sum())
         outputs = {
             "class": cls_logits,
             "distillation": dist_logits,
@@ -77,6 +79,9 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
                     metric(logits, labels)
     if images_seen == 0:
         raise DeitTrainError("the evaluation folder holds no images")
+    if non_finite:
+        raise DeitTrainError(f"the model's outputs are NaN or inf on {non_finite} of {images_seen} images: its weights "
+                             f"are not usable (a diverged run?). Evaluate an earlier checkpoint")  # fmt: skip
     if dist_logits is None:  # a single-head student: its one head is the prediction
         del metrics["class"], metrics["distillation"]
     return {
@@ -108,12 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--split", default="val", help="sub-folder of DATA to use when present (default: val)"
     )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--num-workers", type=at_least(0), default=2)
     parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    try:
+    with error_boundary("deit-eval"):
+        if args.json:
+            writable_file(args.json, "--json")  # before the evaluation, not after it
         trained = load_trained_model(args.model, ema=args.ema)
         dataset = open_eval_folder(args.data, args.split, trained)
         result = {
@@ -121,12 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             "data": dataset.root,
             **evaluate(trained, dataset, args.batch_size, args.num_workers),
         }
-    except DeitTrainError as error:
-        print(f"deit-eval: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+        if args.json:
+            write_text(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`deit-predict MODEL IMAGE_OR_FOLDER...`: top-k class names with probabilities, one JSON line per image.
 
 MODEL is a deit-train .ckpt or a deit-export directory (transformers or timm). Folders are searched
-recursively for images. The prediction is the softmax of the average of the two heads' logits.
+recursively for images. The prediction is the softmax of the average of the two heads' logits. An image that
+cannot be read gets an {"image", "error"} line, and the exit status is then 3.
 """
 
 import argparse
@@ -11,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from deit_train.data.datasets import image_files, load_rgb
-from deit_train.errors import DeitTrainError
+from deit_train.cli_args import at_least
+from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
+from deit_train.errors import DataError, DeitTrainError, error_boundary
 from deit_train.trained import TrainedModel, load_trained_model
 
 
@@ -29,7 +30,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
         else:
             raise DeitTrainError(f"{path} does not exist")
     if not paths:
-        raise DeitTrainError(f"no images found in {inputs} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise DeitTrainError(f"no images found in {inputs} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
@@ -42,13 +43,17 @@ def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size
         batch, readable = [], []
         for path in paths[start : start + batch_size]:
             try:
-                batch.append(transform(load_rgb(str(path))))
+                batch.append(transform(load_image(path)))
                 readable.append(path)
-            except DeitTrainError as error:
+            except DataError as error:
                 yield {"image": str(path), "error": str(error)}
         if not batch:
             continue
-        probabilities = trained.model(torch.stack(batch)).softmax(dim=-1)
+        logits = trained.model(torch.stack(batch))
+        if not torch.isfinite(logits).all():
+            raise DeitTrainError("the model's outputs are NaN or inf: its weights are not usable (a diverged run?). "
+                                 "Predict with an earlier checkpoint")  # fmt: skip
+        probabilities = logits.softmax(dim=-1)
         scores, indices = probabilities.topk(top_k, dim=-1)
         for path, image_scores, image_indices in zip(
             readable, scores.tolist(), indices.tolist(), strict=True
@@ -66,22 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deit-predict", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
     parser.add_argument("images", nargs="+", help="image files and/or folders")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top-k", type=at_least(1), default=5)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
     args = parser.parse_args(argv)
     failed = 0
-    try:
+    with error_boundary("deit-predict"):
         trained = load_trained_model(args.model, ema=args.ema)
         for record in predict(trained, image_paths(args.images), args.top_k, args.batch_size):
             print(json.dumps(record), flush=True)
             if "error" in record:
                 failed += 1
                 print(f"deit-predict: {record['error']}", file=sys.stderr)
-    except DeitTrainError as error:
-        print(f"deit-predict: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(1 if failed else 0)
+    sys.exit(3 if failed else 0)  # 3: some images could not be read (errors.py)
 
 
 if __name__ == "__main__":

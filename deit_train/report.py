@@ -12,7 +12,6 @@ import argparse
 import csv
 import math
 import statistics
-import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from deit_train.errors import DeitTrainError
+from deit_train.errors import DeitTrainError, error_boundary
 
 VAL_CURVES = {  # metric -> legend label, in drawing order
     "val/acc1": "prediction (avg of heads)",
@@ -308,11 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", type=Path, help="a run directory or a directory of runs (a sweep)")
     parser.add_argument("--out", type=Path, help="where to write report.png (and report.md, report.csv)")
     args = parser.parse_args(argv)
-    try:
+    with error_boundary("deit-report"):
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise DeitTrainError(f"--out {args.out} is a file: give a folder to write report.png (and report.md, "
+                                 f"report.csv) into")  # fmt: skip
         written = report(args.path, args.out)
-    except DeitTrainError as error:
-        print(f"deit-report: error: {error}", file=sys.stderr)
-        sys.exit(2)
     if "table" in written:
         print(written["table"])
         failed = [run for run in written["runs"] if run.metrics is None]

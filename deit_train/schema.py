@@ -137,15 +137,34 @@ class LossConfig:
 class DataConfig:
     """Every dataset's keys; those another dataset does not use stay null."""
 
-    name: str = checked(MISSING, OneOf("demo", "imagefolder", "cifar10", "cifar100"))
+    name: str = checked(MISSING, OneOf("demo", "imagefolder", "cifar10", "cifar100", "hf", "webdataset"))
     root: str | None = None  # imagefolder: root/train/<class>/*, root/val/<class>/*; cifar: download folder
+    # hf: a Hub dataset (imagenet-1k: the network once, then Hugging Face's cache) or a local path: a save_to_disk
+    # folder, a folder of Parquet/Arrow files (split in the file names), or one .parquet file (docs/data.md)
+    dataset: str | None = None
+    subset: str | None = None  # hf: the dataset's configuration, load_dataset(dataset, subset)
+    image_column: str | None = None  # hf: null: the first Image feature
+    label_column: str | None = None  # hf: null: the first ClassLabel feature
+    train_split: str = "train"  # hf
+    val_split: str | None = None  # hf: null: validation, val, valid or test, the first the dataset has
+    # webdataset: tar shards, a brace pattern (/data/train-{000000..000127}.tar), pipe: or fsspec URLs (s3://...)
+    train: str | None = None
+    val: str | None = None
+    # webdataset: the samples in an epoch over all devices; null: from the _info.json beside the shards
+    train_samples: int | None = checked(None, Range(1, None, "a number of samples >= 1, or null (_info.json)"))
+    shuffle_buffer: int = checked(4096, Range(1, None, "a number of samples >= 1"))  # webdataset, per worker
     # global, over all devices and accumulated micro-batches
     batch_size: int = checked(1024, Range(1, None, "a batch size >= 1"))
     num_workers: int = checked(8, Range(0, None, "a number of processes >= 0"))  # data-loader processes per device
     pin_memory: bool = True
     skip_corrupt: bool = False  # true: replace a corrupt image by the next one, with a counted warning
+    # before training, open every image file: header (fast: non-images, empty files, oversized images), full (decode
+    # each: also truncated files), off (huge datasets you trust); problems are reported together
+    scan: str = checked("header", OneOf("header", "full", "off"))
+    # larger images are refused as corrupt (Pillow's decompression-bomb limit); null: no limit
+    max_image_pixels: int | None = checked(89_478_485, Range(1, None, "a number of pixels >= 1, or null"))
     download: bool = False  # cifar: fetch with torchvision (needs network)
-    # demo: the generated dataset, written once under cache_dir
+    # demo: the generated dataset, written once under cache_dir; hf: the datasets cache (null: its own default)
     cache_dir: str | None = None
     image_size: int | None = None  # stored resolution
     train_per_class: int | None = None
@@ -281,6 +300,12 @@ def check(cfg: DictConfig) -> None:
         raise refuse(
             "model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}"
         )
+    if cfg.data.name == "hf" and not cfg.data.dataset:
+        raise DeitTrainError("data=hf needs data.dataset=NAME_OR_PATH: a Hugging Face Hub dataset (imagenet-1k) or a "
+                             "local save_to_disk folder or folder of Parquet files")  # fmt: skip
+    if cfg.data.name == "webdataset" and not (cfg.data.train and cfg.data.val):
+        raise DeitTrainError("data=webdataset needs data.train=SHARDS and data.val=SHARDS, e.g. "
+                             "data.train=/data/train-{000000..000127}.tar (deit-shard writes them)")  # fmt: skip
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise DeitTrainError("data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
                              "per class (task=mim: any folder of images)")  # fmt: skip

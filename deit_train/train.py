@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> TrainRun:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         built = task.build(cfg)
+        if leader and hasattr(built.datamodule, "scan"):
+            built.datamodule.scan()  # unreadable images, all of them, before training meets the first
         checkpoint = resume_from(cfg, output_dir)
         if checkpoint is not None:
             stored = read_run_checkpoint(checkpoint, "ckpt_path" if cfg.ckpt_path else "resume=true")

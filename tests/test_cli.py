@@ -104,15 +104,19 @@ def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     (data / "train" / "circle" / "00003.png").write_bytes(b"\x89PNG truncated")
-    result = run_cli(
-        "data=imagefolder",
-        f"data.root={data}",
-        "data.num_workers=1",
-        tmp_path=tmp_path,
-        cache_dir=cache_dir,
-        base=TINY_RUN + TINY_VIT,
-    )
-    assert_clear_failure(result, "corrupt image", "circle/00003.png")
+    (data / "val" / "ring" / "00001.png").write_text("a text file named .png")
+    run = lambda *more: run_cli("data=imagefolder", f"data.root={data}", "data.num_workers=1", *more,  # noqa: E731
+                                tmp_path=tmp_path, cache_dir=cache_dir, base=TINY_RUN + TINY_VIT)  # fmt: skip
+    # The scan before training finds both, in one line, before anything is written.
+    result = run()
+    assert_clear_failure(result, "2 of 120 image files cannot be read", "circle/00003.png (not an image file Pil",
+                         "ring/00001.png")  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    # Without the scan, the run meets the first one (the sanity check's validation batch): exit status 3, named, no
+    # traceback from the worker, and the process ends (its data-loader workers with it).
+    result = run("data.scan=off")
+    assert_clear_failure(result, "corrupt image", "ring/00001.png: not an image file Pillow can read")
+    assert result.returncode == 3
 
 
 def test_two_process_ddp_on_cpu_writes_one_run_directory(tmp_path, cache_dir):

@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datasets import find_class_names, load_rgb, open_split
+from deit_train.data.datasets import find_class_names, open_split
+from deit_train.data.images import load_image
 from deit_train.data.demo import CLASS_NAMES, ensure_demo_dataset
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import DeitTrainError
@@ -80,7 +81,7 @@ def test_corrupt_image_is_reported_by_path(tmp_path):
     index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg")][0]
     with pytest.raises(DeitTrainError, match="corrupt image .*broken.jpg"):
         dataset[index]
-    assert load_rgb(str(tmp_path / "train" / "a" / "x.png")).mode == "RGB"
+    assert load_image(tmp_path / "train" / "a" / "x.png").mode == "RGB"
 
 
 def test_cifar_without_files_says_how_to_get_them(tmp_path):

@@ -17,7 +17,7 @@ from deit_train.mim.masking import MaskGenerator
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student
 from deit_train.models.transformers_format import transformers_to_timm
-from deit_train.schema import ModelConfig
+from deit_train.schema import DataConfig, ModelConfig
 from deit_train.train import train
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -113,7 +113,7 @@ def test_mask_sizes_that_do_not_tile_are_refused(overrides, message, tmp_path, c
 def test_unlabeled_images_from_a_flat_folder_hold_out_every_twentieth(tmp_path):
     for index in range(45):
         Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / f"{index:02d}.png")
-    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path)})
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "imagefolder", "root": str(tmp_path)})
     train_set = open_unlabeled_split(cfg, "train", transform=lambda image: image.getpixel((0, 0))[0])
     val_set = open_unlabeled_split(cfg, "val", transform=lambda image: image.getpixel((0, 0))[0])
     assert sorted(val_set[i] for i in range(len(val_set))) == list(range(0, 45, HOLDOUT_EVERY))

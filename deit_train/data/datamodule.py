@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from deit_train.cluster import data_worker_init
 from deit_train.data.datasets import find_class_names, open_split
+from deit_train.data.images import unreadable
 from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.data.views import SeededViews
+from deit_train.data.webdataset import ShardLoader, Shards
 from deit_train.errors import DeitTrainError
 from deit_train.schema import check_batch
 
@@ -50,7 +52,36 @@ class DeiTDataModule(L.LightningDataModule):
         return self.data.batch_size // (world_size * accumulate)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set, self.val_set = self.open_datasets()
+        if not hasattr(self, "train_set"):  # once: the scan and the trainer both ask
+            self.train_set, self.val_set = self.open_datasets()
+
+    def scan(self) -> None:
+        """data.scan: open every image file of both splits before training, and report the unreadable ones together
+        instead of failing on the first of them mid-epoch."""
+        if self.data.scan == "off":
+            return
+        self.setup()
+        full, max_pixels = self.data.scan == "full", self.data.max_image_pixels
+        paths = [path for dataset in (self.train_set, self.val_set) for path in image_paths(dataset)]
+        stored = [inner(d) for d in (self.train_set, self.val_set) if hasattr(inner(d), "unreadable")]
+        if stored:  # data=hf: the images inside the dataset's files
+            paths = [f"{d.root}[{i}]" for d in stored for i in range(len(d))]  # counted in the summary
+            log.info("checking %d images (data.scan=%s; data.scan=off skips this)", len(paths), self.data.scan)
+            problems = [problem for d in stored for problem in d.unreadable(full, max_pixels)]
+        elif not paths:  # CIFAR and other in-memory data; shards (read as they stream)
+            return
+        else:
+            log.info("checking %d image files (data.scan=%s; data.scan=off skips this)", len(paths), self.data.scan)
+            problems = unreadable(paths, full=full, max_pixels=max_pixels)
+        if not problems:
+            return
+        listed = "; ".join(f"{path} ({why})" for path, why in problems[:3])
+        summary = f"{len(problems)} of {len(paths)} image files cannot be read: {listed}{' ...' * (len(problems) > 3)}"
+        if self.data.skip_corrupt:
+            log.warning("%s. data.skip_corrupt=true: each is replaced by the next readable image", summary)
+            return
+        raise DeitTrainError(f"{summary}. Remove or replace them, or set data.skip_corrupt=true to train without "
+                             f"them (data.scan=off skips this check)")  # fmt: skip
 
     def open_datasets(self) -> tuple[Dataset, Dataset]:
         """(training set, validation set): labelled images with the train and eval transforms."""
@@ -59,6 +90,8 @@ class DeiTDataModule(L.LightningDataModule):
         return train, val
 
     def loader(self, dataset, train: bool) -> DataLoader:
+        if isinstance(dataset, Shards):
+            return self.shard_loader(dataset, train)
         workers = self.data.num_workers
         sampler = None
         if train:
@@ -92,6 +125,23 @@ class DeiTDataModule(L.LightningDataModule):
             worker_init_fn=data_worker_init if workers > 0 else None,
         )
 
+    def shard_loader(self, shards: Shards, train: bool) -> ShardLoader:
+        """data=webdataset: the stream deals its shards to ranks and workers and seeds each view by the sample's key
+        (data/webdataset.py); no sampler."""
+        trainer, workers = self.trainer, self.data.num_workers
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        repeats = self.repeats(world_size) if train else 1
+        stream = shards.stream(world_size, rank, self.per_device_batch_size, workers, self.seed, repeats)
+        return ShardLoader(
+            stream,
+            epoch=lambda: trainer.current_epoch if trainer is not None else 0,
+            batch_size=self.per_device_batch_size,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.data.pin_memory and torch.cuda.is_available(),
+            worker_init_fn=data_worker_init if workers > 0 else None,
+        )
+
     def repeats(self, world_size: int) -> int:
         """augment.repeated_aug, with one process only if augment.repeated_aug_single_process (DeiT's code repeats
         only when distributed: one process would see a third of the distinct images per epoch, with x3)."""
@@ -104,9 +154,39 @@ class DeiTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self.loader(self.train_set, train=True)
-        if self.trainer is not None:  # small data: log (and check for NaN) at least once an epoch
-            self.trainer.log_every_n_steps = max(1, min(self.trainer.log_every_n_steps, len(loader)))
+        if len(loader) == 0:
+            raise DeitTrainError(
+                f"data.batch_size={self.data.batch_size} puts {loader.batch_size} images per device in a batch, but "
+                f"each device draws only {len(loader.sampler)} training images per epoch: not one full batch. Lower "
+                f"data.batch_size (it is the global batch)"
+            )
+        if self.trainer is not None:  # small data or limit_train_batches: log (and check for NaN) once an epoch
+            batches = limited(len(loader), self.trainer.limit_train_batches)
+            self.trainer.log_every_n_steps = max(1, min(self.trainer.log_every_n_steps, batches))
         return loader
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, train=False)
+
+
+def limited(batches: int, limit: int | float | None) -> int:
+    """The batches an epoch runs under Lightning's limit_train_batches (a count, or a fraction of the epoch)."""
+    if limit is None:
+        return batches
+    return min(batches, int(limit)) if isinstance(limit, int) else max(1, int(batches * limit))
+
+
+def inner(dataset: Dataset) -> Dataset:
+    """The dataset inside the wrappers (SkipCorrupt)."""
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def image_paths(dataset: Dataset) -> list[str]:
+    """The image files behind a dataset (through the wrappers: SkipCorrupt, MaskedImages), none for in-memory data."""
+    while dataset is not None and not hasattr(dataset, "samples") and not hasattr(dataset, "files"):
+        dataset = getattr(dataset, "dataset", None) or getattr(dataset, "images", None)
+    if dataset is None:
+        return []
+    return [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else [str(p) for p in dataset.files]

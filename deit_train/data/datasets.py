@@ -1,45 +1,65 @@
-"""Where the images come from: the demo set, any ImageFolder (ImageNet layout) or CIFAR-10/100."""
+"""Where the images come from: the demo set, any ImageFolder (ImageNet layout), CIFAR-10/100, a Hugging Face dataset
+(data/hf.py) or WebDataset shards (data/webdataset.py)."""
 
 import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.data.demo import ensure_demo_dataset
-from deit_train.errors import DeitTrainError
+from deit_train.data.hf import hf_class_names, open_hf_split
+from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, is_image_file, load_image
+from deit_train.data.webdataset import Shards, shard_class_names
+from deit_train.errors import DataError, DeitTrainError
 
 CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
 
-def load_rgb(path: str) -> Image.Image:
-    """PIL loader that names the file when an image cannot be decoded."""
-    try:
-        with open(path, "rb") as file:
-            return Image.open(file).convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DeitTrainError(
-            f"corrupt image {path}: {error}. Remove or replace the file, or set data.skip_corrupt=true to skip such "
-            f"files with a warning."
-        ) from error
-
-
 def given_root(cfg: DictConfig, expected: str) -> Path:
-    """data.root, checked to be set and to exist; `expected` tells the user what it should hold."""
+    """data.root, checked to be set and to be a folder; `expected` tells the user what it should hold."""
     if cfg.root in (None, ""):
         raise DeitTrainError(f"data={cfg.name} needs data.root=PATH: {expected}.")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DeitTrainError(f"data.root={root} does not exist: point it at {expected}.")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DeitTrainError(f"data.root={root} {what}: point it at {expected}.")
     return root
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every image file below `folder`, in a fixed (sorted) order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (ImageNet layout: root/<class>/<image>) without hidden folders as classes or hidden
+    files as samples, reading each image with load_image (data/images.py)."""
+
+    def __init__(self, root: str | Path, transform=None, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> None:
+        self.max_pixels = max_pixels
+        root = Path(root)
+        super().__init__(str(root), transform=transform, loader=self.read,
+                         is_valid_file=lambda path: is_image_file(Path(path), root))  # fmt: skip
+
+    def read(self, path: str) -> Image.Image:
+        return load_image(path, self.max_pixels)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(Path(directory))
+        if not classes:
+            raise DeitTrainError(f"{directory} holds no class folders: expected {directory}/<class>/<image files>")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
+def open_image_folder(folder: Path, transform, max_pixels: int | None) -> ImageFolder:
+    """An ImageFolder, or one line naming the class folder without images."""
+    try:
+        return ImageFolder(folder, transform=transform, max_pixels=max_pixels)
+    except FileNotFoundError as error:  # a class folder without images
+        empty = sorted(c for c in class_folders(folder) if not any(is_image_file(p, folder) for p in
+                                                                     (folder / c).rglob("*")))  # fmt: skip
+        raise DeitTrainError(
+            f"{folder}: the class folder(s) {empty[:5]} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)}); "
+            f"add images or remove the folder(s)"
+        ) from error
 
 
 def imagefolder_root(cfg: DictConfig) -> Path:
@@ -63,9 +83,12 @@ def find_class_names(cfg: DictConfig) -> list[str]:
     if cfg.name in CIFAR:
         dataset = open_cifar(cfg, train=False, transform=None)
         return list(dataset.classes)
+    if cfg.name == "hf":
+        return hf_class_names(cfg)
+    if cfg.name == "webdataset":
+        return shard_class_names(cfg)
     root = imagefolder_root(cfg)
-    train_classes, _ = datasets.folder.find_classes(str(root / "train"))
-    val_classes, _ = datasets.folder.find_classes(str(root / "val"))
+    train_classes, val_classes = class_folders(root / "train"), class_folders(root / "val")
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))[:5]
         only_val = sorted(set(val_classes) - set(train_classes))[:5]
@@ -79,11 +102,12 @@ def find_class_names(cfg: DictConfig) -> list[str]:
 def open_split(cfg: DictConfig, split: str, transform) -> Dataset:
     if cfg.name in CIFAR:
         return open_cifar(cfg, train=split == "train", transform=transform)
-    folder = imagefolder_root(cfg) / split
-    try:
-        dataset = datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
-    except FileNotFoundError as error:  # a class folder without images
-        raise DeitTrainError(f"{folder}: {error}") from error
+    if cfg.name == "webdataset":  # streamed: the data module deals its shards to ranks and workers
+        return Shards(cfg, split, transform)
+    if cfg.name == "hf":
+        dataset = open_hf_split(cfg, split, transform)
+    else:
+        dataset = open_image_folder(imagefolder_root(cfg) / split, transform, cfg.max_image_pixels)
     return SkipCorrupt(dataset) if cfg.skip_corrupt else dataset
 
 
@@ -107,12 +131,12 @@ class SkipCorrupt(Dataset):
         for offset in range(len(self.dataset)):
             try:
                 return self.dataset[(index + offset) % len(self.dataset)]
-            except DeitTrainError as error:
+            except DataError as error:
                 self.skipped += 1
                 warnings.warn(
                     f"skipped {error} ({self.skipped} skipped so far in this process)", stacklevel=2
                 )
-        raise DeitTrainError(f"no readable image in {self.dataset.root}")
+        raise DataError(f"no readable image in {self.dataset.root}")
 
 
 def open_cifar(cfg: DictConfig, train: bool, transform) -> Dataset:

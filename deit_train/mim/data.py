@@ -5,10 +5,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datasets import CIFAR, given_root, image_files, imagefolder_root, load_rgb, open_split
+from deit_train.data.datasets import CIFAR, given_root, imagefolder_root, open_split
+from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.mim.masking import MaskedImages, MaskGenerator
@@ -17,15 +17,16 @@ HOLDOUT_EVERY = 20  # a folder without val/ keeps every 20th image (5 %) for val
 
 
 class ImageFiles(Dataset):
-    def __init__(self, files: list[Path], transform) -> None:
+    def __init__(self, files: list[Path], transform, max_pixels: int | None) -> None:
         self.files = files
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        return self.transform(load_rgb(str(self.files[index])))
+        return self.transform(load_image(self.files[index], self.max_pixels))
 
 
 class WithoutLabels(Dataset):
@@ -59,10 +60,10 @@ def open_unlabeled_split(cfg: DictConfig, split: str, transform) -> Dataset:
         files = sorted(held_out) if split == "val" else [f for f in every if f not in held_out]
     if not files:
         raise DeitTrainError(
-            f"no {split} images under {root} (extensions: {', '.join(IMG_EXTENSIONS)}); masked image modeling "
+            f"no {split} images under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)}); masked image modeling "
             f"needs at least {HOLDOUT_EVERY + 1} images in a flat folder, or train/ and val/ folders"
         )
-    return ImageFiles(files, transform)
+    return ImageFiles(files, transform, cfg.max_image_pixels)
 
 
 class MaskedImageDataModule(DeiTDataModule):

@@ -1,0 +1,131 @@
+"""Image files: which files are samples (never hidden ones), how one is read as the 8-bit RGB picture it shows
+whatever Pillow mode it is stored in, and a scan that finds the unreadable ones before training does.
+
+Reading: the EXIF orientation is applied (as transformers' load_image does, so deit-predict and pipeline() agree);
+16-bit and 32-bit integer and float images are scaled to 0..255 (Pillow's convert("RGB") clips them, which turns a
+16-bit scan almost white); transparent pixels are composited on white; CMYK, palette and grey images converted.
+An image of more than data.max_image_pixels pixels (Pillow's decompression-bomb limit by default) is refused as
+corrupt rather than decoded.
+"""
+
+import os
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from deit_train.errors import DataError
+
+IMAGE_EXTENSIONS = IMG_EXTENSIONS
+BACKGROUND = (255, 255, 255)  # what transparent pixels show
+HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
+               Image.DecompressionBombWarning, EOFError)  # fmt: skip
+
+
+def is_hidden(name: str) -> bool:
+    """Dot-files and folders (.ipynb_checkpoints, .DS_Store, macOS ._ files) and macOS archive leftovers."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_image_file(path: Path, root: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(map(is_hidden, path.relative_to(root).parts))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file below `folder` outside hidden folders, in a fixed (sorted) order."""
+    files = []
+    for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        subdirectories[:] = sorted(d for d in subdirectories if not is_hidden(d))
+        files += [Path(directory, name) for name in names if not is_hidden(name)]
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of an ImageFolder split, hidden ones left out, sorted."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not is_hidden(entry.name))
+
+
+def load_image(path: str | Path, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Image.Image:
+    """The file as 8-bit RGB (module docstring), or a DataError that names it."""
+    try:
+        return read_rgb(path, max_pixels)
+    except READ_ERRORS as error:
+        raise DataError(
+            f"corrupt image {path}: {reason(error)}. Remove or replace the file, or set data.skip_corrupt=true to "
+            f"skip such files with a warning."
+        ) from error
+
+
+def read_rgb(path: str | Path | BinaryIO, max_pixels: int | None, decode: bool = True) -> Image.Image:
+    """`path`: a file, or the bytes of one as a file object (a dataset's image column, a shard's sample)."""
+    opened = open(path, "rb") if isinstance(path, str | Path) else nullcontext(path)  # noqa: SIM115 (with, below)
+    with opened as file, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(file)
+        pixels = image.width * image.height
+        if max_pixels is not None and pixels > max_pixels:
+            raise ValueError(f"{image.width}x{image.height} = {pixels} pixels, above data.max_image_pixels="
+                             f"{max_pixels} (a decompression bomb?)")  # fmt: skip
+        if not decode:
+            return image
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the (usual) unrotated image
+        return to_rgb(image)
+
+
+def reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):  # Pillow's message quotes the file object
+        return "not an image file Pillow can read"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in HIGH_BIT_DEPTH:
+        return Image.fromarray(scale_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def scale_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit: / 257 (65535 -> 255). 32-bit integer in 0..65535 (how Pillow opens 16-bit PNGs and TIFFs): 8-bit data
+    as it is, else / 257. Float in 0..1 or 0..255: as given. Anything else: its own range onto 0..255."""
+    pixels = pixels.astype(np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
+        scaled = pixels / 257.0
+    elif (mode == "I" and low >= 0 and high <= 255) or (mode == "F" and low >= 0 and 1 < high <= 255):
+        scaled = pixels
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = pixels * 255.0
+    else:
+        scaled = (pixels - low) / ((high - low) or 1.0) * 255.0
+    return np.nan_to_num(np.clip(np.rint(scaled), 0, 255)).astype(np.uint8)
+
+
+def unreadable(paths: Iterable[str | Path], full: bool, max_pixels: int | None) -> list[tuple[str, str]]:
+    """(path, problem) of every file that cannot be read: its header (full=False: fast, finds non-images, empty
+    and wrongly named files and oversized images) or its whole decode (full=True: also truncated data)."""
+
+    def problem(path) -> str | None:
+        try:
+            read_rgb(path, max_pixels, decode=full)
+        except READ_ERRORS as error:
+            return reason(error)
+        return None
+
+    paths = [str(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(problem, paths, chunksize=256))
+    return [(path, found) for path, found in zip(paths, problems, strict=True) if found is not None]
