@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     if (out_dir / "transformers").is_dir():
         hf_dir = out_dir / "transformers"
         architecture = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
-        print(f"transformers: {architecture}.from_pretrained({str(hf_dir)!r})")
+        pooler = ", add_pooling_layer=False" if architecture.endswith("Model") else ""  # none was trained
+        print(f"transformers: {architecture}.from_pretrained({str(hf_dir)!r}{pooler})")
     print(f"timm:         timm.create_model('local-dir:{out_dir / 'timm'}', pretrained=True)")
     if args.onnx:
         print(f"onnx:         {out_dir / 'model.onnx'}")
