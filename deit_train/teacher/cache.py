@@ -107,8 +107,10 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def dataset_digest(dataset: Dataset) -> str:
-    """The training data's identity: its file list with sizes (ImageFolder), its arrays (CIFAR), or the tensors of
-    in-memory samples (scripts/benchmark.py)."""
+    """The training data's identity: its file list with sizes (ImageFolder), its arrays (CIFAR), its own fingerprint
+    (a Hugging Face dataset: datasets' fingerprint of its files; shards: their URLs and sizes, the epoch's samples
+    and the data-loader workers, which decide the batches), or the tensors of in-memory samples
+    (scripts/benchmark.py)."""
     while hasattr(dataset, "dataset"):  # SeededViews, SkipCorrupt
         dataset = dataset.dataset
     if isinstance(dataset, list | tuple):
@@ -116,7 +118,9 @@ def dataset_digest(dataset: Dataset) -> str:
             {f"{i}.{j}": t for i, sample in enumerate(dataset) for j, t in enumerate(sample)}
         )
     digest = hashlib.sha256()
-    if hasattr(dataset, "samples"):
+    if hasattr(dataset, "fingerprint"):
+        digest.update(dataset.fingerprint().encode())
+    elif hasattr(dataset, "samples"):
         root = Path(dataset.root)
         for path, target in dataset.samples:
             digest.update(f"{Path(path).relative_to(root)}\t{os.path.getsize(path)}\t{target}\n".encode())

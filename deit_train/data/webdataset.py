@@ -1,0 +1,274 @@
+"""data=webdataset: WebDataset tar shards, streamed (an IterableDataset), with the reproducibility of map-style data.
+
+Shards: data.train / data.val, a brace pattern (/data/train-{000000..000127}.tar), several joined by `::`, or
+`pipe:` and fsspec URLs (s3://...; fsspec and its s3fs installed), opened as webdataset opens them. A sample is
+`<key>.<image ext>` and `<key>.cls` (the label as text), as timm and deit-shard write them. The `_info.json` beside
+the shards (deit-shard's, or timm's layout) gives the class names ("classes") and each shard's length.
+
+Training: an epoch is data.train_samples (else the shard lengths in _info.json) samples over all ranks, the same
+count on each: floor(samples / world size), cut to whole batches, as many for each worker. The shards are shuffled by (seed, epoch) and dealt
+to the (rank, worker) slots, shard i to slot i mod slots; each slot reads its shards (again, reshuffled, if its
+quota is not yet met), shuffles them through a buffer of data.shuffle_buffer samples seeded by (seed, epoch, slot),
+and yields its share of the rank's batches. A view is drawn under the seed (seed, epoch, hash of the sample's
+__key__, repeat), so a sample's augmentation does not depend on where it is read; which samples share a batch
+depends on the world size and data.num_workers (each worker reads its own shards). Repeated augmentation: each
+sample read counts `repeats` times, every copy with its own view, through the same shuffle buffer on the same rank.
+Validation: shard i goes to rank i mod world size and to that rank's worker (i div world size) mod workers, read
+once in full: every sample counted exactly once.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from deit_train.data.extras import require
+from deit_train.data.images import READ_ERRORS, read_rgb, reason
+from deit_train.data.views import seeded, view_seed
+from deit_train.errors import DataError, DeitTrainError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+INFO_FILE = "_info.json"
+SHARD_STREAM, SAMPLE_STREAM = 3, 4  # keep the epoch's shard order and each slot's sample order apart
+
+
+def wds():
+    return require("webdataset", "webdataset", "data=webdataset")
+
+
+def expand(urls: str) -> list[str]:
+    return wds().shardlists.expand_urls(urls)
+
+
+def open_url(url: str):
+    """A shard as a binary stream: webdataset's openers (files, pipe:, http, gs, ...), else fsspec (s3:// ...)."""
+    scheme = urlparse(url).scheme
+    if scheme and scheme != "file" and scheme not in wds().gopen.gopen_schemes:
+        return require("fsspec", "webdataset", f"the shard URL {url}").open(url, "rb").open()
+    return wds().gopen(url)
+
+
+def samples(urls: list[str]) -> Iterator[dict]:
+    """The samples of these shards, in order: dicts of __key__, __url__ and one entry per file extension."""
+    tariterators = wds().tariterators
+
+    def streams():
+        for url in urls:
+            try:
+                stream = open_url(url)
+            except OSError as error:
+                raise DeitTrainError(f"cannot open the shard {url}: {error}") from error
+            yield {"url": url, "stream": stream}
+            stream.close()
+
+    yield from tariterators.group_by_keys(tariterators.tar_file_expander(streams()))
+
+
+def read_info(urls: list[str]) -> dict:
+    """The _info.json beside the first shard ({} where there is none, or it cannot be reached)."""
+    first = urls[0]
+    if first.startswith("pipe:"):
+        return {}
+    location = first.rsplit("/", 1)[0] + "/" + INFO_FILE if "/" in first else INFO_FILE
+    try:
+        if not urlparse(location).scheme and not Path(location).exists():
+            return {}
+        with open_url(location) as file:
+            return json.load(file)
+    except (OSError, ValueError, DeitTrainError):
+        return {}
+
+
+def shard_lengths(info: dict) -> dict[str, int]:
+    """{shard file name: samples} over every split of _info.json (timm's layout: splits.<name>.filenames and
+    shard_lengths)."""
+    lengths = {}
+    for split in info.get("splits", {}).values():
+        lengths.update(zip(map(os.path.basename, split.get("filenames", [])), split.get("shard_lengths", []), strict=False))
+    return lengths
+
+
+def shard_class_names(cfg: DictConfig) -> list[str]:
+    """_info.json's "classes" (deit-shard writes them), else "0".."num_classes-1"."""
+    urls = expand(cfg.train)
+    info = read_info(urls)
+    if "classes" in info:
+        return [str(name) for name in info["classes"]]
+    if "num_classes" in info:
+        return [str(i) for i in range(int(info["num_classes"]))]
+    raise DeitTrainError(f"data.train={cfg.train}: no {INFO_FILE} with \"classes\" (or \"num_classes\") beside the "
+                         f"shards; write one there, e.g. {{\"classes\": [\"cat\", \"dog\"]}} (deit-shard writes it)")  # fmt: skip
+
+
+class Shards:
+    """One split's shards and transform, before the loader deals them to ranks and workers (ShardStream)."""
+
+    def __init__(self, cfg: DictConfig, split: str, transform) -> None:
+        self.pattern = cfg.train if split == "train" else cfg.val
+        self.urls = expand(self.pattern)
+        self.train = split == "train"
+        self.transform = transform
+        self.max_pixels, self.skip_corrupt = cfg.max_image_pixels, cfg.skip_corrupt
+        self.shuffle_buffer = cfg.shuffle_buffer
+        self.num_samples = cfg.train_samples if self.train else None
+        if self.train and self.num_samples is None:
+            lengths = shard_lengths(read_info(self.urls))
+            names = [os.path.basename(url) for url in self.urls]
+            if not all(name in lengths for name in names):
+                raise DeitTrainError(f"data.train={self.pattern}: the number of training samples is unknown (no "
+                                     f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N")  # fmt: skip
+            self.num_samples = sum(lengths[name] for name in names)
+
+    def stream(self, world_size: int, rank: int, batch_size: int, workers: int, seed: int, repeats: int):
+        slots = world_size * max(1, workers)
+        if self.train and len(self.urls) < slots:
+            raise DeitTrainError(f"data.train={self.pattern} has {len(self.urls)} shard(s) for {world_size} device(s) x "
+                                 f"{max(1, workers)} data-loader worker(s): each worker reads its own shards. Lower "
+                                 f"data.num_workers or write more, smaller shards (deit-shard --shard-samples)")  # fmt: skip
+        if not self.train and len(self.urls) < world_size:
+            raise DeitTrainError(f"data.val={self.pattern} has {len(self.urls)} shard(s) for {world_size} devices: each "
+                                 f"device validates its own shards; write the split in more shards")  # fmt: skip
+        stream = ShardStream(self, world_size, rank, batch_size, max(1, workers), seed, repeats)
+        if self.train and stream.batches == 0:
+            raise DeitTrainError(f"data.batch_size puts {batch_size} images per device in a batch, but each device draws "
+                                 f"only {self.num_samples // world_size} training samples per epoch: not one full batch. "
+                                 f"Lower data.batch_size (it is the global batch)")  # fmt: skip
+        return stream
+
+
+def key_hash(key: str) -> int:
+    """A sample's __key__ as a 63-bit integer: its view seed and its place in the teacher cache's view keys."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+class ShardStream(IterableDataset):
+    """The samples one rank reads from its shards in one epoch (module docstring); `epoch` is set by ShardLoader."""
+
+    def __init__(self, shards: Shards, world_size: int, rank: int, batch_size: int, workers: int, seed: int,
+                 repeats: int) -> None:  # fmt: skip
+        self.shards, self.world_size, self.rank, self.workers = shards, world_size, rank, workers
+        self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
+        self.epoch = 0
+        self.skipped = 0
+
+    @property
+    def batches(self) -> int:
+        """Full batches per rank and epoch (training), a multiple of the workers where there are as many: every
+        worker then yields as many, and reads no sample twice if its shards hold that many."""
+        batches = self.shards.num_samples // self.world_size // self.batch_size
+        return batches - batches % self.workers if batches >= self.workers else batches
+
+    def __len__(self) -> int:
+        if not self.shards.train:
+            raise TypeError("a validation stream has no length: each rank reads its own shards in full")
+        return self.batches * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.training(worker, workers) if self.shards.train else self.validation(worker, workers)
+
+    def validation(self, worker: int, workers: int) -> Iterator[tuple]:
+        mine = self.shards.urls[self.rank :: self.world_size][worker::workers]
+        for sample in samples(mine):
+            decoded = self.decode(sample)
+            if decoded is not None:
+                yield self.shards.transform(decoded[0]), decoded[1]
+
+    def training(self, worker: int, workers: int) -> Iterator[tuple]:
+        urls = list(self.shards.urls)
+        random.Random(view_seed(self.seed, self.epoch, SHARD_STREAM)).shuffle(urls)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        mine = urls[slot::slots]
+        rng = random.Random(view_seed(self.seed, self.epoch, slot, SAMPLE_STREAM))
+        quota = len(range(worker, self.batches, workers)) * self.batch_size  # this worker's batches of the rank's
+
+        def copies() -> Iterator[tuple[dict, int]]:
+            """All of the slot's samples once (x repeats), then again, in another order, while short of its quota."""
+            count = 0
+            while count < quota:
+                for sample in samples(rng.sample(mine, len(mine))):
+                    for repeat in range(self.repeats):
+                        count += 1
+                        yield sample, repeat
+
+        shuffled = wds().shuffle(bufsize=self.shards.shuffle_buffer, initial=self.shards.shuffle_buffer, rng=rng)
+        produced = 0
+        for sample, repeat in shuffled(copies()):
+            if produced == quota:
+                return
+            key = key_hash(sample["__key__"])
+            with seeded(view_seed(self.seed, self.epoch, key, repeat)):
+                decoded = self.decode(sample)
+                if decoded is None:
+                    continue
+                image = self.shards.transform(decoded[0])
+            produced += 1
+            yield image, decoded[1], torch.tensor([key, repeat])
+
+    def decode(self, sample: dict):
+        """(RGB image, label), or None for a corrupt image under data.skip_corrupt (with a counted warning)."""
+        name = f"{sample.get('__url__')}:{sample['__key__']}"
+        try:
+            stored = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if stored is None or "cls" not in sample:
+                raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) or no .cls label; it has {sorted(sample)}")
+            return read_rgb(io.BytesIO(stored), self.shards.max_pixels), int(sample["cls"])
+        except READ_ERRORS as error:
+            if not self.shards.skip_corrupt:
+                raise DataError(f"corrupt sample {name}: {reason(error)}. Rewrite the shard, or set "
+                                f"data.skip_corrupt=true to skip such samples with a warning.") from error  # fmt: skip
+            self.skipped += 1
+            warnings.warn(f"skipped the corrupt sample {name}: {reason(error)} ({self.skipped} skipped so far in this "
+                          f"process)", stacklevel=2)  # fmt: skip
+            return None
+
+    def fingerprint(self) -> str:
+        """The training stream's identity for the teacher cache: its shards (with their sizes where local), the
+        epoch's sample count and the number of workers (which decides the batches)."""
+        parts = [f"webdataset\t{self.shards.num_samples}\t{self.world_size}\t{self.workers}"]
+        for url in self.shards.urls:
+            size = os.path.getsize(url) if not urlparse(url).scheme and os.path.exists(url) else ""
+            parts.append(f"{url}\t{size}")
+        return "\n".join(parts)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ShardStream that gives the stream its epoch as each pass starts (Lightning sets the
+    epoch of samplers only); its workers start anew each pass, so they read the new epoch's shard order."""
+
+    def __init__(self, stream: ShardStream, epoch: Callable[[], int], **kwargs) -> None:
+        super().__init__(stream, persistent_workers=False, **kwargs)
+        self.current_epoch = epoch
+
+    def __iter__(self) -> Iterator:
+        return DeferredPass(self)
+
+
+class DeferredPass:
+    """One pass of a ShardLoader, begun at its first batch rather than when Lightning asks for the iterator: a
+    resumed fit asks before it restores the checkpoint's epoch (estimated_stepping_batches sets up the data)."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader, self.iterator = loader, None
+
+    def __iter__(self) -> "DeferredPass":
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.loader.dataset.epoch = self.loader.current_epoch()
+            self.iterator = DataLoader.__iter__(self.loader)
+        return next(self.iterator)

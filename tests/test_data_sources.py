@@ -1,0 +1,328 @@
+"""data=hf and data=webdataset on real files the tests write (datasets' save_to_disk and Parquet, deit-shard's shards
+and webdataset's own ShardWriter): each trains, resumes, fills and reads the teacher cache, and validates exactly
+under 2-process DDP; deit-shard reads back what it wrote. No network."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from deit_train.data import DeiTDataModule
+from deit_train.data.webdataset import Shards
+from deit_train.errors import DeitTrainError
+from deit_train.evaluate import evaluate, open_eval_folder
+from deit_train.shard import main as deit_shard
+from deit_train.train import train
+from deit_train.trained import load_trained_model
+
+from .test_ddp import DDP, run_ok
+from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
+
+datasets = pytest.importorskip("datasets")
+wds = pytest.importorskip("webdataset")
+
+
+def folder_split(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """The ImageFolder's files and labels in its own order (sorted by class, then file)."""
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    files = sorted((root / split).glob("*/*"))
+    return files, [classes.index(f.parent.name) for f in files], classes
+
+
+@pytest.fixture(scope="module")
+def hf_copies(demo_data, tmp_path_factory) -> dict[str, Path]:
+    """The demo ImageFolder as a Hugging Face dataset, rows in the ImageFolder's order: save_to_disk and Parquet."""
+    root = tmp_path_factory.mktemp("hf")
+    splits = {}
+    for split, name in (("train", "train"), ("val", "validation")):
+        files, labels, classes = folder_split(demo_data, split)
+        features = datasets.Features({"label": datasets.ClassLabel(names=classes), "image": datasets.Image()})
+        rows = {"label": labels, "image": [{"bytes": f.read_bytes(), "path": None} for f in files]}
+        splits[name] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root / "disk"))
+    (root / "parquet").mkdir()
+    for name, table in splits.items():
+        table.to_parquet(str(root / "parquet" / f"{name}.parquet"))
+    return {"disk": root / "disk", "parquet": root / "parquet"}
+
+
+@pytest.fixture(scope="module")
+def shards(demo_data, tmp_path_factory) -> Path:
+    """deit-shard's shards of the demo set: 80 training samples in 5 shards of 16, 40 validation in 16, 16, 8."""
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    deit_shard([str(demo_data), str(out), "--shard-samples", "16"])
+    return out
+
+
+def shard_overrides(out: Path, *extra: str) -> list[str]:
+    info = json.loads((out / "_info.json").read_text())
+    last = {split: len(entry["filenames"]) - 1 for split, entry in info["splits"].items()}
+    return ["data=webdataset", f"data.train='{out}/train-{{000000..{last['train']:06d}}}.tar'",
+            f"data.val='{out}/val-{{000000..{last['val']:06d}}}.tar'", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def hf_cache(tmp_path) -> str:
+    return f"data.cache_dir={tmp_path / 'hf_cache'}"  # load_dataset's Arrow cache of the Parquet files
+
+
+@pytest.mark.parametrize("kind", ["disk", "parquet"])
+def test_an_hf_dataset_trains_exactly_as_the_same_images_in_an_imagefolder(tiny_config, hf_copies, hf_cache, kind):
+    """Same rows in the same order, views keyed by row: bit-identical weights and validation."""
+    folder = tiny_config("augment.reprob=0.25", run="folder")
+    hf = tiny_config("data=hf", f"data.dataset={hf_copies[kind]}", hf_cache, "augment.reprob=0.25", run=kind)
+    folder_run, hf_run = train(folder), train(hf)
+    assert hf_run.datamodule.class_names == folder_run.datamodule.class_names
+    assert_same_weights(student_weights(folder), student_weights(hf))
+    assert hf_run.metrics == folder_run.metrics
+
+
+def test_hf_columns_splits_and_classes_come_from_the_features(tiny_config, hf_copies, demo_data):
+    cfg = tiny_config("data=hf", f"data.dataset={hf_copies['disk']}")
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, cfg.model.img_size)
+    datamodule.setup()
+    assert datamodule.class_names == folder_split(demo_data, "train")[2]  # the ClassLabel's names
+    assert (datamodule.val_set.image_column, datamodule.val_set.label_column) == ("image", "label")
+    assert datamodule.val_set.root.endswith("[validation]")  # data.val_split=null found 'validation'
+    for key, value, message in [
+        ("data.val_split", "test", "has no split for data.val_split=test"),
+        ("data.image_column", "pixels", "has no column pixels"),
+        ("data.dataset", "/no/such/dataset", "data.dataset=/no/such/dataset"),
+    ]:
+        bad = tiny_config("data=hf", f"data.dataset={hf_copies['disk']}", f"{key}={value}")
+        with pytest.raises(DeitTrainError, match=message):
+            DeiTDataModule(bad.data, bad.augment, bad.model.img_size).setup()
+
+
+def test_hf_images_decode_as_the_files_do_and_a_corrupt_row_is_named(tiny_config, hf_copies, demo_data, tmp_path):
+    from deit_train.data.hf import HFImages, open_splits
+
+    table = open_splits(str(hf_copies["disk"]))["validation"]
+    images = HFImages(table, "image", "label", "demo[validation]")
+    files, labels, _ = folder_split(demo_data, "val")
+    for index in (0, len(files) - 1):
+        image, label = images[index]
+        assert label == labels[index]
+        assert image.tobytes() == Image.open(files[index]).convert("RGB").tobytes()
+    broken = datasets.Dataset.from_dict({"image": [{"bytes": b"not a jpeg", "path": None}], "label": [0]},
+                                        features=table.features)  # fmt: skip
+    with pytest.raises(DeitTrainError, match=r"corrupt image broken\[0\]: not an image file"):
+        HFImages(broken, "image", "label", "broken")[0]
+    assert HFImages(broken, "image", "label", "broken").unreadable(full=False, max_pixels=None) == [
+        ("broken[0]", "not an image file Pillow can read")]  # fmt: skip
+
+
+def test_a_missing_extra_is_one_line_naming_it(tiny_config, hf_copies, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    cfg = tiny_config("data=hf", f"data.dataset={hf_copies['disk']}-other")
+    with pytest.raises(DeitTrainError, match=r"data=hf needs the datasets package: pip install 'deit-train\[hf\]'"):
+        _ = DeiTDataModule(cfg.data, cfg.augment, cfg.model.img_size).class_names
+
+
+def test_deit_shard_reads_back_the_same_images_and_labels(shards, demo_data):
+    """Independently of deit-shard's own check: every shard read with tarfile, against the source files."""
+    import tarfile
+
+    info = json.loads((shards / "_info.json").read_text())
+    assert info["classes"] == folder_split(demo_data, "train")[2]
+    for split in ("train", "val"):
+        files, labels, _ = folder_split(demo_data, split)
+        entry = info["splits"][split]
+        assert entry["num_samples"] == sum(entry["shard_lengths"]) == len(files)
+        found = {}
+        for name in entry["filenames"]:
+            with tarfile.open(shards / name) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            assert len(members) == 2 * entry["shard_lengths"][entry["filenames"].index(name)]
+            for member, data in members.items():
+                key, ext = member.split(".", 1)
+                found.setdefault(key, {})[ext] = data
+        expected = {f"{split}-{i:08d}": (f.read_bytes(), labels[i]) for i, f in enumerate(files)}
+        assert {key: (s["png"], int(s["cls"])) for key, s in found.items()} == expected
+    train_order = [key for name in info["splits"]["train"]["filenames"] for key in tar_keys(shards / name)]
+    assert train_order != sorted(train_order)  # shuffled by --seed
+
+
+def tar_keys(path: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
+
+
+def test_deit_shard_resize_re_encodes_the_short_side(tmp_path):
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for name, size in (("wide", (120, 60)), ("small", (20, 30))):
+            (src / split / "a").mkdir(parents=True, exist_ok=True)
+            (src / split / "b").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, (200, 10, 10)).save(src / split / "a" / f"{name}.png")
+            Image.new("RGB", size, (10, 10, 200)).save(src / split / "b" / f"{name}.png")
+    deit_shard([str(src), str(tmp_path / "out"), "--resize", "32"])
+    sizes = {}
+    for sample in wds.WebDataset(str(tmp_path / "out" / "val-000000.tar"), shardshuffle=False, empty_check=False):
+        ext = next(k for k in sample if not k.startswith("__") and k != "cls")
+        sizes[sample["__key__"]] = (ext, Image.open(io.BytesIO(sample[ext])).size)
+    # files in order a/small, a/wide, b/small, b/wide: the wide ones become 64x32 JPEGs, the small stay PNGs
+    assert sizes == {"val-00000000": ("png", (20, 30)), "val-00000001": ("jpg", (64, 32)),
+                     "val-00000002": ("png", (20, 30)), "val-00000003": ("jpg", (64, 32))}  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        deit_shard([str(src), str(tmp_path / "out")])  # not empty
+    assert exit_info.value.code == 2
+
+
+def streams(shards: Path, world_size: int, workers: int, batch: int = 8, epoch: int = 0, seed: int = 0, **cfg):
+    """Every (rank, worker) slot's training samples of one epoch, as {slot: [(key, image, label)]}."""
+    from deit_train.data.transforms import train_transform
+    from tests.conftest import compose_config
+
+    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
+    for key, value in cfg.items():
+        config.data[key] = value
+    split = Shards(config.data, "train", train_transform(config.augment, 16))
+    out = {}
+    for rank in range(world_size):
+        stream = split.stream(world_size, rank, batch, workers, seed, repeats=1)
+        stream.epoch = epoch
+        for worker in range(workers):
+            out[rank, worker] = [(int(k[0]), image, label) for image, label, k in stream.training(worker, workers)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def even_shards(demo_data, tmp_path_factory) -> Path:
+    """80 training samples in 8 shards of 10: 2 for each of 2 ranks x 2 workers."""
+    out = tmp_path_factory.mktemp("shards") / "even"
+    deit_shard([str(demo_data), str(out), "--shard-samples", "10"])
+    return out
+
+
+def test_a_shard_epoch_is_fixed_reproducible_and_each_view_keyed_by_its_sample(even_shards):
+    two = streams(even_shards, world_size=2, workers=2, batch=8)
+    # 80 samples / 2 ranks = 40 per rank = 5 batches of 8, cut to 4 (2 per worker): 16 samples of each slot's 20
+    assert {slot: len(samples) for slot, samples in two.items()} == dict.fromkeys(two, 16)
+    keys = [key for samples in two.values() for key, _, _ in samples]
+    assert len(set(keys)) == len(keys)  # nobody reads a sample twice within the epoch
+    again = streams(even_shards, world_size=2, workers=2, batch=8)
+    assert all(torch.equal(a[1], b[1]) for slot in two for a, b in zip(two[slot], again[slot], strict=True))
+    other_epoch = streams(even_shards, world_size=2, workers=2, batch=8, epoch=1)
+    assert [k for k, _, _ in other_epoch[0, 0]] != [k for k, _, _ in two[0, 0]]
+    # One process with one worker reads all 80: each sample the 2 x 2 run read has the same view there.
+    one = {key: image for key, image, _ in streams(even_shards, world_size=1, workers=1, batch=8)[0, 0]}
+    assert len(one) == 80 and all(torch.equal(one[key], image) for samples in two.values() for key, image, _ in samples)
+
+
+def test_a_slot_whose_shards_run_short_reads_them_again(shards):
+    """5 shards of 16 over 4 slots: the slots with one shard (16 samples) read it again for their 20."""
+    two = streams(shards, world_size=2, workers=2, batch=8)
+    for samples in two.values():
+        assert len(samples) == 16 and len({key for key, _, _ in samples}) == 16
+    one_worker = streams(shards, world_size=2, workers=1, batch=8)  # rank 0: 3 shards (48), rank 1: 2 (32)
+    distinct = {slot: len({key for key, _, _ in s}) for slot, s in one_worker.items()}
+    assert [len(s) for s in one_worker.values()] == [40, 40]  # the same epoch on every rank
+    assert distinct[0, 0] == 40 and 16 < distinct[1, 0] <= 32  # rank 1 reads some of its 32 twice
+
+
+def test_shard_validation_reads_every_sample_once_over_ranks_and_workers(shards, demo_data):
+    from deit_train.data.transforms import eval_transform
+    from tests.conftest import compose_config
+
+    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
+    split = Shards(config.data, "val", eval_transform(config.augment, 16))
+    labels = []
+    for rank in range(2):
+        stream = split.stream(2, rank, 8, 2, 0, 1)
+        for worker in range(2):
+            labels += [label for _, label in stream.validation(worker, 2)]
+    assert sorted(labels) == sorted(folder_split(demo_data, "val")[1])  # 40: each once
+
+
+def test_too_few_shards_for_the_workers_is_one_line(shards):
+    with pytest.raises(DeitTrainError, match="has 5 shard.s. for 2 device.s. x 3 data-loader worker"):
+        streams(shards, world_size=2, workers=3)
+
+
+def test_shards_train_resume_at_an_epoch_boundary_as_an_uninterrupted_run(tiny_config, shards):
+    straight = tiny_config(*shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", run="straight")
+    first = tiny_config(*shard_overrides(shards), "trainer.max_epochs=1", "data.num_workers=2", run="resumed")
+    resumed = tiny_config(*shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", "resume=true",
+                          run="resumed")  # fmt: skip
+    train(straight)
+    train(first)
+    train(resumed)
+    assert_same_weights(student_weights(straight), student_weights(resumed))
+
+
+def test_shards_written_by_webdataset_itself_train_with_train_samples(tiny_config, demo_data, tmp_path):
+    out = tmp_path / "wds"
+    out.mkdir()
+    classes = folder_split(demo_data, "train")[2]
+    for split in ("train", "val"):
+        files, labels, _ = folder_split(demo_data, split)
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=20, verbose=0) as writer:
+            for i, (file, label) in enumerate(zip(files, labels, strict=True)):
+                writer.write({"__key__": f"{file.parent.name}_{file.stem}_{i}", "png": file.read_bytes(),
+                              "cls": label})  # fmt: skip
+    (out / "_info.json").write_text(json.dumps({"classes": classes}))  # no lengths: data.train_samples says
+    overrides = ["data=webdataset", f"data.train='{out}/train-{{000000..000003}}.tar'",
+                 f"data.val='{out}/val-{{000000..000001}}.tar'"]  # fmt: skip
+    with pytest.raises(DeitTrainError, match="set data.train_samples=N"):
+        train(tiny_config(*overrides, run="unknown"))
+    run = train(tiny_config(*overrides, "data.train_samples=80", run="wds"))
+    assert run.trainer.num_training_batches == 5 and run.datamodule.class_names == classes
+
+
+@pytest.mark.parametrize("source", ["hf", "shards"])
+def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
+    tiny_config, hf_copies, shards, random_teacher_checkpoint, tmp_path, teacher_calls, source  # noqa: F811
+):
+    data = shard_overrides(shards, "data.num_workers=2") if source == "shards" else [
+        "data=hf", f"data.dataset={hf_copies['disk']}"]  # fmt: skip
+    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+               f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+               "trainer.max_epochs=2", *data]  # fmt: skip
+    filled = tiny_config(*distill, run="fill")
+    batches = train(filled).trainer.num_training_batches
+    assert batches == (4 if source == "shards" else 5)  # 80 / 16, for shards cut to a multiple of the 2 workers
+    assert teacher_calls["train"] == 2 * batches  # 2 epochs, all computed
+    read = tiny_config(*distill, run="read")
+    train(read)
+    assert teacher_calls["train"] == 2 * batches  # none more: every batch from the cache
+    assert_same_weights(student_weights(filled), student_weights(read))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hf", "shards"])
+def test_two_processes_validate_every_image_once_and_resume(tmp_path, cache_dir, demo_data, hf_copies, shards, source):
+    """2-process DDP, 2 epochs then resumed for a third; val/acc1 equals deit-eval's in one process on the same
+    images (40 in 3 shards of 16, 16 and 8 for the shards: ranks read 24 and 16)."""
+    from .conftest import TINY_RUN, TINY_VIT
+
+    data = shard_overrides(shards) if source == "shards" else ["data=hf", f"data.dataset={hf_copies['disk']}",
+                                                                f"data.cache_dir={tmp_path / 'hf_cache'}"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    common = [*DDP, *data, "data.batch_size=16", "data.num_workers=1", "augment.repeated_aug=2", "resume=true"]
+    run_ok(*common, "trainer.max_epochs=2", run_dir=run_dir, cache_dir=cache_dir, base=[*TINY_RUN, *TINY_VIT])
+    output = run_ok(*common, "trainer.max_epochs=3", run_dir=run_dir, cache_dir=cache_dir, base=[*TINY_RUN, *TINY_VIT])
+    assert "resuming from" in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt")
+    eval_data = hf_copies["disk"] if source == "hf" else demo_data  # the shards hold the demo set's files
+    single = evaluate(trained, open_eval_folder(eval_data, "val", trained), batch_size=7, num_workers=0)
+    assert single["images"] == 40
+    assert metrics["val/acc1"] == pytest.approx(single["heads"]["average"]["top1"] / 100, abs=1e-7)
+
+
+def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_copies, demo_data):
+    cfg = tiny_config(run="model")
+    train(cfg)
+    trained = load_trained_model(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    on_folder = evaluate(trained, open_eval_folder(demo_data, "val", trained), num_workers=0)
+    on_hf = evaluate(trained, open_eval_folder(hf_copies["parquet"], "val", trained), num_workers=0)
+    assert on_hf["images"] == on_folder["images"] == 40
+    assert on_hf["heads"] == on_folder["heads"]
+
