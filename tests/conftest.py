@@ -86,3 +86,20 @@ def tiny_config(tmp_path, cache_dir):
         return compose_config([*TINY_RUN, *data, *student, *overrides], tmp_path / run, cache_dir)
 
     return make
+
+
+def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) -> dict:
+    """The run's metrics.json holds what its last checkpoint scores on data_root's val/ split, recomputed by
+    deit-eval's code in one process, outside Lightning: the metrics belong to the weights the run saved, and its
+    validation counted every image once. Returns the metrics."""
+    import json
+
+    from deit_train.evaluate import evaluate, open_eval_folder
+    from deit_train.trained import load_trained_model
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt", ema=ema)
+    result = evaluate(trained, open_eval_folder(data_root, "val", trained), batch_size=7, num_workers=0)
+    key = "val_ema/acc1" if ema else "val/acc1"
+    assert metrics[key] == pytest.approx(result["heads"]["average"]["top1"] / 100, abs=1e-6), (key, metrics)
+    return metrics

@@ -31,3 +31,40 @@ class DropPathMasks(L.Callback):
             torch.save(torch.stack(self.masks), self.path / f"rank{trainer.global_rank}.pt")
             for handle in self.handles:
                 handle.remove()
+
+
+class StepProbe(L.Callback):
+    """What the training step really did: each micro-batch's size, the dtype of the student's logits, the gradient
+    norm before clipping (on_before_optimizer_step) and as the optimizer uses it (after clipping)."""
+
+    def __init__(self) -> None:
+        self.micro_batches: list[int] = []
+        self.logit_dtypes: set[torch.dtype] = set()
+        self.norms_before_clipping: list[float] = []
+        self.norms_at_step: list[float] = []
+
+    @staticmethod
+    def grad_norm(module) -> float:
+        grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
+        return torch.cat(grads).norm().item()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.student.head.register_forward_hook(lambda m, i, out: self.logit_dtypes.add(out.dtype))
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def recorded_step(closure=None, **kwargs):
+            def closure_then_record():  # Lightning clips inside the closure it hands the optimizer
+                result = closure()
+                self.norms_at_step.append(self.grad_norm(pl_module.student))
+                return result
+
+            return step(closure=closure_then_record, **kwargs)
+
+        optimizer.step = recorded_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.micro_batches.append(len(batch[0]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.norms_before_clipping.append(self.grad_norm(pl_module.student))

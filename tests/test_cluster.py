@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT
+from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, assert_metrics_reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -57,13 +57,14 @@ def slurm_jobs(sweep: Path) -> list[str]:
     return sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_log.out"))
 
 
-def test_a_cpu_sweep_runs_as_two_slurm_jobs_without_a_gpu_request(slurm_cluster, tmp_path, cache_dir):
+def test_a_cpu_sweep_runs_as_two_slurm_jobs_without_a_gpu_request(slurm_cluster, tmp_path, cache_dir, demo_data):
     result = run(slurm_sweep("seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     sweep = tmp_path / "sweep"
     for job in ("0", "1"):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
-        assert 0.0 <= metrics["val/acc1"] <= 1.0
+        assert_metrics_reproduce(sweep / job, demo_data)  # each job's metrics are its own weights'
+    seeds = [torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for job in "01"]
+    assert not torch.equal(seeds[0]["student.head.weight"], seeds[1]["student.head.weight"])  # seed=0,1 differ
     script = submission(sweep)
     assert "--gpus" not in script and "--gres" not in script  # sbatch would refuse it on a CPU cluster
     assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --array=0-1" in script

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -108,10 +109,32 @@ def test_every_group_has_options():
     assert {group for group, _ in OPTIONS} == set(GROUPS)
 
 
+def leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> value of every leaf of a yaml mapping."""
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):  # teacher.members
+        node = dict(enumerate(node))
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {key: value for name, child in node.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes(group, option, tmp_path):
+def test_option_composes_with_the_values_its_file_sets(group, option, tmp_path):
+    """Each value an option's file sets is in the config it composes to (under the group, or at the top for
+    `# @package _global_` files), unless a later default of the same file overrides it."""
     cfg = compose_config([f"{group}={option}"], tmp_path, tmp_path)
-    assert cfg.model.img_size > 0 and cfg.data.batch_size > 0
+    path = Path(CONFIG_DIR, group, f"{option}.yaml")
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
+    values.pop("defaults", None)
+    prefix = "" if "# @package _global_" in text else "hydra." if group == "hydra" else f"{group}."
+    if group == "hydra":
+        return  # Hydra's own node is not part of the run config (it is checked by running sweeps)
+    interpolated = OmegaConf.to_container(OmegaConf.create(values), resolve=False)
+    for key, value in leaves(interpolated).items():
+        if key == "" or (isinstance(value, str) and "${" in value):  # a file of defaults only; or resolved at run
+            continue
+        assert OmegaConf.select(cfg, f"{prefix}{key}") == value, (key, value)
 
 
 @pytest.mark.parametrize("option", list(PAPER_MODELS))

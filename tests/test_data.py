@@ -10,8 +10,8 @@ from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.datasets import find_class_names, open_split
-from deit_train.data.images import load_image
 from deit_train.data.demo import CLASS_NAMES, ensure_demo_dataset
+from deit_train.data.images import load_image
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import DeitTrainError
 from deit_train.schema import DataConfig

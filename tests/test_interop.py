@@ -271,7 +271,7 @@ def test_cli_tools_write_json_and_report_bad_input_clearly(trained_run, exported
     (folder / "bad.jpg").write_bytes(b"not a jpeg")
     result = run_tool("predict", exported / "timm", folder, "--top-k", "2", cwd=tmp_path)
     records = {Path(r["image"]).name: r for r in map(json.loads, result.stdout.splitlines())}
-    assert result.returncode == 1
+    assert result.returncode == 3  # some images could not be read
     assert len(records["good.png"]["predictions"]) == 2 and "corrupt image" in records["bad.jpg"]["error"]
     # deit-export: the written directories, and the commands that load them.
     result = run_tool("export", checkpoint, tmp_path / "out", cwd=tmp_path)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from deit_train.train import CONFIG_DIR
 
-from .conftest import TINY_DEMO, TINY_RUN
+from .conftest import TINY_DEMO, TINY_RUN, assert_metrics_reproduce
 
 TINY_STUDENT = ["model.patch_size=4", "model.embed_dim=32", "model.num_heads=2"]
 
@@ -32,14 +32,13 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
-def test_multirun_gives_each_job_its_own_directory_and_metrics(tmp_path, cache_dir):
+def test_multirun_gives_each_job_its_own_directory_and_metrics(tmp_path, cache_dir, demo_data):
     result = run_sweep("model.depth=1,2", "seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     for job in jobs:
-        metrics = json.loads((job / "metrics.json").read_text())
-        assert 0.0 <= metrics["val/acc1"] <= 1.0
+        assert_metrics_reproduce(job, demo_data)  # each job's metrics are its own weights'
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         assert any(o.startswith("model.depth=") for o in overrides)
     depths = {yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["model"]["depth"] for job in jobs}
