@@ -65,6 +65,12 @@ def shard_overrides(out: Path, *extra: str) -> list[str]:
             f"data.val='{out}/val-{{000000..{last['val']:06d}}}.tar'", *extra]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def private_datasets_cache(monkeypatch, tmp_path):
+    """load_dataset's Arrow cache of Parquet files in the test's folder, not the user's ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
 @pytest.fixture
 def hf_cache(tmp_path) -> str:
     return f"data.cache_dir={tmp_path / 'hf_cache'}"  # load_dataset's Arrow cache of the Parquet files
@@ -145,6 +151,15 @@ def test_deit_shard_reads_back_the_same_images_and_labels(shards, demo_data):
         assert {key: (s["png"], int(s["cls"])) for key, s in found.items()} == expected
     train_order = [key for name in info["splits"]["train"]["filenames"] for key in tar_keys(shards / name)]
     assert train_order != sorted(train_order)  # shuffled by --seed
+
+
+def test_deit_shard_writes_an_hf_dataset_as_its_rows(hf_copies, tmp_path):
+    deit_shard([str(hf_copies["parquet"]), str(tmp_path / "out"), "--no-verify"])
+    table = datasets.load_from_disk(str(hf_copies["disk"]))["validation"].cast_column("image", datasets.Image(decode=False))
+    rows = {f"val-{i:08d}": (row["image"]["bytes"], row["label"]) for i, row in enumerate(table)}
+    found = {s["__key__"]: (s["png"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "out" / "val-000000.tar"),
+                                                                               shardshuffle=False, empty_check=False)}  # fmt: skip
+    assert found == rows
 
 
 def tar_keys(path: Path) -> list[str]:
@@ -276,6 +291,7 @@ def test_shards_written_by_webdataset_itself_train_with_train_samples(tiny_confi
     assert run.trainer.num_training_batches == 5 and run.datamodule.class_names == classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "shards"])
 def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
     tiny_config, hf_copies, shards, random_teacher_checkpoint, tmp_path, teacher_calls, source  # noqa: F811
