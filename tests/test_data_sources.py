@@ -342,3 +342,23 @@ def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_c
     assert on_hf["images"] == on_folder["images"] == 40
     assert on_hf["heads"] == on_folder["heads"]
 
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_stored_image_reads_rotated_by_its_exif_orientation_as_pillow_rotates_it(orientation, tmp_path):
+    """read_rgb (files, HF bytes, shard samples) transposes in place; the reference is Pillow's copying
+    exif_transpose."""
+    from PIL import ImageOps
+
+    from deit_train.data.images import read_rgb
+
+    pixels = torch.arange(24 * 16 * 3, dtype=torch.uint8).reshape(16, 24, 3).numpy()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    for source in (path, io.BytesIO(path.read_bytes())):
+        image = read_rgb(source, max_pixels=None)
+        assert image.size == expected.size and image.tobytes() == expected.tobytes()
+    assert (expected.size == (16, 24)) == (orientation in (6, 8))
