@@ -131,6 +131,12 @@ class Shards:
                                      f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N")  # fmt: skip
             self.num_samples = sum(lengths[name] for name in names)
 
+    def batches(self, world_size: int, batch_size: int, workers: int) -> int:
+        """Full training batches per rank and epoch, a multiple of the workers where there are as many: every
+        worker then yields as many, and reads no sample twice if its shards hold that many."""
+        batches, workers = self.num_samples // world_size // batch_size, max(1, workers)
+        return batches - batches % workers if batches >= workers else batches
+
     def stream(self, world_size: int, rank: int, batch_size: int, workers: int, seed: int, repeats: int):
         slots = world_size * max(1, workers)
         if self.train and len(self.urls) < slots:
@@ -165,10 +171,7 @@ class ShardStream(IterableDataset):
 
     @property
     def batches(self) -> int:
-        """Full batches per rank and epoch (training), a multiple of the workers where there are as many: every
-        worker then yields as many, and reads no sample twice if its shards hold that many."""
-        batches = self.shards.num_samples // self.world_size // self.batch_size
-        return batches - batches % self.workers if batches >= self.workers else batches
+        return self.shards.batches(self.world_size, self.batch_size, self.workers)
 
     def __len__(self) -> int:
         if not self.shards.train:
