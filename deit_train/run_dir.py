@@ -75,10 +75,7 @@ class RunLock:
         except BlockingIOError:
             owner = self.owner(file)
             file.close()
-            raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by another deit-train run ({owner}). Wait for it to end, or give "
-                f"this run its own directory (hydra.run.dir=...)"
-            ) from None
+            raise busy(self.path.parent, owner) from None
         previous = self.owner(file)
         if previous:
             log.info("run directory: took over the lock of a run that ended without releasing it (%s)", previous)
@@ -102,10 +99,21 @@ class RunLock:
             self.file = None
 
     def check_free(self) -> None:
-        """Refuse at once when another run holds the lock (the console script, before Hydra writes anything)."""
-        if self.path.is_file():
-            self.acquire()
-            self.release()
+        """Refuse at once when another run holds the lock (the console script, before Hydra writes anything);
+        writes nothing."""
+        if not self.path.is_file():
+            return
+        with open(self.path) as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy(self.path.parent, self.owner(file)) from None
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def busy(directory: Path, owner: str) -> RunDirectoryBusy:
+    return RunDirectoryBusy(f"{directory} is in use by another deit-train run ({owner}). Wait for it to end, or "
+                            f"give this run its own directory (hydra.run.dir=...)")  # fmt: skip
 
 
 def last_checkpoint(output_dir: Path) -> Path:

@@ -79,7 +79,12 @@ class TrainingModule(L.LightningModule):
         optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay,
                                         **extra)  # fmt: skip
         trainer = self.trainer
-        steps_per_epoch = max(1, trainer.estimated_stepping_batches // max(1, trainer.max_epochs))
+        # Our data modules count the steps without making the training loader: Lightning's estimate makes it, and
+        # its first iterator, before a resumed run's epoch is restored (data/datamodule.py).
+        if hasattr(trainer.datamodule, "steps_per_epoch"):
+            steps_per_epoch = trainer.datamodule.steps_per_epoch()
+        else:
+            steps_per_epoch = max(1, trainer.estimated_stepping_batches // max(1, trainer.max_epochs))
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=optim.schedule,

@@ -68,3 +68,35 @@ class StepProbe(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.norms_before_clipping.append(self.grad_norm(pl_module.student))
+
+
+class Interrupt(L.Callback):
+    """Stops the run after epoch `epoch` (counted from 0), whose checkpoint is then the last: cleanly at its end
+    (trainer.should_stop), or by SIGINT (Ctrl-C) or SIGKILL (a crash) at batch `batch` of the next epoch."""
+
+    def __init__(self, epoch: int, batch: int = 1, how: str = "stop") -> None:
+        self.epoch, self.batch, self.how = epoch, batch, how
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.how == "stop" and trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.how != "stop" and trainer.current_epoch == self.epoch + 1 and batch_idx == self.batch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT if self.how == "sigint" else signal.SIGKILL)
+
+
+class Pause(L.Callback):
+    """Holds the run at the start of epoch `epoch` (its previous epoch's checkpoint written) for `seconds`."""
+
+    def __init__(self, epoch: int = 1, seconds: float = 120) -> None:
+        self.epoch, self.seconds = epoch, seconds
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import time
+
+            time.sleep(self.seconds)

@@ -1,6 +1,7 @@
 """The Lightning data module: datasets, DeiT transforms and loaders for any world size."""
 
 import logging
+import math
 from functools import cached_property
 
 import lightning as L
@@ -50,6 +51,16 @@ class DeiTDataModule(L.LightningDataModule):
         # The schema checks this rule when the config names the devices; with devices=auto only the trainer knows.
         check_batch(self.data.batch_size, world_size, accumulate, mixes=self.augment.mixup > 0 or self.augment.cutmix > 0)
         return self.data.batch_size // (world_size * accumulate)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch of each device, counted without making the loader (training.py)."""
+        trainer = self.trainer
+        if isinstance(self.train_set, Shards):  # data=webdataset: the stream's own count (data/webdataset.py)
+            per_rank = self.train_set.batches(trainer.world_size, self.per_device_batch_size, self.data.num_workers)
+        else:
+            per_rank = math.ceil(len(self.train_set) / trainer.world_size) // self.per_device_batch_size  # samplers.py
+        batches = limited(per_rank, trainer.limit_train_batches)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):  # once: the scan and the trainer both ask
@@ -107,6 +118,9 @@ class DeiTDataModule(L.LightningDataModule):
                 seed=self.seed,
                 keys=True,
             )
+            # The epoch the loader starts in, a resumed run's included: Lightning sets it only after it made the
+            # first iterator, whose workers (num_workers > 0) fetch their first indices at once.
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
             dataset = SeededViews(dataset, self.seed)
         elif self.trainer is not None and self.trainer.world_size > 1:
             sampler = ShardedEvalSampler(dataset, self.trainer.world_size, self.trainer.global_rank)

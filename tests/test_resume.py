@@ -1,0 +1,185 @@
+"""Resuming and the run directory: a run stopped after an epoch (cleanly, by SIGINT, by SIGKILL) and resumed ends
+with the weights of the same run done in one go; a resume applies the changes it may take and refuses the others;
+a finished run, a busy directory and a refused run are left as they are."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from .conftest import TINY, TINY_RUN, TINY_VIT
+
+REPO = Path(__file__).resolve().parents[1]
+# Everything that draws randomness: drop path, RandAugment and erasing (augment=deit), Mixup/CutMix, an EMA, and
+# data-loader workers.
+EVERYTHING = ["model.drop_path_rate=0.1", "augment.mixup=0.8", "augment.cutmix=1.0", "ema.decay=0.9",
+              "data.num_workers=1", "trainer.max_epochs=3"]  # fmt: skip
+DDP = ["trainer=ddp_cpu", "trainer.devices=2", "augment.repeated_aug=2", "data.num_workers=2"]
+
+
+def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, base=TINY) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=run_dir.parent, env=environment)
+
+
+def state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def stop_then_resume(how: str, run_dir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    stopped = deit_train(*overrides, "+callbacks.stop._target_=tests.probes.Interrupt", "+callbacks.stop.epoch=0",
+                         f"+callbacks.stop.how={how}", run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+    expected = {"stop": 0, "sigint": 130, "sigkill": -9}[how]
+    assert stopped.returncode == expected, stopped.stdout + stopped.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    resumed = deit_train(*overrides, "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return resumed
+
+
+@pytest.fixture(scope="module")
+def one_go(tmp_path_factory, cache_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("one_go") / "run"
+    finished = deit_train(*EVERYTHING, run_dir=run_dir, cache_dir=cache_dir)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("how", ["stop", "sigint", "sigkill"])
+def test_a_stopped_and_resumed_run_ends_with_the_weights_of_one_go(how, one_go, tmp_path, cache_dir):
+    stop_then_resume(how, tmp_path / "run", cache_dir, *EVERYTHING)
+    difference = max_difference(state(one_go), state(tmp_path / "run"))
+    print(f"{how}: max abs weight difference to the uninterrupted run {difference:.3g}")
+    assert difference == 0.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == json.loads(
+        (one_go / "metrics.json").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_weights_of_one_go(tmp_path, cache_dir):
+    one_go = tmp_path / "one_go"
+    assert deit_train(*EVERYTHING, *DDP, run_dir=one_go, cache_dir=cache_dir).returncode == 0
+    stop_then_resume("sigkill", tmp_path / "run", cache_dir, *EVERYTHING, *DDP)
+    difference = max_difference(state(one_go), state(tmp_path / "run"))
+    print(f"2-process DDP, SIGKILL: max abs weight difference to the uninterrupted run {difference:.3g}")
+    assert difference == 0.0
+
+
+def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    resumed = deit_train("trainer.max_epochs=2", "optim.lr=1e-5", "resume=true", run_dir=run_dir,
+                         cache_dir=cache_dir)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert "resume: optim.lr changed 0.002 -> 1e-05 (applied)" in output
+    assert "resume: trainer.max_epochs changed 1 -> 2 (applied)" in output
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    # the schedule the second epoch ran: base lr 1e-5 x 16 / 512 (the linear scaling rule), over 2 epochs
+    schedule = checkpoint["lr_schedulers"][0]
+    assert schedule["base_values"] == [pytest.approx(1e-5 * 16 / 512)] * len(schedule["base_values"])
+    assert schedule["t_initial"] == 2 * 5  # 2 epochs of 5 steps
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["optim"]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, listed",
+    [
+        (["model.depth=3"], "model.depth: 2 -> 3"),
+        (["augment.mixup=0.5", "seed=7"], "2 change(s) to what the run trains: augment.mixup: 0.0 -> 0.5, seed: 0 -> 7"),
+        (["loss.label_loss=bce", "augment.smoothing=0.0"], "loss.label_loss: ce -> bce"),
+    ],
+)
+def test_resume_refuses_a_change_to_what_is_trained_and_changes_nothing(change, listed, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = deit_train("trainer.max_epochs=2", *change, "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert refused.returncode == 2 and listed in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert after == {p: b for p, b in before.items() if p.suffix != ".log"}
+
+
+def test_resume_refuses_other_classes(tmp_path, cache_dir, demo_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    run_dir = tmp_path / "run"
+    base = [*TINY_RUN, *TINY_VIT, "data=imagefolder", f"data.root={data}", "data.batch_size=16"]
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir, base=base).returncode == 0
+    for split in ("train", "val"):
+        (data / split / "circle").rename(data / split / "disc")
+    refused = deit_train("trainer.max_epochs=2", "resume=true", run_dir=run_dir, cache_dir=cache_dir, base=base)
+    assert refused.returncode == 2 and "the data's classes" in refused.stderr and "disc" in refused.stderr
+
+
+def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    again = deit_train("trainer.max_epochs=1", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert again.returncode == 0 and "has finished its 1 epochs" in again.stdout, again.stdout + again.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "deit_train.train", *TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+         "trainer.max_epochs=2", "+callbacks.pause._target_=tests.probes.Pause"],  # held after its first epoch
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        for _ in range(1200):
+            if (run_dir / "checkpoints" / "last.ckpt").is_file():
+                break
+            time.sleep(0.1)
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"}
+        second = deit_train("trainer.max_epochs=1", "seed=3", run_dir=run_dir, cache_dir=cache_dir)
+        assert second.returncode == 6, second.stderr
+        assert f"is in use by another deit-train run (pid {first.pid} on" in second.stderr
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"} == before
+    finally:
+        first.kill()
+        first.wait()
+    # The killed run's lock is stale: the kernel released it, and the next run takes the directory over.
+    resumed = deit_train("trainer.max_epochs=2", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"took over the lock of a run that ended without releasing it (pid {first.pid}" in resumed.stdout
+
+
+def test_a_run_refused_while_building_leaves_no_directory(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    refused = deit_train("loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+                         f"teacher.checkpoint={tmp_path / 'missing.pth'}", run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+    assert refused.returncode == 2 and "teacher.checkpoint=" in refused.stderr and "does not exist" in refused.stderr
+    assert not run_dir.exists()
+
+
+def test_steps_per_epoch_counts_as_lightning_does(tiny_config):
+    """The data module counts the schedule's steps without making the loader; Lightning's estimate agrees."""
+    from deit_train.train import train
+
+    cases = ([], ["trainer.accumulate_grad_batches=2"], ["+trainer.limit_train_batches=3"],
+             ["+trainer.limit_train_batches=0.5", "trainer.accumulate_grad_batches=2"])  # fmt: skip
+    for i, overrides in enumerate(cases):
+        run = train(tiny_config(*overrides, run=f"case{i}"))
+        estimated = run.trainer.estimated_stepping_batches // run.trainer.max_epochs
+        assert run.datamodule.steps_per_epoch() == estimated == run.trainer.global_step, overrides
