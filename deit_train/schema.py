@@ -288,6 +288,8 @@ def check(cfg: DictConfig) -> None:
     check_fields(cfg, TrainConfig, "")
     for key, rule in TRAINER_RULES.items():
         value = OmegaConf.select(cfg.trainer, key)
+        if value is None and key in cfg.trainer and key != "gradient_clip_val":  # the others take no null
+            raise refuse(f"trainer.{key}", "null", rule.allowed)
         if not (key == "devices" and (value == "auto" or OmegaConf.is_list(value))):
             check_value(f"trainer.{key}", value, rule)
     scale = list(cfg.augment.scale)

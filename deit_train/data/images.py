@@ -22,7 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.errors import DataError
 
-IMAGE_EXTENSIONS = IMG_EXTENSIONS
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF (its first frame), common in scraped data
 BACKGROUND = (255, 255, 255)  # what transparent pixels show
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,

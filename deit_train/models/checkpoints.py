@@ -41,10 +41,12 @@ def describe_file(path: Path) -> str:
         head = file.read(1024)
     if head.startswith(b"PK\x03\x04"):  # torch's zip format, or another zip
         first = head[30 : 30 + int.from_bytes(head[26:28], "little")].decode(errors="replace")
-        if not zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
             return "a truncated torch checkpoint" if "/" in first else "a truncated zip archive"
-        with zipfile.ZipFile(path) as archive:
-            return "a torch checkpoint" if any(n.endswith("data.pkl") for n in archive.namelist()) else "a zip archive"
+        return "a torch checkpoint" if any(n.endswith("data.pkl") for n in names) else "a zip archive"
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:9] == b"{":
         return "a safetensors file"
     if head[:1] == b"\x80":
@@ -87,19 +89,22 @@ def read_torch_file(path: Path, flag: str) -> object:
                 f"(torch.save(model.state_dict(), ...) or safetensors)"
             ) from error
         raise DeitTrainError(f"{named} is {kind} that cannot be read as a checkpoint (corrupt?)") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as error:
-        raise DeitTrainError(f"{named} is {kind} that cannot be read: truncated or corrupt "
-                             f"({str(error).splitlines()[0][:120]})") from error  # fmt: skip
+    except Exception as error:  # a damaged file can make the unpickler fail in any way
+        detail = str(error).splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise DeitTrainError(f"{named} is {kind} that cannot be read: truncated or corrupt ({detail})") from error
 
 
 def foreign_globals(path: Path) -> list[str]:
     """The Python objects a pickle (or a torch checkpoint's data.pkl) names besides torch's tensors and plain
     containers, read from its opcodes without running it."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    else:
-        data = path.read_bytes()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+    except (StopIteration, zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError):
+        return []
     names, strings, stream = [], [], io.BytesIO(data)
     with contextlib.suppress(Exception):  # the end of the pickles (raw tensor bytes follow in the legacy format)
         while stream.tell() < len(data):
