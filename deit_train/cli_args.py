@@ -5,7 +5,14 @@ import argparse
 import os
 from pathlib import Path
 
-from deit_train.errors import DeitTrainError
+from deit_train.errors import DeitTrainError, fail
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line like every other error (usage with --help)."""
+
+    def error(self, message: str) -> None:
+        fail(self.prog, f"{message} (usage: {self.prog} --help)", 2)
 
 
 def at_least(low: int):

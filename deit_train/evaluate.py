@@ -6,7 +6,6 @@ validation split; data/hf.py). Class folders are matched to the model's classes 
 a subset of the classes may be evaluated. Results are printed as a table and, with --json, written as JSON.
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from deit_train.cli_args import at_least, writable_file, write_text
+from deit_train.cli_args import ArgumentParser, at_least, writable_file, write_text
 from deit_train.data.datasets import ImageFolder, open_image_folder
 from deit_train.data.hf import is_hf_dataset, open_hf_eval
 from deit_train.errors import DeitTrainError, error_boundary
@@ -107,7 +106,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deit-eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="deit-eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
     parser.add_argument("data", help="an ImageFolder, or a folder with one under val/")
     parser.add_argument(

@@ -15,16 +15,17 @@ OUT_DIR/timm          timm.create_model("local-dir:OUT_DIR/timm", pretrained=Tru
 OUT_DIR/model.onnx    with --onnx: images (N, 3, H, W) -> logits (N, classes), the average of both heads.
 """
 
-import argparse
 import json
 import logging
-import sys
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from deit_train.errors import DeitTrainError
+from deit_train.cli_args import ArgumentParser
+from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
 from deit_train.models.transformers_format import (
@@ -171,19 +172,45 @@ def export(
     if onnx and isinstance(trained.model, MaskedImageModel):
         raise DeitTrainError("--onnx writes a classifier; a task=mim run has none: fine-tune it first")
     out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if architecture:
-        export_transformers(trained, out_dir / "transformers", architecture)
-    else:
-        log.warning("%s: transformers has no class for %s: exported to timm only", source, reason)
-    export_timm(trained, out_dir / "timm")
-    if onnx:
-        export_onnx(trained, out_dir / "model.onnx")
+    check_output_dir(out_dir)
+    # Written beside OUT_DIR first, then moved in: a failed export leaves an earlier one as it was.
+    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if architecture:
+            export_transformers(trained, staging / "transformers", architecture)
+        else:
+            log.warning("%s: transformers has no class for %s: exported to timm only", source, reason)
+        export_timm(trained, staging / "timm")
+        if onnx:
+            export_onnx(trained, staging / "model.onnx")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for written in staging.iterdir():
+            target = out_dir / written.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            written.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
+EXPORT_ENTRIES = {"transformers", "timm", "model.onnx"}
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """OUT_DIR is new, empty or an earlier export (which is replaced); anything else is refused before work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DeitTrainError(f"OUT_DIR {out_dir} is a file: give a folder to write the export into")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_ENTRIES) if out_dir.is_dir() else []
+    if others:
+        raise DeitTrainError(f"OUT_DIR {out_dir} holds other files ({', '.join(others[:3])}): give a new or empty "
+                             f"folder, or an earlier export's, which is replaced")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deit-export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="deit-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a deit-train .ckpt (last.ckpt, best.ckpt)")
     parser.add_argument(
         "out_dir", help="written: OUT_DIR/transformers, OUT_DIR/timm (and OUT_DIR/model.onnx)"
@@ -197,11 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--onnx", action="store_true", help="also write OUT_DIR/model.onnx")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with error_boundary("deit-export"):
+        check_output_dir(Path(args.out_dir).expanduser())  # before the checkpoint is read
         out_dir = export(args.checkpoint, args.out_dir, ema=args.ema, onnx=args.onnx, kind=args.kind)
-    except DeitTrainError as error:
-        print(f"deit-export: error: {error}", file=sys.stderr)
-        sys.exit(2)
     if (out_dir / "transformers").is_dir():
         hf_dir = out_dir / "transformers"
         architecture = json.loads((hf_dir / "config.json").read_text())["architectures"][0]

@@ -5,7 +5,6 @@ recursively for images. The prediction is the softmax of the average of the two 
 cannot be read gets an {"image", "error"} line, and the exit status is then 3.
 """
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from deit_train.cli_args import at_least
+from deit_train.cli_args import ArgumentParser, at_least
 from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
 from deit_train.errors import DataError, DeitTrainError, error_boundary
 from deit_train.trained import TrainedModel, load_trained_model
@@ -68,7 +67,7 @@ def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deit-predict", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="deit-predict", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--top-k", type=at_least(1), default=5)

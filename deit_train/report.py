@@ -8,7 +8,6 @@ marked, runs without `metrics.json` listed as failed; and draws every configurat
 seeds as a band. Nothing but the files the runs already wrote is read.
 """
 
-import argparse
 import csv
 import math
 import statistics
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from deit_train.cli_args import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
 
 VAL_CURVES = {  # metric -> legend label, in drawing order
@@ -303,7 +303,7 @@ def report(path: Path, out: Path | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deit-report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="deit-report", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run directory or a directory of runs (a sweep)")
     parser.add_argument("--out", type=Path, help="where to write report.png (and report.md, report.csv)")
     args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ timm's published shards do: decoding the smaller JPEGs is what makes such shards
 bytes and label compared with what was written (--no-verify skips this).
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -28,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from deit_train.cli_args import at_least, new_output_dir
+from deit_train.cli_args import ArgumentParser, at_least, new_output_dir
 from deit_train.data.datasets import ImageFolder
 from deit_train.data.extras import require
 from deit_train.data.hf import find_columns, is_hf_dataset, label_names, open_splits, pick_split
@@ -173,7 +172,7 @@ def verify(out: Path, info: dict, written: dict[str, tuple[str, int]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deit-shard", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="deit-shard", description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="SRC", help="a folder with train/ and val/, a local HF dataset, or hf:NAME")
     parser.add_argument("out", metavar="OUT", type=Path, help="a new or empty folder for the shards")
     parser.add_argument("--shard-samples", type=at_least(1), default=10_000, help="samples per shard at most")

@@ -1,0 +1,74 @@
+"""deit-eval, deit-predict, deit-export and deit-report check their arguments and outputs before any work and end
+every failure in one line with its exit status; nothing they refuse is written or overwritten."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deit_train.train import train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cache_dir) -> Path:
+    from .conftest import TINY, compose_config
+
+    run_dir = tmp_path_factory.mktemp("tools") / "run"
+    train(compose_config(TINY, run_dir, cache_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def tool(name: str, *args) -> subprocess.CompletedProcess:
+    code = f"from deit_train.{name} import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(result: subprocess.CompletedProcess, code: int, *phrases: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_bad_numbers_are_refused_before_any_work(checkpoint, demo_data):
+    assert_refused(tool("evaluate", checkpoint, demo_data, "--batch-size", "0"), 2, "--batch-size", "0 is below 1")
+    assert_refused(tool("predict", checkpoint, demo_data, "--top-k", "-1"), 2, "--top-k", "-1 is below 1")
+    assert_refused(tool("evaluate", checkpoint, demo_data, "--num-workers", "x"), 2, "'x' is not an integer")
+
+
+def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(checkpoint, demo_data, tmp_path):
+    assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path), 2, "is a folder")
+    assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "no" / "r.json"), 2,
+                   "the folder", "does not exist")  # fmt: skip
+    written = tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "r.json")
+    assert written.returncode == 0 and (tmp_path / "r.json").is_file(), written.stderr
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert_refused(tool("export", checkpoint, occupied), 2, "holds other files (notes.txt)")
+    assert_refused(tool("export", checkpoint, tmp_path / "r.json"), 2, "is a file")
+    assert (occupied / "notes.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+    exported = tmp_path / "exported"
+    for _ in range(2):  # an earlier export is replaced
+        assert tool("export", checkpoint, exported).returncode == 0
+    assert sorted(p.name for p in exported.iterdir()) == ["timm", "transformers"]
+    assert not list(tmp_path.glob(".exported.export-*"))  # the staging folder is gone
+    assert_refused(tool("report", checkpoint.parents[1], "--out", tmp_path / "r.json"), 2, "--out", "is a file")
+
+
+def test_non_finite_weights_are_refused_by_eval_and_predict(checkpoint, demo_data, tmp_path):
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["state_dict"]["student.blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    broken = tmp_path / "diverged.ckpt"
+    torch.save(stored, broken)
+    assert_refused(tool("evaluate", broken, demo_data), 2, "outputs are NaN or inf", "an earlier checkpoint")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    result = tool("predict", broken, image)
+    assert_refused(result, 2, "outputs are NaN or inf")
+    assert result.stdout == ""  # no prediction printed from such a model
