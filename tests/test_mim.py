@@ -167,3 +167,16 @@ def test_mim_refuses_a_teacher(tiny_config, random_teacher_checkpoint):
                       f"teacher.checkpoint={random_teacher_checkpoint}")  # fmt: skip
     with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
         train(cfg)
+
+
+def test_pretraining_continues_from_its_checkpoint_with_mask_token_and_decoder(tiny_config):
+    first = tiny_config("task=mim", "task.mask_patch_size=8", "task.pictures=0", run="first")
+    train(first)  # task.pictures=0: no reconstructions drawn, and no error
+    assert not Path(first.paths.output_dir, "reconstructions").exists()
+    checkpoint = f"{first.paths.output_dir}/checkpoints/last.ckpt"
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    again = tiny_config("task=mim", "task.mask_patch_size=8", "task.pictures=0", f"model.init={checkpoint}",
+                        "optim.lr=0", "optim.warmup_lr=0", "optim.min_lr=0", "optim.weight_decay=0", run="again")  # fmt: skip
+    model = train(again).module.model  # lr 0: nothing moves, so everything equals what it started from
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, stored[f"model.{key}"], rtol=0, atol=0, msg=key)

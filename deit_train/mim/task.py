@@ -19,6 +19,7 @@ from deit_train.mim.loss import masked_reconstruction_loss
 from deit_train.mim.masking import MaskGenerator
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student, compile_student, describe
+from deit_train.models.checkpoints import read_run_checkpoint
 from deit_train.schema import Range, checked, refuse
 from deit_train.tasks import Built, Task
 from deit_train.training import TrainingModule, run_config
@@ -69,7 +70,8 @@ class MIMModule(TrainingModule):
             self.picture_batch = (images[: self.pictures], masks[: self.pictures])
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.picture_batch is None or not self.trainer.is_global_zero:
+        drawn = self.pictures and self.picture_batch is not None  # task.pictures=0 draws nothing
+        if self.trainer.sanity_checking or not drawn or not self.trainer.is_global_zero:
             return
         grid = self.reconstruction_grid(*self.picture_batch)
         if self.pictures_dir is not None:
@@ -132,6 +134,8 @@ class MaskedImageModeling(Task):
         if cfg.compile:
             compile_student(encoder)
         model = MaskedImageModel(encoder)
+        if cfg.model.init:
+            continue_pretraining(model, cfg.model.init)
         masks = MaskGenerator(cfg.model.img_size, self.mask_patch_size, model.patch_size, self.mask_ratio)
         datamodule = MaskedImageDataModule(cfg.data, cfg.augment, cfg.model.img_size, cfg.seed, masks)
         log.info("masked image modeling: encoder %s, %d of %d blocks masked", describe(encoder),
@@ -140,3 +144,20 @@ class MaskedImageModeling(Task):
                            pictures=self.pictures, pictures_dir=Path(cfg.paths.output_dir) / "reconstructions",
                            config=run_config(cfg))  # fmt: skip
         return Built(datamodule, module)
+
+
+def continue_pretraining(model: MaskedImageModel, source: str) -> None:
+    """model.init from a task=mim run's checkpoint continues its pre-training: its mask token and decoder too, not
+    only the encoder (which model.init has loaded). Other sources start them fresh."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return
+    try:
+        run = read_run_checkpoint(path, "model.init")
+    except DeitTrainError:  # weights, not a run: the encoder alone
+        return
+    rest = {key.removeprefix("model."): tensor for key, tensor in run.state_dict.items()
+            if key.startswith(("model.mask_token", "model.decoder."))}  # fmt: skip
+    if rest:
+        model.load_state_dict({**model.state_dict(), **rest})
+        log.info("model.init: mask token and decoder from %s", source)
