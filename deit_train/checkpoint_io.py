@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from deit_train.errors import StorageError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
@@ -25,5 +27,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(staging, path)  # atomic on POSIX and Windows within one filesystem
+        except (OSError, RuntimeError) as error:  # torch's writer can report a full disk as a RuntimeError
+            cause = error
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None and "write" not in str(error):
+                raise
+            reason = cause.strerror if cause is not None and cause.strerror else str(error).splitlines()[0]
+            raise StorageError(f"could not write the checkpoint {path}: {reason}. Free space or fix the "
+                               f"permissions (the earlier checkpoints are intact), then resume=true") from error
         finally:
             staging.unlink(missing_ok=True)

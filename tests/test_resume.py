@@ -183,3 +183,23 @@ def test_steps_per_epoch_counts_as_lightning_does(tiny_config):
         run = train(tiny_config(*overrides, run=f"case{i}"))
         estimated = run.trainer.estimated_stepping_batches // run.trainer.max_epochs
         assert run.datamodule.steps_per_epoch() == estimated == run.trainer.global_step, overrides
+
+
+def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, cache_dir):
+    import resource
+
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    limit = len(before) // 2  # no file may grow past half a checkpoint: the next save cannot be written
+
+    command = [sys.executable, "-m", "deit_train.train", *TINY, f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"]  # fmt: skip
+    full = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert full.returncode == 4, full.stderr
+    assert full.stderr.strip().splitlines()[-1].startswith("deit-train: error: could not write the checkpoint")
+    assert "Traceback" not in full.stderr
+    assert last.read_bytes() == before
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no half-written file left beside it
