@@ -111,12 +111,12 @@ def train(cfg: DictConfig) -> TrainRun:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         built = task.build(cfg)
-        if leader and hasattr(built.datamodule, "scan"):
-            built.datamodule.scan()  # unreadable images, all of them, before training meets the first
         checkpoint = resume_from(cfg, output_dir)
         if checkpoint is not None:
             stored = read_run_checkpoint(checkpoint, "ckpt_path" if cfg.ckpt_path else "resume=true")
             check_resume(cfg, stored.config, stored.class_names, getattr(built.module, "class_names", None))
+        if leader and hasattr(built.datamodule, "scan"):
+            built.datamodule.scan()  # unreadable images, all of them, before training meets the first
         trainer = build_trainer(cfg, output_dir, built.callbacks)
         if leader:
             write_config(cfg, output_dir)
@@ -124,6 +124,13 @@ def train(cfg: DictConfig) -> TrainRun:
         started = True
         fit_until_preempted(trainer, built.module, datamodule=built.datamodule, ckpt_path=checkpoint,
                             weights_only=True)  # fmt: skip
+        for run_logger in trainer.loggers:
+            if isinstance(run_logger, WandbLogger) and trainer.is_global_zero:
+                run_logger.experiment.finish()  # the next run of a sweep in this process starts its own W&B run
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        if trainer.is_global_zero:
+            write_metrics(metrics, output_dir)
+            log.info("final metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     except BaseException:
         if leader and not started:
             lock.release()
@@ -131,14 +138,6 @@ def train(cfg: DictConfig) -> TrainRun:
         raise
     finally:
         lock.release()
-
-    for run_logger in trainer.loggers:
-        if isinstance(run_logger, WandbLogger) and trainer.is_global_zero:
-            run_logger.experiment.finish()  # the next run of a sweep in this process starts its own W&B run
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-    if trainer.is_global_zero:
-        write_metrics(metrics, output_dir)
-        log.info("final metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     return TrainRun(metrics, trainer, built.module, built.datamodule)
 
 
