@@ -73,7 +73,10 @@ class TrainingModule(L.LightningModule):
         optim = self.optim
         lr = optim.lr * self.global_batch_size / optim.lr_batch_ref if optim.lr_batch_ref else optim.lr
         extra = dict(optim.kwargs)
-        if optim.name == "adamw" and self.device.type == "cuda":
+        # A fused AdamW unscales 16-mixed gradients inside its step, after Lightning would clip them: Lightning
+        # refuses that pair at the first step, so with clipping under the GradScaler the update stays unfused.
+        clips_scaled = self.trainer.precision == "16-mixed" and bool(self.trainer.gradient_clip_val)
+        if optim.name == "adamw" and self.device.type == "cuda" and not clips_scaled:
             extra.setdefault("fused", True)  # one kernel for the whole update
         # No weight decay on norms, biases, tokens and position embeddings (timm's factory).
         optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay,
