@@ -85,8 +85,10 @@ class Interrupt(L.Callback):
         if self.how != "stop" and trainer.current_epoch == self.epoch + 1 and batch_idx == self.batch:
             import os
             import signal
+            import time
 
             os.kill(os.getpid(), signal.SIGINT if self.how == "sigint" else signal.SIGKILL)
+            time.sleep(30)  # Python runs the SIGINT handler (KeyboardInterrupt) here at the latest, even under load
 
 
 class Pause(L.Callback):

@@ -32,7 +32,7 @@ def tiny_student_config(**changes):
 
 
 def teacher_config(**changes):
-    return OmegaConf.create({"name": "resnet10t", "pretrained": False, "checkpoint": None, **changes})
+    return OmegaConf.create({"name": "resnet10t", "library": "timm", "pretrained": False, "checkpoint": None, **changes})
 
 
 def test_student_architecture_fields_reach_timm():

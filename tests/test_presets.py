@@ -209,7 +209,6 @@ SHRINK = [
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "+trainer.limit_train_batches=1",
-    "+trainer.limit_val_batches=1",
     "+trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
     "teacher=timm",

@@ -162,7 +162,7 @@ def test_a_drawn_data_folder_trains_on_its_visible_images_or_is_refused_in_one_l
         if junk_folder:
             (root / split / junk_folder).mkdir(exist_ok=True)
             (root / split / junk_folder / "copy.png").write_bytes(files[0][1][1])
-    run_dir = root.parent / "run"
+    run_dir = root.with_name(f"{root.name}-run")  # each example its own run
     cfg = compose_config([*TINY, "data=imagefolder", f"data.root={root}", "data.batch_size=2",
                           "data.scan=full"], run_dir, cache_dir)  # fmt: skip
     visible = [(label, index) for index, (label, (name, _)) in enumerate(files) if not name.startswith(".")]
