@@ -16,8 +16,9 @@ that no row pays for a host-to-device copy). Per student:
   compile  deit-train with compile=true: images/s against eager, and the seconds of its first (compiling) step
 Shared:
   teacher_layout  the teacher's forward images/s, plain (NCHW, no_grad) against ours (channels_last, inference_mode)
-  pipeline        input pipeline images/s per data-loader worker: JPEG decode + augment=deit through the app's
-                  training loader (seeded views included)
+  pipeline        input pipeline images/s per data-loader worker (JPEG decode + augment=deit) for ImageFolder, HF
+                  Arrow and WebDataset shards (raw and re-encoded), each against the official DeiT pipeline in the
+                  same run: scripts/benchmark_data.py's rows
 
 A row is one function from a Bench (one student's setting) to {figure: value}, registered in STUDENT_ROWS or
 SHARED_ROWS; FIGURES gives each figure its label and unit in the Markdown table.
@@ -39,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -50,13 +52,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.utils import NativeScaler
@@ -64,12 +64,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deit_train.console import quiet_console
-from deit_train.data import DeiTDataModule
 from deit_train.models import build_student, forward_heads
 from deit_train.models.student import VIT_ARCHITECTURE_FIELDS
 from deit_train.tasks.classify import cache_callbacks
 from deit_train.teacher import build_teacher_network
 from deit_train.train import CONFIG_DIR, build_trainer, check_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+import benchmark_data  # noqa: E402  (this folder's data benchmark, a script beside this one)
 
 TINY_VIT = ["model.patch_size=4", "model.depth=2", "model.embed_dim=32", "model.num_heads=2"]
 
@@ -177,7 +179,20 @@ FIGURES = {
         "teacher images/s, channels_last + inference_mode (ours)",
         "ips",
     ),
-    "pipeline_ips_per_worker": ("input pipeline images/s per worker (JPEG + augment=deit)", "ips"),
+    "ips_per_worker_official": ("input images/s per worker, official DeiT pipeline (torchvision ImageFolder + timm create_transform)", "ips"),
+    "ips_per_worker_loader_imagefolder": ("input images/s per worker, deit-train, ImageFolder", "ips"),
+    "ips_per_worker_loader_hf": ("input images/s per worker, deit-train, HF Arrow (save_to_disk)", "ips"),
+    "ips_per_worker_loader_shards": ("input images/s per worker, deit-train, WebDataset shards as written", "ips"),
+    "ips_per_worker_loader_shards_256": ("input images/s per worker, deit-train, shards re-encoded at 256 px", "ips"),
+    "ips_per_worker_end_to_end_imagefolder": ("input images/s per worker, deit-train training a trivial student, ImageFolder", "ips"),
+    "x_official_loader_imagefolder": ("deit-train, ImageFolder / official pipeline", "ratio"),
+    "x_official_loader_hf": ("deit-train, HF Arrow (save_to_disk) / official pipeline", "ratio"),
+    "x_official_loader_shards": ("deit-train, WebDataset shards as written / official pipeline", "ratio"),
+    "x_official_loader_shards_256": ("deit-train, shards re-encoded at 256 px / official pipeline", "ratio"),
+    "x_official_end_to_end_imagefolder": ("deit-train training a trivial student, ImageFolder / official pipeline", "ratio"),
+    "shard_write_s_jpegs": ("deit-shard seconds, the pipeline JPEGs", "s"),
+    "shard_write_s_jpegs_resize256": ("deit-shard seconds, the pipeline JPEGs re-encoded at 256 px", "s"),
+    "shard_write_s_demo": ("deit-shard seconds, the demo set", "s"),
 }
 
 
@@ -615,32 +630,11 @@ def teacher_layout_rows(bench: Bench) -> dict[str, float]:
 
 
 def pipeline_rows(bench: Bench) -> dict[str, float]:
-    """JPEG decode + augment=deit at the image size through the app's training loader with one worker."""
+    """scripts/benchmark_data.py's rows: images/s per data-loader worker (JPEG decode + augment=deit at the image
+    size) for ImageFolder, HF Arrow and shards (raw and re-encoded at 256 px), each against the official DeiT
+    pipeline, deit-train end to end, and deit-shard's seconds."""
     preset = bench.preset
-    root = bench.tmp / "jpegs"
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for class_index in range(2):
-            folder = root / split / f"class{class_index}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(preset.jpegs // 2 if split == "train" else 1):
-                # An ImageNet-sized photo-like image: smooth gradients plus noise, JPEG quality 90.
-                base = np.linspace(0, 255, 500)[None, :, None] * rng.uniform(0.3, 1, 3)
-                pixels = np.clip(base + rng.normal(0, 20, (375, 500, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
-    overrides = ["data=imagefolder", f"data.root={root}", "data.batch_size=16", "data.num_workers=1",
-                 "data.pin_memory=false", "augment=deit", f"paths.output_dir={bench.tmp}",
-                 f"paths.cache_dir={bench.tmp}"]  # fmt: skip
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    datamodule = DeiTDataModule(cfg.data, cfg.augment, preset.img_size, seed=cfg.seed)
-    datamodule.setup()
-    iterator = iter(datamodule.train_dataloader())
-    next(iterator)  # start the worker
-    start, count = time.perf_counter(), 0
-    for images, *_ in iterator:
-        count += len(images)
-    return {"pipeline_ips_per_worker": count / (time.perf_counter() - start)}
+    return benchmark_data.data_rows(preset.img_size, preset.jpegs, preset.repeats, batch=min(32, preset.jpegs // 4))
 
 
 Row = Callable[[Bench], dict[str, float]]

@@ -10,9 +10,9 @@ Rows (images/s with ONE data-loader worker, augment=deit at --img-size, on Image
 and the seconds deit-shard takes for the test JPEGs and for the demo set (both splits, read back and checked).
 Each figure is the best of --repeats passes, the rows interleaved so that drift in the machine's speed hits all.
 
-    python scripts/benchmark_data.py [--images 256] [--img-size 224] [--repeats 2] [--markdown] [--json out.json]
+    python scripts/benchmark_data.py [--images 256] [--img-size 224] [--repeats 2] [--batch 32] [--markdown] [--json out.json]
 
-From scripts/benchmark.py: `import benchmark_data; results.update(benchmark_data.data_rows(args.img_size))`.
+scripts/benchmark.py runs these rows as its `data` row.
 """
 
 import argparse
@@ -38,7 +38,7 @@ from deit_train.data.demo import ensure_demo_dataset
 from deit_train.shard import main as deit_shard
 from deit_train.train import CONFIG_DIR
 
-BATCH = 32
+BATCH = 32  # the default batch; a run needs at least 4 batches of training JPEGs
 
 
 def make_jpegs(root: Path, count: int) -> Path:
@@ -81,7 +81,7 @@ def compose_run(*overrides: str) -> DictConfig:
         return compose("train", overrides=["augment=deit", "paths.output_dir=.", "paths.cache_dir=.", *overrides])
 
 
-def official(root: Path, img_size: int, augment: DictConfig) -> float:
+def official(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
     """The official pipeline (facebookresearch/deit datasets.py build_transform): timm create_transform."""
     transform = create_transform(
         img_size, is_training=True, color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
@@ -89,7 +89,7 @@ def official(root: Path, img_size: int, augment: DictConfig) -> float:
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     )  # fmt: skip
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=1, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
     return drain(loader)
 
 
@@ -114,20 +114,20 @@ def data_overrides(source: str, paths: dict[str, Path]) -> list[str]:
             f"data.val='{paths[source]}/val-{{000000..{last['val']:06d}}}.tar'", "data.shuffle_buffer=64"]  # fmt: skip
 
 
-def deit_loader(source: str, paths: dict[str, Path], img_size: int) -> float:
-    cfg = compose_run(*data_overrides(source, paths), f"data.batch_size={BATCH}", "data.num_workers=1",
+def deit_loader(source: str, paths: dict[str, Path], img_size: int, batch: int) -> float:
+    cfg = compose_run(*data_overrides(source, paths), f"data.batch_size={batch}", "data.num_workers=1",
                       "data.pin_memory=false")  # fmt: skip
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size)
     datamodule.setup()
     return drain(datamodule.train_dataloader())
 
 
-def end_to_end(source: str, paths: dict[str, Path], img_size: int) -> float:
+def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int) -> float:
     """deit-train's training of a trivial student (1 block, width 48), loader included: images/s of the steps
     after the first two."""
     cfg = compose_run(*data_overrides(source, paths), "model=deit_tiny", f"model.img_size={img_size}",
                       "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "loss=ce", "trainer=cpu",
-                      f"data.batch_size={BATCH}", "data.num_workers=1", "data.pin_memory=false")  # fmt: skip
+                      f"data.batch_size={batch}", "data.num_workers=1", "data.pin_memory=false")  # fmt: skip
     built = instantiate(cfg.task).build(cfg)
     times = {}
 
@@ -143,11 +143,13 @@ def end_to_end(source: str, paths: dict[str, Path], img_size: int) -> float:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[Timer()])  # fmt: skip
     trainer.fit(built.module, datamodule=built.datamodule)
-    return times["batches"] * BATCH / (times["end"] - times["start"])
+    return times["batches"] * batch / (times["end"] - times["start"])
 
 
-def data_rows(img_size: int = 224, images: int = 256, repeats: int = 2) -> dict[str, float]:
+def data_rows(img_size: int = 224, images: int = 256, repeats: int = 2, batch: int = BATCH) -> dict[str, float]:
     """Every row of this benchmark (module docstring) as {name: value}."""
+    if images < 4 * batch:  # the end-to-end row times the steps after the first two
+        raise ValueError(f"images={images}: the rows need at least 4 batches of {batch}; give more or a smaller batch")
     torch.set_num_threads(1)  # the main process: one core, as a data-loader worker has
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -160,10 +162,10 @@ def data_rows(img_size: int = 224, images: int = 256, repeats: int = 2) -> dict[
         demo = ensure_demo_dataset(tmp / "demo_cache", image_size=32, train_per_class=100, val_per_class=60)
         results["shard_write_s_demo"] = timed_shards(demo, tmp / "demo_shards")
         augment = compose_run().augment
-        rows = {"official": lambda: official(paths["jpegs"], img_size, augment)}
+        rows = {"official": lambda: official(paths["jpegs"], img_size, augment, batch)}
         for source in ("imagefolder", "hf", "shards", "shards_256"):
-            rows[f"loader_{source}"] = lambda source=source: deit_loader(source, paths, img_size)
-        rows["end_to_end_imagefolder"] = lambda: end_to_end("imagefolder", paths, img_size)
+            rows[f"loader_{source}"] = lambda source=source: deit_loader(source, paths, img_size, batch)
+        rows["end_to_end_imagefolder"] = lambda: end_to_end("imagefolder", paths, img_size, batch)
         best = dict.fromkeys(rows, 0.0)
         for _ in range(repeats):
             for name, measure in rows.items():
@@ -181,13 +183,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="training JPEGs")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = data_rows(args.img_size, args.images, args.repeats)
+    results = data_rows(args.img_size, args.images, args.repeats, args.batch)
     setup = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
     if args.markdown:
-        print(f"\n{setup}, {args.images} JPEGs 500x375 q90, {args.img_size} px, augment=deit, batch {BATCH}\n")
+        print(f"\n{setup}, {args.images} JPEGs 500x375 q90, {args.img_size} px, augment=deit, batch {args.batch}\n")
         print("| figure | value |\n| --- | ---: |")
         for key, value in results.items():
             print(f"| {key} | {value:.2f} |")

@@ -94,7 +94,7 @@ def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark):
         "setup": benchmark.setup(benchmark.PRESETS["gpu"], benchmark.torch.device("cpu")),
         "students": {"deit_small": {"train_ips_deit_train": 1234.56, "framework_overhead": 0.031},
                      "deit_base": {"train_ips_deit_train": 345.6, "cached_over_online": 5.25}},
-        "shared": {"pipeline_ips_per_worker": 210.0},
+        "shared": {"ips_per_worker_loader_hf": 210.0},
         "seconds": {"deit_small/train": 10.0, "deit_base/train": 5.0},
         "gpu_tests": {"passed": 18, "skipped": 1, "failed": 0},
     }  # fmt: skip
@@ -103,7 +103,7 @@ def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark):
     assert "| train images/s, deit-train (the app's trainer, callbacks, loggers) | 1234.6 | 345.6 |" in table
     assert "| framework overhead, 1 - deit-train / bare | 3.1 % |  |" in table
     assert "| teacher.cache speed-up, cached / online |  | 5.25x |" in table
-    assert "| input pipeline images/s per worker (JPEG + augment=deit) | 210.0 |" in table
+    assert "| input images/s per worker, deit-train, HF Arrow (save_to_disk) | 210.0 |" in table
     assert "18 passed, 1 skipped, 0 failed" in table and "Measured in 15 s" in table
 
 
