@@ -12,8 +12,8 @@ from hydra.errors import HydraException
 from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from deit_train.errors import error_boundary, fail
-from deit_train.run_dir import RunLock, finished_metrics, is_launch_leader
+from deit_train.errors import DeitTrainError, error_boundary, fail
+from deit_train.run_dir import RunLock, check_writable, finished_metrics, is_launch_leader, refuse_overwrite
 from deit_train.train import CONFIG_DIR, check_config, main
 
 
@@ -33,6 +33,9 @@ def check_command_line(args: list[str]) -> None:
             return
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=args, return_hydra_config=True)
+        if not str(cfg.hydra.run.dir).strip() or not str(cfg.paths.cache_dir).strip():
+            empty = "hydra.run.dir" if not str(cfg.hydra.run.dir).strip() else "paths.cache_dir"
+            raise DeitTrainError(f"{empty} is empty: give a folder (an empty path would write into the current one)")
         run_dir = Path(cfg.hydra.run.dir)
         with open_dict(cfg):
             del cfg.hydra
@@ -40,7 +43,9 @@ def check_command_line(args: list[str]) -> None:
         check_config(cfg)
         if not is_launch_leader():  # a rank the trainer started: the first process checked the directory
             return
+        check_writable(run_dir)
         RunLock(run_dir).check_free()
+        refuse_overwrite(cfg, run_dir)
         if (finished := finished_metrics(cfg, run_dir)) is not None:
             print(f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
                   f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}")  # fmt: skip
@@ -61,6 +66,8 @@ def one_line(error: Exception) -> str:
     full_key = getattr(cause, "full_key", None)
     if full_key and not any(line.startswith("full_key:") for line in lines):
         lines.append(f"full_key: {full_key}")
+    if cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
+        lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
     return " | ".join(lines)
 
 

@@ -52,7 +52,7 @@ def debugging() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in ("DEIT_TRAIN_DEBUG", "HYDRA_FULL_ERROR"))
 
 
-def as_user_error(error: BaseException) -> DeitTrainError | None:
+def as_user_error(error: BaseException, prog: str = "deit-train") -> DeitTrainError | None:
     """The user-facing form of `error`, following its causes (Lightning and data-loader workers wrap ours), or
     None when it is not one the user can act on."""
     seen = error
@@ -61,8 +61,8 @@ def as_user_error(error: BaseException) -> DeitTrainError | None:
             return unwrap_worker_message(seen)
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             where = f" ({seen.filename})" if seen.filename else ""
-            return StorageError(f"could not write{where}: {seen.strerror}. Free space or fix the permissions "
-                                f"(earlier checkpoints are intact), then resume=true.")  # fmt: skip
+            then = " (earlier checkpoints are intact), then resume=true" if prog == "deit-train" else ", then run again"
+            return StorageError(f"could not write{where}: {seen.strerror}. Free space or fix the permissions{then}")
         seen = seen.__cause__ or seen.__context__
     return worker_error(error)
 
@@ -115,7 +115,7 @@ def error_boundary(prog: str) -> Iterator[None]:
     except BaseException as error:
         if debugging():
             raise
-        user_error = as_user_error(error)
+        user_error = as_user_error(error, prog)
         if user_error is not None:
             fail(prog, str(user_error).strip(), user_error.exit_code)
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -6,6 +6,7 @@ which changes a resumed run accepts, and the files it writes besides the trainer
   simply taken over (and the log says whose it was).
 - Hydra's own `.hydra/` files are written here, once the lock is held and the config passed its checks
   (hydra.output_subdir is null in conf/hydra/default.yaml), so a refused run changes nothing of an earlier one.
+- A new run into a directory holding an earlier run's checkpoint or metrics.json is refused (never overwritten).
 - `resume=true` continues from checkpoints/last.ckpt; on a finished run it says so and changes nothing. The new
   config is compared with the checkpoint's: what changes what is trained is refused with the list of
   differences, what may change (RESUMABLE_CHANGES) is applied and logged.
@@ -25,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deit_train.cluster import requeued_checkpoint
-from deit_train.errors import DeitTrainError, RunDirectoryBusy
+from deit_train.errors import DeitTrainError, RunDirectoryBusy, StorageError
 
 log = logging.getLogger("deit_train")
 
@@ -139,6 +140,28 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.resume:
         log.info("resume=true but %s does not exist yet: starting from scratch", last)
     return None
+
+
+def check_writable(output_dir: Path) -> None:
+    """The run directory, or the folder it will be made in, can be written (before Hydra makes it)."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise DeitTrainError(f"hydra.run.dir={output_dir}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"hydra.run.dir={output_dir}: {existing} cannot be written (read-only or no permission); "
+                           f"choose a writable path")  # fmt: skip
+
+
+def refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
+    """A new run (resume=false, no ckpt_path) into a directory that holds a run's checkpoints or results would
+    replace them: refused, unless Slurm requeued this job (it continues in its own directory)."""
+    if cfg.resume or cfg.ckpt_path or requeued_checkpoint(output_dir):
+        return
+    held = [p for p in (last_checkpoint(output_dir), output_dir / "metrics.json") if p.is_file()]
+    if held:
+        raise DeitTrainError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in held)}), which a new run "
+                             f"would overwrite: resume=true continues it, or give this run its own directory "
+                             f"(hydra.run.dir=...)")  # fmt: skip
 
 
 def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:

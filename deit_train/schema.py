@@ -10,6 +10,7 @@ Defaults are DeiT's (Touvron et al. 2021, Table 9, and the official main.py) unl
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -29,9 +30,12 @@ class Range:
     allowed: str
     low_open: bool = False
     high_open: bool = False
+    integer: bool = False  # a count: 2.5 epochs is refused
 
     def admits(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False  # inf and nan are never a setting
+        if self.integer and not isinstance(value, int):
             return False
         above_low = value > self.low if self.low_open else value >= self.low
         below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
@@ -166,9 +170,9 @@ class DataConfig:
     download: bool = False  # cifar: fetch with torchvision (needs network)
     # demo: the generated dataset, written once under cache_dir; hf: the datasets cache (null: its own default)
     cache_dir: str | None = None
-    image_size: int | None = None  # stored resolution
-    train_per_class: int | None = None
-    val_per_class: int | None = None
+    image_size: int | None = checked(None, Range(1, None, "a size in pixels >= 1", integer=True))  # stored size
+    train_per_class: int | None = checked(None, Range(1, None, "a number of images >= 1", integer=True))
+    val_per_class: int | None = checked(None, Range(1, None, "a number of images >= 1", integer=True))
     seed: int | None = None
 
 
@@ -193,7 +197,7 @@ class AugmentConfig:
     # which repeats only when distributed; measured on the demo data in docs/recipes.md
     repeated_aug_single_process: bool = False
     # eval: resize to img_size / 0.875 (bicubic), center crop img_size
-    eval_crop_pct: float = checked(0.875, Range(0.0, 1.0, "a crop fraction in (0, 1]", low_open=True))
+    eval_crop_pct: float = checked(0.875, Range(0.1, 1.0, "a crop fraction in [0.1, 1]"))
 
 
 @dataclass
@@ -202,7 +206,8 @@ class OptimConfig:
     lr: float = checked(5.0e-4, LEARNING_RATE)  # for a global batch of lr_batch_ref: lr x batch / lr_batch_ref
     lr_batch_ref: int | None = checked(512, Range(1, None, "a batch size >= 1, or null"))  # null: lr as given
     weight_decay: float = checked(0.05, Range(0.0, None, "a weight decay >= 0"))  # none on norms, biases, tokens
-    schedule: str = "cosine"  # a timm scheduler name
+    # a timm schedule, stepped per optimizer step
+    schedule: str = checked("cosine", OneOf("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant"))
     warmup_epochs: int = checked(5, Range(0, None, "a number of epochs >= 0"))
     warmup_lr: float = checked(1.0e-6, LEARNING_RATE)
     min_lr: float = checked(1.0e-5, LEARNING_RATE)
@@ -244,14 +249,19 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # The trainer group is Lightning's Trainer, whose arguments are Lightning's to type; these are the ones whose values
 # the rest of the config depends on.
 TRAINER_RULES = {
-    "max_epochs": Range(1, None, "a number of epochs >= 1"),
-    "devices": Range(-1, None, "a number of devices (-1: all), or auto"),
-    "num_nodes": Range(1, None, "a number of nodes >= 1"),
-    "accumulate_grad_batches": Range(1, None, "a number of micro-batches >= 1"),
-    "log_every_n_steps": Range(1, None, "a number of steps >= 1"),
+    "max_epochs": Range(1, None, "a whole number of epochs >= 1", integer=True),
+    "devices": Range(-1, None, "a number of devices >= 1 (-1: all), or auto", integer=True),
+    "num_nodes": Range(1, None, "a number of nodes >= 1", integer=True),
+    "accumulate_grad_batches": Range(1, None, "a number of micro-batches >= 1", integer=True),
+    "log_every_n_steps": Range(1, None, "a number of steps >= 1", integer=True),
+    "check_val_every_n_epoch": Range(1, None, "a number of epochs >= 1, at most trainer.max_epochs", integer=True),
+    "limit_train_batches": Range(0, None, "a number of batches >= 1 or a fraction of the epoch in (0, 1]",
+                                 low_open=True),
     "gradient_clip_val": Range(0.0, None, "a norm > 0, or null", low_open=True),
     "precision": OneOf("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
+
+NULLABLE_TRAINER_KEYS = ("gradient_clip_val", "check_val_every_n_epoch", "limit_train_batches")  # Lightning's default
 
 
 def refuse(key: str, value: Any, allowed: str) -> DeitTrainError:
@@ -288,10 +298,20 @@ def check(cfg: DictConfig) -> None:
     check_fields(cfg, TrainConfig, "")
     for key, rule in TRAINER_RULES.items():
         value = OmegaConf.select(cfg.trainer, key)
-        if value is None and key in cfg.trainer and key != "gradient_clip_val":  # the others take no null
+        if value is None and key in cfg.trainer and key not in NULLABLE_TRAINER_KEYS:
             raise refuse(f"trainer.{key}", "null", rule.allowed)
-        if not (key == "devices" and (value == "auto" or OmegaConf.is_list(value))):
-            check_value(f"trainer.{key}", value, rule)
+        if key == "devices" and (value == "auto" or OmegaConf.is_list(value)):
+            continue
+        check_value(f"trainer.{key}", value, rule)
+        if key == "devices" and value == 0:  # the range's one hole: -1 means all
+            raise refuse("trainer.devices", value, rule.allowed)
+    every = cfg.trainer.get("check_val_every_n_epoch")
+    if isinstance(every, int) and every > cfg.trainer.max_epochs:  # no validation: no metrics, no best.ckpt
+        raise refuse("trainer.check_val_every_n_epoch", every, f"at most trainer.max_epochs={cfg.trainer.max_epochs}")
+    from timm.optim import list_optimizers
+
+    if str(cfg.optim.name).lower() not in list_optimizers():
+        raise refuse("optim.name", cfg.optim.name, "a timm optimizer, e.g. adamw, sgd, momentum, lamb, lion")
     scale = list(cfg.augment.scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise refuse("augment.scale", scale, "[low, high] with 0 < low <= high <= 1")

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
@@ -32,6 +33,7 @@ from deit_train.run_dir import (
     discard_if_unused,
     finished_metrics,
     is_launch_leader,
+    refuse_overwrite,
     resume_from,
     write_config,
     write_metrics,
@@ -102,6 +104,7 @@ def train(cfg: DictConfig) -> TrainRun:
         lock.acquire()
     started = False
     try:
+        refuse_overwrite(cfg, output_dir)
         if (finished := finished_metrics(cfg, output_dir)) is not None:
             log.info("%s has finished its %d epochs: resume=true leaves it and its metrics.json as they are",
                      output_dir, cfg.trainer.max_epochs)  # fmt: skip
@@ -151,7 +154,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, task_callbacks: list[L.Call
     if "enable_progress_bar" not in cfg.trainer:  # no progress bar callback: no bar (Lightning would add its own)
         switches["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     acknowledge_warning_signals()
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, **switches)
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, **switches)
+    except InstantiationException as error:  # Lightning refused a value (accelerator, strategy, devices, ...)
+        cause = error.__cause__ or error
+        raise DeitTrainError(f"the trainer refused its settings: {str(cause).strip().splitlines()[0]} (trainer.* "
+                             f"on the command line or in conf/trainer/)") from error  # fmt: skip
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

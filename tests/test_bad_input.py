@@ -75,6 +75,14 @@ CORPUS = {
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
         ("trainer=tpu", "trainer/tpu"),
+        ("trainer.max_epochs=2.5", "trainer.max_epochs=2.5: expected a whole number"),
+        ("trainer.devices=0", "trainer.devices=0"),
+        ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0"),  # would train nothing, save nothing
+        ("trainer.check_val_every_n_epoch=50", "at most trainer.max_epochs=35"),  # would never validate
+        ("loss.tau=inf", "loss.tau=inf"),  # inf and nan are never a setting
+        ("optim.weight_decay=nan", "optim.weight_decay=nan"),
+        ("data.train_per_class=0", "data.train_per_class=0"),
+        ("augment.eval_crop_pct=0.001", "augment.eval_crop_pct=0.001"),
     ],
     "task": [
         ("task=mim task.mask_ratio=1.5", "task.mask_ratio=1.5"),
@@ -84,6 +92,7 @@ CORPUS = {
         ("task=mim task.pictures=-2", "task.pictures=-2"),
         ("task._target_=nowhere.Segment", "task: Error locating target 'nowhere.Segment'"),
         ("task=mim loss=hard_distill", "task=mim"),
+        ("task=mim model=bit_r50x1", "task=mim needs a ViT/DeiT student"),
     ],
     "run": [
         ("ema.decay=1.5", "ema.decay=1.5"),
@@ -93,6 +102,11 @@ CORPUS = {
         ("seed=4294967296", "seed=4294967296"),
         ("resume=perhaps", "resume"),
         ("debug=nope", "debug/nope"),
+        ("hydra.run.dir=", "hydra.run.dir is empty"),  # would write into the current folder
+        ("paths.cache_dir=", "paths.cache_dir is empty"),
+        ("optim.name=adamx", "optim.name=adamx: expected a timm optimizer"),
+        ("optim.schedule=cosinus", "optim.schedule=cosinus"),
+        ("trainer.limit_val_batches=0", "To append to your config use +trainer.limit_val_batches=0"),
     ],
 }
 CASES = [(group, line, named) for group, lines in CORPUS.items() for line, named in lines]
@@ -142,3 +156,21 @@ def test_the_console_script_exits_2_with_one_line(line, named, tmp_path):
     output = (result.stdout + result.stderr).strip().splitlines()
     assert output == [output[0]] and named in output[0], output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_hydra_makes_it(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "-m", "deit_train.train", "experiment=demo",
+                                 f"hydra.run.dir={read_only}/run"], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=120)  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(read_only)])
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"deit-train: error: hydra.run.dir={read_only}/run: {read_only} cannot be written (read-only or no "
+        f"permission); choose a writable path"
+    ]

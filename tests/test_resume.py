@@ -137,6 +137,11 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
     again = deit_train("trainer.max_epochs=1", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
     assert again.returncode == 0 and "has finished its 1 epochs" in again.stdout, again.stdout + again.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
+    # The same command without resume=true would train again over it: refused, nothing touched.
+    anew = deit_train("trainer.max_epochs=1", "optim.lr=0.5", run_dir=run_dir, cache_dir=cache_dir)
+    assert anew.returncode == 2 and anew.stderr.count("\n") == 1, anew.stdout + anew.stderr
+    assert "holds an earlier run (last.ckpt, metrics.json)" in anew.stderr and "resume=true" in anew.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):

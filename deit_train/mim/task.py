@@ -118,6 +118,9 @@ class MaskedImageModeling(Task):
                 "fine-tuning from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill "
                 "teacher=...)"
             )
+        if cfg.model.patch_size is None and not any(kind in cfg.model.name for kind in ("vit", "deit")):
+            raise DeitTrainError(f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
+                                 f"embedding (model=deit_tiny, deit_small, ...)")  # fmt: skip
         size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, cfg.model.patch_size or 16
         if size % block:
             raise refuse("task.mask_patch_size", block, f"a divisor of model.img_size={size}")

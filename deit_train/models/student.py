@@ -22,6 +22,11 @@ def create_timm_model(name: str, what: str, **kwargs) -> nn.Module:
         raise DeitTrainError(f"unknown timm model {name!r} for the {what}. Similar names: {close}")
     try:
         return timm.create_model(name, **kwargs)
+    except TypeError as error:  # an argument the architecture does not take (model.kwargs, or a ViT size on a convnet)
+        raise DeitTrainError(
+            f"timm's {name!r} ({what}) does not take these arguments: {error}. Remove them (model.kwargs, or "
+            f"the ViT sizes model.patch_size/depth/embed_dim/num_heads=null)"
+        ) from error
     except (OSError, RuntimeError, ValueError) as error:
         if kwargs.get("pretrained"):
             raise DeitTrainError(
