@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from deit_train.cli_args import ArgumentParser, at_least, writable_file, write_text
-from deit_train.data.datasets import ImageFolder, open_image_folder
+from deit_train.data.datasets import ImageFolder
 from deit_train.data.hf import is_hf_dataset, open_hf_eval
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.models import average_heads, forward_heads
@@ -30,7 +30,10 @@ def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> Ima
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
     folder = root / split if (root / split).is_dir() else root
-    dataset = open_image_folder(folder, trained.transform(), max_pixels=None)
+    splits = sorted(name for name in ("train", "val", "validation", "test") if (root / name).is_dir())
+    if folder == root and splits:  # a dataset with splits, but not this one: not a folder of classes
+        raise DeitTrainError(f"{root} has no {split}/ folder (it has {', '.join(splits)}): pass --split NAME")
+    dataset = ImageFolder(folder, trained.transform(), max_pixels=None)
     unknown = sorted(set(dataset.classes) - set(trained.class_names))
     if unknown:
         raise DeitTrainError(

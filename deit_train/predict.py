@@ -26,8 +26,10 @@ def image_paths(inputs: list[str]) -> list[Path]:
             paths += image_files(path)
         elif path.is_file():
             paths.append(path)
+        elif path.exists():  # a named pipe, a device: reading it would block or never end
+            raise DeitTrainError(f"{path} is not a regular file: pass image files or folders of them")
         else:
-            raise DeitTrainError(f"{path} does not exist")
+            raise DeitTrainError(f"{path} does not exist: pass image files or folders of them")
     if not paths:
         raise DeitTrainError(f"no images found in {inputs} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return paths

@@ -31,7 +31,7 @@ from deit_train.cli_args import ArgumentParser, at_least, new_output_dir
 from deit_train.data.datasets import ImageFolder
 from deit_train.data.extras import require
 from deit_train.data.hf import find_columns, is_hf_dataset, label_names, open_splits, pick_split
-from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason
+from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason, unreadable
 from deit_train.errors import DeitTrainError, error_boundary
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
@@ -54,6 +54,9 @@ def folder_splits(root: Path) -> tuple[list[Split], list[str]]:
     for name in ("train", "val"):
         folder = ImageFolder(root / name)
         samples = list(folder.samples)
+        if bad := unreadable([path for path, _ in samples], full=True, max_pixels=None):  # before a shard is written
+            raise DeitTrainError(f"{len(bad)} of {len(samples)} image files in {root / name} cannot be read: "
+                                 f"{'; '.join(f'{p} ({why})' for p, why in bad[:3])}. Remove or replace them")  # fmt: skip
         splits.append(Split(name, len(samples), lambda i, samples=samples: (Path(samples[i][0]).read_bytes(),
                                                                            samples[i][1])))  # fmt: skip
     return splits, classes

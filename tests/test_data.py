@@ -1,6 +1,8 @@
 """Data: the demo set, class discovery, clear errors, and the DeiT eval transform."""
 
 import hashlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +73,40 @@ def test_train_and_val_with_different_classes_are_refused(tmp_path):
     make_folder(tmp_path, [], {"train": ["a", "b"], "val": ["a", "c"]})
     with pytest.raises(DeitTrainError, match="different class folders"):
         find_class_names(imagefolder_config(tmp_path))
+
+
+def test_links_are_followed_once_and_pipes_are_not_samples(tmp_path):
+    """A subset made of links is read; a link back up (a loop) adds nothing; a named pipe with an image's name is no
+    sample (opening it would block the loader)."""
+    make_folder(tmp_path, ["a", "b"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (5, 5)).save(elsewhere / "linked.png")
+    (tmp_path / "train" / "a" / "linked.png").symlink_to(elsewhere / "linked.png")
+    (tmp_path / "train" / "a" / "loop").symlink_to(tmp_path / "train" / "a")  # a/loop/loop/... is a
+    (tmp_path / "train" / "b" / "self").symlink_to(".")
+    os.mkfifo(tmp_path / "train" / "b" / "pipe.png")
+    dataset = open_split(imagefolder_config(tmp_path), "train", transform=None)
+    assert sorted((Path(path).relative_to(tmp_path / "train").as_posix(), label) for path, label in dataset.samples) \
+        == [("a/linked.png", 0), ("a/x.png", 0), ("b/x.png", 1)]  # fmt: skip
+
+
+def test_an_image_in_two_classes_is_refused(tmp_path):
+    make_folder(tmp_path, ["a", "b"])
+    (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train")  # a/up/b/x.png: b's image labelled a as well
+    with pytest.raises(DeitTrainError, match="b/x.png \\(class 'b'\\) and .*a/up/b/x.png \\(class 'a'\\) are the same file"):
+        open_split(imagefolder_config(tmp_path), "train", transform=None)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+def test_an_unreadable_class_folder_is_named(tmp_path):
+    make_folder(tmp_path, ["a", "b"])
+    (tmp_path / "train" / "b").chmod(0)
+    try:
+        with pytest.raises(DeitTrainError, match="cannot read the class folder.*'b'.*permission denied"):
+            open_split(imagefolder_config(tmp_path), "train", transform=None)
+    finally:
+        (tmp_path / "train" / "b").chmod(0o755)
 
 
 def test_corrupt_image_is_reported_by_path(tmp_path):

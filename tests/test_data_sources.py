@@ -97,6 +97,8 @@ def test_hf_columns_splits_and_classes_come_from_the_features(tiny_config, hf_co
     for key, value, message in [
         ("data.val_split", "test", "has no split for data.val_split=test"),
         ("data.image_column", "pixels", "has no column pixels"),
+        ("data.image_column", "label", "column 'label' holds ClassLabel.*not images"),  # the columns swapped
+        ("data.label_column", "image", "column 'image' holds Image.*not class labels"),
         ("data.dataset", "/no/such/dataset", "data.dataset=/no/such/dataset"),
     ]:
         bad = tiny_config("data=hf", f"data.dataset={hf_copies['disk']}", f"{key}={value}")
@@ -190,6 +192,22 @@ def test_deit_shard_resize_re_encodes_the_short_side(tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_deit_shard_refuses_an_unreadable_image_before_writing(tmp_path, capsys):
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (src / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(src / split / label / "x.png")
+    whole = (src / "train" / "b" / "x.png").read_bytes()
+    (src / "train" / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])  # a valid header, half the data
+    with pytest.raises(SystemExit) as exit_info:
+        deit_shard([str(src), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "1 of 3 image files" in error and "cut.png" in error, error
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
 def streams(shards: Path, world_size: int, workers: int, batch: int = 8, epoch: int = 0, seed: int = 0, **cfg):
     """Every (rank, worker) slot's training samples of one epoch, as {slot: [(key, image, label)]}."""
     from deit_train.data.transforms import train_transform
@@ -256,9 +274,62 @@ def test_shard_validation_reads_every_sample_once_over_ranks_and_workers(shards,
     assert sorted(labels) == sorted(folder_split(demo_data, "val")[1])  # 40: each once
 
 
+def test_a_pattern_naming_shards_that_are_not_there_names_them(shards):
+    from deit_train.data.transforms import eval_transform
+    from tests.conftest import compose_config
+
+    pattern = f"data.val='{shards}/val-{{000000..000009}}.tar'"  # 3 shards were written
+    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards), pattern], shards / "x",
+                            shards)  # fmt: skip
+    with pytest.raises(DeitTrainError, match="7 of its 10 shards are not files .*val-000003.tar"):
+        Shards(config.data, "val", eval_transform(config.augment, 16))
+
+
 def test_too_few_shards_for_the_workers_is_one_line(shards):
     with pytest.raises(DeitTrainError, match="has 5 shard.s. for 2 device.s. x 3 data-loader worker"):
         streams(shards, world_size=2, workers=3)
+
+
+def damaged_copy(shards: Path, tmp_path: Path, damage) -> Path:
+    """The shards copied, with the first validation shard passed through damage(bytes) -> bytes."""
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(shards, copy)
+    first = copy / "val-000000.tar"
+    first.write_bytes(damage(first.read_bytes()))
+    return copy
+
+
+def validation_labels(shards: Path) -> list[int]:
+    from deit_train.data.transforms import eval_transform
+    from tests.conftest import compose_config
+
+    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
+    stream = Shards(config.data, "val", eval_transform(config.augment, 16)).stream(1, 0, 8, 1, 0, 1)
+    return [label for _, label in stream.validation(0, 1)]
+
+
+def test_a_truncated_shard_or_a_label_outside_the_classes_is_named(shards, tmp_path):
+    from deit_train.errors import DataError
+
+    cut = damaged_copy(shards, tmp_path / "cut", lambda data: data[: len(data) // 2 + 100])
+    with pytest.raises(DataError, match="val-000000.tar cannot be read as a tar file .*write it again"):
+        validation_labels(cut)
+    import tarfile
+
+    relabelled = damaged_copy(shards, tmp_path / "label", lambda data: data)
+
+    with tarfile.open(relabelled / "val-000000.tar") as archive:  # rewrite the first sample's .cls as 99
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(relabelled / "val-000000.tar", "w") as archive:
+        first_cls = next(m.name for m, _ in members if m.name.endswith(".cls"))
+        for member, data in members:
+            data = b"99" if member.name == first_cls else data
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    with pytest.raises(DataError, match="has label 99, outside the 10 classes of the shards' _info.json"):
+        validation_labels(relabelled)
 
 
 def test_shards_train_resume_at_an_epoch_boundary_as_an_uninterrupted_run(tiny_config, shards):
@@ -341,6 +412,8 @@ def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_c
     on_hf = evaluate(trained, open_eval_folder(hf_copies["parquet"], "val", trained), num_workers=0)
     assert on_hf["images"] == on_folder["images"] == 40
     assert on_hf["heads"] == on_folder["heads"]
+    with pytest.raises(DeitTrainError, match="has no split 'tset': its splits are \\['train', 'validation'\\]"):
+        open_eval_folder(hf_copies["parquet"], "tset", trained)  # not the validation split, silently
 
 
 

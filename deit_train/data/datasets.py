@@ -1,6 +1,7 @@
 """Where the images come from: the demo set, any ImageFolder (ImageNet layout), CIFAR-10/100, a Hugging Face dataset
 (data/hf.py) or WebDataset shards (data/webdataset.py)."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torchvision import datasets
 
 from deit_train.data.demo import ensure_demo_dataset
 from deit_train.data.hf import hf_class_names, open_hf_split
-from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, is_image_file, load_image
+from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, image_files, load_image
 from deit_train.data.webdataset import Shards, shard_class_names
 from deit_train.errors import DataError, DeitTrainError
 
@@ -31,13 +32,11 @@ def given_root(cfg: DictConfig, expected: str) -> Path:
 
 class ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder (ImageNet layout: root/<class>/<image>) without hidden folders as classes or hidden
-    files as samples, reading each image with load_image (data/images.py)."""
+    files as samples, each real file once (data/images.py: image_files), reading each image with load_image."""
 
     def __init__(self, root: str | Path, transform=None, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> None:
         self.max_pixels = max_pixels
-        root = Path(root)
-        super().__init__(str(root), transform=transform, loader=self.read,
-                         is_valid_file=lambda path: is_image_file(Path(path), root))  # fmt: skip
+        super().__init__(str(root), transform=transform, loader=self.read)
 
     def read(self, path: str) -> Image.Image:
         return load_image(path, self.max_pixels)
@@ -48,18 +47,32 @@ class ImageFolder(datasets.ImageFolder):
             raise DeitTrainError(f"{directory} holds no class folders: expected {directory}/<class>/<image files>")
         return classes, {name: index for index, name in enumerate(classes)}
 
-
-def open_image_folder(folder: Path, transform, max_pixels: int | None) -> ImageFolder:
-    """An ImageFolder, or one line naming the class folder without images."""
-    try:
-        return ImageFolder(folder, transform=transform, max_pixels=max_pixels)
-    except FileNotFoundError as error:  # a class folder without images
-        empty = sorted(c for c in class_folders(folder) if not any(is_image_file(p, folder) for p in
-                                                                     (folder / c).rglob("*")))  # fmt: skip
-        raise DeitTrainError(
-            f"{folder}: the class folder(s) {empty[:5]} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)}); "
-            f"add images or remove the folder(s)"
-        ) from error
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args, **kwargs) -> list[tuple[str, int]]:
+        """(path, class index) for each class folder's image files; a class without any, or one file in two classes
+        (a link into another class's folder), is refused in one line."""
+        samples, owners = [], {}
+        empty = [name for name in class_to_idx if not os.access(Path(directory, name), os.R_OK | os.X_OK)]
+        if empty:
+            raise DeitTrainError(f"{directory}: cannot read the class folder(s) {empty[:5]} (permission denied); "
+                                 f"make them readable (chmod -R a+rX) or remove them")  # fmt: skip
+        for name, index in class_to_idx.items():
+            files = image_files(Path(directory, name))
+            if not files:
+                empty.append(name)
+            for path in files:
+                other, first = owners.setdefault(os.path.realpath(path), (name, path))
+                if other != name:
+                    raise DeitTrainError(
+                        f"{path} (class {name!r}) and {first} (class {other!r}) are the same file, through a link: "
+                        f"it would be trained with two labels. Remove the link, or keep the image in one class"
+                    )
+                samples.append((str(path), index))
+        if empty:
+            raise DeitTrainError(
+                f"{directory}: the class folder(s) {empty[:5]} hold no images (extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
+            )
+        return samples
 
 
 def imagefolder_root(cfg: DictConfig) -> Path:
@@ -107,7 +120,7 @@ def open_split(cfg: DictConfig, split: str, transform) -> Dataset:
     if cfg.name == "hf":
         dataset = open_hf_split(cfg, split, transform)
     else:
-        dataset = open_image_folder(imagefolder_root(cfg) / split, transform, cfg.max_image_pixels)
+        dataset = ImageFolder(imagefolder_root(cfg) / split, transform, cfg.max_image_pixels)
     return SkipCorrupt(dataset) if cfg.skip_corrupt else dataset
 
 

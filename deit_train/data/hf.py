@@ -78,7 +78,16 @@ def find_columns(table, image_column: str | None, label_column: str | None, wher
         if column is None or column not in features:
             what = f"has no column {column}" if column else "has no " + ("Image" if "image" in key else "ClassLabel") + " feature"
             raise DeitTrainError(f"{where} {what}; its columns: {', '.join(features)}. Set {key}=COLUMN")
-    return found["data.image_column"], found["data.label_column"]
+    image, label = found["data.image_column"], found["data.label_column"]
+    if not isinstance(features[image], datasets.Image):
+        raise DeitTrainError(f"{where}: column {image!r} holds {features[image]}, not images (datasets.Image); its "
+                             f"columns: {', '.join(features)}. Set data.image_column=COLUMN")  # fmt: skip
+    label_type = features[label]
+    if not (isinstance(label_type, datasets.ClassLabel) or (isinstance(label_type, datasets.Value) and
+                                                           label_type.dtype.startswith(("int", "uint")))):  # fmt: skip
+        raise DeitTrainError(f"{where}: column {label!r} holds {label_type}, not class labels (ClassLabel or "
+                             f"integers); its columns: {', '.join(features)}. Set data.label_column=COLUMN")  # fmt: skip
+    return image, label
 
 
 def label_names(table, label_column: str) -> list[str] | None:
@@ -188,6 +197,8 @@ def is_hf_dataset(path: Path) -> bool:
 def open_hf_eval(path: Path, split: str, transform, class_names: list[str]) -> HFImages:
     """deit-eval on a split of a local HF dataset, its ClassLabel names matched to the model's classes."""
     splits = open_splits(str(path))
+    if split not in splits and split != "val":  # "val", deit-eval's default, finds the validation split by name
+        raise DeitTrainError(f"{path} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME")
     name, table = pick_split(splits, split if split in splits else None, "--split", str(path))
     image_column, label_column = find_columns(table, None, None, f"{path}[{name}]")
     dataset = HFImages(table, image_column, label_column, f"{path}[{name}]", transform, max_pixels=None)

@@ -35,16 +35,31 @@ def is_hidden(name: str) -> bool:
 
 
 def is_image_file(path: Path, root: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(map(is_hidden, path.relative_to(root).parts))
+    """An image by its extension, outside hidden folders, and a regular file (a named pipe would block the reader)."""
+    relative = path.relative_to(root).parts
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(map(is_hidden, relative)) and path.is_file()
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image file below `folder` outside hidden folders, in a fixed (sorted) order."""
-    files = []
+    """Every image file below `folder` outside hidden folders, in a fixed (sorted) order. Links are followed (a
+    subset of a dataset made of links is common), each real folder once: a link back to a folder above it (a loop)
+    adds nothing, and a file reached twice counts once."""
+    files, seen_folders, seen_files = [], set(), set()
     for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen_folders:
+            subdirectories[:] = []
+            continue
+        seen_folders.add(real)
         subdirectories[:] = sorted(d for d in subdirectories if not is_hidden(d))
-        files += [Path(directory, name) for name in names if not is_hidden(name)]
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        for name in names:
+            path = Path(directory, name)
+            if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            if (real_file := os.path.realpath(path)) not in seen_files:
+                seen_files.add(real_file)
+                files.append(path)
+    return sorted(files)
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -58,8 +73,8 @@ def load_image(path: str | Path, max_pixels: int | None = Image.MAX_IMAGE_PIXELS
         return read_rgb(path, max_pixels)
     except READ_ERRORS as error:
         raise DataError(
-            f"corrupt image {path}: {reason(error)}. Remove or replace the file, or set data.skip_corrupt=true to "
-            f"skip such files with a warning."
+            f"corrupt image {path}: {reason(error)}. Remove or replace the file (in training, data.skip_corrupt=true "
+            f"skips such files with a warning)"
         ) from error
 
 

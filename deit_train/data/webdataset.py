@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,16 +65,20 @@ def samples(urls: list[str]) -> Iterator[dict]:
     """The samples of these shards, in order: dicts of __key__, __url__ and one entry per file extension."""
     tariterators = wds().tariterators
 
-    def streams():
-        for url in urls:
-            try:
-                stream = open_url(url)
-            except OSError as error:
-                raise DeitTrainError(f"cannot open the shard {url}: {error}") from error
-            yield {"url": url, "stream": stream}
-            stream.close()
+    def stream(url: str):
+        try:
+            opened = open_url(url)
+        except OSError as error:
+            raise DeitTrainError(f"cannot open the shard {url}: {error}") from error
+        yield {"url": url, "stream": opened}
+        opened.close()
 
-    yield from tariterators.group_by_keys(tariterators.tar_file_expander(streams()))
+    for url in urls:  # a sample never spans two shards
+        try:
+            yield from tariterators.group_by_keys(tariterators.tar_file_expander(stream(url)))
+        except tarfile.TarError as error:
+            raise DataError(f"the shard {url} cannot be read as a tar file ({error}): truncated or not a shard; "
+                            f"write it again") from error  # fmt: skip
 
 
 def read_info(urls: list[str]) -> dict:
@@ -118,11 +123,18 @@ class Shards:
     def __init__(self, cfg: DictConfig, split: str, transform) -> None:
         self.pattern = cfg.train if split == "train" else cfg.val
         self.urls = expand(self.pattern)
+        local = {url: urlparse(url) for url in self.urls}
+        missing = [url for url, parsed in local.items() if parsed.scheme in ("", "file") and
+                   not os.path.isfile(parsed.path if parsed.scheme else url)]  # fmt: skip
+        if missing:  # a local file that is not there: say which, rather than count samples that will not come
+            raise DeitTrainError(f"data.{split}={self.pattern}: {len(missing)} of its {len(self.urls)} shards are not "
+                                 f"files ({', '.join(missing[:3])}); correct the pattern or write them")  # fmt: skip
         self.train = split == "train"
         self.transform = transform
         self.max_pixels, self.skip_corrupt = cfg.max_image_pixels, cfg.skip_corrupt
         self.shuffle_buffer = cfg.shuffle_buffer
         self.num_samples = cfg.train_samples if self.train else None
+        self.num_classes = len(shard_class_names(cfg))
         if self.train and self.num_samples is None:
             lengths = shard_lengths(read_info(self.urls))
             names = [os.path.basename(url) for url in self.urls]
@@ -228,7 +240,8 @@ class ShardStream(IterableDataset):
             stored = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if stored is None or "cls" not in sample:
                 raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) or no .cls label; it has {sorted(sample)}")
-            return read_rgb(io.BytesIO(stored), self.shards.max_pixels), int(sample["cls"])
+            label = int(sample["cls"])
+            image = read_rgb(io.BytesIO(stored), self.shards.max_pixels)
         except READ_ERRORS as error:
             if not self.shards.skip_corrupt:
                 raise DataError(f"corrupt sample {name}: {reason(error)}. Rewrite the shard, or set "
@@ -237,6 +250,10 @@ class ShardStream(IterableDataset):
             warnings.warn(f"skipped the corrupt sample {name}: {reason(error)} ({self.skipped} skipped so far in this "
                           f"process)", stacklevel=2)  # fmt: skip
             return None
+        if not 0 <= label < self.shards.num_classes:
+            raise DataError(f"sample {name} has label {label}, outside the {self.shards.num_classes} classes of the "
+                            f"shards' {INFO_FILE}: rewrite the shard, or correct {INFO_FILE}")  # fmt: skip
+        return image, label
 
     def fingerprint(self) -> str:
         """The training stream's identity for the teacher cache: its shards (with their sizes where local), the
