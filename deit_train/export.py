@@ -165,6 +165,11 @@ def export(
     OUT_DIR/model.onnx."""
     trained = load_trained_model(source, ema=ema, classifier=False)
     # every refusal before anything is written
+    diverged = [name for name, t in trained.model.state_dict().items() if t.is_floating_point() and
+                not torch.isfinite(t).all()]  # fmt: skip
+    if diverged:
+        raise DeitTrainError(f"{source} has non-finite weights ({len(diverged)} tensors, e.g. {diverged[0]}): its run "
+                             f"diverged. Export an earlier checkpoint of the run (e.g. best.ckpt)")  # fmt: skip
     reason = why_no_transformers_class(encoder_of(trained.model))
     architecture = (
         transformers_class(trained.model, kind or default_kind(trained.model)) if not reason else None
@@ -186,11 +191,12 @@ def export(
         if onnx:
             export_onnx(trained, staging / "model.onnx")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for written in staging.iterdir():
-            target = out_dir / written.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            written.replace(target)
+        for name in EXPORT_ENTRIES:  # an earlier export's files this one replaces, or that it does not write
+            target = out_dir / name
+            if (staging / name).exists() or target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if (staging / name).exists():
+                (staging / name).replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -203,7 +209,8 @@ def check_output_dir(out_dir: Path) -> None:
     """OUT_DIR is new, empty or an earlier export (which is replaced); anything else is refused before work."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DeitTrainError(f"OUT_DIR {out_dir} is a file: give a folder to write the export into")
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_ENTRIES) if out_dir.is_dir() else []
+    entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    others = sorted(p.name for p in entries if p.name not in EXPORT_ENTRIES or p.is_dir() != (p.name != "model.onnx"))
     if others:
         raise DeitTrainError(f"OUT_DIR {out_dir} holds other files ({', '.join(others[:3])}): give a new or empty "
                              f"folder, or an earlier export's, which is replaced")  # fmt: skip

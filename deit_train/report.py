@@ -72,19 +72,35 @@ def find_runs(path: Path) -> list[Path]:
     )
 
 
+def read_file(path: Path, parse, expected: str, valid=lambda value: True):
+    """`parse(text)` of a run's file, or one line naming the file, what it should hold and the fix."""
+    try:
+        value = parse(path.read_text())
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as error:
+        detail = str(error).splitlines()[0][:100]
+        raise DeitTrainError(f"{path} is not {expected} ({detail}): repair or remove the file, or the run") from error
+    if not valid(value):
+        raise DeitTrainError(f"{path} is not {expected}: repair or remove the file, or the run")
+    return value
+
+
 def read_run(directory: Path) -> Run:
     import json
 
-    overrides = []
-    if (directory / ".hydra" / "overrides.yaml").is_file():
-        overrides = list(yaml.safe_load((directory / ".hydra" / "overrides.yaml").read_text()) or [])
-    metrics = None
-    if (directory / "metrics.json").is_file():
-        metrics = json.loads((directory / "metrics.json").read_text())
-    run = Run(directory, [str(o) for o in overrides], metrics)
+    overrides, metrics = [], None
+    if (path := directory / ".hydra" / "overrides.yaml").is_file():
+        overrides = read_file(path, yaml.safe_load, "a list of command-line overrides",
+                              lambda v: v is None or (isinstance(v, list) and all(isinstance(o, str) for o in v)))
+        overrides = overrides or []
+    if (path := directory / "metrics.json").is_file():
+        metrics = read_file(path, json.loads, "deit-train's metrics.json (an object of numbers)",
+                            lambda v: isinstance(v, dict) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                                  for x in v.values()))  # fmt: skip
+    run = Run(directory, overrides, metrics)
     config_file = directory / ".hydra" / "config.yaml"
     if config_file.is_file():
-        task = (yaml.safe_load(config_file.read_text()) or {}).get("task") or {}
+        config = read_file(config_file, yaml.safe_load, "a run's config", lambda v: v is None or isinstance(v, dict))
+        task = (config or {}).get("task") or {}
         run.optimized = (task.get("optimized_metric", "val/acc1"), task.get("optimized_mode", "max"))
     run.history = read_history(directory)
     return run
@@ -94,17 +110,20 @@ def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
     """Every logged scalar of the run over all its launches (a resumed run writes version_1, ...): CSV logger
     files, or TensorBoard event files when that is what the run used. Later launches replace repeated steps."""
     history: dict[str, dict[int, tuple[int, int, float]]] = defaultdict(dict)
-    versions = sorted(
-        directory.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
-    )
+    versions = sorted((p for p in directory.glob("csv/version_*/metrics.csv") if p.parent.name[8:].isdigit()),
+                      key=lambda p: int(p.parent.name[8:]))  # fmt: skip
     for metrics_file in versions:
         with metrics_file.open() as file:
-            for row in csv.DictReader(file):
-                step, epoch = int(float(row.get("step") or 0)), int(float(row.get("epoch") or 0))
-                for name, value in row.items():
-                    if name not in ("step", "epoch") and value not in ("", None):
-                        key = epoch if name.startswith("val") else step  # one validation per epoch
-                        history[name][key] = (epoch, step, float(value))
+            try:
+                for row in csv.DictReader(file):
+                    step, epoch = int(float(row.get("step") or 0)), int(float(row.get("epoch") or 0))
+                    for name, value in row.items():
+                        if name not in ("step", "epoch") and value not in ("", None):
+                            key = epoch if name.startswith("val") else step  # one validation per epoch
+                            history[name][key] = (epoch, step, float(value))
+            except (ValueError, TypeError, csv.Error) as error:
+                raise DeitTrainError(f"{metrics_file} is not a CSV logger's metrics file ({error}): repair or "
+                                     f"remove it") from error  # fmt: skip
     if not versions:
         for event_file in sorted(directory.glob("tensorboard/version_*/events.out.tfevents.*")):
             read_tensorboard(event_file, history)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import timm
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from deit_train.data.transforms import eval_resize_size, resize_crop_transform
@@ -61,16 +62,34 @@ def load_trained_model(source: str | Path, ema: bool = False, classifier: bool =
     path = Path(source).expanduser()
     if not path.exists():
         raise DeitTrainError(f"{path} does not exist: pass a deit-train .ckpt or a deit-export directory")
-    if path.is_dir():
-        if ema:
-            raise DeitTrainError("--ema reads a deit-train .ckpt; an export holds one set of weights")
-        config = read_export_config(path)
-        is_transformers = config.get("model_type") in TRANSFORMERS_MODEL_TYPES
-        trained = from_transformers(path, config) if is_transformers else from_timm(path)
-    else:
-        trained = from_checkpoint(path, ema, classifier)
+    if path.is_dir() and ema:
+        raise DeitTrainError("--ema reads a deit-train .ckpt; an export holds one set of weights")
+    try:
+        if path.is_dir():
+            config = read_export_config(path)
+            is_transformers = config.get("model_type") in TRANSFORMERS_MODEL_TYPES
+            trained = from_transformers(path, config) if is_transformers else from_timm(path)
+        else:
+            trained = from_checkpoint(path, ema, classifier)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OmegaConfBaseException) as error:
+        # a file that passed for one of ours but whose contents are not what deit-train or transformers writes
+        what = "its config.json or preprocessor_config.json" if path.is_dir() else "the configuration it stores"
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
+        raise DeitTrainError(f"{path}: {what} is not as deit-train, timm or transformers write it ({detail}); "
+                             f"export or save the model again") from error  # fmt: skip
+    check_class_names(trained.class_names, getattr(trained.model, "num_classes", None) or None, path)
     trained.model.eval()
     return trained
+
+
+def check_class_names(names: object, rows: int | None, path: Path) -> None:
+    """One name (a string) per row of the classifier's head (rows; None: not a classifier)."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise DeitTrainError(f"{path}: its class names are not a list of strings ({str(names)[:60]}): save or "
+                             f"export the model again")  # fmt: skip
+    if rows and len(names) != rows:
+        raise DeitTrainError(f"{path}: {len(names)} class names for a head of {rows} classes: the names belong "
+                             f"to another model; save or export the model again")  # fmt: skip
 
 
 def from_checkpoint(path: Path, ema: bool, classifier: bool) -> TrainedModel:
@@ -91,12 +110,14 @@ def from_checkpoint(path: Path, ema: bool, classifier: bool) -> TrainedModel:
             model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model"
         )
         return TrainedModel(model, [], img_size, resize_size)
-    class_names = list(run.class_names)
-    student = build_student(model_cfg, len(class_names))
+    class_names = list(run.class_names) if isinstance(run.class_names, list | tuple) else run.class_names
     state = run.part("ema.module." if ema else "student.")
     if not state:
         what = "EMA weights (the run did not set ema.decay)" if ema else "student weights"
         raise DeitTrainError(f"{path} holds no {what}")
+    head = state.get("head.weight", state.get("fc.weight"))
+    check_class_names(class_names, len(head) if head is not None else None, path)
+    student = build_student(model_cfg, len(class_names))
     load_into(student, state, str(path), "student")
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(False)  # forward = the average of both heads
@@ -163,4 +184,5 @@ def from_timm(directory: Path) -> TrainedModel:
     class_names = cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     img_size = cfg["input_size"][-1]
     resize_size = eval_resize_size(img_size, cfg.get("crop_pct", DEFAULT_CROP_PCT))
-    return TrainedModel(model, list(class_names), img_size, resize_size)
+    return TrainedModel(model, list(class_names) if isinstance(class_names, list | tuple) else class_names, img_size,
+                        resize_size)  # fmt: skip

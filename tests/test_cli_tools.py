@@ -54,8 +54,8 @@ def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(che
     assert_refused(tool("export", checkpoint, tmp_path / "r.json"), 2, "is a file")
     assert (occupied / "notes.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
     exported = tmp_path / "exported"
-    for _ in range(2):  # an earlier export is replaced
-        assert tool("export", checkpoint, exported).returncode == 0
+    assert tool("export", checkpoint, exported, "--onnx").returncode == 0
+    assert tool("export", checkpoint, exported).returncode == 0  # replaces it, the earlier model.onnx included
     assert sorted(p.name for p in exported.iterdir()) == ["timm", "transformers"]
     assert not list(tmp_path.glob(".exported.export-*"))  # the staging folder is gone
     assert_refused(tool("report", checkpoint.parents[1], "--out", tmp_path / "r.json"), 2, "--out", "is a file")
@@ -72,3 +72,26 @@ def test_non_finite_weights_are_refused_by_eval_and_predict(checkpoint, demo_dat
     result = tool("predict", broken, image)
     assert_refused(result, 2, "outputs are NaN or inf")
     assert result.stdout == ""  # no prediction printed from such a model
+    assert_refused(tool("export", broken, tmp_path / "out"), 2, "non-finite weights", "blocks.0.mlp.fc1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "names,named",
+    [("abcdefghij", "its class names are not a list of strings"), (["a", "b"], "2 class names for a head of 10")],
+)
+def test_class_names_that_do_not_fit_the_head_are_refused(checkpoint, tmp_path, names, named):
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["class_names"] = names
+    edited = tmp_path / "edited.ckpt"
+    torch.save(stored, edited)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    result = tool("predict", edited, image)
+    assert_refused(result, 2, named)
+    assert result.stdout == ""
+
+
+def test_a_split_that_is_not_there_is_refused(checkpoint, demo_data):
+    assert_refused(tool("evaluate", checkpoint, demo_data, "--split", "tset"), 2, "has no tset/ folder",
+                   "it has train, val", "--split")  # fmt: skip

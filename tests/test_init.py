@@ -86,6 +86,14 @@ def test_another_architecture_names_the_tensors(tmp_path):
         build_student(student_config(init=str(tmp_path / "w.pth")), num_classes=10)
 
 
+def test_diverged_weights_are_refused(tmp_path):
+    state = save_source(tmp_path / "s.pth")
+    state["blocks.1.attn.qkv.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "s.pth")
+    with pytest.raises(DeitTrainError, match=r"non-finite weights \(1 tensors, e.g. blocks.1.attn.qkv.weight\)"):
+        build_student(student_config(init=str(tmp_path / "s.pth")), num_classes=10)
+
+
 def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(
     tiny_config, tmp_path, demo_data
 ):

@@ -119,3 +119,26 @@ def test_clear_errors_for_no_runs_no_logs_and_nothing_finished(sweep, tmp_path):
         f"deit-report: error: none of the 4 runs in {unfinished} has finished (no metrics.json): failed, or still "
         f"running"
     ]
+
+
+@pytest.mark.parametrize(
+    "name,content,named",
+    [
+        ("metrics.json", "[1, 2]", "is not deit-train's metrics.json"),
+        ("metrics.json", '{"val/acc1": "high"}', "is not deit-train's metrics.json"),
+        ("metrics.json", "{not json", "is not deit-train's metrics.json"),
+        (".hydra/overrides.yaml", "{model.depth: 2}", "is not a list of command-line overrides"),
+        (".hydra/overrides.yaml", "- [unclosed", "is not a list of command-line overrides"),
+        ("csv/version_0/metrics.csv", "step,epoch,val/acc1\n1,0,y\n", "is not a CSV logger's metrics file"),
+    ],
+)
+def test_a_damaged_run_file_is_named_in_one_line(sweep, tmp_path, name, content, named):
+    """A file of the sweep's first run replaced by something else: the report names it, never takes it for data."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sweep.parent / "complete", damaged)
+    (damaged / "0" / name).write_text(content)
+    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(damaged), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert str(damaged / "0" / name) in lines[0] and named in lines[0], lines[0]

@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import pickletools
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,16 @@ def read_torch_file(path: Path, flag: str) -> object:
         raise DeitTrainError(f"{named} {what}: expected {EXPECTED[flag]}")
     kind = describe_file(path)
     if kind.startswith("a truncated"):
+        if flag == "resume=true":  # the run's own last.ckpt: its other checkpoint may be whole
+            raise DeitTrainError(f"{named} is {kind} (cut short); continue from the run's other checkpoint, "
+                                 f"ckpt_path={path.parent / 'best.ckpt'}, if it is intact")  # fmt: skip
         raise DeitTrainError(f"{named} is {kind} (cut short: an interrupted download or copy?); fetch it again")
     if kind not in ("a torch checkpoint", "a pickle file"):
         raise DeitTrainError(f"{named} is {kind}: expected {EXPECTED[flag]}")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            # torch warns of any pickle protocol but 2 before refusing or reading: the outcome says all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if name := next(iter(foreign_globals(path)), None):

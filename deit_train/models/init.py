@@ -21,6 +21,11 @@ def initialize_from(student: nn.Module, source: str) -> None:
     """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT or ViT
     directory or a deit-export directory) into `student`."""
     state = dict(load_weights(source, "model.init").state)
+    diverged = [name for name, t in state.items()
+                if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]  # fmt: skip
+    if diverged:
+        raise DeitTrainError(f"model.init={source} has non-finite weights ({len(diverged)} tensors, e.g. "
+                             f"{diverged[0]}): its run diverged; start from an earlier checkpoint of it")  # fmt: skip
     expected = student.state_dict()
     check_distillation_token(state, expected, source)
     heads = classifier_keys(student)
