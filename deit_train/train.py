@@ -104,7 +104,8 @@ def train(cfg: DictConfig) -> TrainRun:
         lock.acquire()
     started = False
     try:
-        refuse_overwrite(cfg, output_dir)
+        if leader:  # the other ranks start once the first is training, into the directory it owns
+            refuse_overwrite(cfg, output_dir)
         if (finished := finished_metrics(cfg, output_dir)) is not None:
             log.info("%s has finished its %d epochs: resume=true leaves it and its metrics.json as they are",
                      output_dir, cfg.trainer.max_epochs)  # fmt: skip
