@@ -12,7 +12,7 @@ from torchvision import datasets
 
 from deit_train.data.demo import ensure_demo_dataset
 from deit_train.data.hf import hf_class_names, open_hf_split
-from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, image_files, load_image
+from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, find_images, load_image
 from deit_train.data.webdataset import Shards, shard_class_names
 from deit_train.errors import DataError, DeitTrainError
 
@@ -51,16 +51,17 @@ class ImageFolder(datasets.ImageFolder):
         """(path, class index) for each class folder's image files; a class without any, or one file in two classes
         (a link into another class's folder), is refused in one line."""
         samples, owners = [], {}
-        empty = [name for name in class_to_idx if not os.access(Path(directory, name), os.R_OK | os.X_OK)]
-        if empty:
-            raise DeitTrainError(f"{directory}: cannot read the class folder(s) {empty[:5]} (permission denied); "
-                                 f"make them readable (chmod -R a+rX) or remove them")  # fmt: skip
+        unreadable = [name for name in class_to_idx if not os.access(Path(directory, name), os.R_OK | os.X_OK)]
+        if unreadable:
+            raise DeitTrainError(f"{directory}: cannot read the class folder(s) {unreadable[:5]} (permission "
+                                 f"denied); make them readable (chmod -R a+rX) or remove them")  # fmt: skip
+        empty = []
         for name, index in class_to_idx.items():
-            files = image_files(Path(directory, name))
+            files = find_images(Path(directory, name))
             if not files:
                 empty.append(name)
-            for path in files:
-                other, first = owners.setdefault(os.path.realpath(path), (name, path))
+            for path, real in files:
+                other, first = owners.setdefault(real, (name, path))
                 if other != name:
                     raise DeitTrainError(
                         f"{path} (class {name!r}) and {first} (class {other!r}) are the same file, through a link: "

@@ -34,17 +34,16 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def is_image_file(path: Path, root: Path) -> bool:
-    """An image by its extension, outside hidden folders, and a regular file (a named pipe would block the reader)."""
-    relative = path.relative_to(root).parts
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(map(is_hidden, relative)) and path.is_file()
-
-
 def image_files(folder: Path) -> list[Path]:
-    """Every image file below `folder` outside hidden folders, in a fixed (sorted) order. Links are followed (a
-    subset of a dataset made of links is common), each real folder once: a link back to a folder above it (a loop)
-    adds nothing, and a file reached twice counts once."""
-    files, seen_folders, seen_files = [], set(), set()
+    """Every image file below `folder` outside hidden folders, in a fixed (sorted) order (find_images)."""
+    return [path for path, _ in find_images(folder)]
+
+
+def find_images(folder: Path) -> list[tuple[Path, str]]:
+    """(path, real path) of every image file below `folder` outside hidden folders, sorted by path. Links are
+    followed (a subset of a dataset made of links is common), each real folder once: a link back to a folder above
+    it (a loop) adds nothing, and a file reached twice counts once."""
+    found, seen_folders, seen_files = [], set(), set()
     for directory, subdirectories, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
         if real in seen_folders:
@@ -56,10 +55,11 @@ def image_files(folder: Path) -> list[Path]:
             path = Path(directory, name)
             if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
-            if (real_file := os.path.realpath(path)) not in seen_files:
+            real_file = os.path.realpath(path) if path.is_symlink() else os.path.join(real, name)
+            if real_file not in seen_files:
                 seen_files.add(real_file)
-                files.append(path)
-    return sorted(files)
+                found.append((path, real_file))
+    return sorted(found)
 
 
 def class_folders(folder: Path) -> list[str]:
