@@ -241,11 +241,14 @@ def read_export_config(directory: Path) -> dict:
     if not config_file.is_file():
         inside = [f"{directory / name}" for name in ("transformers", "timm") if (directory / name).is_dir()]
         hint = f" (pass one of {inside})" if inside else ""
-        raise DeitTrainError(f"{not_an_export}; config.json is missing{hint}")
+        missing = "is a folder, not a file" if config_file.exists() else "is missing"
+        raise DeitTrainError(f"{not_an_export}; config.json {missing}{hint}")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DeitTrainError(f"{config_file} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise DeitTrainError(f"{config_file} holds a {type(config).__name__}, not a model config (a JSON object)")
     if config.get("model_type") not in TRANSFORMERS_MODEL_TYPES and "architecture" not in config:
         found = config.get("model_type") or config.get("architectures") or sorted(config)[:5]
         raise DeitTrainError(f"{not_an_export}; its config.json describes {found}")
@@ -262,7 +265,12 @@ def load_export_directory(directory: Path, flag: str) -> Weights:
         raise DeitTrainError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")
     if config.get("model_type") in TRANSFORMERS_MODEL_TYPES:
         labels = config.get("id2label") or {}
-        names = [labels[key] for key in sorted(labels, key=int)]
+        if not isinstance(labels, dict) or not all(str(key).isdigit() for key in labels):
+            raise DeitTrainError(f"{directory}/config.json: id2label must map class indices (\"0\", \"1\", ...) to "
+                                 f"names; it is {str(labels)[:60]}")  # fmt: skip
+        if sorted(int(key) for key in labels) != list(range(len(labels))):
+            raise DeitTrainError(f"{directory}/config.json: id2label's indices are not 0..{len(labels) - 1}")
+        names = [str(labels[key]) for key in sorted(labels, key=int)]
         if names and names != [f"LABEL_{i}" for i in range(len(names))]:
             weights.class_names = names
     else:  # timm's save_for_hf layout
