@@ -14,7 +14,9 @@ only with DEIT_TRAIN_DEBUG=1 (or HYDRA_FULL_ERROR=1, Hydra's own switch).
 import errno
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,6 +61,9 @@ def as_user_error(error: BaseException, prog: str = "deit-train") -> DeitTrainEr
     while seen is not None:
         if isinstance(seen, DeitTrainError):
             return unwrap_worker_message(seen)
+        if isinstance(seen, PermissionError) and seen.filename and os.path.exists(seen.filename):
+            return StorageError(f"no permission to access {seen.filename}: fix its permissions (e.g. chmod u+rw), "
+                                f"then run again")  # fmt: skip
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             where = f" ({seen.filename})" if seen.filename else ""
             then = " (earlier checkpoints are intact), then resume=true" if prog == "deit-train" else ", then run again"
@@ -96,7 +101,11 @@ def fail(prog: str, message: str, code: int) -> None:
 def end_child_processes() -> None:
     """Data-loader workers leave SIGTERM to the main process (cluster.py), so the exit handler of multiprocessing,
     which terminates them with it, would wait for them forever after a failure that left their loader open."""
-    for child in multiprocessing.active_children():
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's DataLoader handler would raise "worker killed by signal" for the workers this kills
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
         child.kill()
         child.join(timeout=5)
 

@@ -308,10 +308,15 @@ def check(cfg: DictConfig) -> None:
     every = cfg.trainer.get("check_val_every_n_epoch")
     if isinstance(every, int) and every > cfg.trainer.max_epochs:  # no validation: no metrics, no best.ckpt
         raise refuse("trainer.check_val_every_n_epoch", every, f"at most trainer.max_epochs={cfg.trainer.max_epochs}")
-    from timm.optim import list_optimizers
+    check_optimizer(cfg.optim)
+    if cfg.augment.auto_augment:  # timm parses the policy string where it builds the transform: build it here
+        from deit_train.data.transforms import train_transform
 
-    if str(cfg.optim.name).lower() not in list_optimizers():
-        raise refuse("optim.name", cfg.optim.name, "a timm optimizer, e.g. adamw, sgd, momentum, lamb, lion")
+        try:
+            train_transform(cfg.augment, 32)
+        except (AssertionError, ValueError, KeyError, IndexError) as error:
+            raise refuse("augment.auto_augment", cfg.augment.auto_augment, f"a timm policy (rand-m9-mstd0.5-inc1, "
+                         f"augmix-m5-w4-d2, original, v0, 3a) or null; timm says: {error}") from error  # fmt: skip
     scale = list(cfg.augment.scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise refuse("augment.scale", scale, "[low, high] with 0 < low <= high <= 1")
@@ -358,6 +363,22 @@ def check_teacher(cfg: DictConfig) -> None:
         if network.library == "transformers" and network.checkpoint:
             raise refuse(f"{key}.checkpoint", network.checkpoint, f"null with {key}.library=transformers: the "
                          f"weights are in the directory {key}.name names")  # fmt: skip
+
+
+def check_optimizer(optim: DictConfig) -> None:
+    """optim.name is a timm optimizer that takes optim.kwargs: built once on a stand-in parameter, as timm parses
+    them only where it builds the optimizer (after the run has started)."""
+    import torch
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if str(optim.name).lower() not in list_optimizers():
+        raise refuse("optim.name", optim.name, "a timm optimizer, e.g. adamw, sgd, momentum, lamb, lion")
+    try:
+        create_optimizer_v2(torch.nn.Linear(1, 1), opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+                            **optim.kwargs)  # fmt: skip
+    except (TypeError, ValueError, KeyError) as error:
+        raise DeitTrainError(f"optim.name={optim.name} refused its settings: {error} (optim.kwargs: "
+                             f"{OmegaConf.to_container(optim.kwargs)})") from error  # fmt: skip
 
 
 def devices_per_node(trainer: DictConfig) -> int | None:

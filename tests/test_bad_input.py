@@ -93,6 +93,7 @@ CORPUS = {
         ("task._target_=nowhere.Segment", "task: Error locating target 'nowhere.Segment'"),
         ("task=mim loss=hard_distill", "task=mim"),
         ("task=mim model=bit_r50x1", "task=mim needs a ViT/DeiT student"),
+        ("task=mim model.name=resnet10t", "task=mim needs a ViT/DeiT student"),  # before any mask-size rule
     ],
     "run": [
         ("ema.decay=1.5", "ema.decay=1.5"),
@@ -106,6 +107,7 @@ CORPUS = {
         ("paths.cache_dir=", "paths.cache_dir is empty"),
         ("optim.name=adamx", "optim.name=adamx: expected a timm optimizer"),
         ("optim.schedule=cosinus", "optim.schedule=cosinus"),
+        ("augment.auto_augment=garbage", "augment.auto_augment=garbage: expected a timm policy"),
         ("trainer.limit_val_batches=0", "To append to your config use +trainer.limit_val_batches=0"),
     ],
 }

@@ -279,3 +279,11 @@ def test_debug_fast_dev_run_takes_one_step(tiny_config):
     run = train(tiny_config("debug=fdr"))
     assert run.trainer.global_step == 1
     assert "val/acc1" in run.metrics
+
+
+def test_optimizer_arguments_the_optimizer_refuses_are_named(tiny_config):
+    from deit_train.errors import DeitTrainError
+
+    with pytest.raises(DeitTrainError, match=r"optim.name=adamw refused its settings: .*beta.*optim.kwargs: "):
+        train(tiny_config("+optim.kwargs.betas=[2,3]"))
+    assert not Path(tiny_config().paths.output_dir).exists()  # refused before it trained: no run directory left

@@ -98,6 +98,8 @@ def read_rgb(path: str | Path | BinaryIO, max_pixels: int | None, decode: bool =
 def reason(error: BaseException) -> str:
     if isinstance(error, UnidentifiedImageError):  # Pillow's message quotes the file object
         return "not an image file Pillow can read"
+    if isinstance(error, PermissionError):
+        return "permission denied: make it readable (chmod a+r)"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 

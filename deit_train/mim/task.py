@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
@@ -118,7 +119,8 @@ class MaskedImageModeling(Task):
                 "fine-tuning from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill "
                 "teacher=...)"
             )
-        if cfg.model.patch_size is None and not any(kind in cfg.model.name for kind in ("vit", "deit")):
+        vits = {*timm.list_models(module="vision_transformer"), *timm.list_models(module="deit")}
+        if timm.models.get_arch_name(cfg.model.name) not in vits:
             raise DeitTrainError(f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
                                  f"embedding (model=deit_tiny, deit_small, ...)")  # fmt: skip
         size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, cfg.model.patch_size or 16

@@ -221,7 +221,7 @@ def load_weights_file(path: Path, flag: str) -> Weights:
         if isinstance(stored.get(wrapper), dict):
             stored = stored[wrapper]
             break
-    state = {k.removeprefix("module."): v for k, v in stored.items() if isinstance(v, torch.Tensor)}
+    state = {k.removeprefix("module."): v for k, v in stored.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not state:
         raise DeitTrainError(f"{source(flag, path)} holds no tensors (keys: {sorted(map(str, stored))[:5]}): "
                              f"expected {EXPECTED[flag]}")  # fmt: skip
