@@ -26,6 +26,7 @@ def benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_skips_every_gpu_test_and_writes_every_figure(tmp_path, benchmark):
     # No CUDA for the script, even on a machine with a GPU: the dry run is what the suite tests.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}

@@ -98,6 +98,7 @@ def test_ten_class_teacher_on_hundred_class_data(
     assert_clear_failure(result, "has 10 classes", "the data has 100")
 
 
+@pytest.mark.slow
 def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir, demo_data):
     import shutil
 
@@ -119,6 +120,7 @@ def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir
     assert result.returncode == 3
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_writes_one_run_directory(tmp_path, cache_dir):
     result = run_cli(
         "trainer=ddp_cpu",
@@ -137,6 +139,7 @@ def test_two_process_ddp_on_cpu_writes_one_run_directory(tmp_path, cache_dir):
     assert checkpoint["global_step"] == 80 // 16  # a global batch of 16: 8 per rank, 5 steps an epoch
 
 
+@pytest.mark.slow
 def test_run_killed_mid_training_resumes_to_the_full_step_count(tmp_path, cache_dir):
     """SIGKILL once the first checkpoint exists, then resume=true in the same directory."""
     import os
@@ -162,6 +165,7 @@ def test_run_killed_mid_training_resumes_to_the_full_step_count(tmp_path, cache_
     assert "val/acc1" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_ddp_ranks_agree_on_a_timestamped_run_directory(tmp_path, cache_dir):
     """No hydra.run.dir: the default outputs/${now:...} must resolve to one directory for both ranks."""
     command = [

@@ -35,12 +35,14 @@ def assert_refused(result: subprocess.CompletedProcess, code: int, *phrases: str
         assert phrase in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_numbers_are_refused_before_any_work(checkpoint, demo_data):
     assert_refused(tool("evaluate", checkpoint, demo_data, "--batch-size", "0"), 2, "--batch-size", "0 is below 1")
     assert_refused(tool("predict", checkpoint, demo_data, "--top-k", "-1"), 2, "--top-k", "-1 is below 1")
     assert_refused(tool("evaluate", checkpoint, demo_data, "--num-workers", "x"), 2, "'x' is not an integer")
 
 
+@pytest.mark.slow
 def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(checkpoint, demo_data, tmp_path):
     assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path), 2, "is a folder")
     assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "no" / "r.json"), 2,
@@ -61,6 +63,7 @@ def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(che
     assert_refused(tool("report", checkpoint.parents[1], "--out", tmp_path / "r.json"), 2, "--out", "is a file")
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused_by_eval_and_predict(checkpoint, demo_data, tmp_path):
     stored = torch.load(checkpoint, weights_only=True)
     stored["state_dict"]["student.blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
@@ -97,6 +100,7 @@ def test_a_split_that_is_not_there_is_refused(checkpoint, demo_data):
                    "it has train, val", "--split")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_met_by_a_loader_worker_ends_in_one_line(checkpoint, demo_data, tmp_path):
     """The workers the error leaves behind are ended without torch's "worker killed by signal" traceback."""
     import shutil

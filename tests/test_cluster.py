@@ -57,6 +57,7 @@ def slurm_jobs(sweep: Path) -> list[str]:
     return sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_log.out"))
 
 
+@pytest.mark.slow
 def test_a_cpu_sweep_runs_as_two_slurm_jobs_without_a_gpu_request(slurm_cluster, tmp_path, cache_dir, demo_data):
     result = run(slurm_sweep("seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -71,6 +72,7 @@ def test_a_cpu_sweep_runs_as_two_slurm_jobs_without_a_gpu_request(slurm_cluster,
     assert len(slurm_jobs(sweep)) == 2
 
 
+@pytest.mark.slow
 def test_a_two_task_ddp_job_takes_its_ranks_from_slurm(slurm_cluster, tmp_path, cache_dir):
     command = slurm_sweep("trainer=ddp_cpu", "trainer.devices=2", tmp_path=tmp_path, cache_dir=cache_dir)
     result = run(command, tmp_path)
@@ -101,6 +103,7 @@ def logged_epochs(run_dir: Path) -> dict[str, list[int]]:
     return epochs
 
 
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, cache_dir):
     """The first run is warned (SIGUSR1) and requeued (SIGTERM, then killed) once its first epoch's checkpoint
     exists; the job comes back in the same directory, resumes optimizer, schedule, EMA, epoch and step, finishes

@@ -332,6 +332,7 @@ def test_a_truncated_shard_or_a_label_outside_the_classes_is_named(shards, tmp_p
         validation_labels(relabelled)
 
 
+@pytest.mark.slow
 def test_shards_train_resume_at_an_epoch_boundary_as_an_uninterrupted_run(tiny_config, shards):
     straight = tiny_config(*shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", run="straight")
     first = tiny_config(*shard_overrides(shards), "trainer.max_epochs=1", "data.num_workers=2", run="resumed")

@@ -87,6 +87,7 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
 
 
 @pytest.mark.parametrize("loss", ["hard_distill", "soft_distill"])
+@pytest.mark.slow
 def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     loss, tmp_path, cache_dir, random_teacher_checkpoint
 ):
@@ -109,6 +110,7 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_workers(tmp_path, cache_dir):
     masks = {}
     states = {}
@@ -130,6 +132,7 @@ def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_work
     )  # bit-identical whatever the workers
 
 
+@pytest.mark.slow
 def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo_data):
     """39 val images on 2 processes: Lightning's sampler would count one twice; ours counts each once."""
     data = tmp_path / "odd"

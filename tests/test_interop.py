@@ -249,6 +249,7 @@ def run_tool(tool, *args, cwd):
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_tools_write_json_and_report_bad_input_clearly(trained_run, exported, demo_data, tmp_path):
     checkpoint = trained_run[0]
     result = run_tool(

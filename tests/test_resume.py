@@ -59,6 +59,7 @@ def one_go(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.mark.parametrize("how", ["stop", "sigint", "sigkill"])
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_ends_with_the_weights_of_one_go(how, one_go, tmp_path, cache_dir):
     stop_then_resume(how, tmp_path / "run", cache_dir, *EVERYTHING)
     difference = max_difference(state(one_go), state(tmp_path / "run"))
@@ -79,6 +80,7 @@ def test_a_killed_two_process_run_resumes_to_the_weights_of_one_go(tmp_path, cac
     assert difference == 0.0
 
 
+@pytest.mark.slow
 def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
@@ -105,6 +107,7 @@ def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
         (["loss.label_loss=bce", "augment.smoothing=0.0"], "loss.label_loss: ce -> bce"),
     ],
 )
+@pytest.mark.slow
 def test_resume_refuses_a_change_to_what_is_trained_and_changes_nothing(change, listed, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
@@ -116,6 +119,7 @@ def test_resume_refuses_a_change_to_what_is_trained_and_changes_nothing(change, 
     assert after == {p: b for p, b in before.items() if p.suffix != ".log"}
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_classes(tmp_path, cache_dir, demo_data):
     import shutil
 
@@ -130,6 +134,7 @@ def test_resume_refuses_other_classes(tmp_path, cache_dir, demo_data):
     assert refused.returncode == 2 and "the data's classes" in refused.stderr and "disc" in refused.stderr
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
@@ -144,6 +149,7 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
@@ -190,6 +196,7 @@ def test_steps_per_epoch_counts_as_lightning_does(tiny_config):
         assert run.datamodule.steps_per_epoch() == estimated == run.trainer.global_step, overrides
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, cache_dir):
     import resource
 

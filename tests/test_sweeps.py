@@ -32,6 +32,7 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_directory_and_metrics(tmp_path, cache_dir, demo_data):
     result = run_sweep("model.depth=1,2", "seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -45,6 +46,7 @@ def test_multirun_gives_each_job_its_own_directory_and_metrics(tmp_path, cache_d
     assert depths == {1, 2}
 
 
+@pytest.mark.slow
 def test_ddp_inside_a_multirun_spawns_and_keeps_each_job_in_its_directory(tmp_path, cache_dir):
     result = run_sweep(
         "model.depth=1,2",
@@ -70,6 +72,7 @@ def test_relaunching_ddp_inside_a_local_multirun_is_refused(tmp_path, cache_dir)
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_optuna_search_reports_the_best_val_acc1(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(

@@ -186,6 +186,7 @@ def test_encodings_keep_what_each_loss_reads():
     torch.testing.assert_close(decoded.sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, random_teacher_checkpoint):
     from .test_cli import run_cli
 
