@@ -191,12 +191,12 @@ def export(
         if onnx:
             export_onnx(trained, staging / "model.onnx")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in EXPORT_ENTRIES:  # an earlier export's files this one replaces, or that it does not write
-            target = out_dir / name
-            if (staging / name).exists() or target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            if (staging / name).exists():
-                (staging / name).replace(target)
+        for name in EXPORT_ENTRIES:  # an earlier export's files go, also those this one does not write
+            target, staged = out_dir / name, staging / name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if staged.exists():
+                staged.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
