@@ -28,6 +28,7 @@ from deit_train.cli_args import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
+from deit_train.models.checkpoints import non_finite
 from deit_train.models.transformers_format import (
     CLASSIFIER_HEAD,
     MIM_DECODER,
@@ -165,8 +166,7 @@ def export(
     OUT_DIR/model.onnx."""
     trained = load_trained_model(source, ema=ema, classifier=False)
     # every refusal before anything is written
-    diverged = [name for name, t in trained.model.state_dict().items() if t.is_floating_point() and
-                not torch.isfinite(t).all()]  # fmt: skip
+    diverged = non_finite(trained.model.state_dict())
     if diverged:
         raise DeitTrainError(f"{source} has non-finite weights ({len(diverged)} tensors, e.g. {diverged[0]}): its run "
                              f"diverged. Export an earlier checkpoint of the run (e.g. best.ckpt)")  # fmt: skip

@@ -32,7 +32,7 @@ def given_root(cfg: DictConfig, expected: str) -> Path:
 
 class ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder (ImageNet layout: root/<class>/<image>) without hidden folders as classes or hidden
-    files as samples, each real file once (data/images.py: image_files), reading each image with load_image."""
+    files as samples, each real file once (data/images.py: find_images), reading each image with load_image."""
 
     def __init__(self, root: str | Path, transform=None, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> None:
         self.max_pixels = max_pixels

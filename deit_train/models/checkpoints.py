@@ -164,6 +164,11 @@ class RunCheckpoint:
         return {k.removeprefix(prefix): v for k, v in self.state_dict.items() if k.startswith(prefix)}
 
 
+def non_finite(state: dict) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold NaN or inf (a diverged run's weights)."""
+    return [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+
+
 def is_lightning_checkpoint(stored: object) -> bool:
     return isinstance(stored, dict) and "pytorch-lightning_version" in stored
 

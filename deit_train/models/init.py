@@ -12,7 +12,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from deit_train.errors import DeitTrainError
-from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
+from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,7 @@ def initialize_from(student: nn.Module, source: str) -> None:
     """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT or ViT
     directory or a deit-export directory) into `student`."""
     state = dict(load_weights(source, "model.init").state)
-    diverged = [name for name, t in state.items()
-                if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]  # fmt: skip
+    diverged = non_finite(state)
     if diverged:
         raise DeitTrainError(f"model.init={source} has non-finite weights ({len(diverged)} tensors, e.g. "
                              f"{diverged[0]}): its run diverged; start from an earlier checkpoint of it")  # fmt: skip
