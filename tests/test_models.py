@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
-from deit_train.models import build_student, forward_heads
+from deit_train.models import build_student, compile_student, forward_heads
 from deit_train.models.checkpoints import load_weights
 from deit_train.schema import ModelConfig
 from deit_train.teacher import build_teacher_network
@@ -54,6 +54,26 @@ def test_forward_heads_equal_timm_in_train_and_eval_mode():
     student.eval()
     cls_logits, dist_logits = forward_heads(student, images)
     torch.testing.assert_close((cls_logits + dist_logits) / 2, student(images))  # timm's averaged prediction
+
+
+def test_ema_of_a_compiled_student_runs_its_own_weights():
+    """compile=true with EMA: ModelEmaV3 deep-copies the compiled student; the copy's features must come from the
+    copy's weights (they came from the student's: val_ema reported the student's backbone with the EMA's heads)."""
+    from timm.utils import ModelEmaV3
+
+    student = build_student(tiny_student_config(), num_classes=5).eval()
+    compile_student(student, backend="eager")  # the binding is the bug, not the backend: eager keeps the test fast
+    ema = ModelEmaV3(student, decay=0.5)
+    with torch.no_grad():
+        for parameter in ema.module.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    reference = build_student(tiny_student_config(), num_classes=5).eval()  # uncompiled, with the EMA's weights
+    reference.load_state_dict(ema.module.state_dict())
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(forward_heads(ema.module, images), forward_heads(reference, images))
+    original = build_student(tiny_student_config(), num_classes=5).eval()  # and the student its own
+    original.load_state_dict(student.state_dict())
+    torch.testing.assert_close(forward_heads(student, images), forward_heads(original, images))
 
 
 def test_single_head_student_from_any_timm_name():

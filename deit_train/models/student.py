@@ -1,5 +1,6 @@
 """The student: a distilled DeiT (timm's VisionTransformerDistilled) or any single-head timm classifier."""
 
+import types
 from fnmatch import fnmatch
 
 import timm
@@ -72,10 +73,16 @@ def freeze_all_but(model: nn.Module, patterns: list[str]) -> None:
         )
 
 
-def compile_student(model: nn.Module) -> None:
+def compile_student(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile the feature extractor, where nearly all the compute is; forward and forward_heads
-    both go through it. The state dict keeps its plain names."""
-    model.forward_features = torch.compile(model.forward_features)
+    both go through it. The state dict keeps its plain names.
+
+    The class's function is compiled and bound to this instance, not the instance's bound method: a copy of the
+    model (the EMA's deepcopy) then binds the same compiled function to itself and runs its own weights. A compiled
+    bound method would be copied as it is and keep running the original's weights (the EMA's heads on the
+    student's backbone)."""
+    compiled = torch.compile(type(model).forward_features, backend=backend)
+    model.forward_features = types.MethodType(compiled, model)
 
 
 def is_distilled(model: nn.Module) -> bool:
