@@ -102,3 +102,14 @@ class Pause(L.Callback):
             import time
 
             time.sleep(self.seconds)
+
+
+class PoisonBatch(L.Callback):
+    """Makes one rank's training loss NaN at batch `batch` (its images set to NaN), the other ranks' finite."""
+
+    def __init__(self, rank: int = 1, batch: int = 0) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            batch[0].fill_(float("nan"))

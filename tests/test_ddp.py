@@ -111,6 +111,27 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
 
 
 @pytest.mark.slow
+def test_a_divergence_on_one_rank_ends_every_rank_with_exit_5(tmp_path, cache_dir):
+    """Only rank 1's loss is NaN: the ranks decide together (training.py, stop_if_diverged), so every rank stops with
+    exit 5 and one line; a rank that raised alone left the other waiting in the gradients' all-reduce."""
+    import time
+
+    started = time.monotonic()
+    process = deit_train(*DDP, "+callbacks.probe._target_=tests.probes.PoisonBatch", "+callbacks.probe.rank=1",
+                         run_dir=tmp_path / "run", cache_dir=cache_dir)  # fmt: skip
+    try:
+        output = process.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("a divergence on rank 1 alone left the run hanging")
+    assert process.returncode == 5, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert errors and all("training loss became NaN or inf" in line for line in errors), output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
 def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_workers(tmp_path, cache_dir):
     masks = {}
     states = {}
