@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 
 import deit_train.conf
@@ -39,6 +40,7 @@ from deit_train.run_dir import (
     write_metrics,
 )
 from deit_train.tasks import Task
+from deit_train.training import ddp_ignored
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
@@ -97,6 +99,7 @@ def train(cfg: DictConfig) -> TrainRun:
     """One run: check, build the task, fit, write metrics.json. Raises DeitTrainError for bad input."""
     quiet_console()
     task = check_config(cfg)
+    choose_precision(cfg)
     output_dir = Path(cfg.paths.output_dir)
     leader = is_launch_leader()  # the other ranks of a run share its directory and leave it to the first
     lock = RunLock(output_dir)
@@ -111,9 +114,6 @@ def train(cfg: DictConfig) -> TrainRun:
                      output_dir, cfg.trainer.max_epochs)  # fmt: skip
             return TrainRun(finished)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if torch.cuda.is_available():
-            torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         built = task.build(cfg)
         checkpoint = resume_from(cfg, output_dir)
         if checkpoint is not None:
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> TrainRun:
             check_resume(cfg, stored.config, stored.class_names, getattr(built.module, "class_names", None))
         if leader and hasattr(built.datamodule, "scan"):
             built.datamodule.scan()  # unreadable images, all of them, before training meets the first
-        trainer = build_trainer(cfg, output_dir, built.callbacks)
+        trainer = build_trainer(cfg, output_dir, built.callbacks, built.module)
         if leader:
             write_config(cfg, output_dir)
         log.info("%s", config_summary(cfg))
@@ -145,9 +145,48 @@ def train(cfg: DictConfig) -> TrainRun:
     return TrainRun(metrics, trainer, built.module, built.datamodule)
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, task_callbacks: list[L.Callback]) -> L.Trainer:
-    """The trainer, callbacks and loggers of their config groups; a group entry set to null (callbacks.progress_bar
-    =null) switches that object off."""
+def choose_precision(cfg: DictConfig) -> None:
+    """What the hardware can run: the GPU trainers ask for bf16-mixed; a GPU without bf16 (before Ampere) trains in
+    16-mixed with the loss scaler instead, said once and recorded in the run's config. A GPU trainer on a machine
+    without one is refused here, naming the CPU trainers."""
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator not in ("gpu", "cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise DeitTrainError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, ddp or ddp_spawn, and the ImageNet presets) but this "
+            f"machine has no CUDA GPU: run it on a GPU node, or add trainer=cpu (trainer=ddp_cpu for several processes)"
+        )
+    if str(cfg.trainer.precision).startswith("bf16") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        fallback = "16-mixed" if "mixed" in str(cfg.trainer.precision) else "32-true"
+        log.warning("%s has no bf16: trainer.precision=%s instead of %s", torch.cuda.get_device_name(), fallback,
+                    cfg.trainer.precision)  # fmt: skip
+        cfg.trainer.precision = fallback
+
+
+def distributed_strategy(cfg: DictConfig, module: L.LightningModule) -> str | DDPStrategy:
+    """trainer.strategy=ddp / ddp_spawn as DDP's experts set it: gradients written straight into the all-reduce
+    buckets (gradient_as_bucket_view); the frozen teacher and the divergence flag neither broadcast nor reduced
+    (training.ddp_ignored); buffers broadcast from rank 0 at each forward only where the trained network has any
+    (a convnet student's BatchNorm statistics, which then follow rank 0's; trainer.sync_batchnorm=true computes
+    them over all ranks instead): a ViT has none. Any other strategy is Lightning's, as named."""
+    name = str(cfg.trainer.strategy)
+    if name not in ("ddp", "ddp_spawn"):
+        return name
+    module._ddp_params_and_buffers_to_ignore = ddp_ignored(module)
+    network = getattr(module, "network", module)
+    return DDPStrategy(
+        start_method="spawn" if name == "ddp_spawn" else "popen",
+        broadcast_buffers=any(True for _ in network.buffers()),
+        gradient_as_bucket_view=True,
+    )
+
+
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, task_callbacks: list[L.Callback], module: L.LightningModule
+) -> L.Trainer:
+    """The trainer for `module`, with the callbacks and loggers of their config groups; a group entry set to null
+    (callbacks.progress_bar=null) switches that object off."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + task_callbacks
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
     plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + slurm_plugins()
@@ -156,7 +195,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, task_callbacks: list[L.Call
         switches["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     acknowledge_warning_signals()
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, **switches)
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins,
+                           strategy=distributed_strategy(cfg, module), **switches)  # fmt: skip
     except InstantiationException as error:  # Lightning refused a value (accelerator, strategy, devices, ...)
         cause = error.__cause__ or error
         raise DeitTrainError(f"the trainer refused its settings: {str(cause).strip().splitlines()[0]} (trainer.* "

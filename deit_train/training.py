@@ -37,6 +37,14 @@ class TrainingModule(L.LightningModule):
     def network(self) -> nn.Module:
         raise NotImplementedError
 
+    def setup(self, stage: str) -> None:
+        """In every rank's process, spawned ones included (trainer=ddp_spawn starts them after train.py ran)."""
+        if self.trainer.strategy.root_device.type == "cuda":
+            fast_cuda_math()
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.hold_in(self.trainer.precision)
+
     # Model randomness (drop path, dropout) is drawn from (seed, epoch, rank): each rank its own masks, as the
     # official code's seed + rank, and a run resumed at an epoch boundary draws what the uninterrupted run draws.
     # The data views have their own seeds (data/views.py).
@@ -50,13 +58,22 @@ class TrainingModule(L.LightningModule):
             self.stop_if_diverged()
 
     def stop_if_diverged(self) -> None:
-        if bool(self.loss_diverged):
+        """Decided by all ranks together, in one host sync: a rank that raised alone would leave the others waiting
+        in the next all-reduce (a hang, not an exit 5). The loss flag and the weights' finiteness are reduced (max)
+        over the ranks and read once; which weight went bad is looked up only then."""
+        parameters = [p.detach() for p in self.network.parameters()]
+        weights_bad = ~torch.stack([torch.isfinite(p).all() for p in parameters]).all()
+        flags = torch.stack([self.loss_diverged, weights_bad]).float()
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        loss_bad, weights_bad = (bool(flag) for flag in flags.tolist())
+        if loss_bad:
             raise TrainingDiverged(
                 f"the training loss became NaN or inf (detected at step {self.global_step}). The last good "
                 f"checkpoint is kept. {self.divergence_advice}; then resume=true or start again."
             )
-        bad = next((name for name, p in self.network.named_parameters() if not torch.isfinite(p).all()), None)
-        if bad is not None:
+        if weights_bad:
+            bad = next((n for n, p in self.network.named_parameters() if not torch.isfinite(p).all()), "on a rank")
             raise TrainingDiverged(
                 f"the weights became NaN or inf ({bad}, at step {self.global_step}) while the loss was still "
                 f"finite. The last good checkpoint is kept. {self.divergence_advice}; then resume=true or start "
@@ -123,3 +140,18 @@ class TrainingModule(L.LightningModule):
 def run_config(cfg: DictConfig) -> dict:
     """The resolved run config as plain containers, as checkpoints store it."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def fast_cuda_math() -> None:
+    """TF32 matmuls and convolutions on Ampere and newer (fp32 work: the loss, the EMA, a 32-true run), and cuDNN's
+    autotuner for the fixed input sizes. Process-wide settings: set in each rank."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def ddp_ignored(module: nn.Module) -> list[str]:
+    """What DDP must neither broadcast nor reduce: the frozen teacher (every rank loads the same weights; its
+    BatchNorm buffers would be broadcast every forward), and each rank's own divergence flag (training.py)."""
+    names = [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
+    return [name for name in names if name.startswith("teacher.") or name == "loss_diverged"]

@@ -351,7 +351,7 @@ class Bench:
         timer = StepTimer(self.preset.warmup, self.preset.steps, self.device)
         callbacks = cache_callbacks(cfg, module.teacher, module.num_classes) + [TimerCallback(timer)]
         output_dir = Path(cfg.paths.output_dir)
-        trainer = build_trainer(cfg, output_dir, callbacks)
+        trainer = build_trainer(cfg, output_dir, callbacks, module)
         try:
             trainer.fit(module, train_dataloaders=DataLoader(self.timed_batches, batch_size=None))
         finally:

@@ -239,6 +239,46 @@ def test_gpu_trainer_options_ask_for_gpus(tmp_path):
     assert (ddp.accelerator, ddp.strategy, ddp.devices) == ("gpu", "ddp", 8)
 
 
+@pytest.mark.parametrize("preset", ["deit_small_distilled", "deit3_small", "deit_base_distilled_384_finetune"])
+def test_gpu_runs_train_in_bf16_and_cpu_runs_in_fp32(preset, tmp_path):
+    """The paper and the official code train in mixed precision: the GPU trainers and the ImageNet presets ask for
+    bf16-mixed; trainer=cpu keeps 32-true (the README's 8-GPU command trained in fp32)."""
+    for trainer in ("gpu", "ddp", "ddp_spawn"):
+        assert compose_config([f"trainer={trainer}"], tmp_path, tmp_path).trainer.precision == "bf16-mixed"
+    assert compose_config([f"experiment={preset}"], tmp_path, tmp_path).trainer.precision == "bf16-mixed"
+    ddp = compose_config([f"experiment={preset}", "trainer=ddp", "trainer.devices=8"], tmp_path, tmp_path).trainer
+    assert (ddp.precision, ddp.strategy, ddp.devices) == ("bf16-mixed", "ddp", 8)
+    for trainer in ("cpu", "ddp_cpu", "default"):
+        cfg = compose_config([f"experiment={preset}", f"trainer={trainer}"], tmp_path, tmp_path)
+        assert cfg.trainer.precision == "32-true"
+
+
+def test_ddp_strategy_is_set_as_experts_set_it(tmp_path, random_teacher_checkpoint):
+    """trainer=ddp: gradients as bucket views, no per-forward broadcast for a ViT student (it has no buffers), and the
+    frozen teacher and the divergence flag never broadcast nor reduced; a BatchNorm student keeps the broadcast."""
+    from deit_train.tasks.classify import Classify
+    from deit_train.train import build_trainer
+
+    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+               f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+    tiny = ["experiment=demo", "model.img_size=16", "data.image_size=16"]
+    vit = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4"]
+    cfg = compose_config([*tiny, *vit, *distill, "trainer=ddp_cpu"], tmp_path / "run", tmp_path)
+    class_names = [str(i) for i in range(10)]
+    module = Classify.build_module(cfg, class_names)
+    trainer = build_trainer(cfg, tmp_path / "run", [], module)
+    kwargs = trainer.strategy._ddp_kwargs
+    assert kwargs["gradient_as_bucket_view"] is True and kwargs["broadcast_buffers"] is False
+    teacher_names = {f"teacher.{n}" for n, _ in module.teacher.named_parameters()}
+    teacher_names |= {f"teacher.{n}" for n, _ in module.teacher.named_buffers()}
+    assert any("running_var" in n for n in teacher_names)
+    assert set(module._ddp_params_and_buffers_to_ignore) == teacher_names | {"loss_diverged"}
+    convnet = compose_config([*tiny, *distill, "trainer=ddp_cpu", "model=timm", "model.name=resnet10t"],
+                             tmp_path / "conv", tmp_path)  # fmt: skip
+    module = Classify.build_module(convnet, class_names)
+    assert build_trainer(convnet, tmp_path / "conv", [], module).strategy._ddp_kwargs["broadcast_buffers"] is True
+
+
 @pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb"])
 def test_logger_options_instantiate(option, tmp_path):
     cfg = compose_config([f"logger={option}"], tmp_path, tmp_path)

@@ -207,7 +207,7 @@ SHRINK = [
     "data.num_workers=0",
     "data.pin_memory=false",
     "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
+    "trainer=cpu",  # the presets choose trainer=gpu
     "+trainer.limit_train_batches=1",
     "+trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",

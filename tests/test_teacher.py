@@ -58,3 +58,46 @@ def test_teacher_img_size_shows_the_teacher_the_views_at_its_resolution():
         resized = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", antialias=True)
         torch.testing.assert_close(logits, network(resized), rtol=1e-4, atol=1e-5)
     assert Teacher(network, img_sizes=[16])(images).logits.shape == (2, 3)  # already at its size: unchanged
+
+
+def weight_casts(teacher: Teacher, images: torch.Tensor) -> int:
+    """How many of the teacher's weights are cast to another dtype in one bf16 autocast forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr() for p in teacher.parameters()}
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = args[0] if args else None
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and isinstance(first, torch.Tensor):
+                CountCasts.casts += first.data_ptr() in weights and out.dtype != first.dtype  # a real copy
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
+        teacher(images)
+    return CountCasts.casts
+
+
+def test_the_teacher_is_held_in_the_training_precision_once_not_cast_every_step():
+    """Under bf16-mixed autocast re-casts a frozen teacher's fp32 weights at every call (it caches only weights that
+    need gradients); held in bf16 once (Teacher.hold_in) the step casts none, and the logits stay the autocast ones."""
+    torch.manual_seed(0)
+    teacher = Teacher(timm.create_model("resnet10t", num_classes=5).eval())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = teacher(images).logits
+    assert weight_casts(teacher, images) > 10  # every conv and the classifier, every step
+    teacher.hold_in("bf16-mixed")
+    assert weight_casts(teacher, images) == 0
+    convs = [m.weight.dtype for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m.running_var.dtype for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert set(convs) == {torch.bfloat16} and set(norms) == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        held = teacher(images).logits
+    assert held.dtype == torch.float32
+    torch.testing.assert_close(held, autocast_logits, rtol=0, atol=0)  # autocast computed in bf16 already
+    teacher.hold_in("32-true")  # nothing to do in fp32
+    assert {m.weight.dtype for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)} == {torch.bfloat16}

@@ -33,6 +33,9 @@ class TeacherCacheFiller(L.LightningModule):
         images, _ = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
         self.teacher(images, view_keys, batch_idx)
 
+    def setup(self, stage: str) -> None:
+        self.teacher.hold_in(self.trainer.precision)  # as the students' runs hold it (training.py)
+
     def configure_optimizers(self) -> None:
         return None
 

@@ -107,6 +107,22 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # frozen: BatchNorm statistics and dropout stay as loaded
 
+    def hold_in(self, precision: str) -> None:
+        """Keep the frozen weights in the training precision's half type (bf16-mixed: bfloat16; 16-mixed: float16),
+        cast once here: autocast re-casts fp32 weights that need no gradient at every call, and caches only those
+        that do. Normalisation layers stay in fp32 (their statistics need its range; they take half inputs)."""
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+        if dtype is None:
+            return
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm):
+                continue
+            for name, parameter in module.named_parameters(recurse=False):
+                parameter.data = parameter.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point() and name not in ("input_scale", "input_shift"):
+                    setattr(module, name, buffer.to(dtype))
+
     def forward(
         self, images: torch.Tensor, view_keys: torch.Tensor | None = None, batch_idx: int = 0
     ) -> TeacherOutput:
@@ -119,7 +135,7 @@ class Teacher(nn.Module):
         """Each network's logits, in one forward pass each without autograd, and their combination."""
         with torch.inference_mode():
             member_logits = [member(images) for member in self.members]
-        member_logits = [logits.clone() for logits in member_logits]  # normal tensors the loss may save
+        member_logits = [logits.to(torch.float32, copy=True) for logits in member_logits]  # normal fp32 tensors the loss may save
         if len(member_logits) == 1:
             return TeacherOutput(member_logits[0], member_logits)
         return TeacherOutput(ensemble_logits(member_logits, self.tau), member_logits)
