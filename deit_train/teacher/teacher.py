@@ -117,7 +117,7 @@ class Teacher(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm):
                 continue
-            for name, parameter in module.named_parameters(recurse=False):
+            for parameter in module.parameters(recurse=False):
                 parameter.data = parameter.data.to(dtype)
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer.is_floating_point() and name not in ("input_scale", "input_shift"):
