@@ -296,24 +296,30 @@ def test_teacher_in_channels_last_under_cuda_autocast_matches_the_cpu_teacher(di
     assert relative_error({"z": centred(logits)}, {"z": centred(expected)}) < TOLERANCE[precision]
 
 
-def test_teacher_cache_decodes_onto_the_device_what_it_stored_and_reads_it_back(tmp_path):
-    encoding = Encoding.choose("soft", num_classes=10, topk=None, tau=1.0)
-    logits = [torch.randn(4, 10, device=DEVICE) for _ in range(2)]
-    keys = [torch.arange(8, device=DEVICE).view(4, 2) + 8 * i for i in range(2)]
-    cache = TeacherCache(tmp_path, {"test": 1}, encoding, rank=0)
-    cache.start_epoch(0, num_batches=2)
-    for batch_idx in range(2):
-        got = cache.teacher_logits(batch_idx, keys[batch_idx], lambda i=batch_idx: logits[i])
-        assert got.device.type == DEVICE.type
-        assert torch.equal(got.cpu(), logits[batch_idx].cpu().half().float())  # stored as fp16
-    cache.end_epoch()
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_the_cached_step_decodes_on_the_device_without_a_host_sync(tmp_path, kind):
+    """1000 classes (soft: the top-k encoding), keys on the host as the training step gets them: computing, storing
+    and reading the teacher's outputs makes no device-to-host sync (torch.cuda.set_sync_debug_mode("error") raises
+    on one); the epoch's file is written with one copy at its end."""
+    encoding = Encoding.choose(kind, num_classes=1000, topk=None, tau=2.0)
+    logits = [torch.randn(64, 1000, device=DEVICE) for _ in range(3)]
+    keys = [torch.arange(192).view(64, 3) + 192 * i for i in range(3)]
+    cache = TeacherCache(tmp_path, {"test": kind}, encoding, rank=0)
+    results = []
+    for _ in range(2):  # the run that computes, then a run that reads
+        cache.start_epoch(0, num_batches=3, device=DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            results.append([cache.teacher_logits(i, keys[i], lambda i=i: logits[i]) for i in range(3)])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        cache.end_epoch()
+    assert all(t.device.type == DEVICE.type for t in results[0] + results[1])
+    for computed, read in zip(*results, strict=True):
+        assert torch.equal(computed, read)
     stored = load_file(str(cache.epoch_file(0)))
     assert all(t.device.type == "cpu" for t in stored.values())
-    cache.start_epoch(0, num_batches=2)  # a later run: read, never computed
-    for batch_idx in range(2):
-        got = cache.teacher_logits(batch_idx, keys[batch_idx], lambda: pytest.fail("recomputed"))
-        assert got.device.type == DEVICE.type
-        assert torch.equal(got.cpu(), logits[batch_idx].cpu().half().float())
 
 
 @pytest.fixture

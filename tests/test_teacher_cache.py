@@ -5,6 +5,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deit_train.data import DeiTDataModule
 from deit_train.teacher import Encoding, Teacher
@@ -167,14 +169,14 @@ def test_bytes_per_sample_as_documented(classes, topk, bytes_per_sample):
 def test_encodings_keep_what_each_loss_reads():
     logits = torch.randn(64, 1000) * 3
     hard = Encoding.choose("hard", 1000, None, 1.0)
-    assert torch.equal(hard.decode(hard.encode(logits), logits.device).argmax(1), logits.argmax(1))
+    assert torch.equal(hard.decode(hard.encode(logits)).argmax(1), logits.argmax(1))
     full = Encoding.choose("soft", 50, None, 3.0)
     torch.testing.assert_close(
-        full.decode(full.encode(logits[:, :50]), logits.device), logits[:, :50].half().float()
+        full.decode(full.encode(logits[:, :50])), logits[:, :50].half().float()
     )
     tau = 3.0
     topk = Encoding.choose("soft", 1000, 10, tau)
-    decoded = F.softmax(topk.decode(topk.encode(logits), logits.device) / tau, dim=1)
+    decoded = F.softmax(topk.decode(topk.encode(logits)) / tau, dim=1)
     exact = F.softmax(logits / tau, dim=1)
     top = exact.topk(10, dim=1).indices
     torch.testing.assert_close(decoded.gather(1, top), exact.gather(1, top), rtol=2e-3, atol=1e-6)
@@ -204,3 +206,126 @@ def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, ran
     assert read.returncode == 0, output
     for rank in (0, 1):  # 80 images, global batch 16: 5 batches of 8 per rank
         assert f"epoch 0, rank {rank}: 5 batches read, 0 computed" in output
+
+
+HOST_READS = {"cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__"}
+
+
+def host_reads(fn, host_tensors):
+    """The calls in fn() that read a tensor back to the host (each a stream sync on a GPU), on tensors other than
+    `host_tensors` (the view keys, which never leave the host)."""
+    from torch.overrides import TorchFunctionMode
+
+    allowed = {t.untyped_storage().data_ptr() for t in host_tensors}
+    reads = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            first = args[0] if args else None
+            moves_to_cpu = name == "to" and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))
+            if (name in HOST_READS or moves_to_cpu) and isinstance(first, torch.Tensor) and first.untyped_storage().data_ptr() not in allowed:
+                reads.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        result = fn()
+    return result, reads
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_the_cached_step_reads_nothing_back_to_the_host(tmp_path, kind):
+    """tests/test_gpu.py checks this with CUDA's sync detector; here the calls that would sync are counted: the
+    step computes, stores and reads the teacher's outputs (1000 classes: soft is top-k) without any."""
+    from deit_train.teacher.cache import TeacherCache
+
+    encoding = Encoding.choose(kind, num_classes=1000, topk=None, tau=2.0)
+    logits = [torch.randn(8, 1000) for _ in range(3)]
+    keys = [torch.arange(24).view(8, 3) + 24 * i for i in range(3)]
+    cache = TeacherCache(tmp_path, {"test": kind}, encoding, rank=0)
+    results = []
+    for _ in range(2):  # the run that computes, then a run that reads
+        cache.start_epoch(0, num_batches=3, device=torch.device("cpu"))
+        for i in range(3):
+            got, reads = host_reads(lambda i=i: cache.teacher_logits(i, keys[i], lambda: logits[i]), keys)
+            assert reads == [], reads
+            results.append(got)
+        cache.end_epoch()
+    for computed, read in zip(results[:3], results[3:], strict=True):
+        assert torch.equal(computed, read)
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edit=st.sampled_from(["none", "pixels", "pixels", "other_root"]),
+    image=st.integers(0, 79),
+    value=st.integers(0, 255),
+)
+def test_a_run_with_the_cache_trains_as_one_without_it_whatever_was_edited(
+    tiny_config, random_teacher_checkpoint, demo_data, teacher_calls, edit, image, value
+):
+    """The cache is filled, then the images are edited in place (same names, same sizes: a block of pixels painted),
+    or the run points data.root at a copy with one image edited: the run reading the cache ends with exactly the
+    weights of a run without a cache on the edited data (the edited views are taught anew: their keys hold a
+    checksum of their pixels); with nothing edited, every batch is read."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    work = Path(tempfile.mkdtemp())
+    root = work / "data"
+    shutil.copytree(demo_data, root)
+    for path in root.rglob("*.png"):  # stored uncompressed: an edit keeps the file's size, as in the red team's case
+        Image.open(path).save(path, compress_level=0)
+    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.reprob=0.25",
+               "data=imagefolder", "model.img_size=16", "data.batch_size=16"]  # fmt: skip
+    cache = f"teacher.cache={work / 'cache'}"
+
+    def run(*overrides, name):
+        cfg = tiny_config(*distill, *overrides, run=str(work / name), data=[])
+        train(cfg)
+        return student_weights(cfg)
+
+    run(cache, f"data.root={root}", name="fill")
+    if edit == "other_root":
+        root = work / "copy"
+        shutil.copytree(work / "data", root)
+    if edit != "none":
+        path = sorted((root / "train").rglob("*.png"))[image]
+        size = path.stat().st_size
+        picture = Image.open(path).convert("RGB")
+        picture.paste((value, 255 - value, value // 2), (0, 0, 10, 10))
+        picture.save(path, compress_level=0)
+        assert path.stat().st_size == size
+    calls = teacher_calls["train"]
+    cached = run(cache, f"data.root={root}", name="cached")
+    if edit == "none":
+        assert teacher_calls["train"] == calls  # every batch read
+    fresh = run(f"data.root={root}", name="fresh")
+    assert_same_weights(cached, fresh)
+
+
+def test_the_teacher_is_keyed_by_what_it_sees_not_only_its_weights():
+    """A transformers teacher whose image processor changed (mean/std, size) has the same weights but other outputs:
+    its normalisation and resolution are part of the cache's key."""
+    from deit_train.teacher.cache import teacher_digest
+
+    network = timm.create_model("resnet10t", num_classes=3)
+    digests = set()
+    for mean, size in [((0.485, 0.456, 0.406), None), ((0.5, 0.5, 0.5), None), ((0.5, 0.5, 0.5), 24)]:
+        network.pretrained_cfg = {**network.pretrained_cfg, "mean": mean, "std": (0.5, 0.5, 0.5)}
+        digests.add(teacher_digest(Teacher(network, img_sizes=[size]).members))
+    assert len(digests) == 3
+
+
+def test_a_cache_path_that_is_a_file_is_refused_in_one_line(tmp_path):
+    from deit_train.errors import DeitTrainError
+    from deit_train.teacher.cache import TeacherCache
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DeitTrainError, match="is a file, not a folder"):
+        TeacherCache(tmp_path / "file", {}, Encoding.choose("hard", 10, None, 1.0), rank=0)

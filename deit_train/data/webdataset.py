@@ -29,13 +29,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
-from deit_train.data.views import seeded, view_seed
+from deit_train.data.views import seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
 
 log = logging.getLogger(__name__)
@@ -231,7 +230,7 @@ class ShardStream(IterableDataset):
                     continue
                 image = self.shards.transform(decoded[0])
             produced += 1
-            yield image, decoded[1], torch.tensor([key, repeat])
+            yield image, decoded[1], view_key(key, repeat, image)
 
     def decode(self, sample: dict):
         """(RGB image, label), or None for a corrupt image under data.skip_corrupt (with a counted warning)."""

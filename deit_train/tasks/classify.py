@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.views import BatchMixer
+from deit_train.data.views import BatchMixer, ViewKeysOnHost
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import (
@@ -31,7 +31,7 @@ from deit_train.training import TrainingModule, run_config
 log = logging.getLogger("deit_train")
 
 
-class DeiTModule(TrainingModule):
+class DeiTModule(ViewKeysOnHost, TrainingModule):
     def __init__(
         self,
         student: nn.Module,

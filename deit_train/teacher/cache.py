@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from deit_train.errors import DeitTrainError, StorageError
 from deit_train.teacher.network import member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,12 @@ class Encoding:
             "logsumexp": torch.logsumexp(logits / self.tau, dim=1),
         }
 
-    def decode(self, stored: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Logits the loss reads as the teacher's: the same argmax (hard), the same distribution at tau (soft)."""
-        stored = {name: tensor.to(device) for name, tensor in stored.items()}
+    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits the loss reads as the teacher's: the same argmax (hard), the same distribution at tau (soft), on
+        the device the stored outputs are on."""
         if self.distillation_type == "hard":
-            labels = stored["labels"].long()
-            return nn.functional.one_hot(labels, self.num_classes).float()
+            labels = stored["labels"].long()[:, None]  # one-hot by scatter: F.one_hot checks the range (a host sync)
+            return torch.zeros(len(labels), self.num_classes, device=labels.device).scatter_(1, labels, 1.0)
         if self.topk is None:
             return stored["logits"].float()
         top_probs = torch.exp(stored["values"].float() / self.tau - stored["logsumexp"][:, None])
@@ -107,10 +108,11 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def dataset_digest(dataset: Dataset) -> str:
-    """The training data's identity: its file list with sizes (ImageFolder), its arrays (CIFAR), its own fingerprint
-    (a Hugging Face dataset: datasets' fingerprint of its files; shards: their URLs and sizes, the epoch's samples
-    and the data-loader workers, which decide the batches), or the tensors of in-memory samples
-    (scripts/benchmark.py)."""
+    """The training data's identity: its resolved root and file list with labels (ImageFolder), its arrays (CIFAR),
+    its own fingerprint (a Hugging Face dataset: datasets' fingerprint of its files; shards: their URLs and sizes,
+    the epoch's samples and the data-loader workers, which decide the batches), or the tensors of in-memory samples
+    (scripts/benchmark.py). What the files hold is checked per batch instead (the views' pixel checksums in their
+    keys, data/views.py): no stat of a million files before the first step."""
     while hasattr(dataset, "dataset"):  # SeededViews, SkipCorrupt
         dataset = dataset.dataset
     if isinstance(dataset, list | tuple):
@@ -120,16 +122,26 @@ def dataset_digest(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     if hasattr(dataset, "fingerprint"):
         digest.update(dataset.fingerprint().encode())
-    elif hasattr(dataset, "samples"):
-        root = Path(dataset.root)
+    elif hasattr(dataset, "samples"):  # the files by their resolved paths, without a stat per file
+        digest.update(f"{Path(dataset.root).resolve()}\n".encode())
         for path, target in dataset.samples:
-            digest.update(f"{Path(path).relative_to(root)}\t{os.path.getsize(path)}\t{target}\n".encode())
+            digest.update(f"{path}\t{target}\n".encode())
     elif hasattr(dataset, "data"):
         digest.update(memoryview(dataset.data).tobytes())
         digest.update(json.dumps(list(map(int, dataset.targets))).encode())
     else:
         raise TypeError(f"cannot fingerprint a {type(dataset).__name__}")
     return digest.hexdigest()
+
+
+def teacher_digest(members: nn.Module) -> str:
+    """Everything of the teacher networks that decides their outputs: weights and buffers in the dtype they run in,
+    and each one's input, its resolution and normalisation (a transformers teacher's image processor: size, mean,
+    std, held as buffers that its state dict leaves out)."""
+    tensors = {f"state.{k}": v for k, v in members.state_dict().items()}
+    tensors.update({f"buffer.{k}": v for k, v in members.named_buffers()})
+    sizes = [getattr(member, "img_size", None) for member in members.children()]
+    return f"{tensor_digest(tensors)}:{sizes}"
 
 
 def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teacher: nn.Module) -> dict:
@@ -139,7 +151,7 @@ def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teac
         **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
         "world_size": world_size,
         "data": dataset_digest(train_set),
-        "teacher_weights": tensor_digest(teacher.state_dict()),
+        "teacher": teacher_digest(teacher),
         "versions": {name: importlib.metadata.version(name) for name in VERSIONS_THAT_SHAPE_VIEWS},
     }
 
@@ -155,8 +167,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 class TeacherCache:
     def __init__(self, directory: str | Path, inputs: dict, encoding: Encoding, rank: int) -> None:
         self.fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
-        self.root = Path(directory).expanduser() / self.fingerprint
-        self.root.mkdir(parents=True, exist_ok=True)
+        directory = Path(directory).expanduser()
+        if directory.exists() and not directory.is_dir():
+            raise DeitTrainError(f"teacher.cache={directory} is a file, not a folder: give a folder for the cache")
+        self.root = directory / self.fingerprint
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot make the teacher cache folder {self.root}: {error.strerror or error}; give "
+                               f"a writable teacher.cache") from error  # fmt: skip
         manifest = self.root / "fingerprint.json"
         if not manifest.exists():  # what this cache is keyed by, for people
             tmp = manifest.with_name(f".fingerprint.{uuid.uuid4().hex}.tmp")
@@ -164,16 +183,24 @@ class TeacherCache:
             os.replace(tmp, manifest)
         self.encoding = encoding
         self.rank = rank
-        self.stored: dict[str, torch.Tensor] | None = None  # this epoch's file, when it is complete and valid
-        self.computed: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        # This epoch's file, when it is complete and valid: its outputs on the device, its batch keys on the host.
+        self.stored: dict[str, torch.Tensor] | None = None
+        self.stored_keys: list[int] = []
+        self.computed: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # outputs on the device until end_epoch
         self.epoch, self.num_batches = 0, 0
 
     def epoch_file(self, epoch: int) -> Path:
         return self.root / f"epoch{epoch:04d}-rank{self.rank}.safetensors"
 
-    def start_epoch(self, epoch: int, num_batches: int) -> None:
+    def start_epoch(self, epoch: int, num_batches: int, device: torch.device) -> None:
+        """Read the epoch's file and copy its outputs to the device once: the steps then index them there, with no
+        copy and no host sync per batch."""
         self.epoch, self.num_batches = epoch, num_batches
-        self.stored = self.read(self.epoch_file(epoch))
+        self.stored, self.stored_keys = self.read(self.epoch_file(epoch)), []
+        if self.stored is not None:
+            self.stored_keys = self.stored.pop("batch_keys").tolist()
+            pin = device.type == "cuda"
+            self.stored = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in self.stored.items()}
         self.computed = {}
 
     def read(self, path: Path) -> dict[str, torch.Tensor] | None:
@@ -200,24 +227,25 @@ class TeacherCache:
         return tensors
 
     def teacher_logits(self, batch_idx: int, view_keys: torch.Tensor, compute: Callable[[], torch.Tensor]):
-        """The teacher's logits for this batch: read, or computed by `compute` (and stored at the epoch's end)."""
+        """The teacher's logits for this batch: read, or computed by `compute` (and stored at the epoch's end).
+        `view_keys` stay on the host (DeiTModule.transfer_batch_to_device): matching them is host work; reading
+        and computing stay on the device, so a step makes no device-to-host copy."""
         key = batch_key(view_keys)
         if self.stored is not None:
-            if int(self.stored["batch_keys"][batch_idx]) == key:
-                outputs = {name: t[batch_idx] for name, t in self.stored.items() if name != "batch_keys"}
-                return self.encoding.decode(outputs, view_keys.device)
+            if self.stored_keys[batch_idx] == key:
+                return self.encoding.decode({name: t[batch_idx] for name, t in self.stored.items()})
             warnings.warn(
                 f"teacher cache {self.epoch_file(self.epoch)}: batch {batch_idx} holds other views than this run "
-                f"draws; recomputing from here on",
+                f"draws (other samples, or the same samples with other pixels); recomputing from here on",
                 stacklevel=2,
             )
             for earlier in range(batch_idx):  # those matched their views: keep them for the rewritten file
-                outputs = {name: t[earlier] for name, t in self.stored.items() if name != "batch_keys"}
-                self.computed[earlier] = (int(self.stored["batch_keys"][earlier]), outputs)
+                outputs = {name: t[earlier] for name, t in self.stored.items()}
+                self.computed[earlier] = (self.stored_keys[earlier], outputs)
             self.stored = None
-        outputs = {name: t.cpu() for name, t in self.encoding.encode(compute()).items()}
+        outputs = self.encoding.encode(compute())
         self.computed[batch_idx] = (key, outputs)
-        return self.encoding.decode(outputs, view_keys.device)
+        return self.encoding.decode(outputs)
 
     def end_epoch(self) -> None:
         """Write the epoch's file if this epoch was computed in full (a run stopped mid-epoch writes nothing)."""
@@ -232,8 +260,8 @@ class TeacherCache:
             return
         order = [self.computed[i] for i in range(self.num_batches)]
         tensors = {"batch_keys": torch.tensor([key for key, _ in order], dtype=torch.int64)}
-        for name in order[0][1]:
-            tensors[name] = torch.stack([outputs[name] for _, outputs in order])
+        for name in order[0][1]:  # one device-to-host copy per epoch
+            tensors[name] = torch.stack([outputs[name] for _, outputs in order]).cpu()
         metadata = {
             "fingerprint": self.fingerprint,
             "batches": str(self.num_batches),
@@ -245,8 +273,9 @@ class TeacherCache:
 
 
 def batch_key(view_keys: torch.Tensor) -> int:
-    """A 63-bit hash of a batch's (index, repeat) view keys: which views, in which order."""
-    data = view_keys.detach().cpu().to(torch.int64).contiguous().numpy().tobytes()
+    """A 63-bit hash of a batch's view keys (sample, repeat, pixel checksum: data/views.py): which views, in which
+    order, holding which pixels. The keys are on the host."""
+    data = view_keys.detach().to(torch.int64).contiguous().numpy().tobytes()
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
 
 
@@ -303,7 +332,7 @@ class TeacherCacheCallback(L.Callback):
                                                 self.teacher.members, trainer.strategy.broadcast)  # fmt: skip
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.teacher.cache.start_epoch(trainer.current_epoch, trainer.num_training_batches)
+        self.teacher.cache.start_epoch(trainer.current_epoch, trainer.num_training_batches, pl_module.device)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.teacher.cache.end_epoch()
