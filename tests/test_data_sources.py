@@ -249,6 +249,33 @@ def test_a_shard_epoch_is_fixed_reproducible_and_each_view_keyed_by_its_sample(e
     assert len(one) == 80 and all(torch.equal(one[key], image) for samples in two.values() for key, image, _ in samples)
 
 
+def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_order(even_shards):
+    """The training loader's workers persist (no restart and re-import per epoch) and still read each epoch's own
+    shard order: the keys of epochs 0 and 1 equal the streams read directly for those epochs."""
+    from deit_train.data.transforms import train_transform
+    from deit_train.data.webdataset import ShardLoader
+    from tests.conftest import compose_config
+
+    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x",
+                            even_shards)  # fmt: skip
+    stream = Shards(config.data, "train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
+    epoch = {"now": 0}
+    loader = ShardLoader(stream, epoch=lambda: epoch["now"], batch_size=8, drop_last=True, num_workers=2)
+    assert loader.persistent_workers
+    read, pids = {}, []
+    for now in (0, 1):
+        epoch["now"] = now
+        read[now] = [int(k) for _, _, keys in iter(loader) for k in keys[:, 0]]
+        pids.append([worker.pid for worker in loader._iterator._workers])
+    assert pids[0] == pids[1]  # the same worker processes
+    for now in (0, 1):  # each worker's batches in turn, as the loader takes them
+        direct = streams(even_shards, world_size=1, workers=2, batch=8, epoch=now)
+        chunks = [[key for key, _, _ in direct[0, w]][i : i + 8] for w in (0, 1) for i in (0, 8, 16, 24, 32)]
+        expected = [key for i in range(5) for w in (0, 1) for key in chunks[w * 5 + i]]
+        assert read[now] == expected
+    assert read[0] != read[1]
+
+
 def test_a_slot_whose_shards_run_short_reads_them_again(shards):
     """5 shards of 16 over 4 slots: the slots with one shard (16 samples) read it again for their 20."""
     two = streams(shards, world_size=2, workers=2, batch=8)

@@ -154,6 +154,9 @@ class DeiTDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.data.pin_memory and torch.cuda.is_available(),
             worker_init_fn=data_worker_init if workers > 0 else None,
+            # As for map-style data: the workers' seed is drawn from here, not from the process's generator, which
+            # the model's randomness follows (persistent workers draw it once, a resumed run's anew).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def repeats(self, world_size: int) -> int:

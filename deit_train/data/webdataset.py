@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -177,8 +178,18 @@ class ShardStream(IterableDataset):
                  repeats: int) -> None:  # fmt: skip
         self.shards, self.world_size, self.rank, self.workers = shards, world_size, rank, workers
         self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
-        self.epoch = 0
+        # In shared memory: the loader's persistent workers hold copies of this stream, and read the epoch of each
+        # pass from here when it starts.
+        self.shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.skipped = 0
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.shared_epoch.fill_(epoch)
 
     @property
     def batches(self) -> int:
@@ -266,10 +277,11 @@ class ShardStream(IterableDataset):
 
 class ShardLoader(DataLoader):
     """A DataLoader over a ShardStream that gives the stream its epoch as each pass starts (Lightning sets the
-    epoch of samplers only); its workers start anew each pass, so they read the new epoch's shard order."""
+    epoch of samplers only). Its workers persist across epochs (no restart, no re-import per epoch) and read the
+    new epoch from the stream's shared memory when the pass begins."""
 
     def __init__(self, stream: ShardStream, epoch: Callable[[], int], **kwargs) -> None:
-        super().__init__(stream, persistent_workers=False, **kwargs)
+        super().__init__(stream, persistent_workers=kwargs.get("num_workers", 0) > 0, **kwargs)
         self.current_epoch = epoch
 
     def __iter__(self) -> Iterator:
