@@ -287,3 +287,23 @@ def test_optimizer_arguments_the_optimizer_refuses_are_named(tiny_config):
     with pytest.raises(DeitTrainError, match=r"optim.name=adamw refused its settings: .*beta.*optim.kwargs: "):
         train(tiny_config("+optim.kwargs.betas=[2,3]"))
     assert not Path(tiny_config().paths.output_dir).exists()  # refused before it trained: no run directory left
+
+
+@pytest.mark.slow
+def test_compile_with_ema_evaluates_the_emas_own_weights(tiny_config, demo_data):
+    """compile=true with an EMA (on in the distilled presets): after a run, the EMA module the run validated gives
+    the logits of its own weights evaluated uncompiled (it gave the student's backbone under the EMA's heads), and
+    metrics.json holds what the saved EMA scores outside Lightning."""
+    from deit_train.models import forward_heads
+
+    from .conftest import assert_metrics_reproduce
+
+    cfg = tiny_config("compile=true", "ema.decay=0.9", "optim.lr=5e-3", "trainer.max_epochs=2")
+    run = train(cfg)
+    ema = run.module.ema.module.eval()
+    uncompiled = build_student(cfg.model, run.module.num_classes).eval()
+    uncompiled.load_state_dict(ema.state_dict())
+    images = torch.stack([open_split(cfg.data, "val", eval_transform(cfg.augment, 16))[i][0] for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(forward_heads(ema, images), forward_heads(uncompiled, images))
+    assert_metrics_reproduce(Path(cfg.paths.output_dir), demo_data, ema=True)
