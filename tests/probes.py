@@ -113,3 +113,19 @@ class PoisonBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             batch[0].fill_(float("nan"))
+
+
+class RankStates(L.Callback):
+    """Saves each rank's student and EMA weights at the end of training, and how DDP wrapped the module (broadcast
+    buffers, bucket views, what it ignores), to PATH/rank<R>.pt."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        wrapped = trainer.strategy.model
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items() if k.startswith(("student.", "ema."))}
+        ddp = {name: getattr(wrapped, name, None) for name in ("broadcast_buffers", "gradient_as_bucket_view")}
+        ddp["ignored"] = sorted(getattr(wrapped, "parameters_to_ignore", []))
+        self.path.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": state, "ddp": ddp}, self.path / f"rank{trainer.global_rank}.pt")

@@ -86,6 +86,20 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
         assert "val_ema/acc1" in metrics and any(k.startswith("ema.module.") for k in second["state_dict"])
 
 
+def assert_ranks_agree(path: Path) -> None:
+    """Every rank ends with the same student and EMA weights (the replicas never drift), under DDP set as experts set
+    it (train.py, distributed_strategy): gradients as bucket views, no per-forward broadcast for a ViT student, the
+    frozen teacher and the divergence flag ignored."""
+    ranks = [torch.load(path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys() and any(k.startswith("ema.") for k in ranks[0]["state"])
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    ddp = ranks[0]["ddp"]
+    assert ddp["broadcast_buffers"] is False and ddp["gradient_as_bucket_view"] is True
+    assert "loss_diverged" in ddp["ignored"] and any(n.endswith("running_var") for n in ddp["ignored"])
+    assert all(n.startswith("teacher.") or n == "loss_diverged" for n in ddp["ignored"])
+
+
 @pytest.mark.parametrize("loss", ["hard_distill", "soft_distill"])
 @pytest.mark.slow
 def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
@@ -95,7 +109,9 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
                  f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
                  "ema.decay=0.9", "trainer.precision=bf16-mixed", "augment.mixup=0.8", "augment.cutmix=1.0",
                  "augment.repeated_aug=2", "trainer.max_epochs=2"]  # fmt: skip
-    output = run_ok(*overrides, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / 'ranks'}"]
+    output = run_ok(*overrides, *probe, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    assert_ranks_agree(tmp_path / "ranks")
     for rank in (0, 1):  # the cache was filled by both ranks in the first epoch
         assert f"epoch 0, rank {rank}: 0 batches read, 5 computed" in output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -439,7 +439,7 @@ def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
     from .test_ddp import run_ok
 
     gpu = (
-        ["trainer=ddp", "trainer.devices=2"]
+        ["trainer=ddp", "trainer.devices=2", "trainer.precision=32-true"]  # trainer=ddp trains in bf16-mixed
         if DEVICE.type == "cuda"
         else ["trainer=ddp_cpu", "trainer.devices=2"]
     )
@@ -449,6 +449,34 @@ def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
     ours, cpu = step_losses(tmp_path / "gpu"), step_losses(tmp_path / "cpu")
     assert len(ours) == len(cpu) == 5  # 80 images, global batch 16, rank 0's losses
     assert max(abs(a - b) / abs(b) for a, b in zip(ours, cpu, strict=True)) < TOLERANCE["32-true"]
+
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda" and torch.cuda.device_count() < 2,
+                    reason=f"needs 2 GPUs for NCCL DDP, this machine has {torch.cuda.device_count()}")  # fmt: skip
+def test_two_gpu_distilled_preset_with_ema_mixup_and_the_cache_keeps_every_rank_equal(
+    tmp_path, cache_dir, random_teacher_checkpoint
+):
+    """The documented command's path on two GPUs: trainer=ddp (bf16-mixed), hard distillation from a frozen
+    BatchNorm teacher with the teacher cache, EMA, Mixup/CutMix and repeated augmentation; every rank ends with the
+    same student and EMA, DDP ignores the teacher, and a second run reads the whole cache and ends equal."""
+    from .test_ddp import assert_ranks_agree, run_ok, student_state
+
+    devices = ["trainer=ddp", "trainer.devices=2"] if DEVICE.type == "cuda" else ["trainer=ddp_cpu", "trainer.devices=2"]
+    overrides = [*devices, "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+                 f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+                 "ema.decay=0.9", "augment.mixup=0.8", "augment.cutmix=1.0", "augment.repeated_aug=2",
+                 "trainer.max_epochs=2"]  # fmt: skip
+    for run in ("fill", "read"):
+        probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / run}-ranks"]
+        output = run_ok(*overrides, *probe, run_dir=tmp_path / run, cache_dir=cache_dir)
+        assert_ranks_agree(tmp_path / f"{run}-ranks")
+    assert output.count("5 batches read, 0 computed") == 4, output[-3000:]  # 2 epochs x 2 ranks
+    first, second = student_state(tmp_path / "fill"), student_state(tmp_path / "read")
+    if DEVICE.type == "cuda":  # cuDNN's autotuned patch embedding need not be bit-reproducible between runs
+        assert relative_error(first, second) < TOLERANCE["bf16-mixed"]
+    else:
+        assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 if __name__ == "__main__":
