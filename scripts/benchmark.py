@@ -360,16 +360,18 @@ class Bench:
 
 
 def make_batches(preset: Preset, batch: int, device: torch.device, count: int) -> list:
-    """`count` batches (images, labels, view keys) on the device; the images cycle through 4 distinct tensors to
-    bound memory, the labels and view keys are each step's own (the teacher cache keys batches by them)."""
+    """`count` batches (images and labels on the device, view keys on the host as the app's loader gives them); the
+    images cycle through 4 distinct tensors to bound memory, the labels and view keys are each step's own (the
+    teacher cache keys batches by them)."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, 3, preset.img_size, preset.img_size)
     images = [torch.randn(shape, generator=generator).to(device) for _ in range(min(4, count))]
     batches = []
     for step in range(count):
         labels = torch.randint(0, preset.num_classes, (batch,), generator=generator).to(device)
-        view_keys = torch.stack([torch.arange(batch) + step * batch, torch.zeros(batch, dtype=torch.long)], 1)
-        batches.append((images[step % len(images)], labels, view_keys.to(device)))
+        ids = torch.arange(batch) + step * batch
+        view_keys = torch.stack([ids, torch.zeros_like(ids), ids % len(images)], 1)  # on the host, as the app's
+        batches.append((images[step % len(images)], labels, view_keys))
     return batches
 
 
