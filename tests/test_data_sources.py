@@ -371,7 +371,7 @@ def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
     data = shard_overrides(shards, "data.num_workers=2") if source == "shards" else [
         "data=hf", f"data.dataset={hf_copies['disk']}"]  # fmt: skip
     distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
                "trainer.max_epochs=2", *data]  # fmt: skip
     filled = tiny_config(*distill, run="fill")
     batches = train(filled).trainer.num_training_batches

@@ -244,7 +244,7 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_c
     overrides = [
         f"experiment={preset}",
         *shrink(preset, tmp_path),
-        f"teacher.checkpoint={random_teacher_checkpoint}",
+        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
     ]
     overrides += (
         [f"data.root={demo_data}"]
@@ -261,7 +261,7 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
     from deit_train.errors import DeitTrainError
 
     overrides = ["experiment=function_matching", "model=deit_tiny", *SHRINK, f"data.root={demo_data}",
-                 f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]  # fmt: skip
     assert compose_config(overrides, tmp_path, tmp_path).model.name == "deit_tiny_distilled_patch16_224"
     with pytest.raises(DeitTrainError, match="loss.alpha=1.0 gives the class head"):
         train(compose_config(overrides, tmp_path / "run", tmp_path))

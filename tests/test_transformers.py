@@ -270,7 +270,8 @@ def test_transformers_teachers_logits_inside_the_step_equal_the_model_run_on_its
     larger = transformers_classifier(tmp_path / "hf24", names, size=24, seed=2)
     members = (f"teacher.members=[{{name:resnet10t,checkpoint:{random_teacher_checkpoint}}},"
                f"{{library:transformers,name:{same_size}}},{{library:transformers,name:{larger}}}]")  # fmt: skip
-    cfg = tiny_config("loss=soft_distill", "teacher=ensemble", members, "+trainer.max_steps=1")
+    cfg = tiny_config("loss=soft_distill", "teacher=ensemble", members, "+trainer.max_steps=1",
+                      "teacher.unchecked_order=true")
     calls = []
 
     def build_and_watch(*args):
