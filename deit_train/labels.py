@@ -50,11 +50,12 @@ def class_difference(theirs: Sequence[str], ours: Sequence[str], their_name: str
         return None
     lists = f"{their_name}: {shortened(theirs)}; {our_name}: {shortened(ours)}"
     nfc = lambda names: [unicodedata.normalize("NFC", n) for n in names]  # noqa: E731
-    if nfc(theirs) == nfc(ours):
-        first = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
-        return (f"the names differ only by Unicode normalisation (NFC/NFD), e.g. class {first}: {ascii(theirs[first])} "
-                f"against {ascii(ours[first])} ({lists}); normalise the names the same way (unicodedata.normalize("
-                f"'NFC', name), e.g. the folder names copied from macOS)")  # fmt: skip
+    if Counter(nfc(theirs)) == Counter(nfc(ours)) and Counter(theirs) != Counter(ours):
+        odd = next(name for name in theirs if name not in set(ours))
+        twin = next(name for name in ours if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", odd))
+        return (f"names differ only by Unicode normalisation (NFC/NFD): {ascii(odd)} in {their_name} is {ascii(twin)} "
+                f"in {our_name} ({lists}); write the names in one form (unicodedata.normalize('NFC', name); file "
+                f"names copied from macOS are often NFD)")  # fmt: skip
     if len(theirs) != len(ours):
         only_theirs = [n for n in theirs if n not in set(ours)]
         only_ours = [n for n in ours if n not in set(theirs)]
@@ -71,6 +72,19 @@ def class_difference(theirs: Sequence[str], ours: Sequence[str], their_name: str
     elif sorted(ours, key=natural_key) == ours and sorted(theirs) == theirs:
         why = f": {their_name} lists them sorted as strings (10 before 2), {our_name} in numeric order (2 before 10)"
     return f"the same {len(ours)} names in another order{why} ({len(differing)} positions differ: {positions}; {lists})"
+
+
+def normalisation_hint(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """Where names a model or data does not know are known names in another Unicode normalisation: a clause saying
+    so, else ""."""
+    nfc = {unicodedata.normalize("NFC", name): name for name in known}
+    twins = [(name, nfc[unicodedata.normalize("NFC", name)]) for name in unknown
+             if unicodedata.normalize("NFC", name) in nfc]  # fmt: skip
+    if not twins:
+        return ""
+    name, twin = twins[0]
+    return (f" ({len(twins)} of them differ from known names only by Unicode normalisation (NFC/NFD), e.g. "
+            f"{ascii(name)} against {ascii(twin)}: write the names in one form, unicodedata.normalize('NFC', name))")
 
 
 def check_same_classes(theirs: Sequence[str], ours: Sequence[str], what: str, their_name: str, our_name: str,

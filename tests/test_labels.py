@@ -2,21 +2,37 @@
 names. The teacher and model.init of the red team's cases: weights trained with the classes in numeric order
 (0, 1, 2, ..., 11) on data whose folders sort as strings (0, 1, 10, 11, 2, ...)."""
 
+import io
 import json
 import logging
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.datasets import find_class_names
+from deit_train.data.hf import hf_class_names
+from deit_train.data.webdataset import Shards
 from deit_train.errors import DeitTrainError
+from deit_train.labels import natural_key
+from deit_train.models.init import check_init_classes, initialize_from
+from deit_train.schema import DataConfig, TeacherConfig
+from deit_train.shard import hf_splits
 from deit_train.tasks.classify import Classify
+from deit_train.teacher import build_teacher_network
 
 from .conftest import save_safetensors
+
+datasets = pytest.importorskip("datasets")
 
 NUMERIC = [str(i) for i in range(12)]  # the order a network trained on labels 0..11 has
 AS_STRINGS = sorted(NUMERIC)  # the order the class folders sort in: 0, 1, 10, 11, 2, ...
@@ -153,3 +169,134 @@ def test_model_init_without_names_is_checked_on_the_data(tiny_config, numbered_f
     with caplog.at_level(logging.INFO, logger="deit_train"):
         Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "strings.pth"))
     assert "model.init: top-1 100.0% on 48 validation images (chance: 8.3%)" in caplog.text
+
+
+# ---- every reader of a class list: the same names in the same order, or one line naming the difference -----------
+
+NAME_POOL = [str(i) for i in range(13)] + ["café", "naïve", "Ångström", "cat", "dog", "Zebra", "ant"]
+
+
+def nfd(name: str) -> str:
+    return unicodedata.normalize("NFD", name)
+
+
+@st.composite
+def class_lists(draw) -> tuple[list[str], list[str], str]:
+    """(the data's classes, another reader's classes, how they differ): the same list, a permutation, numeric
+    against string order, NFD spellings, a name dropped or renamed."""
+    names = draw(st.lists(st.sampled_from(NAME_POOL), min_size=2, max_size=8, unique=True))
+    ours = sorted(names)  # as class folders sort
+    change = draw(st.sampled_from(["same", "permuted", "numeric", "nfd", "dropped", "renamed"]))
+    theirs = list(ours)
+    if change == "permuted":
+        theirs = draw(st.permutations(ours))
+    elif change == "numeric":
+        theirs = sorted(ours, key=natural_key)
+    elif change == "nfd":
+        theirs = [nfd(name) for name in ours]
+    elif change == "dropped":
+        theirs = ours[:-1]
+    elif change == "renamed":
+        theirs = [*ours[:-1], ours[-1] + "_x"]
+    return ours, theirs, change
+
+
+def assert_named(refusal: str, ours: list[str], theirs: list[str]) -> None:
+    """One line that says what differs: normalisation, numeric order, or the lists themselves."""
+    assert "\n" not in refusal
+    if Counter(unicodedata.normalize("NFC", n) for n in theirs) == Counter(ours) and Counter(theirs) != Counter(ours):
+        assert "Unicode normalisation (NFC/NFD)" in refusal, refusal
+    elif sorted(theirs, key=natural_key) == theirs and sorted(ours, key=natural_key) != ours and sorted(theirs) == sorted(ours):
+        assert "numeric order (2 before 10)" in refusal, refusal
+    else:
+        assert ascii(ours[0]) in refusal and ascii(theirs[0]) in refusal, refusal
+
+
+def read_by_teacher(ours, theirs, tmp):
+    """teacher.checkpoint: a deit-train checkpoint of a resnet10t trained on `theirs`."""
+    network = timm.create_model("resnet10t", num_classes=len(theirs))
+    config = {"model": {"name": "resnet10t"}, "loss": {"distillation_type": "none"}}
+    checkpoint = {"state_dict": {f"student.{k}": v for k, v in network.state_dict().items()}, "class_names": theirs,
+                  "pytorch-lightning_version": "2.5", "hyper_parameters": {"config": config}}  # fmt: skip
+    torch.save(checkpoint, tmp / "teacher.ckpt")
+    cfg = OmegaConf.merge(OmegaConf.structured(TeacherConfig), {"name": "resnet10t", "checkpoint": str(tmp / "teacher.ckpt")})
+    build_teacher_network(cfg, ours)
+
+
+def read_by_init(ours, theirs, tmp):
+    """model.init: a timm export directory whose label_names are `theirs`; refused, or its heads kept only on `ours`."""
+    source = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=len(theirs), **TINY_DEIT)
+    (tmp / "export").mkdir()
+    save_safetensors(source, tmp / "export" / "model.safetensors")
+    config = {"architecture": "deit_tiny_distilled_patch16_224", "num_classes": len(theirs), "label_names": theirs}
+    (tmp / "export" / "config.json").write_text(json.dumps(config))
+    student = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=len(ours), **TINY_DEIT)
+    initialize_from(student, str(tmp / "export"))
+    check_init_classes(student, ours)
+    kept = torch.equal(student.head.weight, source.head.weight) if len(ours) == len(theirs) else False
+    assert kept == (ours == theirs) or len(ours) != len(theirs)  # a new class count: both heads start fresh
+
+
+def read_by_shards(ours, theirs, tmp):
+    """data.val: validation shards written apart, with their own _info.json listing `theirs`."""
+    for split, classes in (("train", ours), ("val", theirs)):
+        (tmp / split).mkdir()
+        (tmp / split / f"{split}-000000.tar").touch()
+        (tmp / split / "_info.json").write_text(json.dumps({"classes": classes}))
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "webdataset", "train_samples": 1,
+                          "train": str(tmp / "train" / "train-000000.tar"), "val": str(tmp / "val" / "val-000000.tar")})  # fmt: skip
+    Shards(cfg, "val", None)
+
+
+def write_hf(ours, theirs, tmp) -> Path:
+    """A dataset whose validation ClassLabel names `theirs`, the training one `ours`."""
+    image = {"bytes": PNG, "path": None}
+    splits = {}
+    for split, classes in (("train", ours), ("validation", theirs)):
+        features = datasets.Features({"label": datasets.ClassLabel(names=classes), "image": datasets.Image()})
+        splits[split] = datasets.Dataset.from_dict({"label": [0], "image": [image]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(tmp / "hf"))
+    return tmp / "hf"
+
+
+def read_by_hf(ours, theirs, tmp):
+    """data=hf."""
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "hf", "dataset": str(write_hf(ours, theirs, tmp))})
+    assert hf_class_names(cfg) == ours
+
+
+def read_by_deit_shard(ours, theirs, tmp):
+    """deit-shard of an HF dataset whose validation ClassLabel names `theirs`: one list for both splits' shards."""
+    assert hf_splits(str(write_hf(ours, theirs, tmp)))[1] == ours
+
+
+def read_by_folders(ours, theirs, tmp):
+    """data=imagefolder: train/ with folders `ours`, val/ with folders `theirs` (both read sorted)."""
+    for split, classes in (("train", ours), ("val", theirs)):
+        for name in classes:
+            (tmp / split / name).mkdir(parents=True)
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "imagefolder", "root": str(tmp)})
+    assert find_class_names(cfg) == ours
+
+
+READERS = [read_by_teacher, read_by_init, read_by_shards, read_by_hf, read_by_deit_shard, read_by_folders]
+PNG = (lambda out: (Image.new("RGB", (4, 4)).save(out, "PNG"), out.getvalue())[1])(io.BytesIO())
+
+
+@pytest.mark.parametrize("reader", READERS, ids=lambda reader: reader.__name__)
+@given(lists=class_lists())
+@settings(max_examples=25, derandomize=True, deadline=None)
+def test_every_reader_takes_the_same_classes_or_names_the_difference(reader, lists, tmp_path_factory):
+    ours, theirs, change = lists
+    if reader is read_by_folders:  # folders are listed sorted: only their names can differ, not their order
+        theirs = sorted(theirs)
+    same = ours == theirs
+    tmp = tmp_path_factory.mktemp("reader")
+    try:
+        reader(ours, theirs, tmp)
+    except DeitTrainError as error:
+        assert not same, f"refused the same list {ours}: {error}"
+        assert_named(str(error), ours, theirs)
+        return
+    fresh_heads = reader is read_by_init and len(ours) != len(theirs)
+    assert same or fresh_heads, f"accepted {theirs} for {ours} ({change})"

@@ -72,6 +72,10 @@ def check_teacher_classes(
     class_names: list[str],
     source: str,
 ) -> None:
+    if teacher_class_names is not None:
+        check_same_classes(teacher_class_names, class_names, f"teacher.checkpoint={source}", "the teacher",
+                           "the data", "Its predictions would be read as the wrong labels: train or fine-tune the "
+                           "teacher on this data, in this class order")  # fmt: skip
     classifier_weight = next(key for key in classifier_keys(teacher) if key.endswith("weight"))
     if classifier_weight in state and state[classifier_weight].shape[0] != len(class_names):
         raise DeitTrainError(
@@ -79,10 +83,6 @@ def check_teacher_classes(
             f"({classifier_weight} {tuple(state[classifier_weight].shape)}) but the data has {len(class_names)}. "
             f"Train or fine-tune the teacher on this data (deit-train model=timm loss=ce ...)."
         )
-    if teacher_class_names is not None:
-        check_same_classes(teacher_class_names, class_names, f"teacher.checkpoint={source}", "the teacher",
-                           "the data", "Its predictions would be read as the wrong labels: train or fine-tune the "
-                           "teacher on this data, in this class order")  # fmt: skip
 
 
 class TransformersClassifier(nn.Module):
@@ -119,14 +119,15 @@ def build_transformers_classifier(directory: str, class_names: list[str]) -> Tra
         raise DeitTrainError(f"{flag}: transformers cannot load an image classifier from it: "
                              f"{str(error).splitlines()[0][:200]}") from error  # fmt: skip
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if len(labels) != len(class_names):
-        raise DeitTrainError(f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
-                             f"it on this data first (transformers' run_image_classification.py)")  # fmt: skip
     placeholders = [f"LABEL_{i}" for i in range(len(labels))]  # transformers' default id2label says nothing
     named = labels != placeholders
     if named:
         check_same_classes(labels, class_names, flag, "its id2label", "the data", "Its predictions would be read as "
-                           "the wrong labels: fine-tune it on this data, with label2id/id2label in this order")  # fmt: skip
+                           "the wrong labels: fine-tune it on this data (transformers' run_image_classification.py), "
+                           "with label2id/id2label in this order")  # fmt: skip
+    if len(labels) != len(class_names):
+        raise DeitTrainError(f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
+                             f"it on this data first (transformers' run_image_classification.py)")  # fmt: skip
     mean, std, side = processor_input(processor, flag)
     return TransformersClassifier(model, mean, std, side, named)
 
