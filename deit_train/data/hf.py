@@ -248,7 +248,8 @@ def open_hf_split(cfg: DictConfig, split: str, transform) -> HFImages:
     where = f"{cfg.dataset}[{name}]"
     image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)
     key = "data.train_split" if split == "train" else "data.val_split"
-    others = [other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir) if other != name]
+    others = [other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
+              if other not in (name, cfg.train_split)]  # validating on the training split is no fix
     choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
     table = labelled_rows(table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:],
                           "data.unlabelled=skip")  # fmt: skip
