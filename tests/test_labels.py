@@ -300,3 +300,34 @@ def test_every_reader_takes_the_same_classes_or_names_the_difference(reader, lis
         return
     fresh_heads = reader is read_by_init and len(ours) != len(theirs)
     assert same or fresh_heads, f"accepted {theirs} for {ours} ({change})"
+
+
+def test_a_transformers_teacher_with_placeholder_labels_is_checked_on_the_data(tiny_config, tmp_path):
+    """id2label LABEL_0, LABEL_1, ... names nothing: a random teacher scores at chance and is refused, accepted with
+    teacher.unchecked_order=true."""
+    pytest.importorskip("transformers")
+    from .test_transformers import transformers_classifier
+
+    directory = transformers_classifier(tmp_path / "hf", [f"LABEL_{i}" for i in range(10)], size=16)
+    with pytest.raises(DeitTrainError, match=r"teacher.name=.*hf \(its id2label says LABEL_0, LABEL_1, ...\) cannot be "
+                                             r"checked by name, and on the data it scores top-1 .* on 40 validation "
+                                             r"images \(chance: "):  # fmt: skip
+        Classify().build(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}"))
+    Classify().build(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}",
+                                 "teacher.unchecked_order=true"))  # fmt: skip
+
+
+def test_an_ensemble_member_in_another_order_is_refused_by_its_checkpoint(tiny_config, numbered_folders, tmp_path,
+                                                                           caplog):  # fmt: skip
+    base = teacher_config(tiny_config, numbered_folders, "unused")
+    right, numeric = fitted_resnet(base, AS_STRINGS, tmp_path), fitted_resnet(base, NUMERIC, tmp_path)
+    members = f"teacher.members=[{{name:resnet10t,checkpoint:{right}}},{{name:resnet10t,checkpoint:{numeric}}}]"
+    overrides = [*data_overrides(numbered_folders), "loss=hard_distill", "teacher=ensemble", members]
+    with pytest.raises(DeitTrainError, match=rf"teacher.checkpoint={numeric} \(weights without class names\) cannot be "
+                                             r"checked by name.*100.0% if its outputs are read in numeric order"):
+        Classify().build(tiny_config(*overrides, data=[]))
+    with caplog.at_level(logging.INFO, logger="deit_train"):
+        Classify().build(tiny_config(*overrides, "teacher.unchecked_order=true", data=[]))
+    assert "teacher resnet10t: top-1 100.0% on 48 validation images" in caplog.text
+    assert "teacher resnet10t: top-1 16.7% on 48 validation images" in caplog.text
+    assert "teacher ensemble: top-1 " in caplog.text
