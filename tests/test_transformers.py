@@ -217,7 +217,8 @@ def test_an_imported_directory_trains_one_step_like_the_same_start_from_timm_wei
     start = timm.create_model("deit_tiny_patch16_224", num_classes=10, **TINY_KEYS)
     save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(tmp_path / "start.safetensors"))
     plain_run = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, "model=deit_tiny_plain", "+trainer.max_steps=1",
-                                f"model.init={tmp_path / 'start.safetensors'}"], tmp_path / "timm_start", cache_dir)  # fmt: skip
+                                f"model.init={tmp_path / 'start.safetensors'}", "model.init_unchecked_order=true"],
+                               tmp_path / "timm_start", cache_dir)  # fmt: skip
     train(plain_run)
     after_timm = torch.load(tmp_path / "timm_start/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     # the directory: transformers' ViTForImageClassification holding `start`, saved by save_pretrained
