@@ -18,14 +18,16 @@ from deit_train.cli_args import ArgumentParser, at_least, writable_file, write_t
 from deit_train.data.datasets import ImageFolder
 from deit_train.data.hf import is_hf_dataset, open_hf_eval
 from deit_train.errors import DeitTrainError, error_boundary
+from deit_train.labels import normalisation_hint, shortened
 from deit_train.models import average_heads, forward_heads
 from deit_train.trained import TrainedModel, load_trained_model
 
 
-def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> ImageFolder:
+def open_eval_folder(data: str | Path, split: str, trained: TrainedModel, image_column: str | None = None,
+                     label_column: str | None = None) -> ImageFolder:  # fmt: skip
     root = Path(data).expanduser()
     if is_hf_dataset(root):  # a local Hugging Face dataset (save_to_disk, Parquet): its split, by class name
-        return open_hf_eval(root, split, trained.transform(), trained.class_names)
+        return open_hf_eval(root, split, trained.transform(), trained.class_names, image_column, label_column)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
@@ -37,8 +39,8 @@ def open_eval_folder(data: str | Path, split: str, trained: TrainedModel) -> Ima
     unknown = sorted(set(dataset.classes) - set(trained.class_names))
     if unknown:
         raise DeitTrainError(
-            f"{folder} has class folders the model does not know: {unknown[:5]} ({len(unknown)} in all). "
-            f"The model's classes: {trained.class_names[:10]}{' ...' if len(trained.class_names) > 10 else ''}"
+            f"{folder} has class folders the model does not know: {shortened(unknown)}"
+            f"{normalisation_hint(unknown, trained.class_names)}. The model's classes: {shortened(trained.class_names)}"
         )
     # Labels in the model's order: the folder's classes may be a subset, sorted differently.
     model_index = {name: index for index, name in enumerate(trained.class_names)}
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--split", default="val", help="sub-folder of DATA to use when present (default: val)"
     )
+    parser.add_argument("--image-column", help="a Hugging Face DATA's image column (default: its first Image feature)")
+    parser.add_argument("--label-column", help="a Hugging Face DATA's label column: a ClassLabel or integers, as "
+                        "data.label_column in training (default: its first ClassLabel feature)")  # fmt: skip
     parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--num-workers", type=at_least(0), default=2)
     parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             writable_file(args.json, "--json")  # before the evaluation, not after it
         trained = load_trained_model(args.model, ema=args.ema)
-        dataset = open_eval_folder(args.data, args.split, trained)
+        dataset = open_eval_folder(args.data, args.split, trained, args.image_column, args.label_column)
         result = {
             "model": args.model,
             "data": dataset.root,

@@ -121,6 +121,9 @@ def export_transformers(trained: TrainedModel, directory: Path, architecture: st
         do_normalize=True,
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),
+        # grey, palette and transparent images made RGB as our eval transform reads them (data/images.py); without
+        # it the processor normalises a one-channel image with three means and fails
+        do_convert_rgb=True,
     ).save_pretrained(directory)
 
 

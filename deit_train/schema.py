@@ -74,6 +74,9 @@ class ModelConfig:
     pretrained: bool = False  # timm hub weights (needs network)
     # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, an export directory
     init: str | None = None
+    # true: keep model.init's heads although its weights name no classes and, on a sample of the validation data, its
+    # top-1 is not clearly above chance or fits another class order better (labels.py); false refuses such heads
+    init_unchecked_order: bool = False
     img_size: int = checked(224, IMAGE_SIZE)  # the training and eval resolution
     # ViT architecture: set for DeiT models, null for other timm models (their architecture's own)
     patch_size: int | None = checked(None, Range(1, None, "a patch size >= 1"))
@@ -118,6 +121,9 @@ class TeacherConfig:
     members: list[TeacherNetworkConfig] = field(default_factory=list)
     img_size: int | None = checked(None, TEACHER_IMAGE_SIZE)  # the resolution the teacher sees; null: the student's
     cache: str | None = None  # DIR: the teacher's outputs on the training views, stored once and read after
+    # true: train with a teacher (or member) whose weights name no classes although, on a sample of the validation
+    # data, its top-1 is not clearly above chance or fits another class order better (labels.py); false refuses it
+    unchecked_order: bool = False
     # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
     cache_topk: int | None = checked(None, Range(0, None, "a number of classes >= 0 (0: full logits)"))
 
@@ -149,6 +155,8 @@ class DataConfig:
     subset: str | None = None  # hf: the dataset's configuration, load_dataset(dataset, subset)
     image_column: str | None = None  # hf: null: the first Image feature
     label_column: str | None = None  # hf: null: the first ClassLabel feature
+    # hf: rows labelled -1 (datasets' mark of an unlabelled row): refuse the data, or skip them (counted in the log)
+    unlabelled: str = checked("refuse", OneOf("refuse", "skip"))
     train_split: str = "train"  # hf
     val_split: str | None = None  # hf: null: validation, val, valid or test, the first the dataset has
     # webdataset: tar shards, a brace pattern (/data/train-{000000..000127}.tar), pipe: or fsspec URLs (s3://...)

@@ -30,9 +30,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from deit_train.cli_args import ArgumentParser, at_least, new_output_dir
 from deit_train.data.datasets import ImageFolder
 from deit_train.data.extras import require
-from deit_train.data.hf import find_columns, is_hf_dataset, label_names, open_splits, pick_split
+from deit_train.data.hf import (
+    find_columns,
+    integer_class_names,
+    is_hf_dataset,
+    label_names,
+    labelled_rows,
+    open_splits,
+    pick_split,
+)
 from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason, unreadable
 from deit_train.errors import DeitTrainError, error_boundary
+from deit_train.labels import check_same_classes
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
 
@@ -48,8 +57,8 @@ class Split:
 
 def folder_splits(root: Path) -> tuple[list[Split], list[str]]:
     classes = class_folders(root / "train")
-    if class_folders(root / "val") != classes:
-        raise DeitTrainError(f"{root}: train/ and val/ hold different class folders; labels would not match")
+    check_same_classes(class_folders(root / "val"), classes, f"{root}/val", "val/", "train/",
+                       "Labels would not match: give val/ the class folders of train/")  # fmt: skip
     splits = []
     for name in ("train", "val"):
         folder = ImageFolder(root / name)
@@ -62,14 +71,19 @@ def folder_splits(root: Path) -> tuple[list[Split], list[str]]:
     return splits, classes
 
 
-def hf_splits(dataset: str) -> tuple[list[Split], list[str]]:
+def hf_splits(dataset: str, image_column: str | None = None, label_column: str | None = None
+              ) -> tuple[list[Split], list[str]]:  # fmt: skip
     datasets = require("datasets", "hf", "deit-shard from a Hugging Face dataset")
     splits_found = open_splits(dataset)
-    splits, names = [], None
+    splits, names, labels = [], [], []
     for split, wanted in (("train", "train"), ("val", None)):
-        split_name, table = pick_split(splits_found, wanted, "split", dataset)
-        image_column, label_column = find_columns(table, None, None, f"{dataset}[{split_name}]")
-        names = names or label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
+        split_name, table = pick_split(splits_found, wanted, None, dataset)
+        where = f"{dataset}[{split_name}]"
+        image_column, label_column = find_columns(table, image_column, label_column, where,
+                                                  ("--image-column", "--label-column"))  # fmt: skip
+        table = labelled_rows(table, label_column, where, False, "write labelled splits only")
+        names.append(label_names(table, label_column))
+        labels.append(table[label_column])
         table = table.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
 
         def read(i: int, table=table, image_column=image_column, label_column=label_column):
@@ -79,15 +93,25 @@ def hf_splits(dataset: str) -> tuple[list[Split], list[str]]:
             return data, int(row[label_column])
 
         splits.append(Split(split, len(table), read))
-    return splits, names
+    train, val = names
+    if train is not None and val is not None:  # the shards hold labels: they must mean the same in both splits
+        check_same_classes(val, train, f"SRC {dataset}", "the validation split's ClassLabel", "the training split's",
+                           "The validation labels would be read as other classes: map them to the training split's by "
+                           "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+                           "enumerate(train.features[column].names)}, column)) and save it again")  # fmt: skip
+    elif (train is None) != (val is None):
+        raise DeitTrainError(f"SRC {dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
+                             f"both alike (datasets' cast_column(column, ClassLabel(names=...)))")  # fmt: skip
+    return splits, train or integer_class_names(f"SRC {dataset}", *labels, label_column)
 
 
-def open_source(source: str) -> tuple[list[Split], list[str]]:
+def open_source(source: str, image_column: str | None = None, label_column: str | None = None
+                ) -> tuple[list[Split], list[str]]:  # fmt: skip
     path = Path(source).expanduser()
     if source.startswith("hf:"):
-        return hf_splits(source[3:])
+        return hf_splits(source[3:], image_column, label_column)
     if is_hf_dataset(path):
-        return hf_splits(str(path))
+        return hf_splits(str(path), image_column, label_column)
     if (path / "train").is_dir() and (path / "val").is_dir():
         return folder_splits(path)
     raise DeitTrainError(f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
@@ -184,13 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality", type=at_least(1), default=90, help="JPEG quality of re-encoded images")
     parser.add_argument("--seed", type=int, default=0, help="the training split's order in the shards")
     parser.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="re-encoding processes")
+    parser.add_argument("--image-column", help="a Hugging Face SRC's image column (default: its first Image feature)")
+    parser.add_argument("--label-column", help="a Hugging Face SRC's label column, a ClassLabel or integers (default: "
+                        "its first ClassLabel feature)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true", help="skip reading the shards back")
     args = parser.parse_args(argv)
     with error_boundary("deit-shard"):
         if args.quality > 100:
             raise DeitTrainError(f"--quality {args.quality}: expected a JPEG quality in 1..100")
         new_output_dir(args.out, "OUT")
-        splits, classes = open_source(args.source)
+        splits, classes = open_source(args.source, args.image_column, args.label_column)
         args.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         results = {}

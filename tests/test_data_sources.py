@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.datasets import find_class_names
 from deit_train.data.webdataset import Shards
 from deit_train.errors import DeitTrainError
 from deit_train.evaluate import evaluate, open_eval_folder
@@ -398,7 +399,7 @@ def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
     data = shard_overrides(shards, "data.num_workers=2") if source == "shards" else [
         "data=hf", f"data.dataset={hf_copies['disk']}"]  # fmt: skip
     distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
                "trainer.max_epochs=2", *data]  # fmt: skip
     filled = tiny_config(*distill, run="fill")
     batches = train(filled).trainer.num_training_batches
@@ -463,3 +464,104 @@ def test_a_stored_image_reads_rotated_by_its_exif_orientation_as_pillow_rotates_
         image = read_rgb(source, max_pixels=None)
         assert image.size == expected.size and image.tobytes() == expected.tobytes()
     assert (expected.size == (16, 24)) == (orientation in (6, 8))
+
+
+def demo_as_hf(demo_data: Path, out: Path, splits: dict[str, str], labels=None, integer: bool = False) -> Path:
+    """The demo ImageFolder as a save_to_disk dataset with the splits {name: folder split}; `labels(split name, row
+    labels)` changes the labels (-1: unlabelled); `integer`: a plain integer column instead of a ClassLabel."""
+    tables = {}
+    for name, split in splits.items():
+        files, row_labels, classes = folder_split(demo_data, split)
+        row_labels = labels(name, row_labels) if labels else row_labels
+        label_type = datasets.Value("int64") if integer else datasets.ClassLabel(names=classes)
+        features = datasets.Features({"label": label_type, "image": datasets.Image()})
+        rows = {"label": row_labels, "image": [{"bytes": f.read_bytes(), "path": None} for f in files]}
+        tables[name] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(tables).save_to_disk(str(out))
+    return out
+
+
+def test_unlabelled_rows_are_refused_or_skipped_and_counted(tiny_config, demo_data, tmp_path, caplog):
+    """Rows labelled -1 (datasets' mark of a row without a label) ended training in "a bug"; now one line, or left
+    out with data.unlabelled=skip, counted."""
+    two_unlabelled = lambda name, labels: [-1, -1, *labels[2:]] if name == "train" else labels  # noqa: E731
+    data = demo_as_hf(demo_data, tmp_path / "some", {"train": "train", "validation": "val"}, two_unlabelled)
+    with pytest.raises(DeitTrainError, match=r"\[train\]: 2 of its 80 rows are unlabelled \(label -1, datasets' mark "
+                                             r"of a row without a label\): set data.unlabelled=skip to leave them out"):
+        train(tiny_config("data=hf", f"data.dataset={data}", run="refused"))
+    run = train(tiny_config("data=hf", f"data.dataset={data}", "data.unlabelled=skip", run="skipped"))
+    assert len(run.datamodule.train_set) == 78 and "2 of its 80 rows are unlabelled (label -1): left out" in caplog.text
+    assert run.datamodule.train_set.targets == folder_split(demo_data, "train")[1][2:]
+    # data.val_split=null picks 'test', a Hub-style unlabelled split: said, with a fix the tool has
+    test_unlabelled = lambda name, labels: [-1] * len(labels) if name == "test" else labels  # noqa: E731
+    data = demo_as_hf(demo_data, tmp_path / "test", {"train": "train", "test": "val"}, test_unlabelled)
+    with pytest.raises(DeitTrainError) as refused:
+        train(tiny_config("data=hf", f"data.dataset={data}", run="unlabelled"))
+    assert "[test] is unlabelled (all 40 rows have label -1" in str(refused.value)
+    assert "Make a validation split from it (datasets' dataset['train'].train_test_split" in str(refused.value)
+
+
+def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(tiny_config, demo_data, tmp_path,
+                                                                            caplog, capsys):  # fmt: skip
+    """1-based integer labels: class "0" has no rows (warned, by name); deit-eval reads the integer column training
+    read (--label-column), scores what the run measured, and leaves unlabelled rows out with a warning."""
+    one_based = lambda name, labels: [label + 1 for label in labels]  # noqa: E731
+    data = demo_as_hf(demo_data, tmp_path / "int", {"train": "train", "validation": "val"}, one_based, integer=True)
+    run = train(tiny_config("data=hf", f"data.dataset={data}", "data.label_column=label", run="int"))
+    assert run.datamodule.class_names == [str(i) for i in range(11)]
+    assert "its integer labels run 0..10 but 1 class(es) have no training rows (0; 1-based labels?)" in caplog.text
+    checkpoint = Path(run.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    from deit_train.evaluate import main as deit_eval
+
+    with pytest.raises(SystemExit) as refused:
+        deit_eval([str(checkpoint), str(data)])
+    assert refused.value.code == 2 and "Name the label column: --label-column=COLUMN (integer labels: " \
+        "--label-column=label)" in capsys.readouterr().err  # fmt: skip
+    trained = load_trained_model(checkpoint)
+    result = evaluate(trained, open_eval_folder(data, "val", trained, label_column="label"), num_workers=0)
+    assert result["images"] == 40
+    assert result["heads"]["average"]["top1"] / 100 == pytest.approx(run.metrics["val/acc1"], abs=1e-6)
+    # some rows unlabelled: left out of the scores, with a warning; all unlabelled: said, no score
+    three = lambda name, labels: [-1, -1, -1, *[label + 1 for label in labels[3:]]]  # noqa: E731
+    partly = demo_as_hf(demo_data, tmp_path / "partly", {"validation": "val"}, three, integer=True)
+    assert evaluate(trained, open_eval_folder(partly, "val", trained, label_column="label"), num_workers=0)["images"] == 37
+    none = demo_as_hf(demo_data, tmp_path / "none", {"test": "val"}, lambda n, labels: [-1] * len(labels), integer=True)
+    with pytest.raises(DeitTrainError, match=r"\[test\] is unlabelled \(all 40 rows have label -1.*deit-predict"):
+        open_eval_folder(none, "test", trained, label_column="label")
+
+
+def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shards, tmp_path, capsys):
+    only_train = demo_as_hf(demo_data, tmp_path / "only_train", {"train": "train"})
+    cfg = tiny_config("data=hf", f"data.dataset={only_train}")
+    with pytest.raises(DeitTrainError) as refused:
+        find_class_names(cfg.data)
+    assert "its splits: train. Make a validation split from it" in str(refused.value)
+    assert "Set data.val_split" not in str(refused.value)  # no other split to set it to
+    assert deit_shard_error([str(only_train), str(tmp_path / "out")], capsys).count("split=") == 0
+    # a label column of strings, just set: how to encode it, not "Set data.label_column"
+    named = datasets.Dataset.from_dict({"name": ["a", "b"], "image": [{"bytes": b"", "path": None}] * 2},
+                                       features=datasets.Features({"name": datasets.Value("string"), "image": datasets.Image()}))  # fmt: skip
+    datasets.DatasetDict({"train": named, "validation": named}).save_to_disk(str(tmp_path / "strings"))
+    cfg = tiny_config("data=hf", f"data.dataset={tmp_path / 'strings'}", "data.label_column=name")
+    with pytest.raises(DeitTrainError, match=r"column 'name' holds Value\('string'\), not class labels \(ClassLabel or "
+                                             r"integers\): encode it as class labels \(datasets' "
+                                             r"dataset.class_encode_column\('name'\)"):  # fmt: skip
+        find_class_names(cfg.data)
+    # deit-shard writes labelled rows only
+    unlabelled = demo_as_hf(demo_data, tmp_path / "unlabelled", {"train": "train", "validation": "val"},
+                            lambda name, labels: [-1, *labels[1:]])  # fmt: skip
+    assert "[train]: 1 of its 80 rows are unlabelled (label -1, datasets' mark of a row without a label): leave them " \
+        "out (datasets' dataset.filter(lambda row: row['label'] >= 0))" in deit_shard_error([str(unlabelled), str(tmp_path / "o2")], capsys)  # fmt: skip
+    # validation shards that are the training shards
+    overrides = shard_overrides(shards)
+    cfg = tiny_config(*overrides[:2], overrides[1].replace("data.train=", "data.val="))
+    with pytest.raises(DeitTrainError, match=r"data.val=.* names the training shards \(all 5 of its shards are in "
+                                             r"data.train\): val/acc1 would score images the student trained on"):
+        Shards(cfg.data, "val", None)
+
+
+def deit_shard_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit:
+        deit_shard(argv)
+    assert exit.value.code == 2
+    return capsys.readouterr().err

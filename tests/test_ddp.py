@@ -68,7 +68,7 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
     data = ["data=imagefolder"] if preset == "deit_transfer" else []
     tiny = [o for o in shrink(preset, tmp_path) if "limit_train" not in o and "max_epochs" not in o]
     overrides = [f"experiment={preset}", *tiny, *DDP, *data, f"data.root={demo_data}",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "+trainer.limit_train_batches=2",
+                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "+trainer.limit_train_batches=2",
                  "resume=true"]  # fmt: skip
     run_dir = tmp_path / "run"
     run_ok(*overrides, "trainer.max_epochs=1", run_dir=run_dir, cache_dir=tmp_path, base=[])
@@ -106,7 +106,7 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     loss, tmp_path, cache_dir, random_teacher_checkpoint
 ):
     overrides = [*DDP, f"loss={loss}", "teacher=timm", "teacher.name=resnet10t",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
                  "ema.decay=0.9", "trainer.precision=bf16-mixed", "augment.mixup=0.8", "augment.cutmix=1.0",
                  "augment.repeated_aug=2", "trainer.max_epochs=2"]  # fmt: skip
     probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / 'ranks'}"]

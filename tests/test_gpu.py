@@ -179,7 +179,7 @@ def distill(tiny_config, random_teacher_checkpoint):
 
     def make(*overrides: str, run: str):
         return tiny_config("loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                           f"teacher.checkpoint={random_teacher_checkpoint}", *overrides, run=run)  # fmt: skip
+                           f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", *overrides, run=run)  # fmt: skip
 
     return make
 
@@ -190,7 +190,7 @@ def distill_step(tiny_config, random_teacher_checkpoint):
     argmax of a random teacher's near-tie could flip a target between devices and move a gradient by far more than
     the precision's error."""
     teacher = ["loss=soft_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]  # fmt: skip
 
     def make(device: torch.device, *overrides: str, run: str) -> Step:
         return app_step(tiny_config, device, *teacher, *overrides, run=run)
@@ -346,7 +346,7 @@ def test_teacher_cache_filled_on_the_gpu_holds_the_cpu_teachers_outputs_and_is_r
     tiny_config, random_teacher_checkpoint, tmp_path, teacher_calls, loss
 ):
     teacher = [f"loss={loss}", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
                f"trainer.accelerator={ACCELERATOR}", "data.pin_memory=true"]  # fmt: skip
     filled = tiny_config(*teacher, run="fill")
     train(filled)

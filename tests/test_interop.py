@@ -4,6 +4,7 @@ Every model has random weights (nothing can be downloaded); equality is checked 
 timm's own loaders and forward passes.
 """
 
+import io
 import json
 import re
 import subprocess
@@ -26,6 +27,7 @@ from transformers import (
     pipeline,
 )
 
+from deit_train.data.images import load_image
 from deit_train.errors import DeitTrainError
 from deit_train.evaluate import evaluate, open_eval_folder
 from deit_train.export import export
@@ -199,6 +201,24 @@ def test_exported_preprocessor_reproduces_our_eval_transform(trained_run, export
         # The default torchvision backend resizes in uint8: at most 2 grey levels apart from PIL's resize.
         fast = default(image, return_tensors="pt")["pixel_values"][0]
         assert (fast - expected).abs().max() <= 2 / 255 / 0.224 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB"])
+def test_exported_preprocessor_reads_grey_and_transparent_images_as_our_eval_transform(trained_run, exported, mode):
+    """AutoImageProcessor on a grey image failed (one channel normalised with three means); now it sees the RGB image
+    our eval transform reads (data/images.py: grey converted, transparency on white)."""
+    trained = load_trained_model(trained_run[0])
+    ours, side = trained.transform(), trained.img_size
+    rgb = odd_images()[0]
+    image = rgb.convert(mode)
+    for backend in ("pil", "torchvision"):
+        processor = AutoImageProcessor.from_pretrained(exported / "transformers", backend=backend)
+        pixels = processor(image, return_tensors="pt")["pixel_values"][0]
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        expected = ours(load_image(io.BytesIO(buffer.getvalue())))
+        assert pixels.shape == expected.shape == (3, side, side)
+        assert (pixels - expected).abs().max() <= (1e-6 if backend == "pil" else 2 / 255 / 0.224 + 1e-6)
 
 
 def test_pipeline_top1_equals_deit_predict(exported, tmp_path):

@@ -150,7 +150,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
         "loss=hard_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
+        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
         run="finetune",
     )
     student = build_student(finetune.model, num_classes=10)
@@ -164,7 +164,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
 
 def test_mim_refuses_a_teacher(tiny_config, random_teacher_checkpoint):
     cfg = tiny_config("task=mim", "task.mask_patch_size=8", "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                      f"teacher.checkpoint={random_teacher_checkpoint}")  # fmt: skip
+                      f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true")  # fmt: skip
     with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
         train(cfg)
 

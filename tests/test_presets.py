@@ -236,7 +236,8 @@ def shrink(preset: str, path) -> list[str]:
         convnet = ["model.name=resnet10t", "model.pretrained=false"]
         convnet += ["model.trainable=[fc.*]"] if model.trainable else []  # resnet10t's classifier
         return [*convnet, *[o for o in SHRINK if not o.startswith(vit_sizes)]]
-    return [*SHRINK, f"model.init={official_checkpoint(preset, path / 'student.pth')}"]
+    # random weights, at chance on the data
+    return [*SHRINK, f"model.init={official_checkpoint(preset, path / 'student.pth')}", "model.init_unchecked_order=true"]
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
@@ -244,7 +245,7 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_c
     overrides = [
         f"experiment={preset}",
         *shrink(preset, tmp_path),
-        f"teacher.checkpoint={random_teacher_checkpoint}",
+        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
     ]
     overrides += (
         [f"data.root={demo_data}"]
@@ -261,7 +262,7 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
     from deit_train.errors import DeitTrainError
 
     overrides = ["experiment=function_matching", "model=deit_tiny", *SHRINK, f"data.root={demo_data}",
-                 f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]  # fmt: skip
     assert compose_config(overrides, tmp_path, tmp_path).model.name == "deit_tiny_distilled_patch16_224"
     with pytest.raises(DeitTrainError, match="loss.alpha=1.0 gives the class head"):
         train(compose_config(overrides, tmp_path / "run", tmp_path))
@@ -275,7 +276,8 @@ def test_fixres_trains_the_classifier_alone_and_re_estimates_batch_norm(tmp_path
         timm.create_model("resnet10t", num_classes=10), tmp_path / "teacher_224.safetensors"
     )
     overrides = ["experiment=teacher_fixres_384", *shrink("teacher_fixres_384", tmp_path), f"data.root={demo_data}",
-                 f"model.init={tmp_path / 'teacher_224.safetensors'}", "trainer.max_epochs=2"]  # fmt: skip
+                 f"model.init={tmp_path / 'teacher_224.safetensors'}", "trainer.max_epochs=2",
+                 "model.init_unchecked_order=true"]  # random weights: at chance  # fmt: skip
     student = train(compose_config(overrides, tmp_path / "run", tmp_path)).module.student
     after = student.state_dict()
     changed = {key for key, tensor in start.items() if not torch.equal(after[key], tensor)}

@@ -50,7 +50,7 @@ def distill(tiny_config, random_teacher_checkpoint, tmp_path):
             f"loss={loss}",
             "teacher=timm",
             "teacher.name=resnet10t",
-            f"teacher.checkpoint={random_teacher_checkpoint}",
+            f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
             "augment.mixup=0.8",
             "augment.cutmix=1.0",
             "augment.repeated_aug=2",
@@ -193,7 +193,7 @@ def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, ran
     from .test_cli import run_cli
 
     distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.cutmix=1.0",
+               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "augment.mixup=0.8", "augment.cutmix=1.0",
                f"teacher.cache={tmp_path / 'cache'}", "trainer=ddp_cpu", "trainer.devices=2"]  # fmt: skip
     fill = run_cli(
         *distill, "task=teacher_cache", "hydra.run.dir=fill", tmp_path=tmp_path, cache_dir=cache_dir

@@ -88,6 +88,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
         "teacher=timm",
         "teacher.name=resnet10t",
         f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+        "teacher.unchecked_order=true",  # a random teacher: at chance on the data
         "augment.mixup=0.8",
         "augment.cutmix=1.0",
     )
@@ -119,12 +120,13 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
         "loss=hard_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
+        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
         "+trainer.num_sanity_val_steps=0",
     )
     train(cfg)
-    # 80 training images in full batches of 16, 40 validation images in batches of 16: 5 + 3 forward passes.
-    assert calls == [16] * 5 + [16, 16, 8]
+    # Before training, its accuracy on the 40 validation images in one batch (labels.py); then 80 training images
+    # in full batches of 16, 40 validation images in batches of 16: 5 + 3 forward passes.
+    assert calls == [40] + [16] * 5 + [16, 16, 8]
 
 
 def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
@@ -264,7 +266,7 @@ def test_loss_terms_are_logged_and_add_up_to_the_loss(tiny_config, random_teache
     import csv
 
     cfg = tiny_config("loss=soft_distill", "loss.alpha=0.3", "loss.tau=2.0", "teacher=timm", "teacher.name=resnet10t",
-                      f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.cutmix=1.0")  # fmt: skip
+                      f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "augment.mixup=0.8", "augment.cutmix=1.0")  # fmt: skip
     train(cfg)
     (metrics_file,) = Path(cfg.paths.output_dir).glob("csv/version_0/metrics.csv")
     rows = [row for row in csv.DictReader(metrics_file.open()) if row.get("train/loss")]

@@ -7,7 +7,7 @@ from functools import cached_property
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from deit_train.cluster import data_worker_init
 from deit_train.data.datasets import find_class_names, open_split
@@ -99,6 +99,26 @@ class DeiTDataModule(L.LightningDataModule):
         train = open_split(self.data, "train", train_transform(self.augment, self.img_size))
         val = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
         return train, val
+
+    def validation_sample(self, images: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to `images` validation images with the eval transform, as (images, labels) batches, for the checks
+        before training (labels.py): a seeded random subset of a map-style set (its images are stored class by
+        class), the first images of streamed shards."""
+        self.setup()
+        dataset = self.val_set
+        if isinstance(dataset, Shards):
+            stream = dataset.stream(1, 0, batch_size, 0, self.seed, 1)
+            loader = ShardLoader(stream, epoch=lambda: 0, batch_size=batch_size)
+        else:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+            loader = DataLoader(Subset(dataset, order[:images].tolist()), batch_size=batch_size)
+        batches, seen = [], 0
+        for batch in loader:
+            batches.append(batch[:2])
+            seen += len(batch[1])
+            if seen >= images:
+                break
+        return batches
 
     def loader(self, dataset, train: bool) -> DataLoader:
         if isinstance(dataset, Shards):

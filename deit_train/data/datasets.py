@@ -15,6 +15,7 @@ from deit_train.data.hf import hf_class_names, open_hf_split
 from deit_train.data.images import IMAGE_EXTENSIONS, class_folders, find_images, load_image
 from deit_train.data.webdataset import Shards, shard_class_names
 from deit_train.errors import DataError, DeitTrainError
+from deit_train.labels import check_same_classes
 
 CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
@@ -103,13 +104,8 @@ def find_class_names(cfg: DictConfig) -> list[str]:
         return shard_class_names(cfg)
     root = imagefolder_root(cfg)
     train_classes, val_classes = class_folders(root / "train"), class_folders(root / "val")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))[:5]
-        only_val = sorted(set(val_classes) - set(train_classes))[:5]
-        raise DeitTrainError(
-            f"{root}: train/ and val/ hold different class folders (only in train: {only_train}, "
-            f"only in val: {only_val}). Labels would not match."
-        )
+    check_same_classes(val_classes, train_classes, f"{root}/val", "val/", "train/",
+                       "Labels would not match: give val/ the class folders of train/")  # fmt: skip
     return train_classes
 
 

@@ -37,6 +37,7 @@ from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
 from deit_train.data.views import seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
+from deit_train.labels import check_same_classes
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,29 @@ def shard_class_names(cfg: DictConfig) -> list[str]:
                          f"shards; write one there, e.g. {{\"classes\": [\"cat\", \"dog\"]}} (deit-shard writes it)")  # fmt: skip
 
 
+def check_validation_shards(cfg: DictConfig, urls: list[str], classes: list[str]) -> None:
+    """The validation shards are not the training shards, and label their samples as the training shards do: their
+    own _info.json (a split written apart), where it is another file, lists the same classes in the same order."""
+    training = expand(cfg.train)
+    shared = sorted(set(urls) & set(training))
+    if shared and len(shared) == len(urls):
+        raise DeitTrainError(f"data.val={cfg.val} names the training shards (all {len(urls)} of its shards are in "
+                             f"data.train): val/acc1 would score images the student trained on. Point data.val at "
+                             f"the validation shards (deit-shard writes val-*.tar beside train-*.tar)")  # fmt: skip
+    if shared:
+        log.warning("data.val=%s: %d of its %d shards are also training shards (%s): val/acc1 scores images the "
+                    "student trains on", cfg.val, len(shared), len(urls), shared[0])  # fmt: skip
+    info_of = lambda first: first.rsplit("/", 1)[0] if "/" in first else "."  # noqa: E731
+    if info_of(urls[0]) == info_of(training[0]):
+        return
+    info = read_info(urls)
+    if "classes" in info:
+        check_same_classes([str(name) for name in info["classes"]], classes, f"data.val={cfg.val}",
+                           f"its {INFO_FILE}", f"the training shards' {INFO_FILE}", "Its labels would be read as "
+                           "other classes: write both splits with one deit-shard run, or relabel the validation "
+                           "shards in the training shards' order")  # fmt: skip
+
+
 class Shards:
     """One split's shards and transform, before the loader deals them to ranks and workers (ShardStream)."""
 
@@ -134,7 +158,10 @@ class Shards:
         self.max_pixels, self.skip_corrupt = cfg.max_image_pixels, cfg.skip_corrupt
         self.shuffle_buffer = cfg.shuffle_buffer
         self.num_samples = cfg.train_samples if self.train else None
-        self.num_classes = len(shard_class_names(cfg))
+        classes = shard_class_names(cfg)
+        self.num_classes = len(classes)
+        if not self.train:
+            check_validation_shards(cfg, self.urls, classes)
         if self.train and self.num_samples is None:
             lengths = shard_lengths(read_info(self.urls))
             names = [os.path.basename(url) for url in self.urls]

@@ -2,25 +2,38 @@
 
 A new number of classes resets both heads; a new resolution resamples the patch position embeddings
 (bicubic, class and distillation tokens kept as they are, DeiT section 6.3 / FixRes). Any other difference
-is an error that names the tensor.
+is an error that names the tensor. Heads kept (the same number of classes) are only trained on when they are the
+data's classes: by name where the weights name them (check_init_classes), else on the data (tasks/classify.py).
 """
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from deit_train.errors import DeitTrainError
+from deit_train.labels import check_same_classes
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class KeptHeads:
+    """The classification heads model.init kept: where from, and the classes they were trained on (None: the weights
+    do not name them, e.g. a plain state dict)."""
+
+    source: str
+    class_names: list[str] | None
+
+
 def initialize_from(student: nn.Module, source: str) -> None:
     """Load `source` (deit-train .ckpt, timm / official DeiT .pth or .safetensors, a transformers DeiT or ViT
     directory or a deit-export directory) into `student`."""
-    state = dict(load_weights(source, "model.init").state)
+    weights = load_weights(source, "model.init")
+    state = dict(weights.state)
     diverged = non_finite(state)
     if diverged:
         raise DeitTrainError(f"model.init={source} has non-finite weights ({len(diverged)} tensors, e.g. "
@@ -28,6 +41,7 @@ def initialize_from(student: nn.Module, source: str) -> None:
     expected = student.state_dict()
     check_distillation_token(state, expected, source)
     heads = classifier_keys(student)
+    had_heads = any(key in state for key in heads)
     encoder_present = set(expected) - set(heads) <= set(state)
     # An encoder without heads: transformers' DeiTModel / ViTModel / ...ForMaskedImageModeling, a task=mim checkpoint.
     if heads and encoder_present and not any(key in state for key in heads):
@@ -46,6 +60,9 @@ def initialize_from(student: nn.Module, source: str) -> None:
             expected[resized[0]].shape[0],
         )
         state.update({key: expected[key] for key in heads})
+    elif had_heads:
+        # read by check_init_classes once the data's classes are known (build_student does not know them)
+        student.kept_heads = KeptHeads(source, list(weights.class_names) if weights.class_names else None)
     if (
         "pos_embed" in expected
         and "pos_embed" in state
@@ -54,6 +71,22 @@ def initialize_from(student: nn.Module, source: str) -> None:
         state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
     # Anything else that differs is an error naming the tensor.
     load_into(student, state, f"model.init={source}", "student")
+
+
+def check_init_classes(student: nn.Module, class_names: list[str]) -> KeptHeads | None:
+    """The heads model.init kept, checked against the data's classes by name and order (refused otherwise); returns
+    them when the weights name no classes, for a check on the data, else None."""
+    kept = getattr(student, "kept_heads", None)
+    if kept is None:
+        return None
+    if kept.class_names is None:
+        return kept
+    check_same_classes(
+        kept.class_names, class_names, f"model.init={kept.source}", "its heads", "the data",
+        "Its heads would predict the wrong labels. Give the data its classes in the same order, or, to start both "
+        "heads fresh, pass its weights without the head tensors (head.*, head_dist.*: an encoder-only state dict)",
+    )  # fmt: skip
+    return None
 
 
 def check_distillation_token(state: dict, expected: dict, source: str) -> None:

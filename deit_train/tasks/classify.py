@@ -3,10 +3,11 @@
 loss."""
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
@@ -15,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deit_train.data import DeiTDataModule
 from deit_train.data.views import BatchMixer, ViewKeysOnHost
 from deit_train.errors import DeitTrainError
+from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss
 from deit_train.models import (
     average_heads,
@@ -24,8 +26,16 @@ from deit_train.models import (
     forward_heads,
     is_distilled,
 )
+from deit_train.models.init import check_init_classes
 from deit_train.tasks import Built, Task
-from deit_train.teacher import CacheSettings, Teacher, TeacherCacheCallback, build_teacher, ensemble_tau
+from deit_train.teacher import (
+    CacheSettings,
+    Teacher,
+    TeacherCacheCallback,
+    build_teacher,
+    ensemble_logits,
+    ensemble_tau,
+)
 from deit_train.training import TrainingModule, run_config
 
 log = logging.getLogger("deit_train")
@@ -155,6 +165,7 @@ class Classify(Task):
     def build(self, cfg: DictConfig) -> Built:
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         module = self.build_module(cfg, datamodule.class_names)
+        check_label_order(cfg, module, datamodule)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
 
     @staticmethod
@@ -190,6 +201,49 @@ class Classify(Task):
             seed=cfg.seed,
             config=run_config(cfg),
         )
+
+
+def check_label_order(cfg: DictConfig, module: DeiTModule, datamodule: DeiTDataModule) -> None:
+    """model.init's heads are the data's classes by name (refused otherwise); each teacher network's top-1 on a
+    sample of the validation data is logged; a teacher or model.init's heads whose weights name no classes are refused
+    when that sample does not show them in the data's order (labels.py: OrderCheck)."""
+    kept = check_init_classes(module.student, module.class_names)
+    checks = []  # (what, network, its prediction, where its weights come from when they name no classes, option)
+    if module.teacher is not None:
+        members = cfg.teacher.members or [cfg.teacher]
+        for member, network in zip(members, module.teacher.members, strict=True):
+            unnamed = getattr(network.network, "unnamed", None)
+            checks.append((f"teacher {member.name}", network, network, unnamed, "teacher.unchecked_order"))
+        if len(members) > 1:
+            teacher = module.teacher
+            combined = lambda images: ensemble_logits([m(images) for m in teacher.members], teacher.tau)  # noqa: E731
+            checks.append(("teacher ensemble", teacher, combined, None, None))
+    if kept is not None:
+        student = module.student
+        checks.append(("model.init", student, lambda images: average_heads(*forward_heads(student, images)),
+                       f"model.init={kept.source} (weights without class names)", "model.init_unchecked_order"))  # fmt: skip
+    if not checks:
+        return
+    batches = datamodule.validation_sample(SAMPLE_IMAGES)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    for what, network, predict, unnamed, option in checks:
+        was_training = network.training
+        network.eval().to(device)
+        try:
+            check = order_on_data(lambda images, predict=predict: predict(images.to(device)), batches, module.class_names)
+        finally:
+            network.train(was_training).to("cpu")
+        log.info("%s: %s", what, check.describe())
+        if unnamed is None or check.passed:
+            continue
+        verdict = (f"{unnamed} cannot be checked by name, and on the data it scores {check.describe()}: its "
+                   f"outputs are likely in another class order than the data's (class folders sort as strings: 0, 1, "
+                   f"10, 2, ...) or it was not trained on this data")  # fmt: skip
+        if OmegaConf.select(cfg, option):
+            log.warning("%s; %s=true: training with it anyway", verdict, option)
+            continue
+        raise DeitTrainError(f"{verdict}. Save it with the data's class names in the data's order (a deit-train "
+                             f"checkpoint or export names them), or set {option}=true to train with it anyway")  # fmt: skip
 
 
 def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:

@@ -8,21 +8,28 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deit_train.errors import DeitTrainError
+from deit_train.labels import check_same_classes
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
 from deit_train.models.student import create_timm_model
 from deit_train.models.transformers_format import require_transformers
 
 
 def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
-    """A teacher whose classes are the data's, frozen and in eval mode. Refuses a teacher without weights."""
+    """A teacher whose classes are the data's, frozen and in eval mode. Refuses a teacher without weights, and one
+    whose class names are not the data's. `unnamed` on the network says where its weights came from when they name
+    no classes (their order is then checked on the data: tasks/classify.py), else None."""
     num_classes = len(class_names)
+    unnamed = None
     if cfg.library == "transformers":
         teacher = build_transformers_classifier(cfg.name, class_names)
+        unnamed = None if teacher.named else f"teacher.name={cfg.name} (its id2label says LABEL_0, LABEL_1, ...)"
     elif cfg.checkpoint:
         teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
         weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
         check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
         load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
+        if weights.class_names is None:
+            unnamed = f"teacher.checkpoint={cfg.checkpoint} (weights without class names)"
     elif cfg.pretrained:
         teacher = create_timm_model(cfg.name, "teacher", pretrained=True)
         if teacher.num_classes != num_classes:
@@ -32,12 +39,14 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
                 f"(deit-train model=timm model.name={cfg.name} model.pretrained=true loss=ce) and pass "
                 f"teacher.checkpoint=<its checkpoints/best.ckpt>."
             )
+        unnamed = f"the pretrained {cfg.name} (timm hub weights)"
     else:
         raise DeitTrainError(
             f"the teacher {cfg.name} has no weights: a random teacher would teach noise. Pass "
             f"teacher.checkpoint=PATH (deit-train .ckpt, .pth or .safetensors) or teacher.pretrained=true."
         )
     teacher.requires_grad_(False)
+    teacher.unnamed = unnamed
     # channels_last: the faster convolution layout on GPUs and on CPUs with oneDNN; no effect on ViT teachers.
     return teacher.eval().to(memory_format=torch.channels_last)
 
@@ -63,18 +72,16 @@ def check_teacher_classes(
     class_names: list[str],
     source: str,
 ) -> None:
+    if teacher_class_names is not None:
+        check_same_classes(teacher_class_names, class_names, f"teacher.checkpoint={source}", "the teacher",
+                           "the data", "Its predictions would be read as the wrong labels: train or fine-tune the "
+                           "teacher on this data, in this class order")  # fmt: skip
     classifier_weight = next(key for key in classifier_keys(teacher) if key.endswith("weight"))
     if classifier_weight in state and state[classifier_weight].shape[0] != len(class_names):
         raise DeitTrainError(
             f"teacher checkpoint {source} has {state[classifier_weight].shape[0]} classes "
             f"({classifier_weight} {tuple(state[classifier_weight].shape)}) but the data has {len(class_names)}. "
             f"Train or fine-tune the teacher on this data (deit-train model=timm loss=ce ...)."
-        )
-    if teacher_class_names is not None and list(teacher_class_names) != list(class_names):
-        raise DeitTrainError(
-            f"teacher checkpoint {source} was trained on other classes than the data's "
-            f"(teacher: {list(teacher_class_names)[:5]}..., data: {class_names[:5]}...): its predictions "
-            f"would be read as the wrong labels."
         )
 
 
@@ -83,9 +90,10 @@ class TransformersClassifier(nn.Module):
     `pretrained_cfg` holds the mean/std its image processor normalises with (for images in [0, 1]), which
     TeacherNetwork re-normalises the views to; `processor_size` is the side its processor gives it."""
 
-    def __init__(self, model: nn.Module, mean: tuple, std: tuple, processor_size: int) -> None:
+    def __init__(self, model: nn.Module, mean: tuple, std: tuple, processor_size: int, named: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.named = named  # its id2label names the classes (else transformers' LABEL_k placeholders)
         self.pretrained_cfg = {"mean": mean, "std": std}
         self.processor_size = processor_size
 
@@ -111,15 +119,17 @@ def build_transformers_classifier(directory: str, class_names: list[str]) -> Tra
         raise DeitTrainError(f"{flag}: transformers cannot load an image classifier from it: "
                              f"{str(error).splitlines()[0][:200]}") from error  # fmt: skip
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    placeholders = [f"LABEL_{i}" for i in range(len(labels))]  # transformers' default id2label says nothing
+    named = labels != placeholders
+    if named:
+        check_same_classes(labels, class_names, flag, "its id2label", "the data", "Its predictions would be read as "
+                           "the wrong labels: fine-tune it on this data (transformers' run_image_classification.py), "
+                           "with label2id/id2label in this order")  # fmt: skip
     if len(labels) != len(class_names):
         raise DeitTrainError(f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
                              f"it on this data first (transformers' run_image_classification.py)")  # fmt: skip
-    placeholders = [f"LABEL_{i}" for i in range(len(labels))]  # transformers' default id2label says nothing
-    if labels not in (placeholders, list(class_names)):
-        raise DeitTrainError(f"{flag} was trained on other classes than the data's (its id2label: {labels[:5]}..., "
-                             f"data: {class_names[:5]}...): its predictions would be read as the wrong labels")  # fmt: skip
     mean, std, side = processor_input(processor, flag)
-    return TransformersClassifier(model, mean, std, side)
+    return TransformersClassifier(model, mean, std, side, named)
 
 
 def processor_input(processor, flag: str) -> tuple[tuple[float, ...], tuple[float, ...], int]:
