@@ -469,8 +469,8 @@ def test_two_gpu_distilled_preset_with_ema_mixup_and_the_cache_keeps_every_rank_
 
     devices = ["trainer=ddp", "trainer.devices=2"] if DEVICE.type == "cuda" else ["trainer=ddp_cpu", "trainer.devices=2"]
     overrides = [*devices, "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", f"teacher.cache={tmp_path / 'cache'}",
-                 "ema.decay=0.9", "augment.mixup=0.8", "augment.cutmix=1.0", "augment.repeated_aug=2",
+                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
+                 f"teacher.cache={tmp_path / 'cache'}", "ema.decay=0.9", "augment.mixup=0.8", "augment.cutmix=1.0", "augment.repeated_aug=2",
                  "trainer.max_epochs=2"]  # fmt: skip
     for run in ("fill", "read"):
         probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / run}-ranks"]

@@ -280,7 +280,7 @@ def test_a_run_with_the_cache_trains_as_one_without_it_whatever_was_edited(
     shutil.copytree(demo_data, root)
     for path in root.rglob("*.png"):  # stored uncompressed: an edit keeps the file's size, as in the red team's case
         Image.open(path).save(path, compress_level=0)
-    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
+    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", "teacher.unchecked_order=true",
                f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.reprob=0.25",
                "data=imagefolder", "model.img_size=16", "data.batch_size=16"]  # fmt: skip
     cache = f"teacher.cache={work / 'cache'}"
