@@ -55,6 +55,7 @@ def check_config(cfg: DictConfig) -> Task:
         detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
         raise DeitTrainError(f"task: {detail}") from error
     task.check(cfg)
+    choose_precision(cfg)
     # A rule on how Hydra runs this job, which only the running job knows: it cannot be in the schema.
     if relaunches_ranks_inside_a_sweep(cfg):
         raise DeitTrainError(
@@ -99,7 +100,6 @@ def train(cfg: DictConfig) -> TrainRun:
     """One run: check, build the task, fit, write metrics.json. Raises DeitTrainError for bad input."""
     quiet_console()
     task = check_config(cfg)
-    choose_precision(cfg)
     output_dir = Path(cfg.paths.output_dir)
     leader = is_launch_leader()  # the other ranks of a run share its directory and leave it to the first
     lock = RunLock(output_dir)

@@ -253,6 +253,15 @@ def test_gpu_runs_train_in_bf16_and_cpu_runs_in_fp32(preset, tmp_path):
         assert cfg.trainer.precision == "32-true"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_trainers(tmp_path):
+    from deit_train.train import check_config
+
+    cfg = compose_config(["experiment=deit_tiny_distilled", f"data.root={tmp_path}"], tmp_path, tmp_path)
+    with pytest.raises(DeitTrainError, match="has no CUDA GPU: .* add trainer=cpu"):
+        check_config(cfg)
+
+
 def test_ddp_strategy_is_set_as_experts_set_it(tmp_path, random_teacher_checkpoint):
     """trainer=ddp: gradients as bucket views, no per-forward broadcast for a ViT student (it has no buffers), and the
     frozen teacher and the divergence flag never broadcast nor reduced; a BatchNorm student keeps the broadcast."""
