@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from deit_train.cli import layered
 from deit_train.train import CONFIG_DIR
 
 from .conftest import TINY_DEMO, TINY_RUN, assert_metrics_reproduce
@@ -22,12 +23,8 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
         "-m",
         "deit_train.train",
         "--multirun",
-        *TINY_RUN,
-        *TINY_DEMO,
-        *TINY_STUDENT,
-        f"paths.cache_dir={cache_dir}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        *overrides,
+        *layered([*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
