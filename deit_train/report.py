@@ -319,14 +319,15 @@ def sweep_notes(runs: list[Run], missing: list[list[str]]) -> list[str]:
     result and no failure record (still running, or killed)."""
     common = set.intersection(*(set(job) for job in [*(run.overrides for run in runs), *missing]))
     shown = lambda overrides: " ".join(o for o in overrides if o not in common) or "(no overrides)"  # noqa: E731
-    failed = [run for run in runs if run.metrics is None and run.failure is not None]
+    failed = [run for run in runs if run.failure is not None]  # a resumed sweep's job may have earlier results
     silent = [run for run in runs if run.metrics is None and run.failure is None]
     total = len(runs) + len(missing)
     lines = []
     if failed:
         lines.append(f"{len(failed)} of {total} jobs failed:")
         lines += [f"- {run.directory.name} ({shown(run.overrides)}): exit {run.failure.exit_status}: "
-                  f"{run.failure.message}" for run in failed]  # fmt: skip
+                  f"{run.failure.message}{' (its earlier metrics.json kept)' if run.metrics else ''}"
+                  for run in failed]  # fmt: skip
     if missing:
         lines.append(f"{len(missing)} of {total} jobs never ran (in multirun.yaml, no directory):")
         lines += [f"- {shown(job)}" for job in missing]

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,42 +38,21 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@dataclass
-class JobStart:
-    """What the job's directory held when the job started: a job refused because of an earlier run's results
-    there leaves it untouched, failed.json included."""
-
-    output_dir: Path
-    held_results: bool
-    time: float
-
-    @classmethod
-    def now(cls, output_dir: Path) -> "JobStart":
-        return cls(output_dir, bool(earlier_results(output_dir)), time.time())
-
-    def may_record(self) -> bool:
-        """No earlier results, or the job got past its checks and wrote its config there (it trained)."""
-        config = self.output_dir / ".hydra" / "config.yaml"
-        return not self.held_results or (config.is_file() and config.stat().st_mtime >= self.time - 1)
-
-
-def record_failure(error: BaseException, start: JobStart) -> float:
-    """Log the job's error in one line and write it to the job's failed.json (unless it was refused because of an
-    earlier run's results in its directory, which it leaves untouched); returns NaN, the value a sweeper reads as a
-    failed trial (Optuna marks it failed and goes on)."""
-    output_dir = start.output_dir
+def record_failure(error: BaseException, output_dir: Path) -> float:
+    """Log the job's error in one line and write it to the job's failed.json; returns NaN, the value a sweeper
+    reads as a failed trial (Optuna marks it failed and goes on). A job of a resumed sweep refused by its own
+    directory's results (another seed, say) leaves them as they were and adds its failed.json beside them."""
     message, status = describe_failure(error)
     hydra = HydraConfig.get()
     overrides = [str(o) for o in hydra.overrides.task]
     log.error("deit-train: error: sweep job %s failed (exit status %d; the sweep goes on): %s [its overrides: %s]",
               hydra.job.num, status, message, " ".join(overrides))  # fmt: skip
-    if start.may_record():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"job": hydra.job.num, "overrides": overrides, "message": message, "exit_status": status,
-                  "error": type(error).__name__}  # fmt: skip
-        staging = output_dir / f".{FAILED_NAME}.tmp"
-        staging.write_text(json.dumps(record, indent=2) + "\n")
-        staging.replace(output_dir / FAILED_NAME)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"job": hydra.job.num, "overrides": overrides, "message": message, "exit_status": status,
+              "error": type(error).__name__}  # fmt: skip
+    staging = output_dir / f".{FAILED_NAME}.tmp"
+    staging.write_text(json.dumps(record, indent=2) + "\n")
+    staging.replace(output_dir / FAILED_NAME)
     end_child_processes()  # the failed job's data-loader workers
     return math.nan
 

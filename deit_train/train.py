@@ -38,7 +38,7 @@ from deit_train.run_dir import (
     write_config,
     write_metrics,
 )
-from deit_train.sweep_jobs import JobStart, clear_failure, in_sweep, record_failure
+from deit_train.sweep_jobs import clear_failure, in_sweep, record_failure
 from deit_train.tasks import Task
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
@@ -167,14 +167,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path, task_callbacks: list[L.Call
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with error_boundary("deit-train"):  # a Ctrl-C or SIGTERM ends a sweep too
-        start = JobStart.now(Path(cfg.paths.output_dir)) if in_sweep() else None
         try:
             metrics = train(cfg).metrics
         except Exception as error:
             if not in_sweep() or debugging():
                 raise
             # A sweep job's error is recorded in its directory and the sweep goes on (sweep_jobs.py).
-            return record_failure(error, start)
+            return record_failure(error, Path(cfg.paths.output_dir))
     if in_sweep():
         clear_failure(Path(cfg.paths.output_dir))
     # The value sweeps optimise (hparams_search's direction follows task.optimized_mode).

@@ -149,7 +149,8 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
     # The same command without resume=true would train again over it: refused, nothing touched.
     anew = deit_train("trainer.max_epochs=1", "optim.lr=0.5", run_dir=run_dir, cache_dir=cache_dir)
     assert anew.returncode == 2 and anew.stderr.count("\n") == 1, anew.stdout + anew.stderr
-    assert "holds an earlier run (last.ckpt, metrics.json)" in anew.stderr and "resume=true" in anew.stderr
+    assert "holds an earlier run (best.ckpt, last.ckpt, metrics.json, csv/version_0/metrics.csv)" in anew.stderr
+    assert "resume=true continues it" in anew.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
 
 

@@ -208,3 +208,23 @@ def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_and_changes_nothing
                                                            f"earlier sweep (multirun.yaml, 0)"), result.stderr  # fmt: skip
     assert "hydra.sweep.dir=..." in lines[-1] and "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(tmp_path, cache_dir):
+    """resume=true into an earlier sweep: finished jobs are left as they are; a job whose config changed what it
+    trains is refused by its own directory, records failed.json beside its results (unchanged) and fails the
+    sweep."""
+    assert run_sweep("seed=0,1", "model.depth=1", tmp_path=tmp_path, cache_dir=cache_dir).returncode == 0
+    results = lambda: {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*")  # noqa: E731
+                       if p.is_file() and (p.suffix in (".ckpt", ".csv") or p.name == "metrics.json")}  # fmt: skip
+    before = results()
+    again = run_sweep("seed=0,1", "model.depth=1", "resume=true", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert again.returncode == 0 and again.stdout.count("has finished its 1 epochs") == 2, again.stdout + again.stderr
+    changed = run_sweep("seed=0,1", "model.depth=2", "resume=true", tmp_path=tmp_path, cache_dir=cache_dir)
+    last = changed.stderr.strip().splitlines()[-1]
+    assert changed.returncode == 2 and last.startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 ("), last
+    for job in ("0", "1"):
+        record = json.loads((tmp_path / "sweep" / job / "failed.json").read_text())
+        assert "model.depth: 1 -> 2" in record["message"] and record["exit_status"] == 2, record
+    assert results() == before
