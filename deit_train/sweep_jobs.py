@@ -38,9 +38,10 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def record_failure(error: BaseException, output_dir: Path) -> float:
-    """Log the job's error in one line and write it to the job's failed.json; returns NaN, the value a sweeper
-    reads as a failed trial (Optuna marks it failed and goes on). A job of a resumed sweep refused by its own
+def record_failure(error: BaseException, output_dir: Path, mode: str) -> float:
+    """Log the job's error in one line and write it to the job's failed.json; returns the worst value for the
+    sweep's direction (task.optimized_mode), which a sweeper takes as a trial to stay away from. (Optuna ends
+    Hydra's sweep on a NaN, and on a study without one completed trial when every job returned None.) A job of a resumed sweep refused by its own
     directory's results (another seed, say) leaves them as they were and adds its failed.json beside them."""
     message, status = describe_failure(error)
     hydra = HydraConfig.get()
@@ -54,7 +55,7 @@ def record_failure(error: BaseException, output_dir: Path) -> float:
     staging.write_text(json.dumps(record, indent=2) + "\n")
     staging.replace(output_dir / FAILED_NAME)
     end_child_processes()  # the failed job's data-loader workers
-    return math.nan
+    return -math.inf if mode == "max" else math.inf
 
 
 def clear_failure(output_dir: Path) -> None:

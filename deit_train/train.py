@@ -173,7 +173,7 @@ def main(cfg: DictConfig) -> float | None:
             if not in_sweep() or debugging():
                 raise
             # A sweep job's error is recorded in its directory and the sweep goes on (sweep_jobs.py).
-            return record_failure(error, Path(cfg.paths.output_dir))
+            return record_failure(error, Path(cfg.paths.output_dir), cfg.task.optimized_mode)
     if in_sweep():
         clear_failure(Path(cfg.paths.output_dir))
     # The value sweeps optimise (hparams_search's direction follows task.optimized_mode).

@@ -215,7 +215,8 @@ def test_a_key_given_two_values_is_refused_naming_both(tmp_path, cache_dir):
     """What the shell makes of an unquoted shard pattern (data.train=/d/s-{0..1}.tar): two data.train overrides, of
     which Hydra would keep the last. Refused in one line, exit 2, before anything is written."""
     shards = [f"data.train={tmp_path}/s-{i}.tar" for i in range(2)]
-    result = run_cli("data=webdataset", *shards, tmp_path=tmp_path, cache_dir=cache_dir)
+    command = [*cli_command("data=webdataset", tmp_path=tmp_path, cache_dir=cache_dir), *shards]  # not layered
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("deit-train: error: data.train is given 2 values on the command line (")

@@ -228,3 +228,17 @@ def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(
         record = json.loads((tmp_path / "sweep" / job / "failed.json").read_text())
         assert "model.depth: 1 -> 2" in record["message"] and record["exit_status"] == 2, record
     assert results() == before
+
+
+@pytest.mark.slow
+def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache_dir):
+    """Each failed trial is recorded and told to the study as the worst value: the search runs all its trials and
+    ends with the summary line, not Optuna's "No trials are completed yet" traceback."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = run_sweep("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                       "model.depth=1", "loss.alpha=1.5", tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")
+    for job in ("0", "1"):
+        assert "loss.alpha=1.5" in json.loads((tmp_path / "sweep" / job / "failed.json").read_text())["message"]
