@@ -112,6 +112,7 @@ def earlier_sweep(sweep_dir: Path) -> list[str]:
     if not sweep_dir.is_dir():
         return []
     held = ["multirun.yaml"] if (sweep_dir / "multirun.yaml").is_file() else []
+    held += [f"a run's {path.name}" for path in earlier_results(sweep_dir)]  # a run directory given as a sweep's
     jobs = {p.parent for marker in (".hydra", "checkpoints", "metrics.json", FAILED_NAME) for p in sweep_dir.rglob(marker)}
     held += [str(job.relative_to(sweep_dir)) for job in sorted(jobs) if job != sweep_dir and (
         earlier_results(job) or (job / FAILED_NAME).is_file())]  # fmt: skip

@@ -242,3 +242,18 @@ def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache
     assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")
     for job in ("0", "1"):
         assert "loss.alpha=1.5" in json.loads((tmp_path / "sweep" / job / "failed.json").read_text())["message"]
+
+
+def test_what_an_earlier_sweep_left_is_named(tmp_path):
+    """earlier_sweep (what on_multirun_start refuses): multirun.yaml, job directories with results or failed.json,
+    and a run directory given as hydra.sweep.dir; a folder of other files or an unfinished job is no sweep."""
+    from deit_train.sweep_jobs import earlier_sweep
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)  # a job that never got past its checks, no record
+    assert earlier_sweep(tmp_path) == [] and earlier_sweep(tmp_path / "absent") == []
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "failed.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    assert earlier_sweep(tmp_path) == ["multirun.yaml", "a run's metrics.json", "3"]
