@@ -19,11 +19,55 @@ from deit_train.train import CONFIG_DIR, check_config, main
 
 def refuse_bad_command_line(args: list[str]) -> None:
     """Compose a single run's config as Hydra will and check it, before Hydra creates the run directory. Sweeps
-    (-m, a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself."""
-    if any(arg.startswith("-") for arg in args):
-        return
+    (-m, a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself. A key given
+    two values is refused for runs and sweeps alike."""
     with error_boundary("deit-train"):
+        if is_launch_leader():  # Lightning starts the other ranks with its own hydra.run.dir=... appended
+            check_repeated_keys(args)
+        if any(arg.startswith("-") for arg in args):
+            return
         check_command_line(args)
+
+
+def override_key(arg: str) -> str | None:
+    """The key (or group, with its @package) an override sets; None for a flag, a flag's value, a deletion (~key)
+    or what Hydra's parser refuses (Hydra says why)."""
+    if arg.startswith("-") or "=" not in arg:  # Hydra's flags and their values (-cn train, -c job)
+        return None
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+    except HydraException:
+        return None
+    if override.is_delete():
+        return None
+    return override.key_or_group + (f"@{override.package}" if override.package else "")
+
+
+def layered(args: list[str]) -> list[str]:
+    """A command line that a program builds in layers (a base, then changes): each key's last value, in its place,
+    as Hydra would apply it. For the programs that write deit-train command lines (scripts/demo.py, the tests); a
+    command line as typed takes one value per key (check_repeated_keys)."""
+    keys = [override_key(arg) for arg in args]
+    return [arg for i, (arg, key) in enumerate(zip(args, keys, strict=True)) if key is None or key not in keys[i + 1 :]]
+
+
+def check_repeated_keys(args: list[str]) -> None:
+    """One value per key: Hydra applies the overrides in turn and the last silently wins, which is how a shard
+    pattern typed without quotes arrives (the shell expands data.train=s-{0..3}.tar into four overrides). `~key`
+    (delete) beside `+key=...` replaces a node, and a sweep's `key=a,b` is one override: both are fine."""
+    given: dict[str, list[str]] = {}
+    for arg in args:
+        if (key := override_key(arg)) is None:
+            continue
+        if arg.split("=", 1)[1] not in [value.split("=", 1)[1] for value in given.get(key, [])]:
+            given.setdefault(key, []).append(arg)
+    for key, values in given.items():
+        if len(values) > 1:
+            raise DeitTrainError(
+                f"{key} is given {len(values)} values on the command line ({', '.join(values)}): Hydra would keep "
+                f"only the last. Give it once; a value the shell split (a shard pattern such as {{000..099}} or *, "
+                f"a path with spaces) goes in quotes ('{key}=...'), and a sweep over values is -m {key}=a,b"
+            )
 
 
 def check_command_line(args: list[str]) -> None:

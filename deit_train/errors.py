@@ -124,9 +124,14 @@ def error_boundary(prog: str) -> Iterator[None]:
     except BaseException as error:
         if debugging():
             raise
-        user_error = as_user_error(error, prog)
-        if user_error is not None:
-            fail(prog, str(user_error).strip(), user_error.exit_code)
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        fail(prog, f"unexpected {type(error).__name__}: {detail} (a bug in deit-train; DEIT_TRAIN_DEBUG=1 shows "
-                   f"the traceback to report)", 1)  # fmt: skip
+        fail(prog, *describe_failure(error, prog))
+
+
+def describe_failure(error: BaseException, prog: str = "deit-train") -> tuple[str, int]:
+    """The one line (without `<prog>: error: `) and the exit status that `error` ends a command with."""
+    user_error = as_user_error(error, prog)
+    if user_error is not None:
+        return str(user_error).strip(), user_error.exit_code
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"unexpected {type(error).__name__}: {detail} (a bug in deit-train; DEIT_TRAIN_DEBUG=1 shows the "
+            f"traceback to report)", 1)  # fmt: skip

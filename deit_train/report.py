@@ -5,7 +5,8 @@ directory of runs (a `-m` sweep, local, Slurm or Optuna, or any folder of runs s
 draws its curves; for several it prints a Markdown table with one row per configuration (the overrides that differ
 between runs, `seed` aside): mean, standard deviation and number of seeds of each final metric, the best row
 marked, runs without `metrics.json` listed as failed; and draws every configuration's validation curve with its
-seeds as a band. Nothing but the files the runs already wrote is read.
+seeds as a band. A sweep's jobs that failed (their failed.json) are listed with their message, and those its
+multirun.yaml asked for that never ran as missing. Nothing but the files the runs already wrote is read.
 """
 
 import csv
@@ -20,6 +21,7 @@ import yaml
 
 from deit_train.cli_args import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
+from deit_train.sweep_jobs import FAILED_NAME, Failure, expected_jobs, read_failure
 
 VAL_CURVES = {  # metric -> legend label, in drawing order
     "val/acc1": "prediction (avg of heads)",
@@ -37,6 +39,7 @@ class Run:
     directory: Path
     overrides: list[str]
     metrics: dict[str, float] | None  # metrics.json; None: the run failed or is still running
+    failure: Failure | None = None  # a sweep job's failed.json
     optimized: tuple[str, str] = ("val/acc1", "max")  # task.optimized_metric, task.optimized_mode
     history: dict[str, list[tuple[int, int, float]]] = field(
         default_factory=dict
@@ -53,7 +56,7 @@ def is_seed_or_hydra(override: str) -> bool:
 
 
 def is_run(directory: Path) -> bool:
-    return (directory / ".hydra" / "config.yaml").is_file() or (directory / "metrics.json").is_file()
+    return any((directory / name).is_file() for name in (".hydra/config.yaml", "metrics.json", FAILED_NAME))
 
 
 def find_runs(path: Path) -> list[Path]:
@@ -61,8 +64,8 @@ def find_runs(path: Path) -> list[Path]:
         raise DeitTrainError(f"{path} does not exist: pass a deit-train run directory or a sweep directory")
     if is_run(path):
         return [path]
-    runs = sorted((p for p in path.rglob(".hydra") if p.is_dir() and p.parent != path), key=lambda p: str(p))
-    runs = [p.parent for p in runs]
+    runs = {p.parent for p in path.rglob(".hydra") if p.is_dir() and p.parent != path}
+    runs |= {p.parent for p in path.rglob(FAILED_NAME) if p.parent != path}  # a job refused before it wrote .hydra/
     if not runs:
         raise DeitTrainError(
             f"{path} holds no deit-train runs: no .hydra/config.yaml or metrics.json in it or below it"
@@ -96,7 +99,9 @@ def read_run(directory: Path) -> Run:
         metrics = read_file(path, json.loads, "deit-train's metrics.json (an object of numbers)",
                             lambda v: isinstance(v, dict) and all(isinstance(x, int | float) and not isinstance(x, bool)
                                                                   for x in v.values()))  # fmt: skip
-    run = Run(directory, overrides, metrics)
+    run = Run(directory, overrides, metrics, read_failure(directory))
+    if run.failure is not None and not overrides:
+        run.overrides = run.failure.overrides
     config_file = directory / ".hydra" / "config.yaml"
     if config_file.is_file():
         config = read_file(config_file, yaml.safe_load, "a run's config", lambda v: v is None or isinstance(v, dict))
@@ -292,14 +297,58 @@ def sweep_figure(rows: list[Row], metric: str = "val/acc1"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def missing_jobs(path: Path, runs: list[Run]) -> list[list[str]]:
+    """The jobs the sweep's multirun.yaml asked for (Hydra's basic sweeper) that have no directory: never ran."""
+    multirun = path / "multirun.yaml"
+    if not multirun.is_file():
+        return []
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        jobs = expected_jobs(OmegaConf.load(multirun)) or []
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, AttributeError) as error:
+        detail = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+        raise DeitTrainError(f"{multirun} is not a sweep's multirun.yaml ({detail}): repair or remove it") from error
+    ran = {tuple(run.overrides) for run in runs}
+    return [job for job in jobs if tuple(job) not in ran]
+
+
+def sweep_notes(runs: list[Run], missing: list[list[str]]) -> list[str]:
+    """Lines under the table: the failed jobs with their message, the jobs that never ran, the runs that have no
+    result and no failure record (still running, or killed)."""
+    common = set.intersection(*(set(job) for job in [*(run.overrides for run in runs), *missing]))
+    shown = lambda overrides: " ".join(o for o in overrides if o not in common) or "(no overrides)"  # noqa: E731
+    failed = [run for run in runs if run.failure is not None]  # a resumed sweep's job may have earlier results
+    silent = [run for run in runs if run.metrics is None and run.failure is None]
+    total = len(runs) + len(missing)
+    lines = []
+    if failed:
+        lines.append(f"{len(failed)} of {total} jobs failed:")
+        lines += [f"- {run.directory.name} ({shown(run.overrides)}): exit {run.failure.exit_status}: "
+                  f"{run.failure.message}{' (its earlier metrics.json kept)' if run.metrics else ''}"
+                  for run in failed]  # fmt: skip
+    if missing:
+        lines.append(f"{len(missing)} of {total} jobs never ran (in multirun.yaml, no directory):")
+        lines += [f"- {shown(job)}" for job in missing]
+    if silent:
+        lines.append(f"{len(silent)} of {len(runs)} runs have no metrics.json (failed or still running): "
+                     f"{', '.join(str(run.directory) for run in silent)}")  # fmt: skip
+    return lines
+
+
 def report(path: Path, out: Path | None = None) -> dict:
     """Write the report of `path` into `out` (default: `path`); returns what was written."""
     run_dirs = find_runs(path)
     out = out or (path if path.is_dir() else path.parent)
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_run(d) for d in run_dirs]
-    if len(runs) == 1:
+    missing = missing_jobs(path, runs)
+    if len(runs) == 1 and not (path / "multirun.yaml").is_file():
         run = runs[0]
+        if not run.history and run.failure is not None:
+            raise DeitTrainError(f"{run.directory} is a sweep job that failed (exit {run.failure.exit_status}): "
+                                 f"{run.failure.message}")  # fmt: skip
         if not run.history:
             raise DeitTrainError(
                 f"{run.directory} has no logs to draw: no csv/version_*/metrics.csv or tensorboard/ event files "
@@ -308,17 +357,18 @@ def report(path: Path, out: Path | None = None) -> dict:
         figure_path = out / "report.png"
         run_figure(run).savefig(figure_path, dpi=110)
         return {"runs": runs, "figure": figure_path}
-    if not any(run.metrics is not None for run in runs):
+    notes = sweep_notes(runs, missing)
+    if not any(run.metrics is not None for run in runs) and not any(run.failure for run in runs) and not missing:
         raise DeitTrainError(
             f"none of the {len(runs)} runs in {path} has finished (no metrics.json): failed, or still running"
         )
     rows = sweep_rows(runs)
-    table = markdown_table(rows, runs[0].optimized[0])
+    table = "\n\n".join([markdown_table(rows, runs[0].optimized[0]), *(["\n".join(notes)] if notes else [])])
     (out / "report.md").write_text(table + "\n")
     write_table_csv(rows, out / "report.csv")
     figure_path = out / "report.png"
     sweep_figure(rows).savefig(figure_path, dpi=110)
-    return {"runs": runs, "rows": rows, "table": table, "figure": figure_path}
+    return {"runs": runs, "rows": rows, "table": table, "figure": figure_path, "missing": missing}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,12 +383,6 @@ def main(argv: list[str] | None = None) -> None:
         written = report(args.path, args.out)
     if "table" in written:
         print(written["table"])
-        failed = [run for run in written["runs"] if run.metrics is None]
-        if failed:
-            names = ", ".join(str(run.directory) for run in failed)
-            print(
-                f"\n{len(failed)} of {len(written['runs'])} runs have no metrics.json (failed or still running): {names}"
-            )
     else:
         run = written["runs"][0]
         final = {k: round(v, 4) for k, v in (run.metrics or {}).items() if not math.isnan(v)}

@@ -6,9 +6,11 @@ which changes a resumed run accepts, and the files it writes besides the trainer
   simply taken over (and the log says whose it was).
 - Hydra's own `.hydra/` files are written here, once the lock is held and the config passed its checks
   (hydra.output_subdir is null in conf/hydra/default.yaml), so a refused run changes nothing of an earlier one.
-- A new run into a directory holding an earlier run's checkpoint or metrics.json is refused (never overwritten).
-- `resume=true` continues from checkpoints/last.ckpt; on a finished run it says so and changes nothing. The new
-  config is compared with the checkpoint's: what changes what is trained is refused with the list of
+- Nothing finished is ever overwritten: a directory holding an earlier run's results (any checkpoint, metrics.json,
+  a log with values) is only continued from a checkpoint whose config matches, or refused in one line naming the
+  fix; never trained again from scratch in place (refuse_overwrite).
+- `resume=true` continues from checkpoints/last.ckpt; on a finished run whose config matches it says so and
+  changes nothing. The new config is compared with the checkpoint's: what changes what is trained is refused with the list of
   differences, what may change (RESUMABLE_CHANGES) is applied and logged.
 - A run that fails before it trained anything leaves no directory behind.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from deit_train.cluster import requeued_checkpoint
+from deit_train.cluster import requeued_checkpoint, slurm_restart_count
 from deit_train.errors import DeitTrainError, RunDirectoryBusy, StorageError
 
 log = logging.getLogger("deit_train")
@@ -152,29 +154,110 @@ def check_writable(output_dir: Path) -> None:
                            f"choose a writable path")  # fmt: skip
 
 
+def earlier_results(output_dir: Path) -> list[Path]:
+    """What an earlier run left in output_dir that a new start would overwrite or mix with its own: any checkpoint,
+    metrics.json, a CSV or TensorBoard log holding logged values. (.hydra/, train.log, the lock and a sweep job's
+    failed.json are not results: they are rewritten by every start.)"""
+    checkpoints = output_dir / "checkpoints"
+    found = sorted(p for p in checkpoints.rglob("*") if p.is_file() and not p.name.startswith(".")) if (
+        checkpoints.is_dir()) else []  # fmt: skip
+    if (output_dir / "metrics.json").is_file():
+        found.append(output_dir / "metrics.json")
+    found += [p for p in sorted(output_dir.glob("csv/version_*/metrics.csv")) if csv_has_rows(p)]
+    found += [p for p in sorted(output_dir.glob("tensorboard/version_*/events.out.tfevents.*")) if has_scalars(p)]
+    return found
+
+
+def csv_has_rows(path: Path) -> bool:
+    """A CSV logger's metrics.csv holding a logged value (more than its header)."""
+    with open(path, "rb") as file:
+        return len([line for line, _ in zip(file, range(2), strict=False) if line.strip()]) > 1
+
+
+def has_scalars(event_file: Path) -> bool:
+    """A TensorBoard event file holding a logged scalar (Lightning's hp_metric placeholder aside); a file that
+    cannot be read counts as holding one (never assume a log is empty)."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        for event in EventFileLoader(str(event_file)).Load():
+            if event.HasField("summary") and any(v.tag != "hp_metric" for v in event.summary.value):
+                return True
+        return False
+    except Exception:  # noqa: BLE001 (no tensorboard, or a damaged file: treat it as results)
+        return event_file.stat().st_size > 0
+
+
+def shown(paths: list[Path], output_dir: Path) -> str:
+    """The files as a user finds them: checkpoints and metrics.json by name, logs by their path in the run."""
+    near = (output_dir, output_dir / "checkpoints")
+    return ", ".join(p.name if p.parent in near else str(p.relative_to(output_dir)) for p in paths)
+
+
 def refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
-    """A new run (resume=false, no ckpt_path) into a directory that holds a run's checkpoints or results would
-    replace them: refused, unless Slurm requeued this job (it continues in its own directory)."""
-    if cfg.resume or cfg.ckpt_path or requeued_checkpoint(output_dir):
+    """Nothing finished is ever overwritten: a directory holding an earlier run's results (earlier_results) is only
+    continued from a checkpoint whose config matches (check_resume), never trained again from scratch in place.
+    - resume=true (or a Slurm requeue) continues from its checkpoints/last.ckpt (compared in train());
+    - ckpt_path=... continues from that checkpoint, if the directory's own run has the same config;
+    - anything else is refused, naming the files and the fix (its best.ckpt as ckpt_path, or a new directory).
+    A new or empty directory may start fresh, resume=true or not."""
+    held = earlier_results(output_dir)
+    if not held:
         return
-    held = [p for p in (last_checkpoint(output_dir), output_dir / "metrics.json") if p.is_file()]
-    if held:
-        raise DeitTrainError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in held)}), which a new run "
-                             f"would overwrite: resume=true continues it, or give this run its own directory "
+    last, names = last_checkpoint(output_dir), shown(held, output_dir)
+    own_checkpoints = [p for p in held if p.parent == output_dir / "checkpoints"]
+    requeued = slurm_restart_count() > 0
+    if cfg.ckpt_path:
+        check_directory_matches(cfg, output_dir, own_checkpoints, names)
+        return
+    if last.is_file() and (cfg.resume or requeued):
+        return
+    if last.is_file():
+        raise DeitTrainError(f"{output_dir} holds an earlier run ({names}), which a new run would overwrite: "
+                             f"resume=true continues it, or give this run its own directory (hydra.run.dir=...)")  # fmt: skip
+    if requeued and all(p.parent.parent.name in ("csv", "tensorboard") for p in held):
+        return  # the logs of this very job's try that Slurm stopped before its first checkpoint: start it again
+    starting = "resume=true" if cfg.resume else "a new run"
+    if own_checkpoints:
+        pick = next((p for p in own_checkpoints if p.name == "best.ckpt"), own_checkpoints[-1])
+        fix = f"continue it from its {pick.name} with ckpt_path={pick}"
+    else:
+        fix = "it has no checkpoint to continue from; remove those files to start it again there"
+    raise DeitTrainError(f"{output_dir} holds an earlier run ({names}) but no checkpoints/last.ckpt; {starting} "
+                         f"would train it again from scratch over them: {fix}, or give this run its own directory "
+                         f"(hydra.run.dir=...)")  # fmt: skip
+
+
+def check_directory_matches(cfg: DictConfig, output_dir: Path, own_checkpoints: list[Path], names: str) -> None:
+    """ckpt_path=... into a directory holding results: its own run must be the one continued (the same config,
+    check_resume). Its own checkpoint as ckpt_path is compared by train() itself."""
+    wanted = Path(cfg.ckpt_path).expanduser().resolve()
+    if any(p.resolve() == wanted for p in own_checkpoints):
+        return
+    if not own_checkpoints:
+        raise DeitTrainError(f"{output_dir} holds an earlier run ({names}) and no checkpoint of its own; continuing "
+                             f"ckpt_path={cfg.ckpt_path} there would overwrite it: give this run its own directory "
                              f"(hydra.run.dir=...)")  # fmt: skip
+    from deit_train.models.checkpoints import read_run_checkpoint
+
+    last = last_checkpoint(output_dir)
+    stored = read_run_checkpoint(last if last in own_checkpoints else own_checkpoints[0], "resume=true")
+    check_resume(cfg, stored.config, None, None, log_changes=False)
 
 
 def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
     """The results of this directory's finished run, when resume=true has nothing left to do: its metrics.json
-    exists and its last checkpoint ended the last of trainer.max_epochs."""
+    exists and its last checkpoint ended the last of trainer.max_epochs. The config is compared first, as a resume
+    would: a finished run asked to go on with another seed (say) is refused, not reported as finished."""
     metrics, last = output_dir / "metrics.json", last_checkpoint(output_dir)
     if not (cfg.resume and not cfg.ckpt_path and metrics.is_file() and last.is_file()):
         return None
     from deit_train.models.checkpoints import read_run_checkpoint
 
-    epoch = read_run_checkpoint(last, "resume=true").epoch
-    if epoch is None or epoch + 1 < cfg.trainer.max_epochs:
+    stored = read_run_checkpoint(last, "resume=true")
+    if stored.epoch is None or stored.epoch + 1 < cfg.trainer.max_epochs:
         return None
+    check_resume(cfg, stored.config, None, None, log_changes=False)
     return json.loads(metrics.read_text())
 
 
@@ -188,8 +271,8 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
 
 
 def check_resume(cfg: DictConfig, stored_config: dict | None, stored_classes: list[str] | None,
-                 class_names: list[str] | None) -> None:  # fmt: skip
-    """Refuse a resume whose config changes what is trained; log the changes it applies."""
+                 class_names: list[str] | None, log_changes: bool = True) -> None:  # fmt: skip
+    """Refuse a resume whose config changes what is trained; log the changes it applies (log_changes)."""
     if stored_classes is not None and class_names is not None and list(stored_classes) != list(class_names):
         raise DeitTrainError(
             f"resume: the data's classes ({len(class_names)}: {class_names[:4]}...) are not the checkpoint's "
@@ -212,7 +295,7 @@ def check_resume(cfg: DictConfig, stored_config: dict | None, stored_classes: li
             f"model.init=<checkpoint>. Changes a resumed run accepts: max_epochs, the learning rate and its schedule, "
             f"weight decay, clipping, precision, devices, workers, loggers and callbacks"
         )
-    for key in resumable:
+    for key in resumable if log_changes else []:
         if key.split(".")[0] not in ("paths", "resume", "ckpt_path", "callbacks", "logger", "hydra"):
             log.info("resume: %s changed %s -> %s (applied)", key, old.get(key, "(unset)"), new.get(key, "(unset)"))
 

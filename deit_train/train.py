@@ -26,7 +26,7 @@ import deit_train.conf
 import deit_train.schema
 from deit_train.cluster import acknowledge_warning_signals, fit_until_preempted, slurm_plugins
 from deit_train.console import config_summary, quiet_console
-from deit_train.errors import DeitTrainError, error_boundary
+from deit_train.errors import DeitTrainError, debugging, error_boundary
 from deit_train.models.checkpoints import read_run_checkpoint
 from deit_train.run_dir import (
     RunLock,
@@ -39,6 +39,7 @@ from deit_train.run_dir import (
     write_config,
     write_metrics,
 )
+from deit_train.sweep_jobs import clear_failure, in_sweep, record_failure
 from deit_train.tasks import Task
 from deit_train.training import ddp_ignored
 
@@ -205,8 +206,16 @@ def build_trainer(
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with error_boundary("deit-train"):
-        metrics = train(cfg).metrics
+    with error_boundary("deit-train"):  # a Ctrl-C or SIGTERM ends a sweep too
+        try:
+            metrics = train(cfg).metrics
+        except Exception as error:
+            if not in_sweep() or debugging():
+                raise
+            # A sweep job's error is recorded in its directory and the sweep goes on (sweep_jobs.py).
+            return record_failure(error, Path(cfg.paths.output_dir), cfg.task.optimized_mode)
+    if in_sweep():
+        clear_failure(Path(cfg.paths.output_dir))
     # The value sweeps optimise (hparams_search's direction follows task.optimized_mode).
     return metrics.get(cfg.task.optimized_metric)
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from deit_train.cli import layered
 from deit_train.report import report
 
 TEACHER = "resnet18"
@@ -25,9 +26,7 @@ def run(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
         sys.executable,
         "-m",
         "deit_train.train",
-        "experiment=demo",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
+        *layered(["experiment=demo", f"hydra.run.dir={run_dir}", *overrides]),  # the later value of a key wins
     ]
     print(f"\n=== {name}: {' '.join(command[2:])}", flush=True)
     start = time.perf_counter()

@@ -129,3 +129,15 @@ class RankStates(L.Callback):
         ddp["ignored"] = sorted(getattr(wrapped, "parameters_to_ignore", []))
         self.path.mkdir(parents=True, exist_ok=True)
         torch.save({"state": state, "ddp": ddp}, self.path / f"rank{trainer.global_rank}.pt")
+
+
+class Crash(L.Callback):
+    """Raises an unexpected error (a RuntimeError, as a bug would) at the start of epoch `epoch`, if `value` is one
+    of `crash_on`: a sweep passes `value=${loss.alpha}` to crash the jobs of chosen values."""
+
+    def __init__(self, value: float, crash_on: list[float], epoch: int = 0) -> None:
+        self.crash, self.epoch = value in list(crash_on), epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.crash and trainer.current_epoch == self.epoch:
+            raise RuntimeError("probe crash")

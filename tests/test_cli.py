@@ -8,14 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
+from deit_train.cli import layered
+
 from .conftest import TINY, TINY_RUN, TINY_VIT
 
 
 def cli_command(*overrides: str, tmp_path, cache_dir, base=TINY) -> list[str]:
     """`deit-train <tiny config> <overrides>` running in tmp_path/run."""
     run_dir = tmp_path / "run"
-    return [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
-            *overrides]  # fmt: skip
+    return [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+                                                                f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
 
 
 def run_cli(*overrides: str, tmp_path, cache_dir, base=TINY) -> subprocess.CompletedProcess:
@@ -207,3 +209,43 @@ def test_a_default_run_prints_a_quiet_useful_console(tmp_path, cache_dir):
             "FutureWarning", "srun", "Traceback", "Seed set to"]  # fmt: skip
     assert [word for word in deny if word in output] == [], output
     print(f"{len(output.splitlines())} console lines")
+
+
+def test_a_key_given_two_values_is_refused_naming_both(tmp_path, cache_dir):
+    """What the shell makes of an unquoted shard pattern (data.train=/d/s-{0..1}.tar): two data.train overrides, of
+    which Hydra would keep the last. Refused in one line, exit 2, before anything is written."""
+    shards = [f"data.train={tmp_path}/s-{i}.tar" for i in range(2)]
+    command = [*cli_command("data=webdataset", tmp_path=tmp_path, cache_dir=cache_dir), *shards]  # not layered
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("deit-train: error: data.train is given 2 values on the command line (")
+    assert all(shard in lines[0] for shard in shards) and "in quotes" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["data.train=a", "data.train=b"], "data.train is given 2 values"),
+    (["-m", "seed=0,1", "seed=2"], "seed is given 2 values"),  # a sweep too
+    (["model=deit_tiny", "trainer.max_epochs=3", "model=deit_small"], "model is given 2 values"),
+    (["+trainer.x=1", "trainer.x=2"], "trainer.x is given 2 values"),  # added, then changed
+    (["-m", "seed=0,1"], None),  # one sweep override
+    (["~callbacks.lr_monitor", "+callbacks.lr_monitor=null"], None),  # delete, then add: a node replaced
+    (["seed=1", "seed=1"], None),  # the same value twice says one thing
+    (["model=deit_tiny", "model@student=deit_tiny_plain"], None),  # another package
+    (["-cn", "train", "seed=3"], None),  # a flag's value is no override
+])  # fmt: skip
+def test_each_key_takes_one_value(args, refused, monkeypatch):
+    from deit_train.cli import check_repeated_keys
+    from deit_train.errors import DeitTrainError
+
+    if refused is None:
+        check_repeated_keys(args)
+        return
+    with pytest.raises(DeitTrainError, match=refused):
+        check_repeated_keys(args)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started appends its own hydra.run.dir=...
+    from deit_train.cli import refuse_bad_command_line
+
+    monkeypatch.setattr("deit_train.cli.check_command_line", lambda args: None)
+    refuse_bad_command_line([*args, "-m"])  # not refused there

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deit_train.cli import layered
+
 from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, assert_metrics_reproduce
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +38,10 @@ def slurm_cluster():
 
 def slurm_sweep(*overrides: str, tmp_path: Path, cache_dir: Path) -> list[str]:
     """`deit-train -m hydra/launcher=slurm` with the tiny demo run, one CPU per task."""
-    return [sys.executable, "-m", "deit_train.train", "--multirun", "hydra/launcher=slurm",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "trainer.accelerator=cpu",
-            *TINY_RUN, *TINY_DEMO, *TINY_VIT, f"paths.cache_dir={cache_dir}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]  # fmt: skip
+    return [sys.executable, "-m", "deit_train.train", "--multirun", *layered([
+            "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+            "trainer.accelerator=cpu", *TINY_RUN, *TINY_DEMO, *TINY_VIT, f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])]  # fmt: skip
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deit_train.cli import layered
 from deit_train.evaluate import evaluate, open_eval_folder
 from deit_train.trained import load_trained_model
 
@@ -25,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, env: dict | None = None, base=TINY):
     """`deit-train` in a subprocess (DDP re-launches it once per rank), with tests/ importable for probes."""
-    command = [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    command = [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.Popen(command, cwd=run_dir.parent, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip

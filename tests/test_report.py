@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from deit_train.errors import DeitTrainError
 from deit_train.report import read_run, report, run_figure, sweep_figure, sweep_rows
@@ -142,3 +143,26 @@ def test_a_damaged_run_file_is_named_in_one_line(sweep, tmp_path, name, content,
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert str(damaged / "0" / name) in lines[0] and named in lines[0], lines[0]
+
+
+def test_failed_and_missing_jobs_are_listed_with_their_message(sweep, tmp_path):
+    """A job that failed (its failed.json, as a sweep job writes it) is listed with its message, and a job that
+    multirun.yaml asked for but that never ran (no directory) as missing, with its overrides."""
+    damaged = tmp_path / "sweep"
+    shutil.copytree(sweep.parent / "complete", damaged)
+    overrides = {job: yaml.safe_load((damaged / str(job) / ".hydra" / "overrides.yaml").read_text()) for job in range(4)}
+    shutil.rmtree(damaged / "2")  # never ran
+    shutil.rmtree(damaged / "1")  # refused at check time: only its record
+    (damaged / "1").mkdir()
+    (damaged / "1" / "failed.json").write_text(json.dumps({"job": 1, "overrides": overrides[1], "exit_status": 2,
+                                                           "message": "loss.alpha=1.5: expected a weight in [0, 1]"}))  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(damaged), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    varying = lambda job: " ".join(o for o in overrides[job] if o.startswith(("model.depth", "seed")))  # noqa: E731
+    lines = result.stdout.splitlines()
+    assert "1 of 4 jobs failed:" in lines
+    assert f"- 1 ({varying(1)}): exit 2: loss.alpha=1.5: expected a weight in [0, 1]" in lines, result.stdout
+    assert "1 of 4 jobs never ran (in multirun.yaml, no directory):" in lines
+    assert f"- {varying(2)}" in lines, result.stdout
+    assert "1 of 4 jobs failed:" in (tmp_path / "out" / "report.md").read_text()

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deit_train.cli import layered
 
 from .conftest import TINY, TINY_RUN, TINY_VIT
 
@@ -24,8 +28,8 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2", "augment.repeated_aug=2", "data.n
 
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, base=TINY) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "deit_train.train", *base, f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    command = [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+                                                                   f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=run_dir.parent, env=environment)
 
@@ -145,7 +149,8 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
     # The same command without resume=true would train again over it: refused, nothing touched.
     anew = deit_train("trainer.max_epochs=1", "optim.lr=0.5", run_dir=run_dir, cache_dir=cache_dir)
     assert anew.returncode == 2 and anew.stderr.count("\n") == 1, anew.stdout + anew.stderr
-    assert "holds an earlier run (last.ckpt, metrics.json)" in anew.stderr and "resume=true" in anew.stderr
+    assert "holds an earlier run (best.ckpt, last.ckpt, metrics.json, csv/version_0/metrics.csv)" in anew.stderr
+    assert "resume=true continues it" in anew.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
 
 
@@ -153,8 +158,8 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
 def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "deit_train.train", *TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
-         "trainer.max_epochs=2", "+callbacks.pause._target_=tests.probes.Pause"],  # held after its first epoch
+        [sys.executable, "-m", "deit_train.train", *layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+         "trainer.max_epochs=2", "+callbacks.pause._target_=tests.probes.Pause"])],  # held after its first epoch
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     try:
@@ -206,8 +211,8 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoin
     before = last.read_bytes()
     limit = len(before) // 2  # no file may grow past half a checkpoint: the next save cannot be written
 
-    command = [sys.executable, "-m", "deit_train.train", *TINY, f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"]  # fmt: skip
+    command = [sys.executable, "-m", "deit_train.train", *layered([*TINY, f"paths.cache_dir={cache_dir}",
+               f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"])]  # fmt: skip
     full = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
     assert full.returncode == 4, full.stderr
@@ -215,3 +220,94 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoin
     assert "Traceback" not in full.stderr
     assert last.read_bytes() == before
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no half-written file left beside it
+
+
+# ------------------------------------------------------------------ nothing finished is ever overwritten
+
+RESULT_FILES = ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json", "csv/version_0/metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir) -> Path:
+    """A finished one-epoch run (in this process): last.ckpt, best.ckpt, metrics.json and its CSV log."""
+    from deit_train.train import train
+
+    from .conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train(compose_config(TINY, run_dir, cache_dir))
+    assert all((run_dir / name).is_file() for name in RESULT_FILES)
+    return run_dir
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".deit-train.lock"}
+
+
+@settings(max_examples=14, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(kept=st.sets(st.sampled_from(RESULT_FILES), min_size=1), resume=st.booleans(), seed=st.sampled_from([0, 7]),
+       from_best=st.booleans())  # fmt: skip
+def test_a_directory_with_results_is_continued_from_a_matching_checkpoint_or_refused(
+    kept, resume, seed, from_best, finished_run, tmp_path_factory, cache_dir
+):
+    """Any part of a finished run's results (drawn), started again with resume=true or not, the same seed or
+    another, from its best.ckpt or not: either it continues from a checkpoint of the same config, or it is refused
+    before anything changes. Never trained again from scratch over the results."""
+    from deit_train.errors import DeitTrainError
+    from deit_train.train import train
+
+    from .conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("drawn") / "run"
+    for name in kept:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes((finished_run / name).read_bytes())
+    from_best = from_best and "checkpoints/best.ckpt" in kept
+    overrides = [f"seed={seed}", f"resume={str(resume).lower()}"]
+    if from_best:
+        overrides.append(f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}")
+    before = snapshot(run_dir)
+    continues_from = "best" if from_best else "last" if resume and "checkpoints/last.ckpt" in kept else None
+    try:
+        run = train(compose_config([*TINY, *overrides], run_dir, cache_dir))
+    except DeitTrainError as error:
+        message = str(error)
+        assert "\n" not in message
+        if continues_from is None:  # no checkpoint to continue: the message names the fix
+            assert "hydra.run.dir=" in message, message
+            if "checkpoints/last.ckpt" not in kept and "checkpoints/best.ckpt" in kept:
+                assert f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}" in message, message
+        else:  # a checkpoint, but of another seed
+            assert seed != 0 and "seed: 0 -> 7" in message, message
+        assert snapshot(run_dir) == before
+        return
+    assert continues_from is not None and seed == 0, (kept, resume, seed, from_best)
+    if run.trainer is None:  # finished: left as it was
+        assert continues_from == "last" and "metrics.json" in kept and snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_neither_retrained_without_its_last_ckpt_nor_finished_under_another_seed(tmp_path, cache_dir):
+    """The red team's cases: resume=true of a finished run with another seed is refused like any resume (not
+    reported as finished); with its last.ckpt gone it is refused, naming best.ckpt, rather than trained again from
+    scratch over best.ckpt and metrics.json; the fix it names continues the run."""
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    before = snapshot(run_dir)
+    other_seed = deit_train("trainer.max_epochs=1", "seed=7", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert other_seed.returncode == 2 and len(other_seed.stderr.strip().splitlines()) == 1, other_seed.stderr
+    assert "seed: 0 -> 7" in other_seed.stderr and "has finished" not in other_seed.stdout
+    assert {p: b for p, b in snapshot(run_dir).items() if p.suffix != ".log"} == {
+        p: b for p, b in before.items() if p.suffix != ".log"}  # fmt: skip
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    before = snapshot(run_dir)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    for resume in ("true", "false"):
+        again = deit_train("trainer.max_epochs=1", f"resume={resume}", run_dir=run_dir, cache_dir=cache_dir)
+        assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+        assert f"ckpt_path={best}" in again.stderr and "starting from scratch" not in again.stdout + again.stderr
+        assert {p: b for p, b in snapshot(run_dir).items() if p.suffix != ".log"} == {
+            p: b for p, b in before.items() if p.suffix != ".log"}  # fmt: skip
+    go_on = deit_train("trainer.max_epochs=2", f"ckpt_path={best}", run_dir=run_dir, cache_dir=cache_dir)
+    assert go_on.returncode == 0, go_on.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # one more epoch

@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from deit_train.cli import layered
 from deit_train.train import CONFIG_DIR
 
 from .conftest import TINY_DEMO, TINY_RUN, assert_metrics_reproduce
@@ -22,12 +26,8 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
         "-m",
         "deit_train.train",
         "--multirun",
-        *TINY_RUN,
-        *TINY_DEMO,
-        *TINY_STUDENT,
-        f"paths.cache_dir={cache_dir}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        *overrides,
+        *layered([*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
@@ -121,3 +121,139 @@ def test_each_task_optimizes_its_own_metric_in_checkpoints_and_optuna(task, metr
     assert (cfg.task.optimized_metric, cfg.task.optimized_mode) == (metric, mode)
     assert (cfg.callbacks.best_checkpoint.monitor, cfg.callbacks.best_checkpoint.mode) == (metric, mode)
     assert cfg.hydra.sweeper.direction == direction
+
+
+# ------------------------------------------------------------------ sweeps finish every job they can
+
+JOB_KINDS = st.lists(st.sampled_from(["ok", "refused", "crash"]), min_size=2, max_size=4)
+
+
+def drawn_sweep(kinds: list[str]) -> tuple[list[str], dict[int, float]]:
+    """A two-epoch sweep over loss.alpha with one job per drawn kind: a good value, a value refused at check time
+    (1.5 and up), or a good value whose job crashes with an unexpected error in its second epoch, its first
+    epoch's checkpoint written (tests.probes.Crash). Returns the overrides and each job's alpha."""
+    alphas = {i: 1.5 + i if kind == "refused" else round(0.05 + 0.1 * i, 2) for i, kind in enumerate(kinds)}
+    crash_on = [alphas[i] for i, kind in enumerate(kinds) if kind == "crash"] or [-1.0]
+    return [f"loss.alpha={','.join(str(a) for a in alphas.values())}", "+callbacks.crash._target_=tests.probes.Crash",
+            "+callbacks.crash.value=${loss.alpha}", f"+callbacks.crash.crash_on=[{','.join(map(str, crash_on))}]",
+            "+callbacks.crash.epoch=1", "trainer.max_epochs=2", "model.depth=1"], alphas  # fmt: skip
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(kinds=JOB_KINDS)
+def test_a_drawn_sweep_finishes_every_good_job_and_records_every_failed_one(kinds, tmp_path_factory, cache_dir):
+    """Failing jobs at drawn positions: every good job finishes (its metrics.json, no failed.json), every bad one
+    is recorded in its directory (failed.json: message, exit status, overrides; no metrics.json), the last line
+    names the failed jobs, the exit status is the first failed job's, and deit-report lists them."""
+    from deit_train.report import report
+
+    tmp_path = tmp_path_factory.mktemp("drawn_sweep")
+    overrides, alphas = drawn_sweep(kinds)
+    result = run_sweep(*overrides, tmp_path=tmp_path, cache_dir=cache_dir)
+    sweep_dir, output = tmp_path / "sweep", result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    failed = [i for i, kind in enumerate(kinds) if kind != "ok"]
+    for i, kind in enumerate(kinds):
+        job = sweep_dir / str(i)
+        if kind == "ok":
+            assert (job / "metrics.json").is_file() and not (job / "failed.json").exists(), output
+            assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+            continue
+        record = json.loads((job / "failed.json").read_text())
+        assert not (job / "metrics.json").exists()  # never looks finished, even with its first epoch's checkpoint
+        assert (job / "checkpoints" / "last.ckpt").is_file() == (kind == "crash")
+        assert record["job"] == i and f"loss.alpha={alphas[i]}" in record["overrides"]
+        expected = ("loss.alpha=", 2) if kind == "refused" else ("unexpected RuntimeError: probe crash", 1)
+        assert expected[0] in record["message"] and record["exit_status"] == expected[1], record
+        assert f"sweep job {i} failed (exit status {expected[1]}; the sweep goes on)" in output
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    if not failed:
+        assert result.returncode == 0, output
+        return
+    assert result.returncode == (2 if kinds[failed[0]] == "refused" else 1), output
+    assert last.startswith(f"deit-train: error: {len(failed)} of {len(kinds)} sweep jobs failed: "), last
+    assert [f"{i} (loss.alpha={alphas[i]}" in last for i in failed] == [True] * len(failed), last
+    assert sum(f"(loss.alpha={a}" in last for a in alphas.values()) == len(failed), last
+    table = report(sweep_dir, tmp_path / "report")["table"]
+    assert f"{len(failed)} of {len(kinds)} jobs failed:" in table, table
+    for i in failed:
+        assert f"- {i} (loss.alpha={alphas[i]}" in table, table
+
+
+@pytest.mark.slow
+def test_a_failed_job_beside_a_good_one_in_parallel_loses_nothing(tmp_path, cache_dir):
+    """hydra/launcher=local_parallel (joblib): the good job running beside the failing one finishes."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    overrides, _ = drawn_sweep(["refused", "ok"])
+    result = run_sweep(*overrides, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", tmp_path=tmp_path,
+                       cache_dir=cache_dir)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file(), output
+    assert json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())["exit_status"] == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 1 of 2 sweep jobs failed: 0 (")
+
+
+def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_and_changes_nothing(tmp_path, cache_dir):
+    """Refused before Hydra writes anything there: its multirun.yaml and the jobs' files stay as they were."""
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0" / "checkpoints").mkdir(parents=True)
+    (sweep_dir / "0" / "checkpoints" / "last.ckpt").write_bytes(b"an earlier job's checkpoint")
+    (sweep_dir / "multirun.yaml").write_text("hydra: {earlier: sweep}\n")
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    result = run_sweep("seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith(f"deit-train: error: hydra.sweep.dir={sweep_dir} holds an "
+                                                           f"earlier sweep (multirun.yaml, 0)"), result.stderr  # fmt: skip
+    assert "hydra.sweep.dir=..." in lines[-1] and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(tmp_path, cache_dir):
+    """resume=true into an earlier sweep: finished jobs are left as they are; a job whose config changed what it
+    trains is refused by its own directory, records failed.json beside its results (unchanged) and fails the
+    sweep."""
+    assert run_sweep("seed=0,1", "model.depth=1", tmp_path=tmp_path, cache_dir=cache_dir).returncode == 0
+    results = lambda: {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*")  # noqa: E731
+                       if p.is_file() and (p.suffix in (".ckpt", ".csv") or p.name == "metrics.json")}  # fmt: skip
+    before = results()
+    again = run_sweep("seed=0,1", "model.depth=1", "resume=true", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert again.returncode == 0 and again.stdout.count("has finished its 1 epochs") == 2, again.stdout + again.stderr
+    changed = run_sweep("seed=0,1", "model.depth=2", "resume=true", tmp_path=tmp_path, cache_dir=cache_dir)
+    last = changed.stderr.strip().splitlines()[-1]
+    assert changed.returncode == 2 and last.startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 ("), last
+    for job in ("0", "1"):
+        record = json.loads((tmp_path / "sweep" / job / "failed.json").read_text())
+        assert "model.depth: 1 -> 2" in record["message"] and record["exit_status"] == 2, record
+    assert results() == before
+
+
+@pytest.mark.slow
+def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache_dir):
+    """Each failed trial is recorded and told to the study as the worst value: the search runs all its trials and
+    ends with the summary line, not Optuna's "No trials are completed yet" traceback."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = run_sweep("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                       "model.depth=1", "loss.alpha=1.5", tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")
+    for job in ("0", "1"):
+        assert "loss.alpha=1.5" in json.loads((tmp_path / "sweep" / job / "failed.json").read_text())["message"]
+
+
+def test_what_an_earlier_sweep_left_is_named(tmp_path):
+    """earlier_sweep (what on_multirun_start refuses): multirun.yaml, job directories with results or failed.json,
+    and a run directory given as hydra.sweep.dir; a folder of other files or an unfinished job is no sweep."""
+    from deit_train.sweep_jobs import earlier_sweep
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)  # a job that never got past its checks, no record
+    assert earlier_sweep(tmp_path) == [] and earlier_sweep(tmp_path / "absent") == []
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "failed.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    assert earlier_sweep(tmp_path) == ["multirun.yaml", "a run's metrics.json", "3"]

@@ -1,0 +1,163 @@
+"""A sweep's jobs (`deit-train -m ...`): every job that can finish does, and nothing says "done" when one did not.
+
+- A job's error (a DeitTrainError or an unexpected one) is written to its directory as `failed.json` (the one-line
+  message, the exit status it would have ended a single run with, the job's number and overrides), logged in one
+  line, and the sweep goes on with the next job (record_failure). A failed job writes no metrics.json, so it never
+  looks finished. A Ctrl-C or SIGTERM still ends the sweep.
+- At the end, one line says how many jobs failed and which (by their overrides), and the sweep exits with the first
+  failed job's status (SweepSummary.on_multirun_end; Hydra's callbacks are in conf/hydra/default.yaml).
+- A sweep into a directory that holds an earlier sweep (its multirun.yaml, a job's results or failed.json) is
+  refused before anything is written there, unless it resumes (resume=true): Hydra would replace its multirun.yaml
+  and each job would refuse its own directory (SweepSummary.on_multirun_start).
+- The jobs a sweep was to run are its multirun.yaml's overrides, expanded as Hydra's basic sweeper does
+  (expected_jobs): `deit-report` lists those that never ran as missing.
+"""
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from deit_train.errors import describe_failure, end_child_processes
+from deit_train.run_dir import earlier_results
+
+log = logging.getLogger("deit_train")
+
+FAILED_NAME = "failed.json"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(error: BaseException, output_dir: Path, mode: str) -> float:
+    """Log the job's error in one line and write it to the job's failed.json; returns the worst value for the
+    sweep's direction (task.optimized_mode), which a sweeper takes as a trial to stay away from. (Optuna ends
+    Hydra's sweep on a NaN, and on a study without one completed trial when every job returned None.) A job of a resumed sweep refused by its own
+    directory's results (another seed, say) leaves them as they were and adds its failed.json beside them."""
+    message, status = describe_failure(error)
+    hydra = HydraConfig.get()
+    overrides = [str(o) for o in hydra.overrides.task]
+    log.error("deit-train: error: sweep job %s failed (exit status %d; the sweep goes on): %s [its overrides: %s]",
+              hydra.job.num, status, message, " ".join(overrides))  # fmt: skip
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"job": hydra.job.num, "overrides": overrides, "message": message, "exit_status": status,
+              "error": type(error).__name__}  # fmt: skip
+    staging = output_dir / f".{FAILED_NAME}.tmp"
+    staging.write_text(json.dumps(record, indent=2) + "\n")
+    staging.replace(output_dir / FAILED_NAME)
+    end_child_processes()  # the failed job's data-loader workers
+    return -math.inf if mode == "max" else math.inf
+
+
+def clear_failure(output_dir: Path) -> None:
+    """A job that finished now: an earlier try's failed.json no longer says anything true."""
+    (output_dir / FAILED_NAME).unlink(missing_ok=True)
+
+
+@dataclass
+class Failure:
+    directory: Path
+    job: int | None
+    overrides: list[str]
+    message: str
+    exit_status: int
+
+
+def read_failure(directory: Path) -> Failure | None:
+    """The job's failed.json, or None; a file that is not one is a failure without a message."""
+    path = directory / FAILED_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return Failure(directory, record.get("job"), [str(o) for o in record.get("overrides") or []],
+                       str(record["message"]), int(record["exit_status"]))  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Failure(directory, None, [], f"{path} is not deit-train's failed.json", 1)
+
+
+def failures(sweep_dir: Path) -> list[Failure]:
+    found = [read_failure(path.parent) for path in sweep_dir.rglob(FAILED_NAME)]
+    return sorted((f for f in found if f), key=lambda f: (f.job is None, f.job or 0, str(f.directory)))
+
+
+def expected_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper expands the sweep's (None for another sweeper, e.g.
+    Optuna, whose jobs are drawn as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = config.hydra
+    if OmegaConf.select(hydra, "sweeper._target_") != BASIC_SWEEPER:
+        return None
+    # as Hydra reads them: unresolved (an override may be an interpolation, e.g. +x=${loss.alpha})
+    params = OmegaConf.to_container(OmegaConf.select(hydra, "sweeper.params") or OmegaConf.create(), resolve=False)
+    task = OmegaConf.to_container(hydra.overrides.task, resolve=False)
+    arguments = [f"{key}={value}" for key, value in params.items()] + [str(o) for o in task]
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def earlier_sweep(sweep_dir: Path) -> list[str]:
+    """What an earlier sweep left in sweep_dir: its multirun.yaml, job directories with results or failed.json."""
+    if not sweep_dir.is_dir():
+        return []
+    held = ["multirun.yaml"] if (sweep_dir / "multirun.yaml").is_file() else []
+    held += [f"a run's {path.name}" for path in earlier_results(sweep_dir)]  # a run directory given as a sweep's
+    jobs = {p.parent for marker in (".hydra", "checkpoints", "metrics.json", FAILED_NAME) for p in sweep_dir.rglob(marker)}
+    held += [str(job.relative_to(sweep_dir)) for job in sorted(jobs) if job != sweep_dir and (
+        earlier_results(job) or (job / FAILED_NAME).is_file())]  # fmt: skip
+    return held
+
+
+def end_sweep(message: str, status: int) -> None:
+    """One line and the exit status, from the sweep's own process. (Not errors.fail: the launcher's worker processes,
+    joblib's, are its children and end with it; and Hydra turns a callback's exceptions into warnings, never
+    SystemExit.)"""
+    print(f"deit-train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+class SweepSummary(Callback):
+    """Refuses a sweep into an earlier sweep's directory before Hydra writes there; ends a sweep with one line and
+    a non-zero exit status when a job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            held = earlier_sweep(sweep_dir)
+        except OSError as error:
+            end_sweep(f"hydra.sweep.dir={sweep_dir} cannot be read ({error.strerror}): choose another folder", 2)
+        if held and not (config.get("resume") or config.get("ckpt_path")):  # resuming: each job checks its own
+            shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+            end_sweep(f"hydra.sweep.dir={sweep_dir} holds an earlier sweep ({shown}), which this sweep would "
+                      f"overwrite: resume=true continues its jobs, or give this sweep its own directory "
+                      f"(hydra.sweep.dir=...)", 2)  # fmt: skip
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            failed = failures(sweep_dir) if sweep_dir.is_dir() else []
+            jobs = expected_jobs(config)
+        except Exception as error:  # noqa: BLE001 (Hydra would turn it into a warning and exit 0)
+            end_sweep(f"the sweep ended but its jobs' records in {sweep_dir} could not be read ({error}): "
+                      f"deit-report {sweep_dir} shows what finished", 1)  # fmt: skip
+        total = len(jobs) if jobs is not None else len({p.parent for p in sweep_dir.rglob(".hydra")} |
+                                                       {f.directory for f in failed})  # fmt: skip
+        if not failed:
+            log.info("sweep: all %d jobs finished (%s)", total, sweep_dir)
+            return
+        common = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+        listed = "; ".join(f"{f.directory.relative_to(sweep_dir)} ({' '.join(o for o in f.overrides if o not in common)}"
+                           f", exit {f.exit_status})" for f in failed)  # fmt: skip
+        end_sweep(f"{len(failed)} of {total} sweep jobs failed: {listed}. The others finished; each failed job's "
+                  f"failed.json holds its error (deit-report {sweep_dir} lists them)", failed[0].exit_status)
