@@ -151,7 +151,7 @@ def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teac
         **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
         "world_size": world_size,
         "data": dataset_digest(train_set),
-        "teacher": teacher_digest(teacher),
+        "teacher_networks": teacher_digest(teacher),
         "versions": {name: importlib.metadata.version(name) for name in VERSIONS_THAT_SHAPE_VIEWS},
     }
 
