@@ -148,3 +148,21 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     with pytest.raises(DeitTrainError, match=r"holds Python objects besides tensors \(builtins.print\), which "
                        "loading would have to run as code: refused"):
         load_weights(tmp_path / "evil.pth")
+
+
+def receive(module) -> None:  # run in a spawned process: what a ddp_spawn rank does with the module it gets
+    assert sum(p.numel() for p in module.parameters()) > 0
+
+
+def test_the_ema_reaches_spawned_ranks():
+    """trainer=ddp_spawn pickles the module to each rank through torch's shared memory; timm's ModelEmaV3 carries a
+    torch.Generator that does not survive it ("unable to resize file": the run ended as a bug with any ema.decay)."""
+    from deit_train.tasks.classify import StudentEMA
+
+    ema = StudentEMA(build_student(tiny_student_config(), num_classes=5), decay=0.9)
+    process = torch.multiprocessing.get_context("spawn").Process(target=receive, args=(ema,))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == 0
+    copy = pickle.loads(pickle.dumps(ema))
+    assert torch.equal(copy._sr_generator.get_state(), ema._sr_generator.get_state())

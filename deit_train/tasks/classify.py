@@ -41,6 +41,22 @@ from deit_train.training import TrainingModule, run_config
 log = logging.getLogger("deit_train")
 
 
+class StudentEMA(ModelEmaV3):
+    """timm's ModelEmaV3 that trainer=ddp_spawn can send to its ranks: its private generator (for the stochastic
+    rounding of a bf16 EMA) does not survive torch's shared-memory pickling ("unable to resize file"), so it is left
+    out and made again, from its seed, on the other side."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_sr_generator", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._sr_generator = torch.Generator(device=next(self.module.parameters()).device)
+        self._sr_generator.manual_seed(self.stochastic_rounding_seed)
+
+
 class DeiTModule(ViewKeysOnHost, TrainingModule):
     def __init__(
         self,
@@ -63,7 +79,7 @@ class DeiTModule(ViewKeysOnHost, TrainingModule):
         self.mix = BatchMixer(augment, self.num_classes, seed)
         # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
         # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
-        self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay is not None else None
+        self.ema = StudentEMA(student, decay=ema_decay) if ema_decay is not None else None
         if self.ema is not None:  # updated by copying, never by gradients: DDP must not wait for its grads
             self.ema.requires_grad_(False)
 
