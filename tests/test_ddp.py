@@ -118,7 +118,7 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"val/acc1", "val_ema/acc1", "val/teacher_acc1"} <= set(metrics)
     assert sorted(p.name for p in tmp_path.glob("cache/*/epoch*")) == [
-        f"epoch000{e}-rank{r}.safetensors" for e in (0, 1) for r in (0, 1)
+        f"epoch000{e}-rank{r}-batches5.safetensors" for e in (0, 1) for r in (0, 1)
     ]
     # a second run reads every batch of both epochs from the cache and ends with the same student
     again = run_ok(*overrides, run_dir=tmp_path / "again", cache_dir=cache_dir)

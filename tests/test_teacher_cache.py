@@ -130,7 +130,7 @@ def test_a_corrupt_or_truncated_cache_file_is_recomputed_with_a_warning(
     cache = tmp_path / "cache"
     first = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="first")
     train(first)
-    (epoch_file,) = cache.glob("*/epoch0000-rank0.safetensors")
+    (epoch_file,) = cache.glob("*/epoch0000-rank0-batches5.safetensors")
     data = bytearray(epoch_file.read_bytes())
     epoch_file.write_bytes(
         data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -200,7 +200,7 @@ def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, ran
     )
     assert fill.returncode == 0, fill.stdout + fill.stderr
     files = sorted(p.name for p in tmp_path.glob("cache/*/epoch*"))
-    assert files == ["epoch0000-rank0.safetensors", "epoch0000-rank1.safetensors"]
+    assert files == ["epoch0000-rank0-batches5.safetensors", "epoch0000-rank1-batches5.safetensors"]
     read = run_cli(*distill, "hydra.run.dir=read", tmp_path=tmp_path, cache_dir=cache_dir)
     output = read.stdout + read.stderr
     assert read.returncode == 0, output
@@ -329,3 +329,33 @@ def test_a_cache_path_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(DeitTrainError, match="is a file, not a folder"):
         TeacherCache(tmp_path / "file", {}, Encoding.choose("hard", 10, None, 1.0), rank=0)
+
+
+def test_a_transformers_teacher_is_keyed_by_its_config_not_only_its_weights():
+    """config.json edited beside the same weights (hidden_act, layer_norm_eps) changes the outputs: the cache's key
+    changes with it (it served the old outputs)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from deit_train.teacher.cache import teacher_digest
+
+    config = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    network = ViTForImageClassification(ViTConfig(**config))
+    edited = ViTForImageClassification(ViTConfig(**config, hidden_act="relu", layer_norm_eps=0.1))
+    edited.load_state_dict(network.state_dict())
+    digests = {teacher_digest(torch.nn.ModuleList([model])) for model in (network, edited)}
+    assert len(digests) == 2
+
+
+def test_a_run_limited_to_fewer_batches_keeps_the_full_epochs_files(distill, tmp_path, teacher_calls):
+    """A debug run with limit_train_batches into a sweep's cache keeps its own files beside the full epochs' (it
+    replaced them, and the next full run computed everything again)."""
+    cache = f"teacher.cache={tmp_path / 'cache'}"
+    train(distill(cache, "trainer.max_epochs=1", run="full"))
+    train(distill(cache, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", run="limited"))
+    computed = teacher_calls["train"]
+    train(distill(cache, "trainer.max_epochs=1", run="again"))
+    assert teacher_calls["train"] == computed  # every batch of the full epoch read
+    names = sorted(p.name for p in (tmp_path / "cache").glob("*/epoch*"))
+    assert names == ["epoch0000-rank0-batches2.safetensors", "epoch0000-rank0-batches5.safetensors"]

@@ -5,8 +5,8 @@ on views it never sees; Beyer et al. 2022 show distillation wants the teacher on
 included. Training views are reproducible (data/views.py), so the teacher's output on every training batch is a
 function of the configuration, and can be stored the first time and read afterwards.
 
-Layout: DIR/<fingerprint>/epochNNNN-rankR.safetensors, one file per epoch and rank, written when the epoch's
-last batch is done (to a temporary name, then renamed: a crash or a half-written file is never read as complete).
+Layout: DIR/<fingerprint>/epochNNNN-rankR-batchesB.safetensors, one file per epoch, rank and batch count (a run
+limited to fewer batches keeps its own), written when the epoch's last batch is done (to a temporary name, then renamed: a crash or a half-written file is never read as complete).
 The fingerprint hashes everything that decides the teacher's input and output (fingerprint_inputs). Each file
 carries its fingerprint, batch count and a SHA-256 of its tensors, and each batch the hash of its view keys, so
 a corrupt, truncated or foreign file is recomputed with a warning, never served. Runs of a sweep may share DIR.
@@ -135,13 +135,18 @@ def dataset_digest(dataset: Dataset) -> str:
 
 
 def teacher_digest(members: nn.Module) -> str:
-    """Everything of the teacher networks that decides their outputs: weights and buffers in the dtype they run in,
-    and each one's input, its resolution and normalisation (a transformers teacher's image processor: size, mean,
-    std, held as buffers that its state dict leaves out)."""
+    """Everything of the teacher networks that decides their outputs: weights and buffers in the dtype they run in;
+    the architecture, as the modules print (layer types, activations, norm eps) and as a transformers model's config
+    says (hidden_act, layer_norm_eps, ...: config.json edited beside the same weights); and each network's input,
+    its resolution and normalisation (a transformers teacher's image processor: size, mean, std, held as buffers
+    that its state dict leaves out)."""
     tensors = {f"state.{k}": v for k, v in members.state_dict().items()}
     tensors.update({f"buffer.{k}": v for k, v in members.named_buffers()})
     sizes = [getattr(member, "img_size", None) for member in members.children()]
-    return f"{tensor_digest(tensors)}:{sizes}"
+    configs = [module.config.to_json_string() for module in members.modules()
+               if hasattr(getattr(module, "config", None), "to_json_string")]  # fmt: skip
+    architecture = hashlib.sha256(f"{members!r}\n{configs}".encode()).hexdigest()
+    return f"{tensor_digest(tensors)}:{architecture}:{sizes}"
 
 
 def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teacher: nn.Module) -> dict:
@@ -187,15 +192,17 @@ class TeacherCache:
         self.stored: dict[str, torch.Tensor] | None = None
         self.stored_keys: list[int] = []
         self.computed: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # outputs on the device until end_epoch
-        self.epoch, self.num_batches = 0, 0
+        self.epoch, self.num_batches, self.served = 0, 0, 0
 
     def epoch_file(self, epoch: int) -> Path:
-        return self.root / f"epoch{epoch:04d}-rank{self.rank}.safetensors"
+        """One file per epoch, rank and batch count: a run limited to fewer batches (limit_train_batches) keeps its
+        own files beside the full epochs' instead of replacing them."""
+        return self.root / f"epoch{epoch:04d}-rank{self.rank}-batches{self.num_batches}.safetensors"
 
     def start_epoch(self, epoch: int, num_batches: int, device: torch.device) -> None:
         """Read the epoch's file and copy its outputs to the device once: the steps then index them there, with no
         copy and no host sync per batch."""
-        self.epoch, self.num_batches = epoch, num_batches
+        self.epoch, self.num_batches, self.served = epoch, num_batches, 0
         self.stored, self.stored_keys = self.read(self.epoch_file(epoch)), []
         if self.stored is not None:
             self.stored_keys = self.stored.pop("batch_keys").tolist()
@@ -233,6 +240,7 @@ class TeacherCache:
         key = batch_key(view_keys)
         if self.stored is not None:
             if self.stored_keys[batch_idx] == key:
+                self.served += 1
                 return self.encoding.decode({name: t[batch_idx] for name, t in self.stored.items()})
             warnings.warn(
                 f"teacher cache {self.epoch_file(self.epoch)}: batch {batch_idx} holds other views than this run "
@@ -253,8 +261,8 @@ class TeacherCache:
             "teacher cache, epoch %d, rank %d: %d batches read, %d computed",
             self.epoch,
             self.rank,
-            self.num_batches - len(self.computed) if self.stored is not None else 0,
-            len(self.computed),
+            self.served,
+            self.num_batches - self.served,
         )
         if self.stored is not None or len(self.computed) != self.num_batches or not self.num_batches:
             return
