@@ -108,6 +108,20 @@ def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(t
     assert "teacher.unchecked_order=true: training with it anyway" in caplog.text
 
 
+def test_task_teacher_cache_refuses_the_misordered_teacher_its_students_would(tiny_config, numbered_folders,
+                                                                              tmp_path):  # fmt: skip
+    """task=teacher_cache fills the cache for the students of a sweep: a teacher they would refuse is refused
+    before it fills a cache nobody can use (it filled it, without its accuracy in the log)."""
+    from deit_train.tasks.teacher_cache import FillTeacherCache
+
+    base = teacher_config(tiny_config, numbered_folders, "unused")
+    numeric = fitted_resnet(base, NUMERIC, tmp_path)
+    cfg = teacher_config(tiny_config, numbered_folders, numeric, "task=teacher_cache",
+                         f"teacher.cache={tmp_path / 'cache'}")  # fmt: skip
+    with pytest.raises(DeitTrainError, match="top-1 16.7% on 48 validation images"):
+        FillTeacherCache().build(cfg)
+
+
 TINY_DEIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16)
 
 

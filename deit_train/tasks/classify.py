@@ -181,7 +181,7 @@ class Classify(Task):
     def build(self, cfg: DictConfig) -> Built:
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         module = self.build_module(cfg, datamodule.class_names)
-        check_label_order(cfg, module, datamodule)
+        check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
 
     @staticmethod
@@ -219,23 +219,24 @@ class Classify(Task):
         )
 
 
-def check_label_order(cfg: DictConfig, module: DeiTModule, datamodule: DeiTDataModule) -> None:
+def check_label_order(
+    cfg: DictConfig, datamodule: DeiTDataModule, teacher: Teacher | None, student: nn.Module | None = None
+) -> None:
     """model.init's heads are the data's classes by name (refused otherwise); each teacher network's top-1 on a
     sample of the validation data is logged; a teacher or model.init's heads whose weights name no classes are refused
     when that sample does not show them in the data's order (labels.py: OrderCheck)."""
-    kept = check_init_classes(module.student, module.class_names)
+    class_names = datamodule.class_names
+    kept = check_init_classes(student, class_names) if student is not None else None
     checks = []  # (what, network, its prediction, where its weights come from when they name no classes, option)
-    if module.teacher is not None:
+    if teacher is not None:
         members = cfg.teacher.members or [cfg.teacher]
-        for member, network in zip(members, module.teacher.members, strict=True):
+        for member, network in zip(members, teacher.members, strict=True):
             unnamed = getattr(network.network, "unnamed", None)
             checks.append((f"teacher {member.name}", network, network, unnamed, "teacher.unchecked_order"))
         if len(members) > 1:
-            teacher = module.teacher
             combined = lambda images: ensemble_logits([m(images) for m in teacher.members], teacher.tau)  # noqa: E731
             checks.append(("teacher ensemble", teacher, combined, None, None))
     if kept is not None:
-        student = module.student
         checks.append(("model.init", student, lambda images: average_heads(*forward_heads(student, images)),
                        f"model.init={kept.source} (weights without class names)", "model.init_unchecked_order"))  # fmt: skip
     if not checks:
@@ -246,7 +247,7 @@ def check_label_order(cfg: DictConfig, module: DeiTModule, datamodule: DeiTDataM
         was_training = network.training
         network.eval().to(device)
         try:
-            check = order_on_data(lambda images, predict=predict: predict(images.to(device)), batches, module.class_names)
+            check = order_on_data(lambda images, predict=predict: predict(images.to(device)), batches, class_names)
         finally:
             network.train(was_training).to("cpu")
         log.info("%s: %s", what, check.describe())

@@ -13,7 +13,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.views import BatchMixer, ViewKeysOnHost
 from deit_train.errors import DeitTrainError
 from deit_train.tasks import Built
-from deit_train.tasks.classify import Classify, cache_callbacks
+from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
 from deit_train.teacher import Teacher, build_teacher
 
 
@@ -56,5 +56,6 @@ class FillTeacherCache(Classify):
         # The students' data, teacher, mixing and cache: exactly what their runs will look up.
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         teacher = build_teacher(cfg, datamodule.class_names)
+        check_label_order(cfg, datamodule, teacher)  # as the students' runs will: a misordered teacher is refused now
         mix = BatchMixer(cfg.augment, datamodule.num_classes, cfg.seed)
         return Built(datamodule, TeacherCacheFiller(teacher, mix), cache_callbacks(cfg, teacher, datamodule.num_classes))
