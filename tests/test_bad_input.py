@@ -72,6 +72,7 @@ CORPUS = {
     ],
     "trainer": [
         ("trainer.precision=17", "trainer.precision=17"),
+        ("trainer.precision=16-true", "trainer.precision=16-true"),  # fp16 AdamW state: diverged at its first step
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
         ("trainer=tpu", "trainer/tpu"),
