@@ -144,13 +144,14 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def check_writable(output_dir: Path) -> None:
-    """The run directory, or the folder it will be made in, can be written (before Hydra makes it)."""
+def check_writable(output_dir: Path, key: str = "hydra.run.dir") -> None:
+    """A folder the run will write (the run directory before Hydra makes it, teacher.cache), or the folder it will
+    be made in, can be written."""
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     if not existing.is_dir():
-        raise DeitTrainError(f"hydra.run.dir={output_dir}: {existing} is a file, not a folder; choose another path")
+        raise DeitTrainError(f"{key}={output_dir}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StorageError(f"hydra.run.dir={output_dir}: {existing} cannot be written (read-only or no permission); "
+        raise StorageError(f"{key}={output_dir}: {existing} cannot be written (read-only or no permission); "
                            f"choose a writable path")  # fmt: skip
 
 

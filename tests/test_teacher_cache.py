@@ -322,11 +322,19 @@ def test_the_teacher_is_keyed_by_what_it_sees_not_only_its_weights():
     assert len(digests) == 3
 
 
-def test_a_cache_path_that_is_a_file_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_cache_path_that_is_a_file_is_refused_before_the_run_writes_anything(distill, tmp_path, under):
+    """teacher.cache naming a file, or a folder under one: one line from the config check (which deit-train runs
+    before Hydra makes the run directory), and from the cache itself; it ended as a bug, then wrote the run's files."""
     from deit_train.errors import DeitTrainError
     from deit_train.teacher.cache import TeacherCache
+    from deit_train.train import check_config
 
     (tmp_path / "file").write_text("not a folder")
+    path = tmp_path / "file" / under if under else tmp_path / "file"
+    with pytest.raises(DeitTrainError, match=f"teacher.cache={path}: {tmp_path / 'file'} is a file, not a folder"):
+        check_config(distill(f"teacher.cache={path}", run="run"))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(DeitTrainError, match="is a file, not a folder"):
         TeacherCache(tmp_path / "file", {}, Encoding.choose("hard", 10, None, 1.0), rank=0)
 

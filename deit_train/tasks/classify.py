@@ -5,6 +5,7 @@ loss."""
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +28,7 @@ from deit_train.models import (
     is_distilled,
 )
 from deit_train.models.init import check_init_classes
+from deit_train.run_dir import check_writable
 from deit_train.tasks import Built, Task
 from deit_train.teacher import (
     CacheSettings,
@@ -177,6 +179,8 @@ class Classify(Task):
                 f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
                 f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
             )
+        if cfg.teacher.cache and distillation != "none":  # before the run writes anything
+            check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
 
     def build(self, cfg: DictConfig) -> Built:
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
