@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from deit_train.console import quiet_console
 from deit_train.data.views import MODEL_STREAM, view_seed
 from deit_train.errors import TrainingDiverged
 
@@ -39,6 +40,7 @@ class TrainingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """In every rank's process, spawned ones included (trainer=ddp_spawn starts them after train.py ran)."""
+        quiet_console()
         if self.trainer.strategy.root_device.type == "cuda":
             fast_cuda_math()
         teacher = getattr(self, "teacher", None)
