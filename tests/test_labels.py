@@ -345,3 +345,14 @@ def test_an_ensemble_member_in_another_order_is_refused_by_its_checkpoint(tiny_c
     assert "teacher resnet10t: top-1 100.0% on 48 validation images" in caplog.text
     assert "teacher resnet10t: top-1 16.7% on 48 validation images" in caplog.text
     assert "teacher ensemble: top-1 " in caplog.text
+
+
+def test_the_fix_for_misordered_init_heads_names_this_students_head_tensors():
+    """The advice to drop the heads names the student's own classifier (a ResNet's fc.*, not a DeiT's head.*)."""
+    from deit_train.models.init import KeptHeads, check_init_classes
+
+    student = timm.create_model("resnet10t", num_classes=3)
+    student.kept_heads = KeptHeads("other.ckpt", ["b", "a", "c"])
+    with pytest.raises(DeitTrainError, match=r"without the head tensors \(fc\.\*: ") as refused:
+        check_init_classes(student, ["a", "b", "c"])
+    assert "head_dist" not in str(refused.value)

@@ -81,10 +81,11 @@ def check_init_classes(student: nn.Module, class_names: list[str]) -> KeptHeads 
         return None
     if kept.class_names is None:
         return kept
+    heads = ", ".join(sorted({key.rsplit(".", 1)[0] + ".*" for key in classifier_keys(student)}))
     check_same_classes(
         kept.class_names, class_names, f"model.init={kept.source}", "its heads", "the data",
-        "Its heads would predict the wrong labels. Give the data its classes in the same order, or, to start both "
-        "heads fresh, pass its weights without the head tensors (head.*, head_dist.*: an encoder-only state dict)",
+        f"Its heads would predict the wrong labels. Give the data its classes in the same order, or, to start the "
+        f"heads fresh, pass its weights without the head tensors ({heads}: an encoder-only state dict)",
     )  # fmt: skip
     return None
 
