@@ -2,8 +2,10 @@
 `sweeps` extra; tests that need one skip cleanly without it."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +31,8 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
         *layered([*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]),
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # tests.probes importable
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
 
 
 @pytest.mark.slow
