@@ -140,8 +140,9 @@ def teacher_digest(members: nn.Module) -> str:
     says (hidden_act, layer_norm_eps, ...: config.json edited beside the same weights); and each network's input,
     its resolution and normalisation (a transformers teacher's image processor: size, mean, std, held as buffers
     that its state dict leaves out)."""
-    tensors = {f"state.{k}": v for k, v in members.state_dict().items()}
-    tensors.update({f"buffer.{k}": v for k, v in members.named_buffers()})
+    state = members.state_dict()
+    tensors = {f"state.{k}": v for k, v in state.items()}
+    tensors.update({f"buffer.{k}": v for k, v in members.named_buffers() if k not in state})  # non-persistent ones
     sizes = [getattr(member, "img_size", None) for member in members.children()]
     configs = [module.config.to_json_string() for module in members.modules()
                if hasattr(getattr(module, "config", None), "to_json_string")]  # fmt: skip
