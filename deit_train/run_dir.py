@@ -35,7 +35,7 @@ log = logging.getLogger("deit_train")
 LOCK_NAME = ".deit-train.lock"
 
 # Keys a resumed run may change; they are applied (the optimizer's hyper-parameters and the schedule are rebuilt
-# from the new values, training.py) and logged. Any other difference changes what is trained (architecture,
+# from the new values, tasks/module.py) and logged. Any other difference changes what is trained (architecture,
 # classes, data, loss, augmentation, seed, the optimizer itself) and is refused. A key ending in "." is a prefix.
 RESUMABLE_CHANGES = (
     "trainer.max_epochs",  # train longer (or stop sooner)

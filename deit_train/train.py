@@ -40,8 +40,8 @@ from deit_train.run_dir import (
     write_metrics,
 )
 from deit_train.sweep_jobs import clear_failure, in_sweep, record_failure
-from deit_train.tasks import Task
-from deit_train.training import ddp_ignored
+from deit_train.tasks.task import Task
+from deit_train.tasks.module import ddp_ignored
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
@@ -218,11 +218,3 @@ def main(cfg: DictConfig) -> float | None:
         clear_failure(Path(cfg.paths.output_dir))
     # The value sweeps optimise (hparams_search's direction follows task.optimized_mode).
     return metrics.get(cfg.task.optimized_metric)
-
-
-if __name__ == "__main__":
-    # `python -m deit_train.train`: run the function of the importable module, not of __main__, so that launchers
-    # that pickle the task (submitit, joblib) pickle a reference to it rather than the function and its globals.
-    from deit_train.cli import cli
-
-    cli()

@@ -393,7 +393,7 @@ def bare_train(bench: Bench, cfg: DictConfig) -> tuple[Run, float]:
     torch.manual_seed(0)
     student = build_student(cfg.model, preset.num_classes).to(device).train()
     teacher = build_teacher_network(cfg.teacher, bench.class_names).to(device).eval()
-    fused = {"fused": True} if device.type == "cuda" else {}  # as training.py's configure_optimizers
+    fused = {"fused": True} if device.type == "cuda" else {}  # as tasks/module.py's configure_optimizers
     optimizer = create_optimizer_v2(student, opt="adamw", lr=5e-4, weight_decay=0.05, **fused)
     timer = StepTimer(preset.warmup, preset.steps, device)
     for step, (images, labels, _) in enumerate(bench.timed_batches):

@@ -35,7 +35,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.demo import ensure_demo_dataset
-from deit_train.shard import main as deit_shard
+from deit_train.tools.shard import main as deit_shard
 from deit_train.train import CONFIG_DIR
 
 BATCH = 32  # the default batch; a run needs at least 4 batches of training JPEGs

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from deit_train.cli import layered
-from deit_train.report import report
+from deit_train.tools.report import report
 
 TEACHER = "resnet18"
 
@@ -25,7 +25,7 @@ def run(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
     command = [
         sys.executable,
         "-m",
-        "deit_train.train",
+        "deit_train",
         *layered(["experiment=demo", f"hydra.run.dir={run_dir}", *overrides]),  # the later value of a key wins
     ]
     print(f"\n=== {name}: {' '.join(command[2:])}", flush=True)

@@ -94,8 +94,8 @@ def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) 
     validation counted every image once. Returns the metrics."""
     import json
 
-    from deit_train.evaluate import evaluate, open_eval_folder
-    from deit_train.trained import load_trained_model
+    from deit_train.tools.evaluate import evaluate, open_eval_folder
+    from deit_train.models.trained_model import load_trained_model
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt", ema=ema)

@@ -153,7 +153,7 @@ def test_sweeps_and_hydra_flags_are_left_to_hydra(capsys):
      ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6")],
 )  # fmt: skip
 def test_the_console_script_exits_2_with_one_line(line, named, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deit_train.train", "experiment=demo", *line.split()],
+    result = subprocess.run([sys.executable, "-m", "deit_train", "experiment=demo", *line.split()],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     output = (result.stdout + result.stderr).strip().splitlines()
@@ -167,7 +167,7 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_hydra_makes_it
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]).returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        result = subprocess.run([sys.executable, "-m", "deit_train.train", "experiment=demo",
+        result = subprocess.run([sys.executable, "-m", "deit_train", "experiment=demo",
                                  f"hydra.run.dir={read_only}/run"], capture_output=True, text=True, cwd=tmp_path,
                                 timeout=120)  # fmt: skip
     finally:

@@ -16,7 +16,7 @@ from .conftest import TINY, TINY_RUN, TINY_VIT
 def cli_command(*overrides: str, tmp_path, cache_dir, base=TINY) -> list[str]:
     """`deit-train <tiny config> <overrides>` running in tmp_path/run."""
     run_dir = tmp_path / "run"
-    return [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+    return [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
                                                                 f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
 
 
@@ -173,7 +173,7 @@ def test_ddp_ranks_agree_on_a_timestamped_run_directory(tmp_path, cache_dir):
     command = [
         sys.executable,
         "-m",
-        "deit_train.train",
+        "deit_train",
         *TINY,
         f"paths.cache_dir={cache_dir}",
         "trainer=ddp_cpu",

@@ -38,7 +38,7 @@ def slurm_cluster():
 
 def slurm_sweep(*overrides: str, tmp_path: Path, cache_dir: Path) -> list[str]:
     """`deit-train -m hydra/launcher=slurm` with the tiny demo run, one CPU per task."""
-    return [sys.executable, "-m", "deit_train.train", "--multirun", *layered([
+    return [sys.executable, "-m", "deit_train", "--multirun", *layered([
             "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
             "trainer.accelerator=cpu", *TINY_RUN, *TINY_DEMO, *TINY_VIT, f"paths.cache_dir={cache_dir}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])]  # fmt: skip

@@ -15,10 +15,10 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.datasets import find_class_names
 from deit_train.data.webdataset import Shards
 from deit_train.errors import DeitTrainError
-from deit_train.evaluate import evaluate, open_eval_folder
-from deit_train.shard import main as deit_shard
+from deit_train.tools.evaluate import evaluate, open_eval_folder
+from deit_train.tools.shard import main as deit_shard
 from deit_train.train import train
-from deit_train.trained import load_trained_model
+from deit_train.models.trained_model import load_trained_model
 
 from .test_ddp import DDP, run_ok
 from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
@@ -511,7 +511,7 @@ def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(tin
     assert run.datamodule.class_names == [str(i) for i in range(11)]
     assert "its integer labels run 0..10 but 1 class(es) have no training rows (0; 1-based labels?)" in caplog.text
     checkpoint = Path(run.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    from deit_train.evaluate import main as deit_eval
+    from deit_train.tools.evaluate import main as deit_eval
 
     with pytest.raises(SystemExit) as refused:
         deit_eval([str(checkpoint), str(data)])

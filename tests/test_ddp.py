@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from deit_train.cli import layered
-from deit_train.evaluate import evaluate, open_eval_folder
-from deit_train.trained import load_trained_model
+from deit_train.tools.evaluate import evaluate, open_eval_folder
+from deit_train.models.trained_model import load_trained_model
 
 from .conftest import TINY, TINY_RUN, TINY_VIT, assert_metrics_reproduce
 from .test_presets import PAPER, shrink
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, env: dict | None = None, base=TINY):
     """`deit-train` in a subprocess (DDP re-launches it once per rank), with tests/ importable for probes."""
-    command = [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+    command = [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
                f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.Popen(command, cwd=run_dir.parent, env=environment, stdout=subprocess.PIPE,
@@ -129,7 +129,7 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
 
 @pytest.mark.slow
 def test_a_divergence_on_one_rank_ends_every_rank_with_exit_5(tmp_path, cache_dir):
-    """Only rank 1's loss is NaN: the ranks decide together (training.py, stop_if_diverged), so every rank stops with
+    """Only rank 1's loss is NaN: the ranks decide together (tasks/module.py, stop_if_diverged), so every rank stops with
     exit 5 and one line; a rank that raised alone left the other waiting in the gradients' all-reduce."""
     import time
 

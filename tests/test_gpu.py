@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from deit_train.data import DeiTDataModule
-from deit_train.evaluate import evaluate, open_eval_folder
+from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.teacher import Encoding, Teacher, TeacherCache, build_teacher
 from deit_train.train import train
-from deit_train.trained import load_trained_model
+from deit_train.models.trained_model import load_trained_model
 
 DEVICE = torch.device(os.environ.get("DEIT_TRAIN_GPU_TEST_DEVICE", "cuda"))
 NO_CUDA = "needs CUDA: torch.cuda.is_available() is False on this machine (scripts/gpu_check.sh runs these on a GPU)"
@@ -204,7 +204,7 @@ def distill_step(tiny_config, random_teacher_checkpoint):
 def test_fp32_step_with_fused_adamw_equals_the_cpu_step(distill_step, exact_fp32):
     cpu = distill_step(torch.device("cpu"), run="cpu")
     ours = distill_step(DEVICE, run="gpu")
-    assert ours.run.trainer.optimizers[0].defaults.get("fused") is True  # training.py's CUDA default
+    assert ours.run.trainer.optimizers[0].defaults.get("fused") is True  # tasks/module.py's CUDA default
     assert_step_matches(ours, cpu, TOLERANCE["exact"])
     assert_adamw_update(ours)
     assert_adamw_update(cpu)

@@ -29,14 +29,14 @@ from transformers import (
 
 from deit_train.data.images import load_image
 from deit_train.errors import DeitTrainError
-from deit_train.evaluate import evaluate, open_eval_folder
-from deit_train.export import export
+from deit_train.tools.evaluate import evaluate, open_eval_folder
+from deit_train.tools.export import export
 from deit_train.models import build_student, forward_heads
 from deit_train.models.transformers_format import timm_to_transformers, transformers_to_timm
-from deit_train.predict import image_paths, predict
+from deit_train.tools.predict import image_paths, predict
 from deit_train.schema import ModelConfig
 from deit_train.train import train
-from deit_train.trained import load_trained_model
+from deit_train.models.trained_model import load_trained_model
 
 from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
 
@@ -177,7 +177,7 @@ def test_export_loads_in_transformers_and_timm_with_the_same_logits(trained_run,
 def test_onnx_export_gives_the_same_logits_for_any_batch_size(trained_run, tmp_path):
     import onnxruntime
 
-    from deit_train.export import export_onnx
+    from deit_train.tools.export import export_onnx
 
     trained = load_trained_model(trained_run[0])
     export_onnx(trained, tmp_path / "model.onnx")
@@ -265,7 +265,7 @@ def test_deit_eval_maps_a_subset_of_classes_by_name(trained_run, demo_data, tmp_
 
 
 def run_tool(tool, *args, cwd):
-    command = [sys.executable, "-m", f"deit_train.{tool}", *map(str, args)]
+    command = [sys.executable, "-m", f"deit_train.tools.{tool}", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 

@@ -26,7 +26,7 @@ from deit_train.errors import DeitTrainError
 from deit_train.labels import natural_key
 from deit_train.models.init import check_init_classes, initialize_from
 from deit_train.schema import DataConfig, TeacherConfig
-from deit_train.shard import hf_splits
+from deit_train.tools.shard import hf_splits
 from deit_train.tasks.classify import Classify
 from deit_train.teacher import build_teacher_network
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from deit_train.errors import DeitTrainError
-from deit_train.report import read_run, report, run_figure, sweep_figure, sweep_rows
+from deit_train.tools.report import read_run, report, run_figure, sweep_figure, sweep_rows
 
 from .test_sweeps import run_sweep
 
@@ -59,7 +59,7 @@ def test_sweep_table_aggregates_seeds_as_the_jobs_metrics_say(sweep, tmp_path):
 
 
 def test_a_failed_job_is_listed_not_dropped(sweep, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(sweep), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(sweep), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     failed_row = next(
@@ -113,7 +113,7 @@ def test_clear_errors_for_no_runs_no_logs_and_nothing_finished(sweep, tmp_path):
     shutil.copytree(sweep.parent / "complete", unfinished)
     for metrics in unfinished.glob("*/metrics.json"):
         metrics.unlink()
-    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(unfinished)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(unfinished)], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -138,7 +138,7 @@ def test_a_damaged_run_file_is_named_in_one_line(sweep, tmp_path, name, content,
     damaged = tmp_path / "damaged"
     shutil.copytree(sweep.parent / "complete", damaged)
     (damaged / "0" / name).write_text(content)
-    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(damaged), "--out", str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -156,7 +156,7 @@ def test_failed_and_missing_jobs_are_listed_with_their_message(sweep, tmp_path):
     (damaged / "1").mkdir()
     (damaged / "1" / "failed.json").write_text(json.dumps({"job": 1, "overrides": overrides[1], "exit_status": 2,
                                                            "message": "loss.alpha=1.5: expected a weight in [0, 1]"}))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "deit_train.report", str(damaged), "--out", str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     varying = lambda job: " ".join(o for o in overrides[job] if o.startswith(("model.depth", "seed")))  # noqa: E731

@@ -28,7 +28,7 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2", "augment.repeated_aug=2", "data.n
 
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, base=TINY) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "deit_train.train", *layered([*base, f"paths.cache_dir={cache_dir}",
+    command = [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
                                                                    f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=run_dir.parent, env=environment)
@@ -158,7 +158,7 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
 def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "deit_train.train", *layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+        [sys.executable, "-m", "deit_train", *layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
          "trainer.max_epochs=2", "+callbacks.pause._target_=tests.probes.Pause"])],  # held after its first epoch
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
@@ -211,7 +211,7 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoin
     before = last.read_bytes()
     limit = len(before) // 2  # no file may grow past half a checkpoint: the next save cannot be written
 
-    command = [sys.executable, "-m", "deit_train.train", *layered([*TINY, f"paths.cache_dir={cache_dir}",
+    command = [sys.executable, "-m", "deit_train", *layered([*TINY, f"paths.cache_dir={cache_dir}",
                f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"])]  # fmt: skip
     full = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip

@@ -26,7 +26,7 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
     command = [
         sys.executable,
         "-m",
-        "deit_train.train",
+        "deit_train",
         "--multirun",
         *layered([*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]),
@@ -149,7 +149,7 @@ def test_a_drawn_sweep_finishes_every_good_job_and_records_every_failed_one(kind
     """Failing jobs at drawn positions: every good job finishes (its metrics.json, no failed.json), every bad one
     is recorded in its directory (failed.json: message, exit status, overrides; no metrics.json), the last line
     names the failed jobs, the exit status is the first failed job's, and deit-report lists them."""
-    from deit_train.report import report
+    from deit_train.tools.report import report
 
     tmp_path = tmp_path_factory.mktemp("drawn_sweep")
     overrides, alphas = drawn_sweep(kinds)

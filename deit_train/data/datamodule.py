@@ -53,7 +53,7 @@ class DeiTDataModule(L.LightningDataModule):
         return self.data.batch_size // (world_size * accumulate)
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps in an epoch of each device, counted without making the loader (training.py)."""
+        """Optimizer steps in an epoch of each device, counted without making the loader (tasks/module.py)."""
         trainer = self.trainer
         if isinstance(self.train_set, Shards):  # data=webdataset: the stream's own count (data/webdataset.py)
             per_rank = self.train_set.batches(trainer.world_size, self.per_device_batch_size, self.data.num_workers)

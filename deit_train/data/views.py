@@ -21,7 +21,7 @@ from timm.data import Mixup
 from torch.utils.data import Dataset
 
 # Streams keep the seeds of batch-level draws (Mixup/CutMix) and of the model's own randomness (drop path, in
-# training.py) apart from the sample-level ones.
+# tasks/module.py) apart from the sample-level ones.
 MIXUP_STREAM = 1
 MODEL_STREAM = 2
 

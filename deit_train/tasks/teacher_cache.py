@@ -12,7 +12,7 @@ from torch import nn
 from deit_train.data import DeiTDataModule
 from deit_train.data.views import BatchMixer, ViewKeysOnHost
 from deit_train.errors import DeitTrainError
-from deit_train.tasks import Built
+from deit_train.tasks.task import Built
 from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
 from deit_train.teacher import Teacher, build_teacher
 
@@ -34,7 +34,7 @@ class TeacherCacheFiller(ViewKeysOnHost, L.LightningModule):
         self.teacher(images, view_keys, batch_idx)
 
     def setup(self, stage: str) -> None:
-        self.teacher.hold_in(self.trainer.precision)  # as the students' runs hold it (training.py)
+        self.teacher.hold_in(self.trainer.precision)  # as the students' runs hold it (tasks/module.py)
 
     def configure_optimizers(self) -> None:
         return None

@@ -154,6 +154,6 @@ def fast_cuda_math() -> None:
 
 def ddp_ignored(module: nn.Module) -> list[str]:
     """What DDP must neither broadcast nor reduce: the frozen teacher (every rank loads the same weights; its
-    BatchNorm buffers would be broadcast every forward), and each rank's own divergence flag (training.py)."""
+    BatchNorm buffers would be broadcast every forward), and each rank's own divergence flag (tasks/module.py)."""
     names = [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
     return [name for name in names if name.startswith("teacher.") or name == "loss_diverged"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from deit_train.cli_args import ArgumentParser, at_least, new_output_dir
+from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir
 from deit_train.data.datasets import ImageFolder
 from deit_train.data.extras import require
 from deit_train.data.hf import (

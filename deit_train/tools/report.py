@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from deit_train.cli_args import ArgumentParser
+from deit_train.tools.arguments import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.sweep_jobs import FAILED_NAME, Failure, expected_jobs, read_failure
 

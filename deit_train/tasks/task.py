@@ -1,0 +1,46 @@
+"""A task: what a run trains. Chosen by conf/task/<name>.yaml (its `task` node names the class with `_target_`): its
+fields are its config, `check` adds its rules to the schema's, and `build` returns the data module, the
+LightningModule and any callbacks it needs. train.py runs whichever task it is given.
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+import lightning as L
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from deit_train.schema import OneOf, check_fields, checked
+
+
+@dataclass
+class Built:
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    callbacks: list[L.Callback] = field(default_factory=list)
+
+
+@dataclass
+class Task:
+    # what the app returns to sweeps, and what best.ckpt and Optuna follow
+    optimized_metric: str = "val/acc1"
+    optimized_mode: str = checked("max", OneOf("max", "min"))
+
+    def check(self, cfg: DictConfig) -> None:
+        """The rules of this task's fields (`checked`); subclasses add rules across groups."""
+        check_fields(cfg.task, type(self), "task")
+
+    def build(self, cfg: DictConfig) -> Built:
+        raise NotImplementedError
+
+
+def register(name: str, task: type[Task]) -> None:
+    """conf/task/<name>.yaml's schema, `<name>_schema`: the task's fields, typed, and its `_target_`."""
+    target = f"{task.__module__}.{task.__qualname__}"
+    fields = [("_target_", str, field(default=target))]
+    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(task)]
+    schema = dataclasses.make_dataclass(f"{task.__name__}Config", fields)
+    schema.__module__ = task.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
+    setattr(sys.modules[task.__module__], schema.__name__, schema)
+    ConfigStore.instance().store(group="task", name=f"{name}_schema", node=schema)
