@@ -144,47 +144,6 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
-    """Every dataset's keys; those another dataset does not use stay null."""
-
-    name: str = checked(MISSING, OneOf("demo", "imagefolder", "cifar10", "cifar100", "hf", "webdataset"))
-    root: str | None = None  # imagefolder: root/train/<class>/*, root/val/<class>/*; cifar: download folder
-    # hf: a Hub dataset (imagenet-1k: the network once, then Hugging Face's cache) or a local path: a save_to_disk
-    # folder, a folder of Parquet/Arrow files (split in the file names), or one .parquet file (docs/data.md)
-    dataset: str | None = None
-    subset: str | None = None  # hf: the dataset's configuration, load_dataset(dataset, subset)
-    image_column: str | None = None  # hf: null: the first Image feature
-    label_column: str | None = None  # hf: null: the first ClassLabel feature
-    # hf: rows labelled -1 (datasets' mark of an unlabelled row): refuse the data, or skip them (counted in the log)
-    unlabelled: str = checked("refuse", OneOf("refuse", "skip"))
-    train_split: str = "train"  # hf
-    val_split: str | None = None  # hf: null: validation, val, valid or test, the first the dataset has
-    # webdataset: tar shards, a brace pattern (/data/train-{000000..000127}.tar), pipe: or fsspec URLs (s3://...)
-    train: str | None = None
-    val: str | None = None
-    # webdataset: the samples in an epoch over all devices; null: from the _info.json beside the shards
-    train_samples: int | None = checked(None, Range(1, None, "a number of samples >= 1, or null (_info.json)"))
-    shuffle_buffer: int = checked(4096, Range(1, None, "a number of samples >= 1"))  # webdataset, per worker
-    # global, over all devices and accumulated micro-batches
-    batch_size: int = checked(1024, Range(1, None, "a batch size >= 1"))
-    num_workers: int = checked(8, Range(0, None, "a number of processes >= 0"))  # data-loader processes per device
-    pin_memory: bool = True
-    skip_corrupt: bool = False  # true: replace a corrupt image by the next one, with a counted warning
-    # before training, open every image file: header (fast: non-images, empty files, oversized images), full (decode
-    # each: also truncated files), off (huge datasets you trust); problems are reported together
-    scan: str = checked("header", OneOf("header", "full", "off"))
-    # larger images are refused as corrupt (Pillow's decompression-bomb limit); null: no limit
-    max_image_pixels: int | None = checked(89_478_485, Range(1, None, "a number of pixels >= 1, or null"))
-    download: bool = False  # cifar: fetch with torchvision (needs network)
-    # demo: the generated dataset, written once under cache_dir; hf: the datasets cache (null: its own default)
-    cache_dir: str | None = None
-    image_size: int | None = checked(None, Range(1, None, "a size in pixels >= 1", integer=True))  # stored size
-    train_per_class: int | None = checked(None, Range(1, None, "a number of images >= 1", integer=True))
-    val_per_class: int | None = checked(None, Range(1, None, "a number of images >= 1", integer=True))
-    seed: int | None = None
-
-
-@dataclass
 class AugmentConfig:
     # random_resized | simple_random (DeiT III's SRC) | center (no augmentation)
     crop: str = checked("random_resized", OneOf("random_resized", "simple_random", "center"))
@@ -233,7 +192,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # where the images come from: conf/data/*.yaml names a data source (data/sources/), whose own fields it carries
+    data: Any = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # what the run trains: conf/task/*.yaml names a Task (tasks/), whose own fields and rules it carries
@@ -298,7 +258,7 @@ def check_fields(node: DictConfig, schema: type, prefix: str) -> None:
 def check(cfg: DictConfig) -> None:
     """Unset values, each field's rule and the rules across fields of a composed config; the first problem as one
     DeitTrainError. The task's own rules follow (Task.check)."""
-    # Values left unset: ??? in a config group (data.name), or listed under `required` by a preset (model.init).
+    # Values left unset: ??? in a config group, or listed under `required` by a preset (model.init).
     missing = sorted(OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None})
     if missing:
         raise DeitTrainError(
@@ -336,15 +296,6 @@ def check(cfg: DictConfig) -> None:
         raise refuse(
             "model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}"
         )
-    if cfg.data.name == "hf" and not cfg.data.dataset:
-        raise DeitTrainError("data=hf needs data.dataset=NAME_OR_PATH: a Hugging Face Hub dataset (imagenet-1k) or a "
-                             "local save_to_disk folder or folder of Parquet files")  # fmt: skip
-    if cfg.data.name == "webdataset" and not (cfg.data.train and cfg.data.val):
-        raise DeitTrainError("data=webdataset needs data.train=SHARDS and data.val=SHARDS, e.g. "
-                             "data.train=/data/train-{000000..000127}.tar (deit-shard writes them)")  # fmt: skip
-    if cfg.data.name == "imagefolder" and not cfg.data.root:
-        raise DeitTrainError("data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
-                             "per class (task=mim: any folder of images)")  # fmt: skip
     check_teacher(cfg)
     if cfg.loss.label_loss == "bce" and cfg.loss.bce_target_threshold is not None and cfg.augment.smoothing > 0:
         # Smoothing puts smoothing / classes on every class: above the threshold every target becomes 1, below it

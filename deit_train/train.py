@@ -26,6 +26,7 @@ import deit_train.conf
 import deit_train.schema
 from deit_train.cluster import acknowledge_warning_signals, fit_until_preempted, slurm_plugins
 from deit_train.console import config_summary, quiet_console
+from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError, debugging, error_boundary
 from deit_train.models.checkpoints import read_run_checkpoint
 from deit_train.run_dir import (
@@ -40,8 +41,8 @@ from deit_train.run_dir import (
     write_metrics,
 )
 from deit_train.sweep_jobs import clear_failure, in_sweep, record_failure
-from deit_train.tasks.task import Task
 from deit_train.tasks.module import ddp_ignored
+from deit_train.tasks.task import Task
 
 CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
@@ -50,6 +51,7 @@ log = logging.getLogger("deit_train")
 def check_config(cfg: DictConfig) -> Task:
     """The schema's rules, then the task's own (tasks/); returns the task. Raises DeitTrainError."""
     deit_train.schema.check(cfg)
+    build_source(cfg.data)  # the data source's own keys and rules (data/sources/)
     try:
         task: Task = instantiate(cfg.task)
     except Exception as error:  # a task._target_ that does not import, or a field it does not take
@@ -120,7 +122,7 @@ def train(cfg: DictConfig) -> TrainRun:
         if checkpoint is not None:
             stored = read_run_checkpoint(checkpoint, "ckpt_path" if cfg.ckpt_path else "resume=true")
             check_resume(cfg, stored.config, stored.class_names, getattr(built.module, "class_names", None))
-        if leader and hasattr(built.datamodule, "scan"):
+        if leader:
             built.datamodule.scan()  # unreadable images, all of them, before training meets the first
         trainer = build_trainer(cfg, output_dir, built.callbacks, built.module)
         if leader:

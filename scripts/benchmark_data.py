@@ -34,7 +34,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.demo import ensure_demo_dataset
+from deit_train.data.sources.demo import ensure_demo_dataset
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import CONFIG_DIR
 

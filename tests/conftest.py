@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from deit_train.data.demo import ensure_demo_dataset
+from deit_train.data.sources.demo import ensure_demo_dataset
 from deit_train.train import CONFIG_DIR
 
 # A CPU-sized run: 16x16 demo images, 8 per class, one epoch.
@@ -65,12 +65,21 @@ def cache_dir(demo_data) -> Path:
     return demo_data.parent
 
 
+def for_data(overrides: list[str]) -> list[str]:
+    """The overrides without TINY_DEMO's keys where a later override chooses another data source: each source has
+    its own keys (data/sources/), and the demo's are not another source's."""
+    chosen = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("data=")]
+    if not chosen or chosen[-1] == "demo":
+        return overrides
+    return [arg for arg in overrides if arg not in TINY_DEMO]
+
+
 def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
     """The config `deit-train <overrides>` would run, composed from the installed conf/."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[*overrides, f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}"],
+            overrides=[*for_data(overrides), f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}"],
         )
     OmegaConf.resolve(cfg)
     return cfg
@@ -94,8 +103,8 @@ def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) 
     validation counted every image once. Returns the metrics."""
     import json
 
-    from deit_train.tools.evaluate import evaluate, open_eval_folder
     from deit_train.models.trained_model import load_trained_model
+    from deit_train.tools.evaluate import evaluate, open_eval_folder
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt", ema=ema)

@@ -11,12 +11,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datasets import find_class_names, open_split
-from deit_train.data.demo import CLASS_NAMES, ensure_demo_dataset
 from deit_train.data.images import load_image
+from deit_train.data.sources import build_source
+from deit_train.data.sources.demo import CLASS_NAMES, ensure_demo_dataset
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import DeitTrainError
-from deit_train.schema import DataConfig
 
 
 def folder_digest(root) -> str:
@@ -35,8 +34,13 @@ def test_demo_dataset_is_deterministic_and_complete(tmp_path):
     assert Image.open(next((first / "val").rglob("*.png"))).size == (16, 16)
 
 
-def data_config(**values):
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
+SOURCES = {"imagefolder": "deit_train.data.sources.imagefolder.ImageFolderSource",
+           "cifar10": "deit_train.data.sources.cifar.CIFAR10Source"}
+
+
+def data_config(name: str, **values):
+    """A data node as conf/data/<name>.yaml composes it, with `values`."""
+    return OmegaConf.create({"_target_": SOURCES[name], **values})
 
 
 def imagefolder_config(root):
@@ -52,7 +56,7 @@ def make_folder(root, classes, split_classes=None):
 
 def test_class_names_come_from_the_folders(tmp_path):
     make_folder(tmp_path, ["zebra", "ant", "moth"])
-    assert find_class_names(imagefolder_config(tmp_path)) == ["ant", "moth", "zebra"]
+    assert build_source(imagefolder_config(tmp_path)).class_names() == ["ant", "moth", "zebra"]
 
 
 @pytest.mark.parametrize(
@@ -60,13 +64,13 @@ def test_class_names_come_from_the_folders(tmp_path):
 )
 def test_missing_data_root_is_a_clear_error(root, message):
     with pytest.raises(DeitTrainError, match=message):
-        find_class_names(data_config(name="imagefolder", root=root))
+        build_source(data_config(name="imagefolder", root=root)).class_names()
 
 
 def test_missing_val_split_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DeitTrainError, match="has no val/ folder"):
-        find_class_names(imagefolder_config(tmp_path))
+        build_source(imagefolder_config(tmp_path)).class_names()
 
 
 def test_train_and_val_with_different_classes_are_refused(tmp_path):
@@ -74,7 +78,7 @@ def test_train_and_val_with_different_classes_are_refused(tmp_path):
     with pytest.raises(DeitTrainError, match=r"val: its classes are not the data's, label for label: other names at 1 "
                                              r"of 2 positions \(1: 'c' against 'b'; val/: \['a', 'c'\]; train/: "
                                              r"\['a', 'b'\]\)"):  # fmt: skip
-        find_class_names(imagefolder_config(tmp_path))
+        build_source(imagefolder_config(tmp_path)).class_names()
 
 
 def test_links_are_followed_once_and_pipes_are_not_samples(tmp_path):
@@ -88,7 +92,7 @@ def test_links_are_followed_once_and_pipes_are_not_samples(tmp_path):
     (tmp_path / "train" / "a" / "loop").symlink_to(tmp_path / "train" / "a")  # a/loop/loop/... is a
     (tmp_path / "train" / "b" / "self").symlink_to(".")
     os.mkfifo(tmp_path / "train" / "b" / "pipe.png")
-    dataset = open_split(imagefolder_config(tmp_path), "train", transform=None)
+    dataset = build_source(imagefolder_config(tmp_path)).split("train", transform=None)
     assert sorted((Path(path).relative_to(tmp_path / "train").as_posix(), label) for path, label in dataset.samples) \
         == [("a/linked.png", 0), ("a/x.png", 0), ("b/x.png", 1)]  # fmt: skip
 
@@ -97,7 +101,7 @@ def test_an_image_in_two_classes_is_refused(tmp_path):
     make_folder(tmp_path, ["a", "b"])
     (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train")  # a/up/b/x.png: b's image labelled a as well
     with pytest.raises(DeitTrainError, match="b/x.png \\(class 'b'\\) and .*a/up/b/x.png \\(class 'a'\\) are the same file"):
-        open_split(imagefolder_config(tmp_path), "train", transform=None)
+        build_source(imagefolder_config(tmp_path)).split("train", transform=None)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
@@ -106,7 +110,7 @@ def test_an_unreadable_class_folder_is_named(tmp_path):
     (tmp_path / "train" / "b").chmod(0)
     try:
         with pytest.raises(DeitTrainError, match="cannot read the class folder.*'b'.*permission denied"):
-            open_split(imagefolder_config(tmp_path), "train", transform=None)
+            build_source(imagefolder_config(tmp_path)).split("train", transform=None)
     finally:
         (tmp_path / "train" / "b").chmod(0o755)
 
@@ -115,7 +119,7 @@ def test_corrupt_image_is_reported_by_path(tmp_path):
     make_folder(tmp_path, ["a", "b"])
     bad = tmp_path / "train" / "b" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    dataset = open_split(imagefolder_config(tmp_path), "train", transform=None)
+    dataset = build_source(imagefolder_config(tmp_path)).split("train", transform=None)
     index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg")][0]
     with pytest.raises(DeitTrainError, match="corrupt image .*broken.jpg"):
         dataset[index]
@@ -125,7 +129,7 @@ def test_corrupt_image_is_reported_by_path(tmp_path):
 def test_cifar_without_files_says_how_to_get_them(tmp_path):
     cfg = data_config(name="cifar10", root=str(tmp_path))
     with pytest.raises(DeitTrainError, match="data.download=true"):
-        find_class_names(cfg)
+        build_source(cfg).class_names()
 
 
 def official_deit_eval(center_crop):
@@ -177,7 +181,7 @@ def test_global_batch_is_split_over_devices(tmp_path):
         accumulate_grad_batches = 1
 
     mixing = OmegaConf.create({"mixup": 0.8, "cutmix": 1.0})
-    module = DeiTDataModule(OmegaConf.create({"batch_size": 64}), mixing, 16)
+    module = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), batch_size=64), mixing, 16)
     module.trainer = FakeTrainer()
     assert module.per_device_batch_size == 16
     FakeTrainer.accumulate_grad_batches = 2  # two micro-batches per optimizer step
@@ -196,7 +200,7 @@ def test_corrupt_image_can_be_skipped_with_a_counted_warning(tmp_path):
     make_folder(tmp_path, ["a", "b"])
     (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"not an image")
     cfg = data_config(name="imagefolder", root=str(tmp_path), skip_corrupt=True)
-    dataset = open_split(cfg, "train", transform=None)
+    dataset = build_source(cfg).split("train", transform=None)
     index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg")][0]
     with pytest.warns(UserWarning, match=r"corrupt image .*broken.jpg.*\(1 skipped so far"):
         image, label = dataset[index]

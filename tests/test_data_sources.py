@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datasets import find_class_names
-from deit_train.data.webdataset import Shards
+from deit_train.data.sources import build_source
+from deit_train.data.sources.webdataset import Shards
 from deit_train.errors import DeitTrainError
+from deit_train.models.trained_model import load_trained_model
 from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import train
-from deit_train.models.trained_model import load_trained_model
 
 from .test_ddp import DDP, run_ok
 from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
@@ -108,7 +108,7 @@ def test_hf_columns_splits_and_classes_come_from_the_features(tiny_config, hf_co
 
 
 def test_hf_images_decode_as_the_files_do_and_a_corrupt_row_is_named(tiny_config, hf_copies, demo_data, tmp_path):
-    from deit_train.data.hf import HFImages, open_splits
+    from deit_train.data.sources.hf import HFImages, open_splits
 
     table = open_splits(str(hf_copies["disk"]))["validation"]
     images = HFImages(table, "image", "label", "demo[validation]")
@@ -253,8 +253,8 @@ def test_a_shard_epoch_is_fixed_reproducible_and_each_view_keyed_by_its_sample(e
 def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_order(even_shards):
     """The training loader's workers persist (no restart and re-import per epoch) and still read each epoch's own
     shard order: the keys of epochs 0 and 1 equal the streams read directly for those epochs."""
+    from deit_train.data.sources.webdataset import ShardLoader
     from deit_train.data.transforms import train_transform
-    from deit_train.data.webdataset import ShardLoader
     from tests.conftest import compose_config
 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x",
@@ -534,7 +534,7 @@ def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shard
     only_train = demo_as_hf(demo_data, tmp_path / "only_train", {"train": "train"})
     cfg = tiny_config("data=hf", f"data.dataset={only_train}")
     with pytest.raises(DeitTrainError) as refused:
-        find_class_names(cfg.data)
+        build_source(cfg.data).class_names()
     assert "its splits: train. Make a validation split from it" in str(refused.value)
     assert "Set data.val_split" not in str(refused.value)  # no other split to set it to
     assert deit_shard_error([str(only_train), str(tmp_path / "out")], capsys).count("split=") == 0
@@ -546,7 +546,7 @@ def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shard
     with pytest.raises(DeitTrainError, match=r"column 'name' holds Value\('string'\), not class labels \(ClassLabel or "
                                              r"integers\): encode it as class labels \(datasets' "
                                              r"dataset.class_encode_column\('name'\)"):  # fmt: skip
-        find_class_names(cfg.data)
+        build_source(cfg.data).class_names()
     # deit-shard writes labelled rows only
     unlabelled = demo_as_hf(demo_data, tmp_path / "unlabelled", {"train": "train", "validation": "val"},
                             lambda name, labels: [-1, *labels[1:]])  # fmt: skip

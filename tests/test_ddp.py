@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from deit_train.cli import layered
-from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.models.trained_model import load_trained_model
+from deit_train.tools.evaluate import evaluate, open_eval_folder
 
 from .conftest import TINY, TINY_RUN, TINY_VIT, assert_metrics_reproduce
 from .test_presets import PAPER, shrink

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from deit_train.data import DeiTDataModule
-from deit_train.tools.evaluate import evaluate, open_eval_folder
-from deit_train.teacher import Encoding, Teacher, TeacherCache, build_teacher
-from deit_train.train import train
 from deit_train.models.trained_model import load_trained_model
+from deit_train.teacher import Encoding, Teacher, TeacherCache, build_teacher
+from deit_train.tools.evaluate import evaluate, open_eval_folder
+from deit_train.train import train
 
 DEVICE = torch.device(os.environ.get("DEIT_TRAIN_GPU_TEST_DEVICE", "cuda"))
 NO_CUDA = "needs CUDA: torch.cuda.is_available() is False on this machine (scripts/gpu_check.sh runs these on a GPU)"

@@ -29,14 +29,14 @@ from transformers import (
 
 from deit_train.data.images import load_image
 from deit_train.errors import DeitTrainError
+from deit_train.models import build_student, forward_heads
+from deit_train.models.trained_model import load_trained_model
+from deit_train.models.transformers_format import timm_to_transformers, transformers_to_timm
+from deit_train.schema import ModelConfig
 from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.tools.export import export
-from deit_train.models import build_student, forward_heads
-from deit_train.models.transformers_format import timm_to_transformers, transformers_to_timm
 from deit_train.tools.predict import image_paths, predict
-from deit_train.schema import ModelConfig
 from deit_train.train import train
-from deit_train.models.trained_model import load_trained_model
 
 from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
 

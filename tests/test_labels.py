@@ -19,16 +19,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datasets import find_class_names
-from deit_train.data.hf import hf_class_names
-from deit_train.data.webdataset import Shards
+from deit_train.data.sources.hf import HFSource
+from deit_train.data.sources.imagefolder import ImageFolderSource
+from deit_train.data.sources.webdataset import Shards, ShardSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import natural_key
 from deit_train.models.init import check_init_classes, initialize_from
-from deit_train.schema import DataConfig, TeacherConfig
-from deit_train.tools.shard import hf_splits
+from deit_train.schema import TeacherConfig
 from deit_train.tasks.classify import Classify
 from deit_train.teacher import build_teacher_network
+from deit_train.tools.shard import hf_splits
 
 from .conftest import save_safetensors
 
@@ -257,7 +257,7 @@ def read_by_shards(ours, theirs, tmp):
         (tmp / split).mkdir()
         (tmp / split / f"{split}-000000.tar").touch()
         (tmp / split / "_info.json").write_text(json.dumps({"classes": classes}))
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "webdataset", "train_samples": 1,
+    cfg = ShardSource(**{"train_samples": 1,
                           "train": str(tmp / "train" / "train-000000.tar"), "val": str(tmp / "val" / "val-000000.tar")})  # fmt: skip
     Shards(cfg, "val", None)
 
@@ -275,8 +275,8 @@ def write_hf(ours, theirs, tmp) -> Path:
 
 def read_by_hf(ours, theirs, tmp):
     """data=hf."""
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "hf", "dataset": str(write_hf(ours, theirs, tmp))})
-    assert hf_class_names(cfg) == ours
+    cfg = HFSource(**{"dataset": str(write_hf(ours, theirs, tmp))})
+    assert cfg.class_names() == ours
 
 
 def read_by_deit_shard(ours, theirs, tmp):
@@ -289,8 +289,8 @@ def read_by_folders(ours, theirs, tmp):
     for split, classes in (("train", ours), ("val", theirs)):
         for name in classes:
             (tmp / split / name).mkdir(parents=True)
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "imagefolder", "root": str(tmp)})
-    assert find_class_names(cfg) == ours
+    cfg = ImageFolderSource(**{"root": str(tmp)})
+    assert cfg.class_names() == ours
 
 
 READERS = [read_by_teacher, read_by_init, read_by_shards, read_by_hf, read_by_deit_shard, read_by_folders]

@@ -2,7 +2,6 @@
 outside the data sources asking which source it has."""
 
 import ast
-import re
 from pathlib import Path
 
 import deit_train

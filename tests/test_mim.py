@@ -10,14 +10,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import DeiTConfig, DeiTForMaskedImageModeling
 
+from deit_train.data.sources.imagefolder import HOLDOUT_EVERY, ImageFolderSource
 from deit_train.errors import DeitTrainError
-from deit_train.mim.data import HOLDOUT_EVERY, open_unlabeled_split
 from deit_train.mim.loss import masked_reconstruction_loss
 from deit_train.mim.masking import MaskGenerator
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student
 from deit_train.models.transformers_format import transformers_to_timm
-from deit_train.schema import DataConfig, ModelConfig
+from deit_train.schema import ModelConfig
 from deit_train.train import train
 
 from .conftest import assert_metrics_reproduce
@@ -115,9 +115,9 @@ def test_mask_sizes_that_do_not_tile_are_refused(overrides, message, tmp_path, c
 def test_unlabeled_images_from_a_flat_folder_hold_out_every_twentieth(tmp_path):
     for index in range(45):
         Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / f"{index:02d}.png")
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "imagefolder", "root": str(tmp_path)})
-    train_set = open_unlabeled_split(cfg, "train", transform=lambda image: image.getpixel((0, 0))[0])
-    val_set = open_unlabeled_split(cfg, "val", transform=lambda image: image.getpixel((0, 0))[0])
+    cfg = ImageFolderSource(**{"root": str(tmp_path)})
+    train_set = cfg.images_only("train", transform=lambda image: image.getpixel((0, 0))[0])
+    val_set = cfg.images_only("val", transform=lambda image: image.getpixel((0, 0))[0])
     assert sorted(val_set[i] for i in range(len(val_set))) == list(range(0, 45, HOLDOUT_EVERY))
     assert sorted(train_set[i] for i in range(len(train_set))) == [i for i in range(45) if i % HOLDOUT_EVERY]
 

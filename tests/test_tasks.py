@@ -10,8 +10,8 @@ from omegaconf import DictConfig, open_dict
 
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
-from deit_train.tasks.task import Built, Task
 from deit_train.tasks.classify import Classify
+from deit_train.tasks.task import Built, Task
 from deit_train.train import check_config, train
 
 from .conftest import assert_metrics_reproduce

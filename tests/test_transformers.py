@@ -19,13 +19,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deit_train.errors import DeitTrainError
-from deit_train.tools.evaluate import evaluate, open_eval_folder
-from deit_train.tools.export import export, export_transformers
 from deit_train.mim.masking import MaskGenerator
 from deit_train.models import build_student, forward_heads
-from deit_train.schema import ModelConfig
-from deit_train.train import train
 from deit_train.models.trained_model import TrainedModel, load_trained_model
+from deit_train.schema import ModelConfig
+from deit_train.tools.evaluate import evaluate, open_eval_folder
+from deit_train.tools.export import export, export_transformers
+from deit_train.train import train
 
 from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
 

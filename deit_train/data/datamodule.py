@@ -1,4 +1,6 @@
-"""The Lightning data module: datasets, DeiT transforms and loaders for any world size."""
+"""The Lightning data module: a data source's splits (data/sources/), DeiT's transforms and the loaders for any world
+size. It asks the source everything about the data; what it adds is the trainer's side: the batch per device, the
+epoch's step count, repeated augmentation, data.scan."""
 
 import logging
 import math
@@ -7,15 +9,10 @@ from functools import cached_property
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from deit_train.cluster import data_worker_init
-from deit_train.data.datasets import find_class_names, open_split
-from deit_train.data.images import unreadable
-from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
+from deit_train.data.sources import DataSource, LoaderPlan, build_source
 from deit_train.data.transforms import eval_transform, train_transform
-from deit_train.data.views import SeededViews
-from deit_train.data.webdataset import ShardLoader, Shards
 from deit_train.errors import DeitTrainError
 from deit_train.schema import check_batch
 
@@ -23,17 +20,23 @@ log = logging.getLogger(__name__)
 
 
 class DeiTDataModule(L.LightningDataModule):
-    def __init__(self, data: DictConfig, augment: DictConfig, img_size: int, seed: int = 0) -> None:
+    def __init__(self, source: DataSource | DictConfig, augment: DictConfig, img_size: int, seed: int = 0) -> None:
         super().__init__()
-        self.data = data
+        self.source = source if isinstance(source, DataSource) else build_source(source)
         self.augment = augment
         self.img_size = img_size
         self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def data(self) -> DataSource:  # the data config's keys (batch_size, num_workers, ...), as the source holds them
+        return self.source
 
     @cached_property
     def class_names(self) -> list[str]:
         """Read from the data (folder names or the dataset's own list); this fixes the heads' size."""
-        names = find_class_names(self.data)
+        names = self.source.class_names()
         if len(names) < 2:
             raise DeitTrainError(f"the data has {len(names)} class(es); classification needs at least 2")
         return names
@@ -41,6 +44,11 @@ class DeiTDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def world(self) -> tuple[int, int]:
+        """(world size, this rank)."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     @property
     def per_device_batch_size(self) -> int:
@@ -55,39 +63,35 @@ class DeiTDataModule(L.LightningDataModule):
     def steps_per_epoch(self) -> int:
         """Optimizer steps in an epoch of each device, counted without making the loader (tasks/module.py)."""
         trainer = self.trainer
-        if isinstance(self.train_set, Shards):  # data=webdataset: the stream's own count (data/webdataset.py)
-            per_rank = self.train_set.batches(trainer.world_size, self.per_device_batch_size, self.data.num_workers)
-        else:
-            per_rank = math.ceil(len(self.train_set) / trainer.world_size) // self.per_device_batch_size  # samplers.py
+        per_rank = self.source.batches_per_rank(self.train_set, trainer.world_size, self.per_device_batch_size,
+                                                self.data.num_workers)  # fmt: skip
         batches = limited(per_rank, trainer.limit_train_batches)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def setup(self, stage: str | None = None) -> None:
-        if not hasattr(self, "train_set"):  # once: the scan and the trainer both ask
+        if self.train_set is None:  # once: the scan and the trainer both ask
             self.train_set, self.val_set = self.open_datasets()
 
+    def identity(self) -> str:
+        """The training data's identity for the teacher cache (the source says what it is)."""
+        self.setup()
+        return self.source.identity(self.train_set, self.data.num_workers)
+
     def scan(self) -> None:
-        """data.scan: open every image file of both splits before training, and report the unreadable ones together
+        """data.scan: open every image of both splits before training, and report the unreadable ones together
         instead of failing on the first of them mid-epoch."""
         if self.data.scan == "off":
             return
         self.setup()
-        full, max_pixels = self.data.scan == "full", self.data.max_image_pixels
-        paths = [path for dataset in (self.train_set, self.val_set) for path in image_paths(dataset)]
-        stored = [inner(d) for d in (self.train_set, self.val_set) if hasattr(inner(d), "unreadable")]
-        if stored:  # data=hf: the images inside the dataset's files
-            paths = [f"{d.root}[{i}]" for d in stored for i in range(len(d))]  # counted in the summary
-            log.info("checking %d images (data.scan=%s; data.scan=off skips this)", len(paths), self.data.scan)
-            problems = [problem for d in stored for problem in d.unreadable(full, max_pixels)]
-        elif not paths:  # CIFAR and other in-memory data; shards (read as they stream)
-            return
-        else:
-            log.info("checking %d image files (data.scan=%s; data.scan=off skips this)", len(paths), self.data.scan)
-            problems = unreadable(paths, full=full, max_pixels=max_pixels)
+        full = self.data.scan == "full"
+        found = [self.source.unreadable(split, full) for split in self.splits]
+        looked_at, problems = sum(count for count, _ in found), [problem for _, listed in found for problem in listed]
+        if looked_at:
+            log.info("checked %d images (data.scan=%s; data.scan=off skips this)", looked_at, self.data.scan)
         if not problems:
             return
         listed = "; ".join(f"{path} ({why})" for path, why in problems[:3])
-        summary = f"{len(problems)} of {len(paths)} image files cannot be read: {listed}{' ...' * (len(problems) > 3)}"
+        summary = f"{len(problems)} of {looked_at} images cannot be read: {listed}{' ...' * (len(problems) > 3)}"
         if self.data.skip_corrupt:
             log.warning("%s. data.skip_corrupt=true: each is replaced by the next readable image", summary)
             return
@@ -95,89 +99,43 @@ class DeiTDataModule(L.LightningDataModule):
                              f"them (data.scan=off skips this check)")  # fmt: skip
 
     def open_datasets(self) -> tuple[Dataset, Dataset]:
-        """(training set, validation set): labelled images with the train and eval transforms."""
-        train = open_split(self.data, "train", train_transform(self.augment, self.img_size))
-        val = open_split(self.data, "val", eval_transform(self.augment, self.img_size))
+        """(training set, validation set) as the loaders serve them; the source's own splits stay in self.splits."""
+        self.splits = self.open_splits()
+        return self.splits
+
+    def open_splits(self) -> tuple[Dataset, Dataset]:
+        """The source's training and validation splits: labelled images with the train and eval transforms."""
+        train = self.source.split("train", train_transform(self.augment, self.img_size))
+        val = self.source.split("val", eval_transform(self.augment, self.img_size))
         return train, val
 
     def validation_sample(self, images: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to `images` validation images with the eval transform, as (images, labels) batches, for the checks
-        before training (labels.py): a seeded random subset of a map-style set (its images are stored class by
-        class), the first images of streamed shards."""
+        before training (labels.py), chosen by the source (a seeded random subset, or a stream's first images)."""
         self.setup()
-        dataset = self.val_set
-        if isinstance(dataset, Shards):
-            stream = dataset.stream(1, 0, batch_size, 0, self.seed, 1)
-            loader = ShardLoader(stream, epoch=lambda: 0, batch_size=batch_size)
-        else:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
-            loader = DataLoader(Subset(dataset, order[:images].tolist()), batch_size=batch_size)
         batches, seen = [], 0
-        for batch in loader:
+        for batch in self.source.first_batches(self.splits[1], images, batch_size, self.seed):
             batches.append(batch[:2])
             seen += len(batch[1])
             if seen >= images:
                 break
         return batches
 
-    def loader(self, dataset, train: bool) -> DataLoader:
-        if isinstance(dataset, Shards):
-            return self.shard_loader(dataset, train)
-        workers = self.data.num_workers
-        sampler = None
-        if train:
-            # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
-            # dataset draws each view under that key's seed. Repeated augmentation when augment.repeated_aug > 1.
-            trainer = self.trainer
-            world_size = trainer.world_size if trainer is not None else 1
-            sampler = RepeatedAugmentationSampler(
-                dataset,
-                repeats=self.repeats(world_size),
-                num_replicas=world_size,
-                rank=trainer.global_rank if trainer is not None else 0,
-                seed=self.seed,
-                keys=True,
-            )
-            # The epoch the loader starts in, a resumed run's included: Lightning sets it only after it made the
-            # first iterator, whose workers (num_workers > 0) fetch their first indices at once.
-            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
-            dataset = SeededViews(dataset, self.seed)
-        elif self.trainer is not None and self.trainer.world_size > 1:
-            sampler = ShardedEvalSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
-        return DataLoader(
-            dataset,
+    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        world_size, rank = self.world
+        trainer = self.trainer
+        plan = LoaderPlan(
+            train=train,
+            world_size=world_size,
+            rank=rank,
             batch_size=self.per_device_batch_size,
-            sampler=sampler,
-            # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
-            drop_last=train,
-            num_workers=workers,
+            workers=self.data.num_workers,
+            seed=self.seed,
+            repeats=self.repeats(world_size) if train else 1,
+            epoch=lambda: trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,
             pin_memory=self.data.pin_memory and torch.cuda.is_available(),  # pinning serves copies to a GPU
-            persistent_workers=workers > 0,
-            # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
-            # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
-            generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=data_worker_init if workers > 0 else None,
         )
-
-    def shard_loader(self, shards: Shards, train: bool) -> ShardLoader:
-        """data=webdataset: the stream deals its shards to ranks and workers and seeds each view by the sample's key
-        (data/webdataset.py); no sampler."""
-        trainer, workers = self.trainer, self.data.num_workers
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        repeats = self.repeats(world_size) if train else 1
-        stream = shards.stream(world_size, rank, self.per_device_batch_size, workers, self.seed, repeats)
-        return ShardLoader(
-            stream,
-            epoch=lambda: trainer.current_epoch if trainer is not None else 0,
-            batch_size=self.per_device_batch_size,
-            drop_last=train,
-            num_workers=workers,
-            pin_memory=self.data.pin_memory and torch.cuda.is_available(),
-            worker_init_fn=data_worker_init if workers > 0 else None,
-            # As for map-style data: the workers' seed is drawn from here, not from the process's generator, which
-            # the model's randomness follows (persistent workers draw it once, a resumed run's anew).
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self.source.loader(dataset, plan)
 
     def repeats(self, world_size: int) -> int:
         """augment.repeated_aug, with one process only if augment.repeated_aug_single_process (DeiT's code repeats
@@ -211,19 +169,3 @@ def limited(batches: int, limit: int | float | None) -> int:
     if limit is None:
         return batches
     return min(batches, int(limit)) if isinstance(limit, int) else max(1, int(batches * limit))
-
-
-def inner(dataset: Dataset) -> Dataset:
-    """The dataset inside the wrappers (SkipCorrupt)."""
-    while hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return dataset
-
-
-def image_paths(dataset: Dataset) -> list[str]:
-    """The image files behind a dataset (through the wrappers: SkipCorrupt, MaskedImages), none for in-memory data."""
-    while dataset is not None and not hasattr(dataset, "samples") and not hasattr(dataset, "files"):
-        dataset = getattr(dataset, "dataset", None) or getattr(dataset, "images", None)
-    if dataset is None:
-        return []
-    return [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else [str(p) for p in dataset.files]

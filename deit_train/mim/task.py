@@ -22,8 +22,8 @@ from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student, compile_student, describe
 from deit_train.models.checkpoints import read_run_checkpoint
 from deit_train.schema import Range, checked, refuse
-from deit_train.tasks.task import Built, Task
 from deit_train.tasks.module import TrainingModule, run_config
+from deit_train.tasks.task import Built, Task
 
 log = logging.getLogger("deit_train")
 

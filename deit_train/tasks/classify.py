@@ -29,6 +29,7 @@ from deit_train.models import (
 )
 from deit_train.models.init import check_init_classes
 from deit_train.run_dir import check_writable
+from deit_train.tasks.module import TrainingModule, run_config
 from deit_train.tasks.task import Built, Task
 from deit_train.teacher import (
     CacheSettings,
@@ -38,7 +39,6 @@ from deit_train.teacher import (
     ensemble_logits,
     ensemble_tau,
 )
-from deit_train.tasks.module import TrainingModule, run_config
 
 log = logging.getLogger("deit_train")
 

@@ -101,9 +101,10 @@ class TrainingModule(L.LightningModule):
         optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay,
                                         **extra)  # fmt: skip
         trainer = self.trainer
-        # Our data modules count the steps without making the training loader: Lightning's estimate makes it, and
-        # its first iterator, before a resumed run's epoch is restored (data/datamodule.py).
-        if hasattr(trainer.datamodule, "steps_per_epoch"):
+        # Our data module counts the steps without making the training loader: Lightning's estimate makes it, and
+        # its first iterator, before a resumed run's epoch is restored (data/datamodule.py). Without a data module
+        # (loaders given to fit, as scripts/benchmark.py does) Lightning's estimate it is.
+        if trainer.datamodule is not None:
             steps_per_epoch = trainer.datamodule.steps_per_epoch()
         else:
             steps_per_epoch = max(1, trainer.estimated_stepping_batches // max(1, trainer.max_epochs))

@@ -11,12 +11,13 @@ import lightning as L
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from deit_train.data import DeiTDataModule
 from deit_train.schema import OneOf, check_fields, checked
 
 
 @dataclass
 class Built:
-    datamodule: L.LightningDataModule
+    datamodule: DeiTDataModule
     module: L.LightningModule
     callbacks: list[L.Callback] = field(default_factory=list)
 

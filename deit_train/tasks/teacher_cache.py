@@ -12,8 +12,8 @@ from torch import nn
 from deit_train.data import DeiTDataModule
 from deit_train.data.views import BatchMixer, ViewKeysOnHost
 from deit_train.errors import DeitTrainError
-from deit_train.tasks.task import Built
 from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
+from deit_train.tasks.task import Built
 from deit_train.teacher import Teacher, build_teacher
 
 

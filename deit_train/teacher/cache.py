@@ -107,31 +107,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def dataset_digest(dataset: Dataset) -> str:
-    """The training data's identity: its resolved root and file list with labels (ImageFolder), its arrays (CIFAR),
-    its own fingerprint (a Hugging Face dataset: datasets' fingerprint of its files; shards: their URLs and sizes,
-    the epoch's samples and the data-loader workers, which decide the batches), or the tensors of in-memory samples
-    (scripts/benchmark.py). What the files hold is checked per batch instead (the views' pixel checksums in their
-    keys, data/views.py): no stat of a million files before the first step."""
-    while hasattr(dataset, "dataset"):  # SeededViews, SkipCorrupt
-        dataset = dataset.dataset
-    if isinstance(dataset, list | tuple):
-        return tensor_digest(
-            {f"{i}.{j}": t for i, sample in enumerate(dataset) for j, t in enumerate(sample)}
-        )
-    digest = hashlib.sha256()
-    if hasattr(dataset, "fingerprint"):
-        digest.update(dataset.fingerprint().encode())
-    elif hasattr(dataset, "samples"):  # the files by their resolved paths, without a stat per file
-        digest.update(f"{Path(dataset.root).resolve()}\n".encode())
-        for path, target in dataset.samples:
-            digest.update(f"{path}\t{target}\n".encode())
-    elif hasattr(dataset, "data"):
-        digest.update(memoryview(dataset.data).tobytes())
-        digest.update(json.dumps(list(map(int, dataset.targets))).encode())
-    else:
-        raise TypeError(f"cannot fingerprint a {type(dataset).__name__}")
-    return digest.hexdigest()
+def samples_digest(samples: Dataset) -> str:
+    """In-memory samples (a list of tuples of tensors) by their tensors."""
+    return tensor_digest({f"{i}.{j}": t for i, sample in enumerate(samples) for j, t in enumerate(sample)})
 
 
 def teacher_digest(members: nn.Module) -> str:
@@ -150,13 +128,13 @@ def teacher_digest(members: nn.Module) -> str:
     return f"{tensor_digest(tensors)}:{architecture}:{sizes}"
 
 
-def fingerprint_inputs(settings: dict, world_size: int, train_set: Dataset, teacher: nn.Module) -> dict:
+def fingerprint_inputs(settings: dict, world_size: int, data: str, teacher: nn.Module) -> dict:
     """Everything that decides the teacher's input (the views) and output on each training batch."""
     return {
         "format": CACHE_FORMAT,
         **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
         "world_size": world_size,
-        "data": dataset_digest(train_set),
+        "data": data,
         "teacher_networks": teacher_digest(teacher),
         "versions": {name: importlib.metadata.version(name) for name in VERSIONS_THAT_SHAPE_VIEWS},
     }
@@ -318,10 +296,10 @@ class CacheSettings:
         }
         return cls(cfg.teacher.cache, encoding, config)
 
-    def open(self, world_size: int, rank: int, train_set: Dataset, networks: nn.Module, broadcast) -> TeacherCache:
+    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast) -> TeacherCache:
         """The cache of this run: the configuration plus world size, training data and the teacher networks'
-        weights. Rank 0 reads every file's size and hashes the teacher; `broadcast` gives the others its result."""
-        inputs = fingerprint_inputs(self.config, world_size, train_set, networks) if rank == 0 else None
+        weights. Rank 0 hashes the data's identity and the teacher; `broadcast` gives the others its result."""
+        inputs = fingerprint_inputs(self.config, world_size, data, networks) if rank == 0 else None
         cache = TeacherCache(self.directory, broadcast(inputs, src=0), self.encoding, rank)
         log.info("teacher cache: %s", cache.root)
         return cache
@@ -336,8 +314,13 @@ class TeacherCacheCallback(L.Callback):
         self.teacher = teacher
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        train_set = trainer.train_dataloader.dataset
-        self.teacher.cache = self.settings.open(trainer.world_size, trainer.global_rank, train_set,
+        # The data's identity, as its source gives it (data/sources/); loaders given to fit without a data module
+        # (scripts/benchmark.py): their in-memory samples.
+        data = ""  # only the first rank's counts: it fingerprints, the others receive its result
+        if trainer.global_rank == 0:
+            module = trainer.datamodule
+            data = module.identity() if module is not None else samples_digest(trainer.train_dataloader.dataset)
+        self.teacher.cache = self.settings.open(trainer.world_size, trainer.global_rank, data,
                                                 self.teacher.members, trainer.strategy.broadcast)  # fmt: skip
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 MODEL is a deit-train .ckpt or a deit-export directory; DATA an ImageFolder (one sub-folder per class), or a
 folder holding one as val/ (the training layout), or a local Hugging Face dataset (--split, default its
-validation split; data/hf.py). Class folders are matched to the model's classes by name, so
+validation split; data/sources/hf.py). Class folders are matched to the model's classes by name, so
 a subset of the classes may be evaluated. Results are printed as a table and, with --json, written as JSON.
 """
 
@@ -14,13 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from deit_train.tools.arguments import ArgumentParser, at_least, writable_file, write_text
-from deit_train.data.datasets import ImageFolder
-from deit_train.data.hf import is_hf_dataset, open_hf_eval
+from deit_train.data.sources.hf import is_hf_dataset, open_hf_eval
+from deit_train.data.sources.imagefolder import ImageFolder
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.labels import normalisation_hint, shortened
 from deit_train.models import average_heads, forward_heads
 from deit_train.models.trained_model import TrainedModel, load_trained_model
+from deit_train.tools.arguments import ArgumentParser, at_least, writable_file, write_text
 
 
 def open_eval_folder(data: str | Path, split: str, trained: TrainedModel, image_column: str | None = None,

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from deit_train.tools.arguments import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
 from deit_train.models.checkpoints import non_finite
+from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.models.transformers_format import (
     CLASSIFIER_HEAD,
     MIM_DECODER,
@@ -38,7 +38,7 @@ from deit_train.models.transformers_format import (
     transformers_config,
     why_no_transformers_class,
 )
-from deit_train.models.trained_model import TrainedModel, load_trained_model
+from deit_train.tools.arguments import ArgumentParser
 
 log = logging.getLogger("deit_train")
 

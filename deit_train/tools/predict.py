@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from deit_train.tools.arguments import ArgumentParser, at_least
 from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
 from deit_train.errors import DataError, DeitTrainError, error_boundary
 from deit_train.models.trained_model import TrainedModel, load_trained_model
+from deit_train.tools.arguments import ArgumentParser, at_least
 
 
 def image_paths(inputs: list[str]) -> list[Path]:

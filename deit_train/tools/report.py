@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from deit_train.tools.arguments import ArgumentParser
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.sweep_jobs import FAILED_NAME, Failure, expected_jobs, read_failure
+from deit_train.tools.arguments import ArgumentParser
 
 VAL_CURVES = {  # metric -> legend label, in drawing order
     "val/acc1": "prediction (avg of heads)",

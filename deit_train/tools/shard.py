@@ -27,10 +27,9 @@ from pathlib import Path
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir
-from deit_train.data.datasets import ImageFolder
 from deit_train.data.extras import require
-from deit_train.data.hf import (
+from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason, unreadable
+from deit_train.data.sources.hf import (
     find_columns,
     integer_class_names,
     is_hf_dataset,
@@ -39,9 +38,10 @@ from deit_train.data.hf import (
     open_splits,
     pick_split,
 )
-from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason, unreadable
+from deit_train.data.sources.imagefolder import ImageFolder
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.labels import check_same_classes
+from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
 

@@ -1,4 +1,4 @@
-"""data=webdataset: WebDataset tar shards, streamed (an IterableDataset), with the reproducibility of map-style data.
+"""data=webdataset (ShardSource): WebDataset tar shards, streamed (an IterableDataset), with the reproducibility of map-style data.
 
 Shards: data.train / data.val, a brace pattern (/data/train-{000000..000127}.tar), several joined by `::`, or
 `pipe:` and fsspec URLs (s3://...; fsspec and its s3fs installed), opened as webdataset opens them. A sample is
@@ -26,24 +26,86 @@ import random
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from deit_train.cluster import data_worker_init
 from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
+from deit_train.data.sources.base import DataSource, LoaderPlan
 from deit_train.data.views import seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.labels import check_same_classes
+from deit_train.schema import Range, checked
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 INFO_FILE = "_info.json"
 SHARD_STREAM, SAMPLE_STREAM = 3, 4  # keep the epoch's shard order and each slot's sample order apart
+
+
+@dataclass
+class ShardSource(DataSource):
+    # tar shards: a brace pattern (/data/train-{000000..000127}.tar), several joined by ::, pipe: or fsspec URLs
+    train: str | None = None
+    val: str | None = None
+    # the samples in an epoch over all devices; null: from the _info.json beside the shards
+    train_samples: int | None = checked(None, Range(1, None, "a number of samples >= 1, or null (_info.json)"))
+    shuffle_buffer: int = checked(4096, Range(1, None, "a number of samples >= 1"))  # per worker
+
+    def check(self) -> None:
+        super().check()
+        if not (self.train and self.val):
+            raise DeitTrainError("data=webdataset needs data.train=SHARDS and data.val=SHARDS, e.g. "
+                                 "data.train=/data/train-{000000..000127}.tar (deit-shard writes them)")  # fmt: skip
+
+    def class_names(self) -> list[str]:
+        return shard_class_names(self)
+
+    def split(self, split: str, transform) -> "Shards":
+        return Shards(self, split, transform)  # streamed: the loader deals its shards to ranks and workers
+
+    def images_only(self, split: str, transform):
+        raise DeitTrainError("task=mim reads map-style images (data=imagefolder, data=hf, data=cifar10/100); shards "
+                             "stream: unpack them into a folder, or use the images they were written from")  # fmt: skip
+
+    def identity(self, shards: "Shards", workers: int) -> str:
+        """The shards (with their sizes where local), the epoch's sample count and the number of workers (which
+        decides the batches)."""
+        parts = [f"webdataset\t{shards.num_samples}\t{max(1, workers)}"]
+        for url in shards.urls:
+            size = os.path.getsize(url) if not urlparse(url).scheme and os.path.exists(url) else ""
+            parts.append(f"{url}\t{size}")
+        return "\n".join(parts)
+
+    def batches_per_rank(self, shards: "Shards", world_size: int, batch_size: int, workers: int) -> int:
+        return shards.batches(world_size, batch_size, workers)
+
+    def loader(self, shards: "Shards", plan: LoaderPlan) -> "ShardLoader":
+        """The stream deals its shards to ranks and workers and seeds each view by the sample's key; no sampler."""
+        stream = shards.stream(plan.world_size, plan.rank, plan.batch_size, plan.workers, plan.seed,
+                               plan.repeats if plan.train else 1)  # fmt: skip
+        return ShardLoader(
+            stream,
+            epoch=plan.epoch,
+            batch_size=plan.batch_size,
+            drop_last=plan.train,
+            num_workers=plan.workers,
+            pin_memory=plan.pin_memory,
+            worker_init_fn=data_worker_init if plan.workers > 0 else None,
+            # As for map-style data: the workers' seed is drawn from here, not from the process's generator, which
+            # the model's randomness follows (persistent workers draw it once, a resumed run's anew).
+            generator=torch.Generator().manual_seed(plan.seed),
+        )
+
+    def first_batches(self, shards: "Shards", images: int, batch_size: int, seed: int):
+        """The first images of the stream (streamed shards have no random access)."""
+        return ShardLoader(shards.stream(1, 0, batch_size, 0, seed, 1), epoch=lambda: 0, batch_size=batch_size)
 
 
 def wds():
@@ -106,7 +168,7 @@ def shard_lengths(info: dict) -> dict[str, int]:
     return lengths
 
 
-def shard_class_names(cfg: DictConfig) -> list[str]:
+def shard_class_names(cfg: "ShardSource") -> list[str]:
     """_info.json's "classes" (deit-shard writes them), else "0".."num_classes-1"."""
     urls = expand(cfg.train)
     info = read_info(urls)
@@ -118,7 +180,7 @@ def shard_class_names(cfg: DictConfig) -> list[str]:
                          f"shards; write one there, e.g. {{\"classes\": [\"cat\", \"dog\"]}} (deit-shard writes it)")  # fmt: skip
 
 
-def check_validation_shards(cfg: DictConfig, urls: list[str], classes: list[str]) -> None:
+def check_validation_shards(cfg: "ShardSource", urls: list[str], classes: list[str]) -> None:
     """The validation shards are not the training shards, and label their samples as the training shards do: their
     own _info.json (a split written apart), where it is another file, lists the same classes in the same order."""
     training = expand(cfg.train)
@@ -144,7 +206,7 @@ def check_validation_shards(cfg: DictConfig, urls: list[str], classes: list[str]
 class Shards:
     """One split's shards and transform, before the loader deals them to ranks and workers (ShardStream)."""
 
-    def __init__(self, cfg: DictConfig, split: str, transform) -> None:
+    def __init__(self, cfg: "ShardSource", split: str, transform) -> None:
         self.pattern = cfg.train if split == "train" else cfg.val
         self.urls = expand(self.pattern)
         local = {url: urlparse(url) for url in self.urls}
@@ -291,15 +353,6 @@ class ShardStream(IterableDataset):
             raise DataError(f"sample {name} has label {label}, outside the {self.shards.num_classes} classes of the "
                             f"shards' {INFO_FILE}: rewrite the shard, or correct {INFO_FILE}")  # fmt: skip
         return image, label
-
-    def fingerprint(self) -> str:
-        """The training stream's identity for the teacher cache: its shards (with their sizes where local), the
-        epoch's sample count and the number of workers (which decides the batches)."""
-        parts = [f"webdataset\t{self.shards.num_samples}\t{self.world_size}\t{self.workers}"]
-        for url in self.shards.urls:
-            size = os.path.getsize(url) if not urlparse(url).scheme and os.path.exists(url) else ""
-            parts.append(f"{url}\t{size}")
-        return "\n".join(parts)
 
 
 class ShardLoader(DataLoader):

@@ -1,4 +1,4 @@
-"""data=hf: a Hugging Face `datasets` image-classification dataset, map-style, so that it serves every feature an
+"""data=hf (HFSource): a Hugging Face `datasets` image-classification dataset, map-style, so that it serves every feature an
 ImageFolder does (seeded views, repeated augmentation, exact DDP validation, the teacher cache, skip_corrupt).
 
 data.dataset is a Hub name (load_dataset: the network the first time, then Hugging Face's cache, also offline) or
@@ -11,21 +11,56 @@ DataError naming the split and row. Class names come from the label column's Cla
 
 import io
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
 from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
+from deit_train.data.sources.base import DataSource
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
+from deit_train.schema import OneOf, checked
 
 log = logging.getLogger(__name__)
 
 VAL_SPLITS = ("validation", "val", "valid", "test")  # data.val_split=null: the first of these the dataset has
+
+
+@dataclass
+class HFSource(DataSource):
+    # a Hub dataset (imagenet-1k: the network once, then Hugging Face's cache) or a local path: a save_to_disk
+    # folder, a folder of Parquet/Arrow files (split in the file names), or one .parquet file (docs/data.md)
+    dataset: str | None = None
+    subset: str | None = None  # the dataset's configuration, load_dataset(dataset, subset)
+    image_column: str | None = None  # null: the first Image feature
+    label_column: str | None = None  # null: the first ClassLabel feature
+    # rows labelled -1 (datasets' mark of an unlabelled row): refuse the data, or skip them (counted in the log)
+    unlabelled: str = checked("refuse", OneOf("refuse", "skip"))
+    train_split: str = "train"
+    val_split: str | None = None  # null: validation, val, valid or test, the first the dataset has
+    cache_dir: str | None = None  # the datasets cache; null: its own default
+
+    def check(self) -> None:
+        super().check()
+        if not self.dataset:
+            raise DeitTrainError("data=hf needs data.dataset=NAME_OR_PATH: a Hugging Face Hub dataset (imagenet-1k) "
+                                 "or a local save_to_disk folder or folder of Parquet files")  # fmt: skip
+
+    def class_names(self) -> list[str]:
+        return hf_class_names(self)
+
+    def split(self, split: str, transform) -> Dataset:
+        return self.skipping(open_hf_split(self, split, transform))
+
+    def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
+        return len(dataset), dataset.unreadable(full, self.max_image_pixels)
+
+    def identity(self, dataset: Dataset, workers: int) -> str:
+        return dataset.fingerprint()
 
 
 def datasets_module():
@@ -195,7 +230,7 @@ class HFImages(Dataset):
         return problems
 
 
-def open_table(cfg: DictConfig, split: str):
+def open_table(cfg: "HFSource", split: str):
     """(split name, datasets.Dataset) for split 'train' or 'val' of data=hf."""
     splits = open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
     if split == "train":
@@ -203,7 +238,7 @@ def open_table(cfg: DictConfig, split: str):
     return pick_split(splits, cfg.val_split, "data.val_split", cfg.dataset)
 
 
-def hf_class_names(cfg: DictConfig) -> list[str]:
+def hf_class_names(cfg: "HFSource") -> list[str]:
     """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both (classes
     without a training row named in a warning)."""
     names, labels = [], []
@@ -243,7 +278,7 @@ def integer_class_names(where: str, train_labels, val_labels, column: str) -> li
     return [str(i) for i in range(largest + 1)]
 
 
-def open_hf_split(cfg: DictConfig, split: str, transform) -> HFImages:
+def open_hf_split(cfg: "HFSource", split: str, transform) -> HFImages:
     name, table = open_table(cfg, split)
     where = f"{cfg.dataset}[{name}]"
     image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)

@@ -6,17 +6,22 @@ and a smaller distractor of another class. A random crop may keep only the distr
 is wrong for the view while a teacher's prediction on the view can be right: the case for DeiT's hard-label
 distillation (section 4). Recognition needs translation and scale invariance, which a convnet has by
 construction and a small ViT must learn from data. Written once as an ImageFolder (train/ and val/); every image is a pure function
-of (seed, split, class, index), so the dataset is the same on every machine.
+of (seed, split, class, index), so the dataset is the same on every machine. data=demo (DemoSource) trains on it.
 """
 
 import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from deit_train.data.sources.imagefolder import FolderSource
+from deit_train.errors import DeitTrainError
+from deit_train.schema import Range, checked
 
 CLASS_NAMES = (
     "checker",
@@ -31,6 +36,25 @@ CLASS_NAMES = (
     "vbars",
 )
 SUPERSAMPLE = 4  # draw large, then downsample with antialiasing
+
+
+@dataclass
+class DemoSource(FolderSource):
+    """The generated data, written once under cache_dir as an ImageFolder: no download."""
+
+    cache_dir: str | None = None  # where it is written (conf: paths.cache_dir)
+    image_size: int = checked(32, Range(1, None, "a size in pixels >= 1", integer=True))  # stored; trained at model.img_size
+    train_per_class: int = checked(100, Range(1, None, "a number of images >= 1", integer=True))
+    val_per_class: int = checked(60, Range(1, None, "a number of images >= 1", integer=True))
+    seed: int = 0  # the drawing's seed, not the run's
+
+    def check(self) -> None:
+        super().check()
+        if not self.cache_dir:
+            raise DeitTrainError("data=demo needs data.cache_dir=PATH (or paths.cache_dir): where the demo data is written")
+
+    def folder(self) -> Path:
+        return ensure_demo_dataset(self.cache_dir, self.image_size, self.train_per_class, self.val_per_class, self.seed)
 
 
 def demo_root(

@@ -1,0 +1,205 @@
+"""What a data source is: one object, chosen by conf/data/<name>.yaml's `_target_`, that answers everything the rest
+of the code asks of the data. Its dataclass fields are its config (typed by Hydra as the config composes, each
+`checked` rule applied by `check`); the fields here are every source's, a subclass adds its own.
+
+The data module (data/datamodule.py), the teacher cache, masked image modeling and the console tools ask the
+source; none of them asks which source it is. What a subclass provides:
+
+    class_names()                the classes in label order, read from the data (this fixes the heads' size)
+    split(split, transform)      "train" or "val" as a dataset of (transform(image), label)
+    images_only(split, ...)      the same images without labels (task=mim)
+    unreadable(dataset, full)    data.scan: (images looked at, [(where, problem)]) before training
+    identity(dataset, workers)   what the teacher cache keys the training data by
+
+and, where the source is not a map-style dataset (WebDataset shards stream), its own `loader`,
+`batches_per_rank` and `first_batches`. A new source is one file with a subclass and one yaml; `register` gives
+the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a test).
+"""
+
+import dataclasses
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from deit_train.cluster import data_worker_init
+from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
+from deit_train.data.views import SeededViews
+from deit_train.errors import DataError, DeitTrainError
+from deit_train.schema import OneOf, Range, check_fields, checked
+
+
+@dataclass
+class LoaderPlan:
+    """How one split is loaded on this rank: what the data module knows from the trainer and the config."""
+
+    train: bool
+    world_size: int
+    rank: int
+    batch_size: int  # per device and micro-batch
+    workers: int
+    seed: int
+    repeats: int  # repeated augmentation (1: off), training only
+    epoch: Callable[[], int]  # the epoch the loader is in (a resumed run's included)
+    pin_memory: bool
+
+
+@dataclass
+class DataSource:
+    # global, over all devices and accumulated micro-batches
+    batch_size: int = checked(1024, Range(1, None, "a batch size >= 1"))
+    num_workers: int = checked(8, Range(0, None, "a number of processes >= 0"))  # data-loader processes per device
+    pin_memory: bool = True
+    skip_corrupt: bool = False  # true: replace a corrupt image by the next one, with a counted warning
+    # before training, open every image file: header (fast: non-images, empty files, oversized images), full (decode
+    # each: also truncated files), off (huge datasets you trust); problems are reported together
+    scan: str = checked("header", OneOf("header", "full", "off"))
+    # larger images are refused as corrupt (Pillow's decompression-bomb limit); null: no limit
+    max_image_pixels: int | None = checked(89_478_485, Range(1, None, "a number of pixels >= 1, or null"))
+
+    def check(self) -> None:
+        """Each field's rule; a subclass adds the rules of its own keys (a required path, ...). Raises
+        DeitTrainError naming the key."""
+        check_fields(OmegaConf.structured(self), type(self), "data")
+
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def split(self, split: str, transform) -> Dataset:
+        raise NotImplementedError
+
+    def images_only(self, split: str, transform) -> Dataset:
+        """The split's images without their labels (task=mim)."""
+        return WithoutLabels(self.split(split, transform))
+
+    def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
+        """data.scan of one split this source opened: (images looked at, [(where, problem)]). Default: nothing to
+        look at (images in memory, or read as they stream)."""
+        return 0, []
+
+    def identity(self, dataset: Dataset, workers: int) -> str:
+        """The training data's identity for the teacher cache (teacher/cache.py): what decides which images the
+        views are drawn from, without reading every file (each view's pixels are checked per batch instead)."""
+        raise NotImplementedError
+
+    def skipping(self, dataset: Dataset) -> Dataset:
+        """data.skip_corrupt for a map-style split: a corrupt image replaced by the next readable one."""
+        return SkipCorrupt(dataset) if self.skip_corrupt else dataset
+
+    # Map-style loading: a source whose splits are indexable datasets keeps these.
+
+    def batches_per_rank(self, dataset: Dataset, world_size: int, batch_size: int, workers: int) -> int:
+        """Full training batches per rank and epoch, counted without making the loader (samplers.py)."""
+        return math.ceil(len(dataset) / world_size) // batch_size
+
+    def loader(self, dataset: Dataset, plan: LoaderPlan) -> DataLoader:
+        sampler = None
+        if plan.train:
+            # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
+            # dataset draws each view under that key's seed. Repeated augmentation when plan.repeats > 1.
+            sampler = RepeatedAugmentationSampler(dataset, repeats=plan.repeats, num_replicas=plan.world_size,
+                                                  rank=plan.rank, seed=plan.seed, keys=True)  # fmt: skip
+            # The epoch the loader starts in, a resumed run's included: Lightning sets it only after it made the
+            # first iterator, whose workers (num_workers > 0) fetch their first indices at once.
+            sampler.set_epoch(plan.epoch())
+            dataset = SeededViews(dataset, plan.seed)
+        elif plan.world_size > 1:
+            sampler = ShardedEvalSampler(dataset, plan.world_size, plan.rank)
+        return DataLoader(
+            dataset,
+            batch_size=plan.batch_size,
+            sampler=sampler,
+            # Mixup/CutMix pair each image with its mirror in the batch: every batch must be full and even.
+            drop_last=plan.train,
+            num_workers=plan.workers,
+            pin_memory=plan.pin_memory,
+            persistent_workers=plan.workers > 0,
+            # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
+            # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
+            generator=torch.Generator().manual_seed(plan.seed),
+            worker_init_fn=data_worker_init if plan.workers > 0 else None,
+        )
+
+    def first_batches(self, dataset: Dataset, images: int, batch_size: int, seed: int) -> Iterable:
+        """Batches of up to `images` images of a split, for the checks before training (labels.py): a seeded random
+        subset (a map-style set stores its images class by class)."""
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        return DataLoader(Subset(dataset, order[:images].tolist()), batch_size=batch_size)
+
+
+def register(name: str, source: type[DataSource]) -> None:
+    """conf/data/<name>.yaml's schema, `<name>_schema`: the source's fields, typed, and its `_target_`."""
+    target = f"{source.__module__}.{source.__qualname__}"
+    fields = [("_target_", str, field(default=target))]
+    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(source)]
+    schema = dataclasses.make_dataclass(f"{source.__name__}Config", fields)
+    schema.__module__ = source.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
+    setattr(sys.modules[source.__module__], schema.__name__, schema)
+    ConfigStore.instance().store(group="data", name=f"{name}_schema", node=schema)
+
+
+def build_source(data: DictConfig) -> DataSource:
+    """The source the `data` node names (its `_target_`), with its fields; checked."""
+    from hydra.utils import instantiate
+
+    try:
+        source = instantiate(data, _convert_="all")
+    except Exception as error:  # a _target_ that does not import, or a key it does not take
+        detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
+        raise DeitTrainError(f"data: {detail}") from error
+    if not isinstance(source, DataSource):
+        raise DeitTrainError(f"data._target_={data._target_} is a {type(source).__name__}, not a data source "
+                             f"(deit_train/data/sources/base.py: DataSource)")  # fmt: skip
+    source.check()
+    return source
+
+
+class SkipCorrupt(Dataset):
+    """Opt-in (data.skip_corrupt=true): a corrupt image is replaced by the next readable one, with a warning
+    that names it and counts the skips so far in this process."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # classes, samples, targets, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except DataError as error:
+                self.skipped += 1
+                warnings.warn(f"skipped {error} ({self.skipped} skipped so far in this process)", stacklevel=2)
+        raise DataError(f"no readable image in {getattr(self.dataset, 'root', 'the data')}")
+
+
+class WithoutLabels(Dataset):
+    """A labelled split's images alone (task=mim)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # samples, root, ... of the wrapped dataset (data.scan)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index][0]
+

@@ -1,0 +1,53 @@
+"""data=cifar10, data=cifar100: torchvision's CIFAR, held in memory; data.download=true fetches it (needs network)."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from deit_train.data.sources.base import DataSource
+from deit_train.errors import DeitTrainError
+
+
+@dataclass
+class CIFAR10Source(DataSource):
+    root: str | None = None  # the folder holding (or receiving) cifar-10-batches-py / cifar-100-python
+    download: bool = False  # fetch with torchvision (needs network)
+
+    dataset = datasets.CIFAR10  # a class attribute, not a config key
+
+    def check(self) -> None:
+        super().check()
+        if not self.root:
+            raise DeitTrainError(f"data={self.dataset.__name__.lower()} needs data.root=PATH: where the dataset is (or "
+                                 f"is downloaded to, with data.download=true)")  # fmt: skip
+
+    def open(self, train: bool, transform) -> Dataset:
+        root = Path(self.root).expanduser()
+        try:
+            return self.dataset(str(root), train=train, transform=transform, download=self.download)
+        except RuntimeError as error:
+            raise DeitTrainError(
+                f"{self.dataset.__name__} not found under data.root={root}: {error}. Pass data.download=true (needs "
+                f"network) or point data.root at the extracted dataset."
+            ) from error
+
+    def class_names(self) -> list[str]:
+        return list(self.open(train=False, transform=None).classes)
+
+    def split(self, split: str, transform) -> Dataset:
+        return self.open(train=split == "train", transform=transform)
+
+    def identity(self, dataset: Dataset, workers: int) -> str:
+        """The arrays and labels themselves (in memory already)."""
+        digest = hashlib.sha256(memoryview(dataset.data).tobytes())
+        digest.update(json.dumps(list(map(int, dataset.targets))).encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class CIFAR100Source(CIFAR10Source):
+    dataset = datasets.CIFAR100
