@@ -80,7 +80,7 @@ def check_command_line(args: list[str]) -> None:
         if not str(cfg.hydra.run.dir).strip() or not str(cfg.paths.cache_dir).strip():
             empty = "hydra.run.dir" if not str(cfg.hydra.run.dir).strip() else "paths.cache_dir"
             raise DeitTrainError(f"{empty} is empty: give a folder (an empty path would write into the current one)")
-        run_dir = Path(cfg.hydra.run.dir)
+        run_dir = Path(cfg.hydra.run.dir).absolute()  # as Hydra's runtime.output_dir: the same config as main's
         with open_dict(cfg):
             del cfg.hydra
             cfg.paths.output_dir = str(run_dir)

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import deit_train.conf
 import deit_train.schema
@@ -48,8 +48,24 @@ CONFIG_DIR = str(Path(deit_train.conf.__file__).parent)
 log = logging.getLogger("deit_train")
 
 
+CHECKED: dict[str, Task] = {}  # the configs this process has checked, by their resolved text
+
+
 def check_config(cfg: DictConfig) -> Task:
-    """The schema's rules, then the task's own (tasks/); returns the task. Raises DeitTrainError."""
+    """The schema's rules, the data source's and the task's own; returns the task. Raises DeitTrainError.
+
+    A config is checked once per process: `deit-train` checks a single run's config before Hydra makes the run
+    directory (cli.py: a refused run must write nothing), and train() then meets the same config again from Hydra.
+    The precision choice is applied to every copy (it changes the config)."""
+    key = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()
+    task = CHECKED.get(key)
+    if task is None:
+        task = CHECKED[key] = checked_task(cfg)
+    choose_precision(cfg)
+    return task
+
+
+def checked_task(cfg: DictConfig) -> Task:
     deit_train.schema.check(cfg)
     build_source(cfg.data)  # the data source's own keys and rules (data/sources/)
     try:
@@ -58,7 +74,6 @@ def check_config(cfg: DictConfig) -> Task:
         detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
         raise DeitTrainError(f"task: {detail}") from error
     task.check(cfg)
-    choose_precision(cfg)
     # A rule on how Hydra runs this job, which only the running job knows: it cannot be in the schema.
     if relaunches_ranks_inside_a_sweep(cfg):
         raise DeitTrainError(

@@ -249,3 +249,22 @@ def test_each_key_takes_one_value(args, refused, monkeypatch):
 
     monkeypatch.setattr("deit_train.cli.check_command_line", lambda args: None)
     refuse_bad_command_line([*args, "-m"])  # not refused there
+
+
+def test_a_run_is_composed_and_checked_once_in_its_process(tmp_path, cache_dir, monkeypatch):
+    """cli.py checks the config before Hydra makes the run directory; train() then meets the same config from Hydra
+    and does not check it again (train.check_config)."""
+    import deit_train.schema
+    import deit_train.train
+    from deit_train.cli import cli
+
+    calls = []
+    real_check = deit_train.schema.check
+    monkeypatch.setattr(deit_train.schema, "check", lambda cfg: (calls.append(1), real_check(cfg))[1])
+    monkeypatch.setattr(deit_train.train, "CHECKED", {})
+    monkeypatch.chdir(tmp_path)
+    args = layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(sys, "argv", ["deit-train", *args])
+    cli()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert len(calls) == 1
