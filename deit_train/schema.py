@@ -57,7 +57,21 @@ class OneOf:
         return str(value) in self.choices
 
 
-def checked(default: Any, rule: Range | OneOf) -> Any:
+@dataclass(frozen=True)
+class AutoOr:
+    """`auto` (the program decides, and logs what) or a value `rule` admits."""
+
+    rule: Range
+
+    @property
+    def allowed(self) -> str:
+        return f"auto, or {self.rule.allowed}"
+
+    def admits(self, value: Any) -> bool:
+        return value == "auto" or self.rule.admits(value)
+
+
+def checked(default: Any, rule: Range | OneOf | AutoOr) -> Any:
     """A field whose value `check` holds to `rule` (None is always allowed where the type is optional)."""
     return field(default=default, metadata={"rule": rule})
 
@@ -237,7 +251,7 @@ def refuse(key: str, value: Any, allowed: str) -> DeitTrainError:
     return DeitTrainError(f"{key}={value}: expected {allowed}")
 
 
-def check_value(key: str, value: Any, rule: Range | OneOf) -> None:
+def check_value(key: str, value: Any, rule: Range | OneOf | AutoOr) -> None:
     if value is not None and not rule.admits(value):
         raise refuse(key, value, rule.allowed)
 

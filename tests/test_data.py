@@ -14,7 +14,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.images import load_image
 from deit_train.data.sources import build_source
 from deit_train.data.sources.demo import CLASS_NAMES, ensure_demo_dataset
-from deit_train.data.transforms import eval_transform
+from deit_train.data.transforms import VIEW_DTYPE, eval_transform
 from deit_train.errors import DeitTrainError
 
 
@@ -207,3 +207,40 @@ def test_corrupt_image_can_be_skipped_with_a_counted_warning(tmp_path):
     replacement_path, replacement_label = dataset.samples[(index + 1) % len(dataset)]
     assert label == replacement_label and image.size == Image.open(replacement_path).size
     assert len(dataset) == 3 and dataset.classes == ["a", "b"]
+
+
+def test_auto_workers_come_from_the_cpus_this_process_may_use(tmp_path, monkeypatch, caplog):
+    class FakeTrainer:
+        num_devices = 2
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))  # a Slurm job's 16 CPUs, 2 GPUs
+    module = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), num_workers="auto"), OmegaConf.create(), 16)
+    module.trainer = FakeTrainer()
+    with caplog.at_level("INFO"):
+        assert module.workers == 7  # 8 CPUs per device, one of them the device's own process
+    assert "data.num_workers=auto: 7 data-loader worker(s) per device (16 CPUs" in caplog.text
+    given = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), num_workers=3), OmegaConf.create(), 16)
+    assert given.workers == 3
+
+
+def test_too_little_shared_memory_is_refused_before_the_first_batch(tmp_path, monkeypatch):
+    """8 workers x 2 loaders x 2 prefetched batches of 128 fp32 views at 224 px: 1.2 GB, in Docker's 64 MB /dev/shm."""
+    import shutil
+    from collections import namedtuple
+
+    class FakeTrainer:
+        num_devices, world_size, accumulate_grad_batches = 1, 1, 1
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2**20, 0, 64 * 2**20))
+    monkeypatch.setattr("deit_train.data.datamodule.SHARED_MEMORY", str(tmp_path))
+    data = data_config("imagefolder", root=str(tmp_path), num_workers=8, batch_size=128)
+    module = DeiTDataModule(data, OmegaConf.create({"mixup": 0.0, "cutmix": 0.0}), 224)
+    module.trainer = FakeTrainer()
+    view = 3 * 224 * 224 * torch.empty(0, dtype=VIEW_DTYPE).element_size()
+    needed = 2 * 8 * 2 * 128 * view
+    with pytest.raises(DeitTrainError, match=rf"keep about {needed / 2**20:.0f} MB of batches in shared memory .* has "
+                                             r"64 MB free: .*--shm-size=\d+g, or --ipc=host"):  # fmt: skip
+        module.check_shared_memory()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 * needed, 0, 2 * needed))
+    module.check_shared_memory()  # room enough

@@ -4,7 +4,10 @@ epoch's step count, repeated augmentation, data.scan."""
 
 import logging
 import math
+import os
+import shutil
 from functools import cached_property
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -12,11 +15,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from deit_train.data.sources import DataSource, LoaderPlan, build_source
-from deit_train.data.transforms import eval_transform, train_transform
+from deit_train.data.transforms import VIEW_DTYPE, eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.schema import check_batch
 
 log = logging.getLogger(__name__)
+
+SHARED_MEMORY = "/dev/shm"  # where torch's workers put the batches they hand over (Linux)
+PREFETCH_FACTOR = 2  # torch's DataLoader default: batches each worker prepares ahead
 
 
 class DeiTDataModule(L.LightningDataModule):
@@ -64,9 +70,42 @@ class DeiTDataModule(L.LightningDataModule):
         """Optimizer steps in an epoch of each device, counted without making the loader (tasks/module.py)."""
         trainer = self.trainer
         per_rank = self.source.batches_per_rank(self.train_set, trainer.world_size, self.per_device_batch_size,
-                                                self.data.num_workers)  # fmt: skip
+                                                self.workers)  # fmt: skip
         batches = limited(per_rank, trainer.limit_train_batches)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    @cached_property
+    def workers(self) -> int:
+        """data.num_workers, or for auto the CPUs this process may use (its affinity: a Slurm job's or a container's
+        share, not the machine's) shared by the devices on this node, one left to each device's main process."""
+        if self.data.num_workers != "auto":
+            return self.data.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        workers = max(0, cpus // devices - 1)
+        log.info("data.num_workers=auto: %d data-loader worker(s) per device (%d CPUs usable by this process, %d "
+                 "device(s) on this node)", workers, cpus, devices)  # fmt: skip
+        return workers
+
+    def check_shared_memory(self) -> None:
+        """The workers hand each batch over in shared memory (/dev/shm), prefetch_factor (2) batches per worker and
+        loader, every device's loaders on this node together; a container's default 64 MB ends such a run with a
+        bus error mid-epoch. Checked before the first batch instead, naming what is needed."""
+        if self.workers == 0 or not Path(SHARED_MEMORY).is_dir():
+            return
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        view_bytes = 3 * self.img_size**2 * torch.empty(0, dtype=VIEW_DTYPE).element_size()  # one image as it leaves
+        batch_bytes = view_bytes * self.per_device_batch_size
+        needed = devices * 2 * self.workers * PREFETCH_FACTOR * batch_bytes  # training and validation loaders
+        free = shutil.disk_usage(SHARED_MEMORY).free
+        if needed > free:
+            raise DeitTrainError(
+                f"data.num_workers={self.workers} keep about {needed / 2**20:.0f} MB of batches in shared memory "
+                f"({devices} device(s) x 2 loaders x {self.workers} workers x {PREFETCH_FACTOR} batches of "
+                f"{batch_bytes / 2**20:.1f} MB), but {SHARED_MEMORY} has {free / 2**20:.0f} MB free: give the "
+                f"container more (docker run --shm-size={math.ceil(needed * 1.5 / 2**30)}g, or --ipc=host), or "
+                f"lower data.num_workers or data.batch_size"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:  # once: the scan and the trainer both ask
@@ -75,7 +114,7 @@ class DeiTDataModule(L.LightningDataModule):
     def identity(self) -> str:
         """The training data's identity for the teacher cache (the source says what it is)."""
         self.setup()
-        return self.source.identity(self.train_set, self.data.num_workers)
+        return self.source.identity(self.train_set, self.workers)
 
     def scan(self) -> None:
         """data.scan: open every image of both splits before training, and report the unreadable ones together
@@ -129,7 +168,7 @@ class DeiTDataModule(L.LightningDataModule):
             world_size=world_size,
             rank=rank,
             batch_size=self.per_device_batch_size,
-            workers=self.data.num_workers,
+            workers=self.workers,
             seed=self.seed,
             repeats=self.repeats(world_size) if train else 1,
             epoch=lambda: trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,
@@ -148,6 +187,7 @@ class DeiTDataModule(L.LightningDataModule):
         return repeats
 
     def train_dataloader(self) -> DataLoader:
+        self.check_shared_memory()
         loader = self.loader(self.train_set, train=True)
         if len(loader) == 0:
             raise DeitTrainError(

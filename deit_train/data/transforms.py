@@ -11,6 +11,9 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 
+VIEW_DTYPE = torch.float32  # what a view is when a worker hands it over
+
+
 def eval_transform(augment: DictConfig, img_size: int):
     """The official DeiT eval transform: resize the short side to floor(img_size / crop_pct) (bicubic), center
     crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default is 0.9

@@ -22,6 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -32,7 +33,7 @@ from deit_train.cluster import data_worker_init
 from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.views import SeededViews
 from deit_train.errors import DataError, DeitTrainError
-from deit_train.schema import OneOf, Range, check_fields, checked
+from deit_train.schema import AutoOr, OneOf, Range, check_fields, checked
 
 
 @dataclass
@@ -54,7 +55,8 @@ class LoaderPlan:
 class DataSource:
     # global, over all devices and accumulated micro-batches
     batch_size: int = checked(1024, Range(1, None, "a batch size >= 1"))
-    num_workers: int = checked(8, Range(0, None, "a number of processes >= 0"))  # data-loader processes per device
+    # data-loader processes per device; auto: the CPUs this process may use, shared by the devices on its node
+    num_workers: Any = checked("auto", AutoOr(Range(0, None, "a number of processes >= 0", integer=True)))
     pin_memory: bool = True
     skip_corrupt: bool = False  # true: replace a corrupt image by the next one, with a counted warning
     # before training, open every image file: header (fast: non-images, empty files, oversized images), full (decode
