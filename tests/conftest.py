@@ -14,23 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from deit_train.data.sources.demo import ensure_demo_dataset
 from deit_train.train import CONFIG_DIR
 
-# A CPU-sized run: 16x16 demo images, 8 per class, one epoch.
-TINY_RUN = [
-    "experiment=demo",
-    "model.img_size=16",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "data.pin_memory=false",
-    "trainer.max_epochs=1",
-    "trainer.log_every_n_steps=1",
-    "+trainer.enable_model_summary=false",
-    "callbacks.progress_bar=null",
-]
-# A CPU-sized DeiT student: 4x4 patches, 2 blocks of width 32.
-TINY_VIT = ["model.patch_size=4", "model.depth=2", "model.embed_dim=32", "model.num_heads=2"]
-# The demo data at 16x16, 8 training images per class.
-TINY_DEMO = ["data.image_size=16", "data.train_per_class=8", "data.val_per_class=4"]
-TINY = TINY_RUN + TINY_DEMO + TINY_VIT
+from .tiny import TINY, TINY_DEMO, TINY_RUN, TINY_TEACHER, TINY_VIT  # noqa: F401  (the tests import them from here)
 
 
 def save_safetensors(model, path: Path) -> dict:
@@ -44,11 +28,11 @@ def save_safetensors(model, path: Path) -> dict:
 
 @pytest.fixture
 def random_teacher_checkpoint(tmp_path) -> Path:
-    """A 10-class resnet10t teacher with random weights, as .safetensors."""
+    """A 10-class TINY_TEACHER (resnet10t) with random weights, as .safetensors."""
     import timm
 
     path = tmp_path / "teacher.safetensors"
-    save_safetensors(timm.create_model("resnet10t", num_classes=10), path)
+    save_safetensors(timm.create_model(TINY_TEACHER, num_classes=10), path)
     return path
 
 

@@ -7,9 +7,11 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
@@ -20,10 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def benchmark():
+    """scripts/benchmark.py, loaded as the command line runs it (it puts scripts/, and so its bench/ package,
+    on sys.path)."""
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def parts(benchmark):
+    """scripts/bench/'s modules, importable once scripts/benchmark.py is: setting (the Bench the rows get),
+    run, timing."""
+    names = ("setting", "run", "timing")
+    return types.SimpleNamespace(**{name: importlib.import_module(f"bench.{name}") for name in names})
 
 
 @pytest.mark.slow
@@ -73,33 +85,32 @@ def test_default_preset_is_one_of_the_choices(benchmark, monkeypatch):
     assert parser_defaults["preset"] in benchmark.PRESETS.values()
 
 
-def test_a_failing_row_is_reported_and_the_other_rows_still_run_and_are_saved(benchmark, monkeypatch):
+def test_a_failing_row_is_reported_and_the_other_rows_still_run_and_are_saved(benchmark):
     def broken(bench):
         raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
 
     rows = {"first": lambda bench: {"train_ips_deit_train": 1.0}, "broken": broken,
             "last": lambda bench: {"eval_ips_timm": 2.0}}  # fmt: skip
-    monkeypatch.setattr(benchmark, "STUDENT_ROWS", rows)
-    monkeypatch.setattr(benchmark, "SHARED_ROWS", {})
     saved = []
     preset = benchmark.PRESETS["dry"]
-    report = benchmark.run_benchmark(preset, None, [], benchmark.torch.device("cpu"), saved.append)
+    report = benchmark.run_benchmark(preset, None, [], benchmark.torch.device("cpu"), saved.append, rows, {})
     assert report["errors"] == {"deit_small/broken": "RuntimeError: CUDA error: an illegal memory access"}
     assert report["students"]["deit_small"] == {"train_ips_deit_train": 1.0, "eval_ips_timm": 2.0}
     assert len(saved) == 3  # after every row, the failed one included
-    assert "- deit_small/broken: `RuntimeError: CUDA error" in benchmark.markdown(report, "dry")
+    table = benchmark.markdown(report, "dry", benchmark.FIGURES)
+    assert "- deit_small/broken: `RuntimeError: CUDA error" in table
 
 
-def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark):
+def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark, parts):
     report = {
-        "setup": benchmark.setup(benchmark.PRESETS["gpu"], benchmark.torch.device("cpu")),
+        "setup": parts.run.setup(benchmark.PRESETS["gpu"], torch.device("cpu")),
         "students": {"deit_small": {"train_ips_deit_train": 1234.56, "framework_overhead": 0.031},
                      "deit_base": {"train_ips_deit_train": 345.6, "cached_over_online": 5.25}},
         "shared": {"ips_per_worker_loader_hf": 210.0},
         "seconds": {"deit_small/train": 10.0, "deit_base/train": 5.0},
         "gpu_tests": {"passed": 18, "skipped": 1, "failed": 0},
     }  # fmt: skip
-    table = benchmark.markdown(report, "gpu")
+    table = benchmark.markdown(report, "gpu", benchmark.FIGURES)
     assert "| figure | deit_small | deit_base |" in table
     assert "| train images/s, deit-train (the app's trainer, callbacks, loggers) | 1234.6 | 345.6 |" in table
     assert "| framework overhead, 1 - deit-train / bare | 3.1 % |  |" in table
@@ -109,19 +120,19 @@ def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark):
 
 
 def test_the_deit_train_row_runs_the_trainer_callbacks_and_loggers_the_app_builds(
-    benchmark, monkeypatch, tmp_path
+    benchmark, parts, monkeypatch, tmp_path
 ):
     built = []
-    original = benchmark.build_trainer
-    monkeypatch.setattr(benchmark, "build_trainer", lambda *args: built.append(original(*args)) or built[-1])
+    setting = parts.setting
+    original = setting.build_trainer
+    monkeypatch.setattr(setting, "build_trainer", lambda *args: built.append(original(*args)) or built[-1])
     preset = benchmark.PRESETS["dry"]
-    device = benchmark.torch.device("cpu")
-    bench = benchmark.Bench(
-        preset, "deit_small", 8, device, tmp_path, benchmark.make_batches(preset, 8, device, 4)
-    )
+    device = torch.device("cpu")
+    batches = setting.make_batches(preset, 8, device, 4)
+    bench = setting.Bench(preset, "deit_small", 8, device, tmp_path, batches)
     run = bench.deit_train(bench.config(cache=True))
     (trainer,) = built
-    kinds = (ModelCheckpoint, LearningRateMonitor, ProgressBar, EpochSummary, benchmark.TimerCallback)
+    kinds = (ModelCheckpoint, LearningRateMonitor, ProgressBar, EpochSummary, parts.timing.TimerCallback)
     assert all(any(isinstance(c, kind) for c in trainer.callbacks) for kind in kinds), trainer.callbacks
     assert any(type(c).__name__ == "TeacherCacheCallback" for c in trainer.callbacks)  # the task's own
     assert any(isinstance(logger, CSVLogger) for logger in trainer.loggers)

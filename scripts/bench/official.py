@@ -1,0 +1,51 @@
+"""The official DeiT distillation loss, as written in facebookresearch/deit's losses.py (`DistillationLoss`,
+main branch): the reference that the benchmark's official training step runs and that tests/test_losses.py
+holds deit_train.losses against. Kept as it is there (the loss owns the teacher and runs it under no_grad
+on the step's inputs; the soft term divides by outputs_kd.numel(), batch x classes): do not tidy it into
+ours.
+
+    https://github.com/facebookresearch/deit/blob/main/losses.py
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OfficialDistillationLoss(nn.Module):
+    """facebookresearch/deit losses.py's DistillationLoss: base criterion, then none | soft | hard, then the
+    alpha mix."""
+
+    def __init__(self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str,
+                 alpha: float, tau: float) -> None:  # fmt: skip
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.teacher_model = teacher_model
+        assert distillation_type in ["none", "soft", "hard"]
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+
+    def forward(self, inputs, outputs, labels):
+        outputs_kd = None
+        if not isinstance(outputs, torch.Tensor):
+            outputs, outputs_kd = outputs  # (class head, distillation head)
+        base_loss = self.base_criterion(outputs, labels)
+        if self.distillation_type == "none":
+            return base_loss
+        if outputs_kd is None:
+            raise ValueError(
+                "When knowledge distillation is enabled, the model is expected to return a "
+                "Tuple[Tensor, Tensor] with the output of the class_token and the dist_token"
+            )
+        with torch.no_grad():  # don't backprop through the teacher
+            teacher_outputs = self.teacher_model(inputs)
+        if self.distillation_type == "soft":
+            T = self.tau
+            distillation_loss = F.kl_div(
+                F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
+                reduction="sum", log_target=True,
+            ) * (T * T) / outputs_kd.numel()  # fmt: skip
+        elif self.distillation_type == "hard":
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
