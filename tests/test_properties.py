@@ -106,17 +106,20 @@ def test_a_drawn_valid_config_trains_what_it_asks(tmp_path_factory, cache_dir):
         counts["trained"] += 1
         event("trained")
         assert run.trainer.global_step > 0 and "val/acc1" in run.metrics
-        stored = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["config"]
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        stored = checkpoint["hyper_parameters"]["config"]
         asked = dict(override.split("=", 1) for override in overrides)  # the last of a key wins, as in Hydra
         for key, value in asked.items():
             if "." in key:
                 group, name = key.split(".", 1)
-                assert str(stored[group][name]).lower() == value.lower() or float(stored[group][name]) == float(value)
+                saved = stored[group][name]
+                assert str(saved).lower() == value.lower() or float(saved) == float(value), (key, saved, value)
 
     trains_what_it_asks()
-    print(f"drawn {counts['drawn']}, trained {counts['trained']}, refused {counts['refused']}:", *refusals, sep="\n  ")
+    summary = f"drawn {counts['drawn']}, trained {counts['trained']}, refused {counts['refused']}"
+    print(summary, *refusals, sep="\n  ")
     assert counts["drawn"] == counts["trained"] + counts["refused"] > 0, counts
-    assert counts["trained"] >= counts["drawn"] / 2, f"too few drawn combinations trained: {dict(counts)}"
+    assert counts["trained"] >= counts["drawn"] / 2, f"too few drawn combinations trained: {summary}"
 
 
 # ----------------------------------------------------------------------------------------------- image files
