@@ -236,12 +236,12 @@ def timm_train_transform(option: str):
     # DeiT III's simple random crop, as its augment.py new_data_aug_generator(src=True) writes it, then timm's
     # 3-Augment, colour jitter and normalisation (the secondary and final stages of its factory).
     _, secondary, final = transforms_imagenet_train(IMG_SIZE, **TIMM_TRAIN[option], separate=True)
-    primary = T.Compose([
+    primary = [
         T.Resize(IMG_SIZE, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomCrop(IMG_SIZE, padding=4, padding_mode="reflect"),
         T.RandomHorizontalFlip(),
-    ])  # fmt: skip
-    return T.Compose([primary, secondary, final])
+    ]
+    return T.Compose([*primary, secondary, final])
 
 
 def seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
