@@ -1,7 +1,9 @@
 """Every option of every config group composes, and every model/teacher/loss/data option builds."""
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,6 +11,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
+from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.transforms import eval_transform, train_transform
@@ -196,12 +200,95 @@ def test_soft_distill_defaults_are_the_papers(tmp_path):
     assert (cfg.loss.tau, cfg.loss.alpha, cfg.loss.kl_reduction) == (3.0, 0.1, "batchmean")
 
 
-@pytest.mark.parametrize("option", ["deit", "none"])
-def test_augment_options_build_transforms(option, tmp_path):
+AUGMENT_OPTIONS = sorted(path.stem for path in Path(CONFIG_DIR, "augment").glob("*.yaml"))
+# What each augment option asks of timm, written from the papers, not read from the yaml: DeiT (Touvron et al. 2021,
+# Table 9; the official main.py's create_transform arguments), DeiT III's 3-Augment (Touvron et al. 2022, section
+# 3.2: timm's '3a' policy, colour jitter 0.3, no random erasing) and SimMIM's crop (Xie et al. 2022: scale 0.67-1).
+# Each is timm's transforms_imagenet_train at img_size 32, ImageNet mean/std; "none" trains on the eval transform and
+# three_augment_src puts DeiT III's simple random crop in front of timm's 3-Augment (see timm_train_transform).
+TIMM_TRAIN = {
+    "deit": dict(scale=(0.08, 1.0), auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, interpolation="bicubic",
+                 re_prob=0.25, re_mode="pixel", re_count=1),
+    "three_augment": dict(scale=(0.08, 1.0), auto_augment="3a", color_jitter=0.3, interpolation="bicubic"),
+    "three_augment_src": dict(auto_augment="3a", color_jitter=0.3, interpolation="bicubic"),
+    "mim": dict(scale=(0.67, 1.0), auto_augment=None, color_jitter=None, interpolation="bicubic"),
+    "none": None,
+}  # fmt: skip
+IMG_SIZE = 32
+
+
+def noise_image(width: int, height: int) -> Image.Image:
+    """Random pixels: any difference in crop window, interpolation or colour shows in the tensor."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def timm_eval_transform():
+    """DeiT's eval transform as timm builds it: short side to floor(32 / 0.875) = 36, bicubic, centre crop 32."""
+    return transforms_imagenet_eval(IMG_SIZE, crop_pct=0.875, interpolation="bicubic")
+
+
+def timm_train_transform(option: str):
+    if TIMM_TRAIN[option] is None:
+        return timm_eval_transform()
+    if option != "three_augment_src":
+        return transforms_imagenet_train(IMG_SIZE, **TIMM_TRAIN[option])
+    # DeiT III's simple random crop, as its augment.py new_data_aug_generator(src=True) writes it, then timm's
+    # 3-Augment, colour jitter and normalisation (the secondary and final stages of its factory).
+    _, secondary, final = transforms_imagenet_train(IMG_SIZE, **TIMM_TRAIN[option], separate=True)
+    primary = [
+        T.Resize(IMG_SIZE, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomCrop(IMG_SIZE, padding=4, padding_mode="reflect"),
+        T.RandomHorizontalFlip(),
+    ]
+    return T.Compose([*primary, secondary, final])
+
+
+def seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """transform(image) after seeding every generator a transform may draw from: python's, numpy's and torch's."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def test_every_augment_option_has_a_timm_reference():
+    assert sorted(TIMM_TRAIN) == AUGMENT_OPTIONS
+
+
+@pytest.mark.parametrize("option", AUGMENT_OPTIONS)
+def test_augment_option_trains_on_timms_transform(option, tmp_path):
+    """Under the same seeds, each option's train transform gives the same tensor as timm's transform built from
+    the paper's numbers: the same crop, flip, policy, jitter, erasing and normalisation, drawn in the same order."""
     cfg = compose_config([f"augment={option}"], tmp_path, tmp_path)
-    image = Image.new("RGB", (50, 37), (200, 10, 10))
-    for transform in (train_transform(cfg.augment, 32), eval_transform(cfg.augment, 32)):
-        assert transform(image).shape == (3, 32, 32)
+    ours, theirs = train_transform(cfg.augment, IMG_SIZE), timm_train_transform(option)
+    image = noise_image(50, 37)  # larger than the crop, not square (for "none": offsets on which both agree)
+    outputs = []
+    for seed in range(12):
+        expected = seeded(theirs, image, seed)
+        assert expected.shape == (3, IMG_SIZE, IMG_SIZE)
+        assert torch.equal(seeded(ours, image, seed), expected), (option, seed)
+        outputs.append(expected)
+    distinct = len({output.numpy().tobytes() for output in outputs})
+    assert distinct == (1 if option == "none" else len(outputs)), "each seed draws its own augmentation"
+
+
+@pytest.mark.parametrize("option", AUGMENT_OPTIONS)
+def test_augment_option_evaluates_on_timms_eval_transform(option, tmp_path):
+    cfg = compose_config([f"augment={option}"], tmp_path, tmp_path)
+    image = noise_image(50, 37)  # resized to 48x36: both centre-crop offsets (8, 2) are whole
+    assert torch.equal(eval_transform(cfg.augment, IMG_SIZE)(image), timm_eval_transform()(image))
+
+
+def test_eval_centre_crop_floors_where_timm_rounds_up(tmp_path):
+    """53x37 resizes to 51x36: 19 spare columns. Our crop starts at column floor(19 / 2) = 9 (as transformers'
+    processors, so that an exported model sees the same pixels); torchvision's CenterCrop in timm's eval transform
+    starts at round(9.5) = 10. The same window one column apart: equal where they overlap, different as a whole."""
+    cfg = compose_config([], tmp_path, tmp_path)
+    image = noise_image(53, 37)
+    ours, theirs = eval_transform(cfg.augment, IMG_SIZE)(image), timm_eval_transform()(image)
+    assert not torch.equal(ours, theirs)
+    torch.testing.assert_close(ours[..., 1:], theirs[..., :-1], rtol=0, atol=0)
 
 
 def test_data_demo_and_imagefolder_options_find_their_classes(tmp_path, cache_dir, demo_data):
