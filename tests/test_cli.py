@@ -112,7 +112,7 @@ def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir
                                 tmp_path=tmp_path, cache_dir=cache_dir, base=TINY_RUN + TINY_VIT)  # fmt: skip
     # The scan before training finds both, in one line, before anything is written.
     result = run()
-    assert_clear_failure(result, "2 of 120 image files cannot be read", "circle/00003.png (not an image file Pil",
+    assert_clear_failure(result, "2 of 120 images cannot be read", "circle/00003.png (not an image file Pil",
                          "ring/00001.png")  # fmt: skip
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     # Without the scan, the run meets the first one (the sanity check's validation batch): exit status 3, named, no

@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory, cache_dir) -> Path:
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:
-    code = f"from deit_train.{name} import main; main()"
+    code = f"from deit_train.tools.{name} import main; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 

@@ -204,7 +204,7 @@ def test_a_drawn_data_folder_trains_on_its_visible_images_or_is_refused_in_one_l
         elif classes != folders:  # a class folder with hidden files only
             assert "hold no images" in message, message
         else:
-            assert unreadable and f"{2 * len(unreadable)} of {2 * len(visible)} image files cannot be read" in message
+            assert unreadable and f"{2 * len(unreadable)} of {2 * len(visible)} images cannot be read" in message
         return
     event("trained")
     assert not unreadable and len(classes) >= 2 and classes == folders  # nothing unreadable trains silently

@@ -31,8 +31,8 @@ class CIFAR10Source(DataSource):
             return self.dataset(str(root), train=train, transform=transform, download=self.download)
         except RuntimeError as error:
             raise DeitTrainError(
-                f"{self.dataset.__name__} not found under data.root={root}: {error}. Pass data.download=true (needs "
-                f"network) or point data.root at the extracted dataset."
+                f"data={self.dataset.__name__.lower()}: {self.dataset.__name__} not found under data.root={root}: "
+                f"{error}. Pass data.download=true (needs network) or point data.root at the extracted dataset."
             ) from error
 
     def class_names(self) -> list[str]:
