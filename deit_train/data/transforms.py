@@ -10,6 +10,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import auto_augment_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from deit_train.data.decode import RandomResizedCrop, ResizeShortSide, check_decode
@@ -103,5 +104,8 @@ def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
 def with_decoding_crop(transform: T.Compose, decode: str) -> T.Compose:
     """timm's train transform with its first step, the RandomResizedCropAndInterpolation, replaced by the same crop
     that also decodes (data/decode.py); every later step is timm's, untouched."""
-    transform.transforms[0] = RandomResizedCrop(transform.transforms[0], decode)
+    first = transform.transforms[0]
+    if not isinstance(first, RandomResizedCropAndInterpolation):
+        raise TypeError(f"timm's train transform no longer starts with its RandomResizedCrop: {first}")
+    transform.transforms[0] = RandomResizedCrop(first, decode)
     return transform
