@@ -26,7 +26,7 @@ from deit_train.schema import AugmentConfig
 AUGMENT = OmegaConf.structured(AugmentConfig)  # augment=deit: RandAugment, erasing 0.25, bicubic
 # Reduced vs exact, measured with this file's images: the training crops of the 2000x1500 JPEG at 42-52 dB, of the
 # odd-sided 2049x1801 one at 51-52 dB, evaluation's resize (at 1/8) at 42 dB; the 20 photo-like 4000x3000 JPEGs of
-# scripts/benchmark_data.py --psnr: 47.7 dB on average. A misplaced box shows under 40 dB: the EXIF padding shift
+# scripts/benchmark_data.py --psnr 20: 47.6 dB on average. A misplaced box shows under 40 dB: the EXIF padding shift
 # left out (7/8 of a reduced pixel) 29-38 dB, the box half a reduced pixel off 36-42 dB (a third of the 24 crops
 # under 40), a wrong orientation or scale far lower.
 MIN_PSNR = 40.0
