@@ -8,17 +8,30 @@ Rows (images/s with ONE data-loader worker, augment=deit at --img-size, on Image
   end_to_end_imagefolder deit-train training a trivial student (1 block of width 48) under Lightning, the loader
                          included: what the issue's target compares with `official`
 and the seconds deit-shard takes for the test JPEGs and for the demo set (both splits, read back and checked).
+Then the decode rows (data.decode, deit_train/data/decode.py), each against the official pipeline in the same run,
+on the 500x375 JPEGs and on --large-images photo-like 4000x3000 JPEGs (quality 90, batch --large-batch), as images
+per CPU-second of the loader run in this process (one worker's rate on a core of its own, not slowed by other jobs):
+  official_<size>        as `official` above: torchvision's ImageFolder (a full PIL decode) + create_transform
+  exact_<size>           deit-train's train transform (augment=deit) on open_image's files, decode=exact
+  reduced_<size>         the same, decode=reduced (a large JPEG decoded at 1/2, 1/4 or 1/8 where the crop allows)
+and, with --gpu-images-per-s R, the workers one GPU eating R images/s would need with each row (workers_for_gpu_*).
+--psnr N measures the reduced decode's pixel difference from the exact one on N photo-like 4000x3000 JPEGs (PSNR
+in dB, 224 px crops of the same boxes), beside what the bicubic resize itself varies (psnr_* figures, decode_psnr).
 Each figure is the best of --repeats passes, the rows interleaved so that drift in the machine's speed hits all.
 
-    python scripts/benchmark_data.py [--images 256] [--img-size 224] [--repeats 2] [--batch 32] [--markdown] [--json out.json]
+    python scripts/benchmark_data.py [--images 256] [--img-size 224] [--repeats 2] [--batch 32] [--large-images 48]
+        [--large-batch 8] [--gpu-images-per-s 3500] [--psnr 20] [--markdown] [--json out.json]
 
 scripts/benchmark.py runs these rows as its `data` row.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
+import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +43,15 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.decode import RandomResizedCrop, ResizeShortSide
+from deit_train.data.images import load_image, open_image
 from deit_train.data.sources.demo import ensure_demo_dataset
+from deit_train.data.transforms import CenterCrop, train_transform
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import CONFIG_DIR
 
@@ -83,14 +100,189 @@ def compose_run(*overrides: str) -> DictConfig:
 
 def official(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
     """The official pipeline (facebookresearch/deit datasets.py build_transform): timm create_transform."""
-    transform = create_transform(
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=official_transform(img_size, augment))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
+    return drain(loader)
+
+
+def official_transform(img_size: int, augment: DictConfig):
+    return create_transform(
         img_size, is_training=True, color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
         interpolation=augment.train_interpolation, re_prob=augment.reprob, re_mode="pixel", re_count=1,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     )  # fmt: skip
-    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
-    return drain(loader)
+
+
+def decoding(root: Path, img_size: int, augment: DictConfig, batch: int, decode: str) -> float:
+    """deit-train's train transform on undecoded files (open_image), its first step decoding as `decode` says."""
+    transform = train_transform(augment, img_size, decode)
+    return cpu_rate(torchvision.datasets.ImageFolder(str(root / "train"), transform=transform, loader=open_image), batch)
+
+
+def official_cpu(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
+    return cpu_rate(torchvision.datasets.ImageFolder(str(root / "train"), official_transform(img_size, augment)), batch)
+
+
+def cpu_rate(dataset, batch: int) -> float:
+    """Images per CPU-second of a loader in this process (batches collated, as a worker makes them; the first
+    batch not counted): one worker's images/s on a core of its own, whatever else the machine runs."""
+    iterator = iter(torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True))
+    next(iterator)
+    start, count = time.process_time(), 0
+    for images, _ in iterator:
+        count += len(images)
+    return count / (time.process_time() - start)
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A natural-looking synthetic photograph: 1/f texture (the amplitude spectrum of natural images), smooth shading
+    and colour, a linear gradient, a dozen hard-edged objects of their own colour, and sensor grain (sigma 2)."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None].astype(np.float32)
+    fx = np.fft.rfftfreq(width)[None, :].astype(np.float32)
+    frequency = np.sqrt(fx * fx + fy * fy)
+    frequency[0, 0] = 1.0
+
+    def field(power: float) -> np.ndarray:
+        spectrum = np.fft.rfft2(rng.standard_normal((height, width), dtype=np.float32)) / frequency**power
+        spectrum[0, 0] = 0
+        out = np.fft.irfft2(spectrum, s=(height, width)).astype(np.float32)
+        return out / out.std()
+
+    texture, shade = field(1.0), field(1.6)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = x / width * rng.uniform(-1, 1) + y / height * rng.uniform(-1, 1)
+    pixels = np.empty((height, width, 3), np.float32)
+    for channel in range(3):
+        pixels[..., channel] = (128 + 40 * rng.uniform(0.5, 1.5) * gradient + 25 * rng.uniform(0.5, 1.5) * shade
+                                + 18 * texture)  # fmt: skip
+    mask = Image.new("L", (width, height))
+    draw = ImageDraw.Draw(mask)
+    for index in range(1, 13):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.03, 0.2) * width
+        if index % 2:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 7))
+            draw.polygon([(cx + r * rng.uniform(0.5, 1.2) * np.cos(a), cy + r * rng.uniform(0.5, 1.2) * np.sin(a))
+                          for a in angles], fill=index)  # fmt: skip
+        else:
+            draw.ellipse((cx - r, cy - 0.7 * r, cx + r, cy + 0.7 * r), fill=index)
+    labels = np.asarray(mask)
+    for index in range(1, 13):
+        pixels[labels == index] += rng.uniform(-70, 70, 3).astype(np.float32)
+    pixels += rng.normal(0, 2, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_large_jpegs(root: Path, count: int, distinct: int = 8) -> Path:
+    """`count` 4000x3000 training JPEGs (quality 90) in 2 classes: `distinct` photo_like pictures, each saved as
+    several files (decoding costs the same for a copy; generating one takes seconds)."""
+    files = []
+    for seed in range(min(distinct, count)):
+        files.append(root / f"source{seed}.jpg")
+        root.mkdir(parents=True, exist_ok=True)
+        photo_like(4000, 3000, seed).save(files[-1], quality=90)
+    for index in range(count):
+        folder = root / "train" / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[index % len(files)], folder / f"{index}.jpg")
+    return root
+
+
+def decode_rows(img_size: int, large_images: int, repeats: int, large_batch: int, batch: int = BATCH,
+                small_images: int = 256) -> dict[str, float]:  # fmt: skip
+    """images/s per worker: official, exact and reduced on the 500x375 JPEGs and on 4000x3000 ones (docstring)."""
+    torch.set_num_threads(1)
+    augment = compose_run().augment
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {"500x375": (make_jpegs(Path(tmp) / "small", small_images), batch),
+                 "4000x3000": (make_large_jpegs(Path(tmp) / "large", large_images), large_batch)}  # fmt: skip
+        rows = {}
+        for size, (root, size_batch) in roots.items():
+            rows[f"official_{size}"] = lambda root=root, b=size_batch: official_cpu(root, img_size, augment, b)
+            for decode in ("exact", "reduced"):
+                rows[f"{decode}_{size}"] = lambda root=root, b=size_batch, d=decode: decoding(
+                    root, img_size, augment, b, d
+                )
+        best = dict.fromkeys(rows, 0.0)
+        for _ in range(repeats):
+            for name, measure in rows.items():
+                best[name] = max(best[name], measure())
+    results = {f"ips_per_worker_{name}": value for name, value in best.items()}
+    for name, value in best.items():
+        if not name.startswith("official"):
+            results[f"x_official_{name}"] = value / best[f"official_{name.split('_', 1)[1]}"]
+    return results
+
+
+def workers_for_gpu(results: dict[str, float], gpu_images_per_s: float) -> dict[str, float]:
+    """The data-loader workers (one core each) that feed a GPU eating `gpu_images_per_s`, for each images/s row."""
+    prefix = "ips_per_worker_"
+    return {f"workers_for_gpu_{key[len(prefix):]}": float(math.ceil(gpu_images_per_s / value))
+            for key, value in results.items() if key.startswith(prefix)}  # fmt: skip
+
+
+def psnr(a, b) -> float:
+    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255**2 / error))
+
+
+def decode_psnr(images: int = 20, crops: int = 5, img_size: int = 224) -> dict[str, float]:
+    """The reduced decode against the exact one, and what the bicubic resize itself varies, as the mean PSNR (dB)
+    over `crops` training boxes (timm's draws, bicubic) of each of `images` photo-like 4000x3000 JPEGs (q 90):
+      psnr_reduced_train          reduced crop vs exact crop of the same box (min: psnr_reduced_train_min)
+      psnr_reduced_eval           eval's resize (short side img_size / 0.875) + center crop, reduced vs exact
+      psnr_pil_vs_torch_bicubic   the exact crop resized by Pillow vs by torch (bicubic, antialias), rounded
+      psnr_box_shift_half_pixel   the box moved by half a pixel of the 4000x3000 image (get_params rounds to whole
+                                  pixels: the same draw), both by Pillow's resize(box=)
+      psnr_box_shift_one_pixel    the box moved one pixel right
+      psnr_bicubic_vs_bilinear    the exact crop resized bicubic vs bilinear (timm's interpolation=random mixes them)
+    """
+    timm_crop = RandomResizedCropAndInterpolation(img_size, interpolation="bicubic")
+    reduced_crop = RandomResizedCrop(timm_crop, "reduced")
+    resize_size = math.floor(img_size / 0.875)
+    center = CenterCrop(img_size)
+    sums: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(images):
+            path = Path(tmp) / f"{seed}.jpg"
+            photo_like(4000, 3000, 1000 + seed).save(path, quality=90)
+            full = load_image(path)
+            for crop in range(crops):
+                random.seed(seed * crops + crop)
+                top, left, height, width = timm_crop.get_params(full, timm_crop.scale, timm_crop.ratio)
+                random.seed(seed * crops + crop)
+                reduced = reduced_crop(open_image(path))
+                box = (left, top, left + width, top + height)
+                exact = full.crop(box).resize((img_size, img_size), Image.Resampling.BICUBIC)
+                region = torch.from_numpy(np.array(full.crop(box))).permute(2, 0, 1)[None].float()
+                by_torch = torch.nn.functional.interpolate(region, size=(img_size, img_size), mode="bicubic",
+                                                           antialias=True, align_corners=False)  # fmt: skip
+                by_torch = by_torch[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+                step = 1 if left + width < full.width else -1
+                moved = (left + step, top, left + width + step, top + height)
+                half = (left + step / 2, top, left + width + step / 2, top + height)
+                figures = {
+                    "psnr_reduced_train": psnr(reduced, exact),
+                    "psnr_pil_vs_torch_bicubic": psnr(exact, by_torch),
+                    "psnr_box_shift_half_pixel": psnr(
+                        full.resize((img_size, img_size), Image.Resampling.BICUBIC, box=box),
+                        full.resize((img_size, img_size), Image.Resampling.BICUBIC, box=half),
+                    ),
+                    "psnr_box_shift_one_pixel": psnr(
+                        exact, full.crop(moved).resize((img_size, img_size), Image.Resampling.BICUBIC)
+                    ),
+                    "psnr_bicubic_vs_bilinear": psnr(
+                        exact, full.crop(box).resize((img_size, img_size), Image.Resampling.BILINEAR)
+                    ),
+                }
+                for name, value in figures.items():
+                    sums.setdefault(name, []).append(value)
+            eval_exact = center(ResizeShortSide(resize_size, "exact")(full))
+            eval_reduced = center(ResizeShortSide(resize_size, "reduced")(open_image(path)))
+            sums.setdefault("psnr_reduced_eval", []).append(psnr(eval_exact, eval_reduced))
+    results = {name: float(np.mean(values)) for name, values in sums.items()}
+    results["psnr_reduced_train_min"] = float(np.min(sums["psnr_reduced_train"]))
+    return results
 
 
 def drain(loader) -> float:
@@ -184,10 +376,27 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--large-images", type=int, default=48,
+                        help="4000x3000 JPEGs of the decode rows (0: no decode rows)")  # fmt: skip
+    parser.add_argument("--large-batch", type=int, default=8, help="the batch of the 4000x3000 rows")
+    parser.add_argument("--gpu-images-per-s", type=float, help="add the workers a GPU at this rate would need")
+    parser.add_argument("--psnr", type=int, default=0, metavar="N",
+                        help="measure the reduced decode's PSNR on N 4000x3000 JPEGs (decode_psnr)")  # fmt: skip
+    parser.add_argument("--decode-only", action="store_true", help="only the decode rows (and --psnr)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = data_rows(args.img_size, args.images, args.repeats, args.batch)
+    if args.large_images and args.large_images < 3 * args.large_batch:
+        parser.error(f"--large-images {args.large_images}: the decode rows need at least 3 batches of "
+                     f"--large-batch {args.large_batch}")  # fmt: skip
+    results = {} if args.decode_only else data_rows(args.img_size, args.images, args.repeats, args.batch)
+    if args.large_images:
+        results.update(decode_rows(args.img_size, args.large_images, args.repeats, args.large_batch, args.batch,
+                                   args.images))  # fmt: skip
+    if args.gpu_images_per_s:
+        results.update(workers_for_gpu(results, args.gpu_images_per_s))
+    if args.psnr:
+        results.update(decode_psnr(args.psnr, img_size=args.img_size))
     setup = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
     if args.markdown:
         print(f"\n{setup}, {args.images} JPEGs 500x375 q90, {args.img_size} px, augment=deit, batch {args.batch}\n")

@@ -6,8 +6,12 @@ Reading: the EXIF orientation is applied (as transformers' load_image does, so d
 16-bit scan almost white); transparent pixels are composited on white; CMYK, palette and grey images converted.
 An image of more than data.max_image_pixels pixels (Pillow's decompression-bomb limit by default) is refused as
 corrupt rather than decoded.
+
+open_image checks a file the same way without decoding it (an EncodedImage): the first transform step decodes it,
+a large JPEG at a reduced DCT scale where the crop allows (data/decode.py, data.decode=reduced).
 """
 
+import io
 import os
 import warnings
 from collections.abc import Iterable
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.errors import DataError
@@ -72,27 +76,109 @@ def load_image(path: str | Path, max_pixels: int | None = Image.MAX_IMAGE_PIXELS
     try:
         return read_rgb(path, max_pixels)
     except READ_ERRORS as error:
-        raise DataError(
-            f"corrupt image {path}: {reason(error)}. Remove or replace the file (in training, data.skip_corrupt=true "
-            f"skips such files with a warning)"
-        ) from error
+        raise corrupt(path, error) from error
+
+
+def corrupt(name: object, error: BaseException) -> DataError:
+    return DataError(
+        f"corrupt image {name}: {reason(error)}. Remove or replace the file (in training, data.skip_corrupt=true "
+        f"skips such files with a warning)"
+    )
 
 
 def read_rgb(path: str | Path | BinaryIO, max_pixels: int | None, decode: bool = True) -> Image.Image:
     """`path`: a file, or the bytes of one as a file object (a dataset's image column, a shard's sample)."""
     opened = open(path, "rb") if isinstance(path, str | Path) else nullcontext(path)  # noqa: SIM115 (with, below)
-    with opened as file, warnings.catch_warnings():
+    with opened as file:
+        image = open_checked(file, max_pixels)
+        return decoded_rgb(image) if decode else image
+
+
+def open_checked(file: BinaryIO, max_pixels: int | None) -> Image.Image:
+    """The image's header read (Image.open), its size checked against `max_pixels`; nothing decoded."""
+    with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(file)
-        pixels = image.width * image.height
-        if max_pixels is not None and pixels > max_pixels:
-            raise ValueError(f"{image.width}x{image.height} = {pixels} pixels, above data.max_image_pixels="
-                             f"{max_pixels} (a decompression bomb?)")  # fmt: skip
-        if not decode:
-            return image
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the (usual) unrotated image
-        return to_rgb(image)
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ValueError(f"{image.width}x{image.height} = {pixels} pixels, above data.max_image_pixels="
+                         f"{max_pixels} (a decompression bomb?)")  # fmt: skip
+    return image
+
+
+def decoded_rgb(image: Image.Image) -> Image.Image:
+    """An opened image decoded, turned as its EXIF orientation says, as 8-bit RGB (module docstring)."""
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the (usual) unrotated image
+    return to_rgb(image)
+
+
+# How each EXIF orientation (2-8) shows the stored pixels, as exif_transpose applies it: (stored x and y swapped,
+# shown x runs against the stored axis it comes from, shown y does). Orientation 6 (a phone held upright) is
+# Pillow's ROTATE_270: shown x = stored height - 1 - stored y, shown y = stored x.
+ORIENTATIONS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
+                5: (True, False, False), 6: (True, True, False), 7: (True, True, True), 8: (True, False, True)}  # fmt: skip
+
+
+class EncodedImage:
+    """An image file read and checked as load_image checks it (Pillow can open it, its size within max_pixels) but
+    not decoded: `size` is the size it shows (EXIF orientation applied), and decode(scale) gives the picture
+    load_image gives, a JPEG optionally at 1/2, 1/4 or 1/8 of that size by libjpeg's DCT scaling (Pillow's draft),
+    which costs a fraction of a full decode. Errors while decoding are DataErrors naming the file, as load_image's.
+    """
+
+    def __init__(self, data: bytes, max_pixels: int | None, name: object) -> None:
+        self.data, self.name = data, name
+        header = open_checked(io.BytesIO(data), max_pixels)
+        self.is_jpeg = header.format == "JPEG"
+        # A JPEG's EXIF sits before its pixels, so the header tells its orientation; other formats (a PNG's eXIf
+        # chunk may follow its pixels) are only decoded whole (decode() with scale 1), so theirs is never needed.
+        self.orientation = header.getexif().get(ExifTags.Base.Orientation, 1) if self.is_jpeg else 1
+        if self.orientation not in ORIENTATIONS:
+            self.orientation = 1  # exif_transpose ignores such a value too
+        self.stored_size = header.size
+        swap = ORIENTATIONS[self.orientation][0]
+        self.size = header.size[::-1] if swap else header.size
+
+    def decode(self, scale: int = 1) -> tuple[Image.Image, int]:
+        """(the RGB picture as load_image reads it, at 1/scale of `size` for a JPEG, the scale it got): libjpeg
+        scales by 8, 4, 2 or 1 and gives ceil(side / scale) pixels, pixel k covering stored pixels k*scale ..
+        (k+1)*scale - 1 (reduced_box maps coordinates)."""
+        try:
+            image = Image.open(io.BytesIO(self.data))  # checked in __init__
+            got = 1
+            if scale > 1 and self.is_jpeg:
+                width, height = image.size
+                drafted = image.draft("RGB", (max(1, width // scale), max(1, height // scale)))
+                got = round(width / drafted[1][2]) if drafted is not None else 1
+            return decoded_rgb(image), got
+        except READ_ERRORS as error:
+            raise corrupt(self.name, error) from error
+
+    def reduced_box(self, box: tuple[float, float, float, float], scale: int) -> tuple[float, float, float, float]:
+        """`box` (left, top, right, bottom in the pixels of `size`) in the coordinates of decode(scale)'s picture.
+        Its stored picture covers ceil(side / scale) * scale pixels of each side, the last ones past the image's
+        edge; where the shown picture runs against the stored one (a flip or a rotation), that padding comes first
+        and shifts the box."""
+        swap, flip_x, flip_y = ORIENTATIONS[self.orientation]
+        stored_w, stored_h = self.stored_size
+        pad_w, pad_h = -stored_w % scale, -stored_h % scale
+        pad_x, pad_y = (pad_h, pad_w) if swap else (pad_w, pad_h)
+        shift_x, shift_y = pad_x if flip_x else 0, pad_y if flip_y else 0
+        left, top, right, bottom = box
+        return (left + shift_x) / scale, (top + shift_y) / scale, (right + shift_x) / scale, (bottom + shift_y) / scale
+
+
+def open_image(path: str | Path | BinaryIO, max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+               name: object = None) -> EncodedImage:  # fmt: skip
+    """The file (or a file object holding one: a dataset's image column, a shard's sample) read and checked but not
+    decoded (EncodedImage), or a DataError naming it (`name`, by default the path)."""
+    name = path if name is None else name
+    try:
+        data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+        return EncodedImage(data, max_pixels, name)
+    except READ_ERRORS as error:
+        raise corrupt(name, error) from error
 
 
 def reason(error: BaseException) -> str:

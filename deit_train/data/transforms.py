@@ -1,4 +1,6 @@
-"""DeiT's train and eval transforms, built from timm's transform factory and augmentations."""
+"""DeiT's train and eval transforms, built from timm's transform factory and augmentations. Each takes a decoded
+PIL image or an EncodedImage (data/images.py: open_image), which its first step decodes as `decode` says
+(data/decode.py: exact, or a large JPEG at a reduced scale)."""
 
 import math
 
@@ -8,31 +10,33 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import auto_augment_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
+from deit_train.data.decode import RandomResizedCrop, ResizeShortSide, check_decode
 
 VIEW_DTYPE = torch.float32  # what a view is when a worker hands it over
 
 
-def eval_transform(augment: DictConfig, img_size: int):
+def eval_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
     """The official DeiT eval transform: resize the short side to floor(img_size / crop_pct) (bicubic), center
     crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default is 0.9
     and is not inherited)."""
-    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size)
+    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size, decode)
 
 
 def eval_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)  # as timm's transforms_imagenet_eval
 
 
-def resize_crop_transform(resize_size: int, crop_size: int):
+def resize_crop_transform(resize_size: int, crop_size: int, decode: str = "exact"):
     """Resize the short side (bicubic), center crop, normalise. The crop sits at floor((side - crop) / 2), as in
     transformers' image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's
     CenterCrop rounds instead, which puts the window one pixel further right/down on about one image shape
     in four."""
     return T.Compose(
         [
-            T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC),
+            ResizeShortSide(resize_size, decode),  # torchvision's bicubic Resize, which also decodes
             CenterCrop(crop_size),
             T.ToTensor(),
             T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -57,14 +61,15 @@ class CenterCrop(torch.nn.Module):
         return f"CenterCrop(size={self.size}, offsets=floor)"
 
 
-def train_transform(augment: DictConfig, img_size: int):
+def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
     """augment.crop chooses the geometry: random_resized (DeiT Table 9; DeiT III on ImageNet-21k), simple_random
     (DeiT III's SRC) or center (no augmentation: the eval transform). Then timm's auto-augment policy
     (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing."""
+    check_decode(decode)
     if augment.crop == "center":
-        return eval_transform(augment, img_size)
+        return eval_transform(augment, img_size, decode)
     if augment.crop == "random_resized":
-        return create_transform(
+        transform = create_transform(
             img_size,
             is_training=True,
             scale=tuple(augment.scale),
@@ -77,13 +82,14 @@ def train_transform(augment: DictConfig, img_size: int):
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
         )
+        return with_decoding_crop(transform, decode)
     if augment.crop != "simple_random":
         raise ValueError(
             f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}"
         )
     # Simple random crop (DeiT III, section 3.2): resize the short side, random crop with 4 px reflect padding.
     steps = [
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        ResizeShortSide(img_size, decode),  # torchvision's bicubic Resize, which also decodes
         T.RandomCrop(img_size, padding=4, padding_mode="reflect"),
         T.RandomHorizontalFlip(),
     ]
@@ -95,3 +101,13 @@ def train_transform(augment: DictConfig, img_size: int):
     if augment.reprob > 0:
         steps.append(RandomErasing(augment.reprob, mode="pixel", device="cpu"))
     return T.Compose(steps)
+
+
+def with_decoding_crop(transform: T.Compose, decode: str) -> T.Compose:
+    """timm's train transform with its first step, the RandomResizedCropAndInterpolation, replaced by the same crop
+    that also decodes (data/decode.py); every later step is timm's, untouched."""
+    first = transform.transforms[0]
+    if not isinstance(first, RandomResizedCropAndInterpolation):
+        raise TypeError(f"timm's train transform no longer starts with its RandomResizedCrop: {first}")
+    transform.transforms[0] = RandomResizedCrop(first, decode)
+    return transform

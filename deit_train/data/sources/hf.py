@@ -18,8 +18,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from deit_train.data.decode import DECODE_MODES
 from deit_train.data.extras import require
-from deit_train.data.images import READ_ERRORS, read_rgb, reason
+from deit_train.data.images import READ_ERRORS, EncodedImage, open_image, read_rgb, reason
 from deit_train.data.sources.base import DataSource
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
@@ -43,6 +44,7 @@ class HFSource(DataSource):
     train_split: str = "train"
     val_split: str | None = None  # null: validation, val, valid or test, the first the dataset has
     cache_dir: str | None = None  # the datasets cache; null: its own default
+    decode: str = checked("exact", OneOf(*DECODE_MODES))  # as data=imagefolder's (data/decode.py)
 
     def check(self) -> None:
         super().check()
@@ -60,7 +62,7 @@ class HFSource(DataSource):
         return len(dataset), dataset.unreadable(full, self.max_image_pixels)
 
     def identity(self, dataset: Dataset, workers: int) -> str:
-        return dataset.fingerprint()
+        return f"{dataset.fingerprint()}\t{self.decode}"
 
 
 def datasets_module():
@@ -176,14 +178,14 @@ class HFImages(Dataset):
     """One split as (transform(image), label) by row; `table` is the datasets.Dataset, its image column undecoded."""
 
     def __init__(self, table, image_column: str, label_column: str, name: str, transform=None,
-                 max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> None:  # fmt: skip
+                 max_pixels: int | None = Image.MAX_IMAGE_PIXELS, decode: str = "exact") -> None:  # fmt: skip
         datasets = datasets_module()
         table = table.select_columns([image_column, label_column])
         if isinstance(table.features[image_column], datasets.Image):
             table = table.cast_column(image_column, datasets.Image(decode=False))  # its bytes: we decode
         self.table, self.image_column, self.label_column = table, image_column, label_column
         self.root = name  # how messages name it (SkipCorrupt, deit-eval)
-        self.transform, self.max_pixels = transform, max_pixels
+        self.transform, self.max_pixels, self.reduced = transform, max_pixels, decode == "reduced"
         self.label_map: dict[int, int] | None = None  # deit-eval: the dataset's labels to the model's
 
     def __len__(self) -> int:
@@ -195,10 +197,13 @@ class HFImages(Dataset):
             return io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
         return io.BytesIO(stored)
 
-    def decode(self, stored, index: int) -> Image.Image:
+    def decode(self, stored, index: int) -> Image.Image | EncodedImage:
+        """The row's image decoded, or for data.decode=reduced read and checked, decoded by the transform."""
         try:
             if stored is None:
                 raise ValueError("no image in this row")
+            if self.reduced:
+                return open_image(self.source(stored), self.max_pixels, name=f"{self.root}[{index}]")
             return read_rgb(self.source(stored), self.max_pixels)
         except READ_ERRORS as error:
             raise DataError(f"corrupt image {self.root}[{index}]: {reason(error)}. Replace it in the dataset, or set "
@@ -288,7 +293,7 @@ def open_hf_split(cfg: "HFSource", split: str, transform) -> HFImages:
     choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
     table = labelled_rows(table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:],
                           "data.unlabelled=skip")  # fmt: skip
-    return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels)
+    return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels, cfg.decode)
 
 
 def is_hf_dataset(path: Path) -> bool:
