@@ -12,12 +12,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from deit_train.data.decode import DECODE_MODES
 from deit_train.data.images import (
     IMAGE_EXTENSIONS,
+    EncodedImage,
     class_folders,
     find_images,
     image_files,
     load_image,
+    open_image,
     unreadable,
 )
 from deit_train.data.sources.base import DataSource
