@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,14 +89,21 @@ def tiny_config(tmp_path, cache_dir):
     return make
 
 
+def same(a, b) -> bool:
+    """torch.equal, and for training views (data/pixels.py: ErasableView) on both the pixels and the erasing draw."""
+    if isinstance(a, tuple):
+        return type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b)
+
+
 def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) -> dict:
     """The run's metrics.json holds what its last checkpoint scores on data_root's val/ split, recomputed by
     deit-eval's code in one process, outside Lightning: the metrics belong to the weights the run saved, and its
     validation counted every image once. Returns the metrics."""
     import json
 
-    from deit_train.tools.evaluate import evaluate, open_eval_folder
     from deit_train.models.trained_model import load_trained_model
+    from deit_train.tools.evaluate import evaluate, open_eval_folder
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt", ema=ema)

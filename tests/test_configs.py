@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.pixels import ErasableView
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
@@ -201,7 +202,9 @@ def test_augment_options_build_transforms(option, tmp_path):
     cfg = compose_config([f"augment={option}"], tmp_path, tmp_path)
     image = Image.new("RGB", (50, 37), (200, 10, 10))
     for transform in (train_transform(cfg.augment, 32), eval_transform(cfg.augment, 32)):
-        assert transform(image).shape == (3, 32, 32)
+        view = transform(image)  # uint8 pixels, with random erasing's draw beside them in training (data/pixels.py)
+        pixels = view.pixels if isinstance(view, ErasableView) else view
+        assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
 
 
 def test_data_demo_and_imagefolder_options_find_their_classes(tmp_path, cache_dir, demo_data):

@@ -5,36 +5,48 @@ import math
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 from timm.data.auto_augment import auto_augment_transform
-from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
+
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD, DrawErasing, ToUint8
 
 
 def eval_transform(augment: DictConfig, img_size: int):
     """The official DeiT eval transform: resize the short side to floor(img_size / crop_pct) (bicubic), center
     crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default is 0.9
-    and is not inherited)."""
-    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size)
+    and is not inherited). The workers stop at uint8 pixels; the device normalises them (data/pixels.py)."""
+    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size, tail=uint8_tail())
 
 
 def eval_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)  # as timm's transforms_imagenet_eval
 
 
-def resize_crop_transform(resize_size: int, crop_size: int):
-    """Resize the short side (bicubic), center crop, normalise. The crop sits at floor((side - crop) / 2), as in
-    transformers' image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's
-    CenterCrop rounds instead, which puts the window one pixel further right/down on about one image shape
-    in four."""
+def resize_crop_transform(resize_size: int, crop_size: int, tail: list | None = None):
+    """Resize the short side (bicubic), center crop, then `tail` (default: float_tail, normalised floats, what
+    deit-eval and deit-predict read on the CPU). The crop sits at floor((side - crop) / 2), as in transformers'
+    image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's CenterCrop rounds
+    instead, which puts the window one pixel further right/down on about one image shape in four."""
     return T.Compose(
         [
             T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC),
             CenterCrop(crop_size),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+            *(float_tail() if tail is None else tail),
         ]
     )
+
+
+# The ends of the transforms. Training's loaders stop at uint8 pixels (with random erasing's draws) and the device
+# makes the floats (data/pixels.py: model_input); tools outside Lightning make them on the CPU.
+def float_tail() -> list:
+    """Normalised fp32 CHW: what model_input makes on the device from uint8_tail's pixels, computed the same way."""
+    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def uint8_tail(reprob: float = 0.0) -> list:
+    """uint8 CHW pixels; with reprob > 0, random erasing's draws beside them (an ErasableView)."""
+    return [ToUint8(), DrawErasing(reprob)] if reprob > 0 else [ToUint8()]
 
 
 class CenterCrop(torch.nn.Module):
@@ -57,23 +69,23 @@ class CenterCrop(torch.nn.Module):
 def train_transform(augment: DictConfig, img_size: int):
     """augment.crop chooses the geometry: random_resized (DeiT Table 9; DeiT III on ImageNet-21k), simple_random
     (DeiT III's SRC) or center (no augmentation: the eval transform). Then timm's auto-augment policy
-    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing."""
+    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing. The workers stop
+    at uint8 pixels and erasing's draws (uint8_tail); the device normalises and erases (data/pixels.py)."""
     if augment.crop == "center":
         return eval_transform(augment, img_size)
     if augment.crop == "random_resized":
-        return create_transform(
+        geometry_and_colour = create_transform(
             img_size,
             is_training=True,
             scale=tuple(augment.scale),
             auto_augment=augment.auto_augment,
             color_jitter=augment.color_jitter,
             interpolation=augment.train_interpolation,
-            re_prob=augment.reprob,
-            re_mode="pixel",
-            re_count=1,
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
+            mean=IMAGENET_MEAN,  # RandAugment's fill colour
+            std=IMAGENET_STD,
+            use_prefetcher=True,  # ends at uint8 pixels: no ToTensor, Normalize, RandomErasing
         )
+        return T.Compose([geometry_and_colour, *uint8_tail(augment.reprob)])
     if augment.crop != "simple_random":
         raise ValueError(
             f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}"
@@ -88,7 +100,4 @@ def train_transform(augment: DictConfig, img_size: int):
         steps.append(auto_augment_transform(augment.auto_augment, {"translate_const": int(img_size * 0.45)}))
     if augment.color_jitter:
         steps.append(T.ColorJitter(*(3 * [augment.color_jitter])))
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    if augment.reprob > 0:
-        steps.append(RandomErasing(augment.reprob, mode="pixel", device="cpu"))
-    return T.Compose(steps)
+    return T.Compose(steps + uint8_tail(augment.reprob))

@@ -10,10 +10,10 @@ import timm
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.errors import DeitTrainError
 from deit_train.mim.data import MaskedImageDataModule
 from deit_train.mim.loss import masked_reconstruction_loss
@@ -22,8 +22,8 @@ from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student, compile_student, describe
 from deit_train.models.checkpoints import read_run_checkpoint
 from deit_train.schema import Range, checked, refuse
-from deit_train.tasks.task import Built, Task
 from deit_train.tasks.module import TrainingModule, run_config
+from deit_train.tasks.task import Built, Task
 
 log = logging.getLogger("deit_train")
 
@@ -93,8 +93,8 @@ class MIMModule(TrainingModule):
         patch = self.model.patch_size
         side = images.shape[-1] // patch
         pixel_mask = masks.view(-1, 1, side, side).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
         show = lambda x: (x.float() * std + mean).clamp(0, 1)  # noqa: E731
         masked_input = torch.where(pixel_mask, torch.full_like(images, 0.5), show(images))
         rows = torch.cat([show(images), masked_input, show(reconstruction)])
