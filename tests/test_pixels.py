@@ -171,3 +171,28 @@ def test_the_same_seed_trains_the_same_weights_with_0_1_and_2_workers_with_erasi
         weights[workers] = {k: v.clone() for k, v in result.module.student.state_dict().items()}
     for workers in (1, 2):
         assert all(torch.equal(weights[0][k], weights[workers][k]) for k in weights[0]), workers
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
+                                             ("bf16-mixed", torch.float32)])  # fmt: skip
+def test_the_finished_images_take_the_dtype_lightning_gives_a_float_batch(precision, dtype):
+    """Lightning converts a float batch to a true-precision dtype before the copy and leaves a uint8 one: the module
+    converts the images it makes, as the worker-made floats were."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from deit_train.data.views import ViewsOnDevice
+
+    class Module(ViewsOnDevice, L.LightningModule):
+        pass
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+    module = Module()
+    module._trainer = SimpleNamespace(precision_plugin=trainer.precision_plugin, training=True)
+    with seeded(0):
+        view = train_transform(augment(reprob=1.0), 16)(photo(0, 30, 20))
+    batch = (ErasableView(view.pixels[None], view.erase[None]), torch.tensor([1]), torch.tensor([[0, 0, 1]]))
+    images, labels, keys = module.on_after_batch_transfer(batch, 0)
+    assert images.dtype == dtype
+    assert torch.equal(images, model_input(batch[0]).to(dtype))

@@ -12,6 +12,7 @@ the worker or the order of the steps). On the CPU, the device-side result equals
 RandomErasing with the noise generator in the same state, bit for bit (tests/test_pixels.py).
 """
 
+import functools
 import math
 import random
 from typing import NamedTuple
@@ -83,9 +84,15 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (N, C, H, W) on the device as fp32 with ImageNet's mean/std, computed as torchvision's ToTensor
     and Normalize compute it ((x / 255 - mean) / std, each rounded to fp32): the same floats as the worker-side
     transform gave, and as deit-eval's CPU transform gives (data/transforms.py: resize_crop_transform)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    mean, std = mean_std(pixels.device)
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGENET_MEAN and IMAGENET_STD as fp32 (1, C, 1, 1) tensors on `device`, copied there once."""
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+    return column(IMAGENET_MEAN), column(IMAGENET_STD)
 
 
 def erase_(images: torch.Tensor, erase: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
