@@ -80,6 +80,25 @@ def test_device_side_erasing_and_normalisation_equal_timms_worker_side(seed, rep
         assert not torch.equal(as_it_ran[:, ~outside], normalised[:, ~outside])
 
 
+@pytest.mark.parametrize("policy", ["3a", None])
+def test_deit_iiis_simple_random_crop_erases_and_normalises_as_timm_on_the_worker_did(policy):
+    """augment.crop=simple_random: its torchvision steps, then (as before) ToTensor, Normalize and timm's
+    RandomErasing on the worker; against ours with the noise generator in the same state."""
+    config = augment(crop="simple_random", auto_augment=policy, reprob=1.0)
+    transform = train_transform(config, 16)
+    steps = T.Compose(transform.transforms[:-2])  # before ToUint8 and DrawErasing
+    erasing = RandomErasing(1.0, mode="pixel", device="cpu")
+    for seed in range(20):
+        image = photo(seed, 30, 21)
+        with seeded(seed):
+            view = transform(image)
+        with seeded(seed):
+            normalised = T.Compose([steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+            torch.default_generator.manual_seed(int(view.erase[4]))
+            expected = erasing(normalised)
+        assert view.erase[2] > 0 and torch.equal(on_device(view), expected), seed
+
+
 def test_the_views_erased_are_those_timm_erases_at_deits_rate():
     """At DeiT's reprob 0.25 a view carries a rectangle exactly when timm's RandomErasing erased it, and otherwise
     is timm's output exactly."""
