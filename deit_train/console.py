@@ -22,7 +22,8 @@ NOISE = [
     r"Loading `train_dataloader` to estimate",  # Lightning's note on sizing the schedule
     r"have no `validation_step`",  # task=teacher_cache validates nothing on purpose
     r"`configure_optimizers` returned `None`",  # task=teacher_cache trains nothing on purpose
-    r"overridden `transfer_batch_to_device`",  # the view keys stay on the host on purpose (data/views.py)
+    # the view keys stay on the host, the images are finished on the device, on purpose (data/views.py)
+    r"overridden `(?:transfer_batch_to_device|on_after_batch_transfer)`",
 ]
 NOISE_PATTERN = re.compile("|".join(NOISE))
 

@@ -7,7 +7,9 @@ Rows (images/s with ONE data-loader worker, augment=deit at --img-size, on Image
                          short side of 256 px, quality 90)
   end_to_end_imagefolder deit-train training a trivial student (1 block of width 48) under Lightning, the loader
                          included: what the issue's target compares with `official`
-and the seconds deit-shard takes for the test JPEGs and for the demo set (both splits, read back and checked).
+the bytes of one training batch as the workers hand it over through shared memory (shm_bytes_per_batch_official:
+fp32 images; shm_bytes_per_batch_deit: deit-train's uint8 pixels with erasing draws, labels and view keys), and the
+seconds deit-shard takes for the test JPEGs and for the demo set (both splits, read back and checked).
 Then the decode rows (data.decode, deit_train/data/decode.py), each against the official pipeline in the same run,
 on the 500x375 JPEGs and on --large-images photo-like 4000x3000 JPEGs (quality 90, batch --large-batch), as images
 per CPU-second of the loader run in this process (one worker's rate on a core of its own, not slowed by other jobs):
@@ -290,9 +292,30 @@ def drain(loader) -> float:
     iterator = iter(loader)
     next(iterator)
     start, count = time.perf_counter(), 0
-    for images, *_ in iterator:
-        count += len(images)
+    for _images, labels, *_ in iterator:  # deit-train's images may be an ErasableView (data/pixels.py)
+        count += len(labels)
     return count / (time.perf_counter() - start)
+
+
+def batch_bytes(batch) -> int:
+    """The bytes of a batch's tensors: what a worker puts in shared memory for it."""
+    if isinstance(batch, torch.Tensor):
+        return batch.nbytes
+    return sum(batch_bytes(part) for part in batch)
+
+
+def shm_bytes(root: Path, img_size: int, augment: DictConfig, batch: int) -> dict[str, int]:
+    """One training batch's bytes, the official loader's and deit-train's (imagefolder)."""
+    transform = create_transform(img_size, is_training=True, auto_augment=augment.auto_augment, re_prob=augment.reprob,
+                                 re_mode="pixel", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    official_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch)))
+    cfg = compose_run(*data_overrides("imagefolder", {"jpegs": root}), f"data.batch_size={batch}",
+                      "data.num_workers=0", "data.pin_memory=false")  # fmt: skip
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size)
+    datamodule.setup()
+    ours = next(iter(datamodule.train_dataloader()))
+    return {"shm_bytes_per_batch_official": batch_bytes(official_batch), "shm_bytes_per_batch_deit": batch_bytes(ours)}
 
 
 def data_overrides(source: str, paths: dict[str, Path]) -> list[str]:
@@ -354,6 +377,7 @@ def data_rows(img_size: int = 224, images: int = 256, repeats: int = 2, batch: i
         demo = ensure_demo_dataset(tmp / "demo_cache", image_size=32, train_per_class=100, val_per_class=60)
         results["shard_write_s_demo"] = timed_shards(demo, tmp / "demo_shards")
         augment = compose_run().augment
+        results.update(shm_bytes(paths["jpegs"], img_size, augment, batch))
         rows = {"official": lambda: official(paths["jpegs"], img_size, augment, batch)}
         for source in ("imagefolder", "hf", "shards", "shards_256"):
             rows[f"loader_{source}"] = lambda source=source: deit_loader(source, paths, img_size, batch)

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,6 +80,13 @@ def tiny_config(tmp_path, cache_dir):
         return compose_config([*TINY_RUN, *data, *student, *overrides], tmp_path / run, cache_dir)
 
     return make
+
+
+def same(a, b) -> bool:
+    """torch.equal, and for training views (data/pixels.py: ErasableView) on both the pixels and the erasing draw."""
+    if isinstance(a, tuple):
+        return type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b)
 
 
 def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) -> dict:

@@ -12,6 +12,7 @@ from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.images import load_image
+from deit_train.data.pixels import model_input
 from deit_train.data.sources import build_source
 from deit_train.data.sources.demo import CLASS_NAMES, ensure_demo_dataset
 from deit_train.data.transforms import VIEW_DTYPE, eval_transform
@@ -158,8 +159,14 @@ def test_eval_transform_is_the_official_deit_one_with_the_crop_at_floor_offsets(
         return T.functional.crop(image, top, left, 224, 224)
 
     image = random_image(*size)
-    ours = eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)
-    torch.testing.assert_close(ours(image), official_deit_eval(floor_crop)(image), rtol=0, atol=0)
+    ours = on_device(eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)(image))
+    torch.testing.assert_close(ours, official_deit_eval(floor_crop)(image), rtol=0, atol=0)
+
+
+def on_device(pixels: torch.Tensor) -> torch.Tensor:
+    """The loader's uint8 pixels as the training module normalises them after the copy (data/pixels.py)."""
+    assert pixels.dtype == torch.uint8
+    return model_input(pixels[None])[0]
 
 
 @pytest.mark.parametrize(
@@ -168,7 +175,7 @@ def test_eval_transform_is_the_official_deit_one_with_the_crop_at_floor_offsets(
 def test_eval_crop_moves_one_pixel_from_torchvision_only_when_its_rounding_differs(size, same_as_torchvision):
     """333x251 resizes to 339x256: torchvision's CenterCrop starts at round(115 / 2) = 58, ours at 57."""
     image = random_image(*size)
-    ours = eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)(image)
+    ours = on_device(eval_transform(OmegaConf.create({"eval_crop_pct": 0.875}), 224)(image))
     torchvision = official_deit_eval(T.CenterCrop(224))(image)
     assert torch.equal(ours, torchvision) == same_as_torchvision
     if not same_as_torchvision:

@@ -20,6 +20,7 @@ from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import train
 
+from .conftest import same
 from .test_ddp import DDP, run_ok
 from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
 
@@ -242,12 +243,12 @@ def test_a_shard_epoch_is_fixed_reproducible_and_each_view_keyed_by_its_sample(e
     keys = [key for samples in two.values() for key, _, _ in samples]
     assert len(set(keys)) == len(keys)  # nobody reads a sample twice within the epoch
     again = streams(even_shards, world_size=2, workers=2, batch=8)
-    assert all(torch.equal(a[1], b[1]) for slot in two for a, b in zip(two[slot], again[slot], strict=True))
+    assert all(same(a[1], b[1]) for slot in two for a, b in zip(two[slot], again[slot], strict=True))
     other_epoch = streams(even_shards, world_size=2, workers=2, batch=8, epoch=1)
     assert [k for k, _, _ in other_epoch[0, 0]] != [k for k, _, _ in two[0, 0]]
     # One process with one worker reads all 80: each sample the 2 x 2 run read has the same view there.
     one = {key: image for key, image, _ in streams(even_shards, world_size=1, workers=1, batch=8)[0, 0]}
-    assert len(one) == 80 and all(torch.equal(one[key], image) for samples in two.values() for key, image, _ in samples)
+    assert len(one) == 80 and all(same(one[key], image) for samples in two.values() for key, image, _ in samples)
 
 
 def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_order(even_shards):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from deit_train.data.pixels import model_input
 from deit_train.losses import DistillationLoss
 from deit_train.teacher import Teacher
 from deit_train.train import train
@@ -109,7 +110,7 @@ def test_an_ensemble_run_reports_the_ensemble_and_each_member(tiny_config, two_t
     correct, seen = [0, 0, 0], 0
     with torch.no_grad():
         for images, labels in run.datamodule.val_dataloader():
-            member_logits = [network(images) for network in networks]
+            member_logits = [network(model_input(images)) for network in networks]
             average = sum(torch.softmax(logits, dim=1) for logits in member_logits) / 2
             for i, logits in enumerate([*member_logits, average]):
                 correct[i] += int((logits.argmax(dim=1) == labels).sum())

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.pixels import model_input
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
 from deit_train.data.sources.webdataset import Shards, ShardSource
@@ -65,7 +66,7 @@ def fitted_resnet(cfg, order: list[str], tmp_path: Path) -> Path:
     network = timm.create_model("resnet10t", num_classes=12).eval()
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=0)
     batches = datamodule.validation_sample(10_000)
-    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    images, labels = model_input(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])
     names = datamodule.class_names
     with torch.no_grad():
         features = network.forward_head(network.forward_features(images), pre_logits=True)
@@ -132,7 +133,7 @@ def fitted_student(cfg, order: list[str]) -> torch.nn.Module:
     student = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=12, **TINY_DEIT).eval()
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=0)
     batches = datamodule.validation_sample(10_000)
-    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    images, labels = model_input(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])
     outputs = torch.tensor([order.index(datamodule.class_names[label]) for label in labels])
     targets = torch.nn.functional.one_hot(outputs, 12).double() * 10
     with torch.no_grad():

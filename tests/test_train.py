@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from deit_train.data.pixels import model_input
 from deit_train.data.sources import build_source
 from deit_train.data.transforms import eval_transform
 from deit_train.models import build_student
@@ -21,7 +22,7 @@ TEACHER = ["model=timm", "model.name=resnet10t", "loss=ce"]
 def evaluate(model: torch.nn.Module, cfg) -> tuple[float, torch.Tensor]:
     """Top-1 of `model` on the val split, computed here without Lightning or torchmetrics."""
     dataset = build_source(cfg.data).split("val", eval_transform(cfg.augment, cfg.model.img_size))
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    images = model_input(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     labels = torch.tensor(dataset.targets)
     with torch.no_grad():
         logits = model.eval()(images)
@@ -305,7 +306,8 @@ def test_compile_with_ema_evaluates_the_emas_own_weights(tiny_config, demo_data)
     ema = run.module.ema.module.eval()
     uncompiled = build_student(cfg.model, run.module.num_classes).eval()
     uncompiled.load_state_dict(ema.state_dict())
-    images = torch.stack([build_source(cfg.data).split("val", eval_transform(cfg.augment, 16))[i][0] for i in range(8)])
+    val = build_source(cfg.data).split("val", eval_transform(cfg.augment, 16))
+    images = model_input(torch.stack([val[i][0] for i in range(8)]))
     with torch.no_grad():
         torch.testing.assert_close(forward_heads(ema, images), forward_heads(uncompiled, images))
     assert_metrics_reproduce(Path(cfg.paths.output_dir), demo_data, ema=True)

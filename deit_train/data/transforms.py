@@ -1,47 +1,59 @@
 """DeiT's train and eval transforms, built from timm's transform factory and augmentations. Each takes a decoded
 PIL image or an EncodedImage (data/images.py: open_image), which its first step decodes as `decode` says
-(data/decode.py: exact, or a large JPEG at a reduced scale)."""
+(data/decode.py: exact, or a large JPEG at a reduced scale). Training's transforms stop at uint8 pixels (with random
+erasing's draws); the device makes the floats (data/pixels.py)."""
 
 import math
 
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 from timm.data.auto_augment import auto_augment_transform
-from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from deit_train.data.decode import RandomResizedCrop, ResizeShortSide, check_decode
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD, DrawErasing, ToUint8
 
-VIEW_DTYPE = torch.float32  # what a view is when a worker hands it over
+VIEW_DTYPE = torch.uint8  # what a view is when a worker hands it over (data/pixels.py)
 
 
 def eval_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
     """The official DeiT eval transform: resize the short side to floor(img_size / crop_pct) (bicubic), center
     crop img_size, ImageNet mean/std. crop_pct is set explicitly (0.875 in DeiT; timm's model default is 0.9
-    and is not inherited)."""
-    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size, decode)
+    and is not inherited). The workers stop at uint8 pixels; the device normalises them (data/pixels.py)."""
+    return resize_crop_transform(eval_resize_size(img_size, augment.eval_crop_pct), img_size, decode, uint8_tail())
 
 
 def eval_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)  # as timm's transforms_imagenet_eval
 
 
-def resize_crop_transform(resize_size: int, crop_size: int, decode: str = "exact"):
-    """Resize the short side (bicubic), center crop, normalise. The crop sits at floor((side - crop) / 2), as in
-    transformers' image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's
-    CenterCrop rounds instead, which puts the window one pixel further right/down on about one image shape
-    in four."""
+def resize_crop_transform(resize_size: int, crop_size: int, decode: str = "exact", tail: list | None = None):
+    """Resize the short side (bicubic), center crop, then `tail` (default: float_tail, normalised floats, what
+    deit-eval and deit-predict read on the CPU). The crop sits at floor((side - crop) / 2), as in transformers'
+    image processors, so that a deit-export preprocessor reproduces it exactly; torchvision's CenterCrop rounds
+    instead, which puts the window one pixel further right/down on about one image shape in four."""
     return T.Compose(
         [
             ResizeShortSide(resize_size, decode),  # torchvision's bicubic Resize, which also decodes
             CenterCrop(crop_size),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+            *(float_tail() if tail is None else tail),
         ]
     )
+
+
+# The ends of the transforms. Training's loaders stop at uint8 pixels (with random erasing's draws) and the device
+# makes the floats (data/pixels.py: model_input); tools outside Lightning make them on the CPU.
+def float_tail() -> list:
+    """Normalised fp32 CHW: what model_input makes on the device from uint8_tail's pixels, computed the same way."""
+    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def uint8_tail(reprob: float = 0.0) -> list:
+    """uint8 CHW pixels; with reprob > 0, random erasing's draws beside them (an ErasableView)."""
+    return [ToUint8(), DrawErasing(reprob)] if reprob > 0 else [ToUint8()]
 
 
 class CenterCrop(torch.nn.Module):
@@ -64,7 +76,8 @@ class CenterCrop(torch.nn.Module):
 def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
     """augment.crop chooses the geometry: random_resized (DeiT Table 9; DeiT III on ImageNet-21k), simple_random
     (DeiT III's SRC) or center (no augmentation: the eval transform). Then timm's auto-augment policy
-    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing."""
+    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing. The workers stop
+    at uint8 pixels and erasing's draws (uint8_tail); the device normalises and erases (data/pixels.py)."""
     check_decode(decode)
     if augment.crop == "center":
         return eval_transform(augment, img_size, decode)
@@ -76,13 +89,11 @@ def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
             auto_augment=augment.auto_augment,
             color_jitter=augment.color_jitter,
             interpolation=augment.train_interpolation,
-            re_prob=augment.reprob,
-            re_mode="pixel",
-            re_count=1,
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
+            mean=IMAGENET_MEAN,  # RandAugment's fill colour
+            std=IMAGENET_STD,
+            use_prefetcher=True,  # ends at uint8 pixels: no ToTensor, Normalize, RandomErasing
         )
-        return with_decoding_crop(transform, decode)
+        return T.Compose([with_decoding_crop(transform, decode), *uint8_tail(augment.reprob)])
     if augment.crop != "simple_random":
         raise ValueError(
             f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}"
@@ -97,10 +108,7 @@ def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
         steps.append(auto_augment_transform(augment.auto_augment, {"translate_const": int(img_size * 0.45)}))
     if augment.color_jitter:
         steps.append(T.ColorJitter(*(3 * [augment.color_jitter])))
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    if augment.reprob > 0:
-        steps.append(RandomErasing(augment.reprob, mode="pixel", device="cpu"))
-    return T.Compose(steps)
+    return T.Compose(steps + uint8_tail(augment.reprob))
 
 
 def with_decoding_crop(transform: T.Compose, decode: str) -> T.Compose:

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from timm.data import Mixup
 from torch.utils.data import Dataset
 
+from deit_train.data.pixels import ErasableView, model_input
+
 # Streams keep the seeds of batch-level draws (Mixup/CutMix) and of the model's own randomness (drop path, in
 # tasks/module.py) apart from the sample-level ones.
 MIXUP_STREAM = 1
@@ -73,13 +75,17 @@ class SeededViews(Dataset):
         return (*sample, view_key(index, repeat, sample[0]))
 
 
-def view_key(sample_id: int, repeat: int, image: torch.Tensor) -> torch.Tensor:
-    """[sample id, repeat, CRC-32 of the view's pixels]: which view this is and what it holds. The teacher cache
-    serves a stored output only for a batch whose keys match (teacher/cache.py), so an image edited in place, a data
-    root switched to other files of the same names, or shards rewritten are taught anew, not from the old outputs.
-    Computed in the worker on the finished view (about 0.2 ms for 3x224x224 fp32); the keys stay on the host."""
-    pixels = image.detach().contiguous().numpy()
-    return torch.tensor([sample_id, repeat, zlib.crc32(pixels.data)])
+def view_key(sample_id: int, repeat: int, image: torch.Tensor | ErasableView) -> torch.Tensor:
+    """[sample id, repeat, CRC-32 of the view's pixels and erasing draw]: which view this is and what it holds. The
+    teacher cache serves a stored output only for a batch whose keys match (teacher/cache.py), so an image edited in
+    place, a data root switched to other files of the same names, shards rewritten, or another erasing draw are taught
+    anew, not from the old outputs. Computed in the worker on the finished uint8 view (data/pixels.py; about 0.05 ms
+    for 3x224x224); the keys stay on the host. The erased rectangle's noise is a function of the draw's seed."""
+    pixels, erase = (image.pixels, image.erase) if isinstance(image, ErasableView) else (image, None)
+    checksum = zlib.crc32(pixels.detach().contiguous().numpy().data)
+    if erase is not None:
+        checksum = zlib.crc32(erase.to(torch.int64).contiguous().numpy().data, checksum)
+    return torch.tensor([sample_id, repeat, checksum])
 
 
 class BatchMixer:
@@ -108,13 +114,52 @@ class BatchMixer:
             return self.mixup(images, targets)
 
 
-class ViewKeysOnHost:
-    """A LightningModule mixin: a training batch's view keys stay on the host, where the teacher cache matches them
-    (teacher/cache.py); the images and targets go to the device. Moving the keys there made every cached step wait
-    for a device-to-host copy to read them back."""
+class ViewsOnDevice:
+    """A LightningModule mixin, for every task: a batch's images arrive as uint8 pixels (data/pixels.py) and become
+    the model's input on the device, after the copy (on_after_batch_transfer: float, ImageNet mean/std, random
+    erasing's noise), before the training or validation step (and so before Mixup/CutMix and the teacher).
+
+    What the device needs not read stays on the host: a training batch's view keys, where the teacher cache matches
+    them (teacher/cache.py; moving them there made every cached step wait for a device-to-host copy to read them
+    back), and the erasing draws, which index the rectangles. The pixels, targets and masks go to the device (a
+    pinned loader's copy is non-blocking: Lightning's move_data_to_device)."""
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if self.trainer.training and isinstance(batch, list | tuple) and len(batch) == 3:
-            *tensors, view_keys = batch
-            return (*super().transfer_batch_to_device(tuple(tensors), device, dataloader_idx), view_keys)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if not isinstance(batch, list | tuple):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        keys = len(batch) - 1 if self.trainer.training and len(batch) == 3 else None
+        to_device = [part.pixels if isinstance(part, ErasableView) else part
+                     for i, part in enumerate(batch) if i != keys]  # fmt: skip
+        moved = iter(super().transfer_batch_to_device(tuple(to_device), device, dataloader_idx))
+        parts = []
+        for i, part in enumerate(batch):
+            if i == keys:
+                parts.append(part)
+            elif isinstance(part, ErasableView):
+                parts.append(ErasableView(next(moved), part.erase))
+            else:
+                parts.append(next(moved))
+        return tuple(parts)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """The images (a batch's first part) as the networks read them, in the dtype the trainer's precision gives
+        floats (bf16-true, 64-true: Lightning converts a float batch before the copy, a uint8 one it leaves)."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if not isinstance(batch, list | tuple) or not batch:
+            return batch
+        images = batch[0]
+        if isinstance(images, ErasableView) or (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+            generator = self.noise_generator(images.pixels) if isinstance(images, ErasableView) else None
+            images = model_input(images, generator)
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None:
+                images = trainer.precision_plugin.convert_input(images)
+            batch = (images, *batch[1:])
+        return batch
+
+    def noise_generator(self, pixels: torch.Tensor) -> torch.Generator:
+        """One generator on the pixels' device for the erased rectangles' noise, re-seeded per view."""
+        generator = getattr(self, "_noise_generator", None)
+        if generator is None or generator.device != pixels.device:
+            generator = self._noise_generator = torch.Generator(device=pixels.device)
+        return generator

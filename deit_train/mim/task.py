@@ -10,10 +10,10 @@ import timm
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
+from deit_train.data.pixels import mean_std
 from deit_train.errors import DeitTrainError
 from deit_train.mim.data import MaskedImageDataModule
 from deit_train.mim.loss import masked_reconstruction_loss
@@ -93,8 +93,7 @@ class MIMModule(TrainingModule):
         patch = self.model.patch_size
         side = images.shape[-1] // patch
         pixel_mask = masks.view(-1, 1, side, side).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+        mean, std = mean_std(images.device)
         show = lambda x: (x.float() * std + mean).clamp(0, 1)  # noqa: E731
         masked_input = torch.where(pixel_mask, torch.full_like(images, 0.5), show(images))
         rows = torch.cat([show(images), masked_input, show(reconstruction)])

@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.views import BatchMixer, ViewKeysOnHost
+from deit_train.data.pixels import model_input
+from deit_train.data.views import BatchMixer
 from deit_train.errors import DeitTrainError
 from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss
@@ -59,7 +60,7 @@ class StudentEMA(ModelEmaV3):
         self._sr_generator.manual_seed(self.stochastic_rounding_seed)
 
 
-class DeiTModule(ViewKeysOnHost, TrainingModule):
+class DeiTModule(TrainingModule):
     def __init__(
         self,
         student: nn.Module,
@@ -251,7 +252,8 @@ def check_label_order(
         was_training = network.training
         network.eval().to(device)
         try:
-            check = order_on_data(lambda images, predict=predict: predict(images.to(device)), batches, class_names)
+            check = order_on_data(lambda images, predict=predict: predict(model_input(images.to(device))), batches,
+                                  class_names)  # fmt: skip
         finally:
             network.train(was_training).to("cpu")
         log.info("%s: %s", what, check.describe())

@@ -10,15 +10,16 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from deit_train.console import quiet_console
-from deit_train.data.views import MODEL_STREAM, view_seed
+from deit_train.data.views import MODEL_STREAM, ViewsOnDevice, view_seed
 from deit_train.errors import TrainingDiverged
 
 CHECKPOINT_FORMAT = 1  # checkpoint["deit_train"]["format"]: how a deit-train checkpoint is laid out
 
 
-class TrainingModule(L.LightningModule):
+class TrainingModule(ViewsOnDevice, L.LightningModule):
     """A task's module sets `network` (the nn.Module the optimizer trains) and calls `self.track(loss)` in its
-    training step. `student_prefix`: where the weights that start a student (model.init) sit in its state dict."""
+    training step. `student_prefix`: where the weights that start a student (model.init) sit in its state dict.
+    Its steps get the batch's images as normalised floats, made on the device from uint8 (ViewsOnDevice)."""
 
     student_prefix = "student."
     divergence_advice = "Lower optim.lr, set trainer.gradient_clip_val=1.0, or prefer bf16-mixed to 16-mixed"

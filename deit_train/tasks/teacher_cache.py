@@ -10,14 +10,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.views import BatchMixer, ViewKeysOnHost
+from deit_train.data.views import BatchMixer, ViewsOnDevice
 from deit_train.errors import DeitTrainError
 from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
 from deit_train.tasks.task import Built
 from deit_train.teacher import Teacher, build_teacher
 
 
-class TeacherCacheFiller(ViewKeysOnHost, L.LightningModule):
+class TeacherCacheFiller(ViewsOnDevice, L.LightningModule):
     """The views of the students' runs through the teacher; no optimizer, no step."""
 
     def __init__(self, teacher: Teacher, mix: BatchMixer) -> None:

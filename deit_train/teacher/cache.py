@@ -45,7 +45,7 @@ from deit_train.teacher.network import member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: views keyed by their uint8 pixels and erasing draw (data/pixels.py)
 FULL_LOGITS_UP_TO = 100  # classes; beyond, soft outputs are stored as top-k unless teacher.cache_topk says
 VERSIONS_THAT_SHAPE_VIEWS = ("torch", "torchvision", "timm", "pillow")
 
@@ -128,11 +128,17 @@ def teacher_digest(members: nn.Module) -> str:
     return f"{tensor_digest(tensors)}:{architecture}:{sizes}"
 
 
-def fingerprint_inputs(settings: dict, world_size: int, data: str, teacher: nn.Module) -> dict:
-    """Everything that decides the teacher's input (the views) and output on each training batch."""
+def fingerprint_inputs(
+    settings: dict, world_size: int, data: str, teacher: nn.Module, device_type: str = "cpu"
+) -> dict:
+    """Everything that decides the teacher's input (the views) and output on each training batch. Random erasing's
+    noise is drawn by the device's own generator (data/pixels.py: CPU and CUDA draw other numbers from one seed),
+    so with erasing on the device type is part of the views."""
+    erasing = bool(settings.get("augment", {}).get("reprob"))
     return {
         "format": CACHE_FORMAT,
         **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
+        "erasing_noise_device": device_type if erasing else None,
         "world_size": world_size,
         "data": data,
         "teacher_networks": teacher_digest(teacher),
@@ -296,10 +302,12 @@ class CacheSettings:
         }
         return cls(cfg.teacher.cache, encoding, config)
 
-    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast) -> TeacherCache:
-        """The cache of this run: the configuration plus world size, training data and the teacher networks'
-        weights. Rank 0 hashes the data's identity and the teacher; `broadcast` gives the others its result."""
-        inputs = fingerprint_inputs(self.config, world_size, data, networks) if rank == 0 else None
+    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast,
+             device_type: str = "cpu") -> TeacherCache:
+        """The cache of this run: the configuration plus world size, training data, the teacher networks' weights
+        and the device type. Rank 0 hashes the data's identity and the teacher; `broadcast` gives the others its
+        result."""
+        inputs = fingerprint_inputs(self.config, world_size, data, networks, device_type) if rank == 0 else None
         cache = TeacherCache(self.directory, broadcast(inputs, src=0), self.encoding, rank)
         log.info("teacher cache: %s", cache.root)
         return cache
@@ -321,7 +329,8 @@ class TeacherCacheCallback(L.Callback):
             module = trainer.datamodule
             data = module.identity() if module is not None else samples_digest(trainer.train_dataloader.dataset)
         self.teacher.cache = self.settings.open(trainer.world_size, trainer.global_rank, data,
-                                                self.teacher.members, trainer.strategy.broadcast)  # fmt: skip
+                                                self.teacher.members, trainer.strategy.broadcast,
+                                                pl_module.device.type)  # fmt: skip
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.teacher.cache.start_epoch(trainer.current_epoch, trainer.num_training_batches, pl_module.device)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.teacher.cache import TeacherCache
 from deit_train.teacher.network import build_teacher_network, member_img_sizes, teacher_members
 
@@ -26,8 +26,8 @@ class TeacherNetwork(nn.Module):
         self,
         network: nn.Module,
         img_size: int | None = None,
-        data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-        data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+        data_mean: tuple[float, ...] = IMAGENET_MEAN,
+        data_std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.network = network
@@ -90,8 +90,8 @@ class Teacher(nn.Module):
         networks: nn.Module | list[nn.Module],
         tau: float = 1.0,
         img_sizes: list[int | None] | None = None,
-        data_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-        data_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+        data_mean: tuple[float, ...] = IMAGENET_MEAN,
+        data_std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         networks = networks if isinstance(networks, list) else [networks]

@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
@@ -119,8 +119,8 @@ def export_transformers(trained: TrainedModel, directory: Path, architecture: st
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
         # grey, palette and transparent images made RGB as our eval transform reads them (data/images.py); without
         # it the processor normalises a one-channel image with three means and fails
         do_convert_rgb=True,
@@ -139,8 +139,8 @@ def export_timm(trained: TrainedModel, directory: Path) -> None:
             "input_size": (3, trained.img_size, trained.img_size),
             "crop_pct": trained.img_size / trained.resize_size,
             "interpolation": "bicubic",
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
         },
     )
 

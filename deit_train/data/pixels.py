@@ -1,0 +1,120 @@
+"""Images cross from the loader workers to the device as uint8; the cheap per-pixel work runs on the device.
+
+The workers end every transform with the view's pixels as a uint8 CHW tensor (a quarter of fp32's bytes through
+shared memory and the host-to-device copy, as timm's PrefetchLoader), and, for training with random erasing, the
+erasing's random draws as a few integers beside them (ErasableView). The device then makes the model's input
+(model_input): float, ImageNet mean/std, and the erased rectangle filled with normal noise.
+
+The draws are made in the worker under the view's seed (data/views.py) with the calls, in the order, of timm's
+RandomErasing (mode pixel, one rectangle), so a view erases what the worker-side timm pipeline would erase; the
+noise is drawn on the device from a seed drawn with them, so it is a function of the view alone (not of the batch,
+the worker or the order of the steps). On the CPU, the device-side result equals timm's ToTensor, Normalize and
+RandomErasing with the noise generator in the same state, bit for bit (tests/test_pixels.py).
+"""
+
+import functools
+import math
+import random
+from typing import NamedTuple
+
+import torch
+
+# ImageNet's channel mean and std (timm's IMAGENET_DEFAULT_MEAN/STD): the student's, teacher's, MIM pictures' and
+# exported preprocessors' normalisation. The one place they are written.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ERASE_FIELDS = 5  # top, left, height, width, noise seed; height 0: nothing erased
+
+
+class ErasableView(NamedTuple):
+    """A training view as the worker hands it over: uint8 pixels (C, H, W) and its erasing draw (ERASE_FIELDS
+    int64). Collated, pinned and moved as a pair: (N, C, H, W) pixels and (N, ERASE_FIELDS) draws."""
+
+    pixels: torch.Tensor
+    erase: torch.Tensor
+
+
+class ToUint8:
+    """A PIL image (RGB) as a uint8 CHW tensor, unscaled: torchvision's ToTensor without its float division."""
+
+    def __call__(self, image) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
+
+    def __repr__(self) -> str:
+        return "ToUint8()"
+
+
+class DrawErasing:
+    """The worker's share of random erasing: timm's RandomErasing(probability, mode='pixel', max_count=1) draws,
+    with Python's `random` in the same calls and order (random_erasing.py: _erase), made into integers; the
+    pixels are left alone. A noise seed is drawn after them (timm draws nothing more: the view's other draws are
+    unchanged). min_area, max_area and the aspect range are timm's defaults."""
+
+    def __init__(self, probability: float, min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3):
+        self.probability = probability
+        self.min_area, self.max_area = min_area, max_area
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def draw(self, height: int, width: int) -> list[int]:
+        if random.random() > self.probability:
+            return [0] * ERASE_FIELDS
+        area = height * width
+        for _attempt in range(10):
+            target_area = random.uniform(self.min_area, self.max_area) * area  # / count, count = 1
+            aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < width and h < height:
+                top = random.randint(0, height - h)
+                left = random.randint(0, width - w)
+                return [top, left, h, w, random.getrandbits(63)]
+        return [0] * ERASE_FIELDS
+
+    def __call__(self, pixels: torch.Tensor) -> ErasableView:
+        return ErasableView(pixels, torch.tensor(self.draw(*pixels.shape[-2:]), dtype=torch.int64))
+
+    def __repr__(self) -> str:
+        return f"DrawErasing(p={self.probability}, mode=pixel, count=1)"
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (N, C, H, W) on the device as fp32 with ImageNet's mean/std, computed as torchvision's ToTensor
+    and Normalize compute it ((x / 255 - mean) / std, each rounded to fp32): the same floats as the worker-side
+    transform gave, and as deit-eval's CPU transform gives (data/transforms.py: resize_crop_transform)."""
+    mean, std = mean_std(pixels.device)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGENET_MEAN and IMAGENET_STD as fp32 (1, C, 1, 1) tensors on `device`, copied there once."""
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+    return column(IMAGENET_MEAN), column(IMAGENET_STD)
+
+
+def erase_(images: torch.Tensor, erase: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill each image's drawn rectangle (ErasableView.erase, on the host: no device sync) with standard normal
+    noise, per pixel and channel, from a generator on the images' device seeded with the view's noise seed: as
+    timm's RandomErasing fills it (torch.empty((C, h, w)).normal_()) from a generator in that state."""
+    if generator is None:
+        generator = torch.Generator(device=images.device)
+    for index, (top, left, h, w, seed) in enumerate(erase.tolist()):
+        if h == 0:
+            continue
+        generator.manual_seed(seed)
+        noise = torch.empty((images.shape[1], h, w), dtype=images.dtype, device=images.device)
+        images[index, :, top : top + h, left : left + w] = noise.normal_(generator=generator)
+    return images
+
+
+def model_input(images, generator: torch.Generator | None = None) -> torch.Tensor:
+    """What the networks read, from what the loader gives: an ErasableView batch is normalised and erased, uint8
+    pixels normalised; float images (made elsewhere, already normalised) pass unchanged."""
+    if isinstance(images, ErasableView):
+        return erase_(normalize(images.pixels), images.erase, generator)
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        return normalize(images)
+    return images
