@@ -67,8 +67,10 @@ class SeededViews(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, key: tuple[int, int, int]):
-        index, epoch, repeat = key
+    def __getitem__(self, key: tuple[int, int, int] | int):
+        # A plain index comes from a sampler Lightning put in place of ours (trainer.overfit_batches: a sequential
+        # one): the same first view of each image every epoch, which is what overfitting a few batches asks for.
+        index, epoch, repeat = (key, 0, 0) if isinstance(key, int) else key
         with seeded(view_seed(self.seed, epoch, index, repeat)):
             sample = self.dataset[index]
         sample = sample if isinstance(sample, tuple) else (sample,)  # (image, label) or (image, mask)
