@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from deit_train.data.pixels import ErasableView, model_input
 from deit_train.data.sources.demo import ensure_demo_dataset
 from deit_train.train import CONFIG_DIR
 
@@ -87,6 +88,21 @@ def same(a, b) -> bool:
     if isinstance(a, tuple):
         return type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     return torch.equal(a, b)
+
+
+def finished(view) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view as the device finishes it (data/pixels.py: model_input on a batch of one) and the mask of the pixels
+    outside its erased rectangle. Inside it both pipelines put normal noise, from other generators (the draw's own
+    seed on the device; tests/test_pixels.py shows it equal to timm's with the generator in that state)."""
+    top, left, h, w = 0, 0, 0, 0
+    if isinstance(view, ErasableView):
+        image = model_input(ErasableView(view.pixels[None], view.erase[None]))[0]
+        top, left, h, w, _ = view.erase.tolist()
+    else:
+        image = model_input(view[None])[0]
+    outside = torch.ones(image.shape[-2:], dtype=torch.bool)
+    outside[top : top + h, left : left + w] = False
+    return image, outside
 
 
 def assert_metrics_reproduce(run_dir: Path, data_root: Path, ema: bool = False) -> dict:

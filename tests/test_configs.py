@@ -15,15 +15,15 @@ from timm.data.transforms_factory import transforms_imagenet_eval, transforms_im
 from torchvision import transforms as T
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.pixels import ErasableView, model_input
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
 from deit_train.models import build_student, forward_heads
+from deit_train.schema import check
 from deit_train.teacher import build_teacher_network
 from deit_train.train import CONFIG_DIR
 
-from .conftest import compose_config, save_safetensors
+from .conftest import compose_config, finished, save_safetensors
 
 GROUPS = [
     "model",
@@ -229,14 +229,15 @@ def timm_eval_transform():
     return transforms_imagenet_eval(IMG_SIZE, crop_pct=0.875, interpolation="bicubic")
 
 
-def timm_train_transform(option: str):
+def timm_train_transform(option: str, **changes):
     if TIMM_TRAIN[option] is None:
         return timm_eval_transform()
+    settings = {**TIMM_TRAIN[option], **changes}
     if option != "three_augment_src":
-        return transforms_imagenet_train(IMG_SIZE, **TIMM_TRAIN[option])
+        return transforms_imagenet_train(IMG_SIZE, **settings)
     # DeiT III's simple random crop, as its augment.py new_data_aug_generator(src=True) writes it, then timm's
-    # 3-Augment, colour jitter and normalisation (the secondary and final stages of its factory).
-    _, secondary, final = transforms_imagenet_train(IMG_SIZE, **TIMM_TRAIN[option], separate=True)
+    # policy, colour jitter and normalisation (the secondary and final stages of its factory).
+    _, secondary, final = transforms_imagenet_train(IMG_SIZE, **settings, separate=True)
     primary = [
         T.Resize(IMG_SIZE, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomCrop(IMG_SIZE, padding=4, padding_mode="reflect"),
@@ -253,23 +254,23 @@ def seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
     return transform(image)
 
 
-def finished(view) -> tuple[torch.Tensor, torch.Tensor]:
-    """A view as the device finishes it (data/pixels.py: model_input on a batch of one) and the mask of the pixels
-    outside its erased rectangle. Inside it both pipelines put normal noise, from other generators (the draw's own
-    seed on the device; tests/test_pixels.py shows it equal to timm's with the generator in that state)."""
-    top, left, h, w = 0, 0, 0, 0
-    if isinstance(view, ErasableView):
-        image = model_input(ErasableView(view.pixels[None], view.erase[None]))[0]
-        top, left, h, w, _ = view.erase.tolist()
-    else:
-        image = model_input(view[None])[0]
-    outside = torch.ones(image.shape[-2:], dtype=torch.bool)
-    outside[top : top + h, left : left + w] = False
-    return image, outside
-
-
 def test_every_augment_option_has_a_timm_reference():
     assert sorted(TIMM_TRAIN) == AUGMENT_OPTIONS
+
+
+def assert_trains_as(ours, theirs, distinct_views: bool = True) -> None:
+    """Under the same seeds, `ours` gives what timm's `theirs` gives (outside the erased noise), and each seed draws
+    its own augmentation (one view for all where nothing is random)."""
+    image = noise_image(50, 37)  # larger than the crop, not square (for "none": offsets on which both agree)
+    outputs = []
+    for seed in range(12):
+        expected = seeded(theirs, image, seed)
+        assert expected.shape == (3, IMG_SIZE, IMG_SIZE)
+        got, outside = finished(seeded(ours, image, seed))
+        assert torch.equal(got[:, outside], expected[:, outside]), seed  # all but the erased noise
+        outputs.append(expected)
+    distinct = len({output.numpy().tobytes() for output in outputs})
+    assert distinct == (len(outputs) if distinct_views else 1), "each seed draws its own augmentation"
 
 
 @pytest.mark.parametrize("option", AUGMENT_OPTIONS)
@@ -277,17 +278,18 @@ def test_augment_option_trains_on_timms_transform(option, tmp_path):
     """Under the same seeds, each option's train transform gives the same tensor as timm's transform built from
     the paper's numbers: the same crop, flip, policy, jitter, erasing and normalisation, drawn in the same order."""
     cfg = compose_config([f"augment={option}"], tmp_path, tmp_path)
-    ours, theirs = train_transform(cfg.augment, IMG_SIZE), timm_train_transform(option)
-    image = noise_image(50, 37)  # larger than the crop, not square (for "none": offsets on which both agree)
-    outputs = []
-    for seed in range(12):
-        expected = seeded(theirs, image, seed)
-        assert expected.shape == (3, IMG_SIZE, IMG_SIZE)
-        got, outside = finished(seeded(ours, image, seed))
-        assert torch.equal(got[:, outside], expected[:, outside]), (option, seed)  # all but the erased noise
-        outputs.append(expected)
-    distinct = len({output.numpy().tobytes() for output in outputs})
-    assert distinct == (1 if option == "none" else len(outputs)), "each seed draws its own augmentation"
+    assert_trains_as(train_transform(cfg.augment, IMG_SIZE), timm_train_transform(option), option != "none")
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
+def test_simple_random_crop_takes_every_timm_policy_as_timm_builds_it(policy, tmp_path):
+    """DeiT III's simple random crop with any policy timm takes: accepted by the config check (a rand-* or augmix-*
+    policy was refused, sent to the AutoAugment parser whatever its prefix) and built as timm builds the policy
+    and its colour-jitter rule behind its own crop."""
+    cfg = compose_config(["augment=three_augment_src", f"augment.auto_augment={policy}"], tmp_path, tmp_path)
+    check(cfg)
+    ours = train_transform(cfg.augment, IMG_SIZE)
+    assert_trains_as(ours, timm_train_transform("three_augment_src", auto_augment=policy))
 
 
 @pytest.mark.parametrize("option", AUGMENT_OPTIONS)

@@ -9,7 +9,6 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data import create_transform
-from timm.data.auto_augment import auto_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
@@ -75,40 +74,39 @@ class CenterCrop(torch.nn.Module):
 
 def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
     """augment.crop chooses the geometry: random_resized (DeiT Table 9; DeiT III on ImageNet-21k), simple_random
-    (DeiT III's SRC) or center (no augmentation: the eval transform). Then timm's auto-augment policy
-    (RandAugment for DeiT, '3a' for DeiT III's 3-Augment), colour jitter and random erasing. The workers stop
-    at uint8 pixels and erasing's draws (uint8_tail); the device normalises and erases (data/pixels.py)."""
+    (DeiT III's SRC) or center (no augmentation: the eval transform). Then, whatever the crop, timm's own later
+    stages: its auto-augment policy chosen by prefix as timm chooses it (rand-*: RandAugment, DeiT's; augmix-*;
+    anything else, e.g. '3a' for DeiT III's 3-Augment) and colour jitter (off beside a policy other than '3a', as
+    in timm), then random erasing. The workers stop at uint8 pixels and erasing's draws (uint8_tail); the device
+    normalises and erases (data/pixels.py)."""
     check_decode(decode)
     if augment.crop == "center":
         return eval_transform(augment, img_size, decode)
+    if augment.crop not in ("random_resized", "simple_random"):
+        raise ValueError(f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}")
+    crop, policy_and_jitter, to_uint8 = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(augment.scale),
+        auto_augment=augment.auto_augment,
+        color_jitter=augment.color_jitter,
+        interpolation=augment.train_interpolation,
+        mean=IMAGENET_MEAN,  # the policies' fill colour
+        std=IMAGENET_STD,
+        use_prefetcher=True,  # ends at uint8 pixels: no ToTensor, Normalize, RandomErasing
+        separate=True,
+    )
     if augment.crop == "random_resized":
-        transform = create_transform(
-            img_size,
-            is_training=True,
-            scale=tuple(augment.scale),
-            auto_augment=augment.auto_augment,
-            color_jitter=augment.color_jitter,
-            interpolation=augment.train_interpolation,
-            mean=IMAGENET_MEAN,  # RandAugment's fill colour
-            std=IMAGENET_STD,
-            use_prefetcher=True,  # ends at uint8 pixels: no ToTensor, Normalize, RandomErasing
+        crop = with_decoding_crop(crop, decode)
+    else:  # Simple random crop (DeiT III, section 3.2): resize the short side, random crop with 4 px reflect padding
+        crop = T.Compose(
+            [
+                ResizeShortSide(img_size, decode),  # torchvision's bicubic Resize, which also decodes
+                T.RandomCrop(img_size, padding=4, padding_mode="reflect"),
+                T.RandomHorizontalFlip(),
+            ]
         )
-        return T.Compose([with_decoding_crop(transform, decode), *uint8_tail(augment.reprob)])
-    if augment.crop != "simple_random":
-        raise ValueError(
-            f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}"
-        )
-    # Simple random crop (DeiT III, section 3.2): resize the short side, random crop with 4 px reflect padding.
-    steps = [
-        ResizeShortSide(img_size, decode),  # torchvision's bicubic Resize, which also decodes
-        T.RandomCrop(img_size, padding=4, padding_mode="reflect"),
-        T.RandomHorizontalFlip(),
-    ]
-    if augment.auto_augment:
-        steps.append(auto_augment_transform(augment.auto_augment, {"translate_const": int(img_size * 0.45)}))
-    if augment.color_jitter:
-        steps.append(T.ColorJitter(*(3 * [augment.color_jitter])))
-    return T.Compose(steps + uint8_tail(augment.reprob))
+    return T.Compose([crop, policy_and_jitter, to_uint8, *uint8_tail(augment.reprob)])
 
 
 def with_decoding_crop(transform: T.Compose, decode: str) -> T.Compose:
