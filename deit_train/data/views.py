@@ -16,8 +16,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from timm.data import Mixup
 from torch.utils.data import Dataset
 
 from deit_train.data.pixels import ErasableView, model_input
@@ -88,32 +86,6 @@ def view_key(sample_id: int, repeat: int, image: torch.Tensor | ErasableView) ->
     if erase is not None:
         checksum = zlib.crc32(erase.to(torch.int64).contiguous().numpy().data, checksum)
     return torch.tensor([sample_id, repeat, checksum])
-
-
-class BatchMixer:
-    """timm's Mixup/CutMix with label smoothing (DeiT: mixup 0.8, cutmix 1.0, smoothing 0.1), one draw per batch
-    from (seed, epoch, batch index, rank): the mixed batch is as reproducible as its views. Without Mixup and
-    CutMix the batch passes unchanged."""
-
-    def __init__(self, augment: DictConfig, num_classes: int, seed: int) -> None:
-        self.seed = seed
-        self.mixup = None
-        if augment.mixup > 0 or augment.cutmix > 0:
-            self.mixup = Mixup(
-                mixup_alpha=augment.mixup,
-                cutmix_alpha=augment.cutmix,
-                prob=augment.mixup_prob,
-                switch_prob=augment.mixup_switch_prob,
-                mode="batch",
-                label_smoothing=augment.smoothing,
-                num_classes=num_classes,
-            )
-
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch_idx: int, rank: int):
-        if self.mixup is None:
-            return images, targets
-        with seeded(view_seed(self.seed, epoch, batch_idx, rank, MIXUP_STREAM)):
-            return self.mixup(images, targets)
 
 
 class ViewsOnDevice:

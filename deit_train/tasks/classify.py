@@ -15,8 +15,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
-from deit_train.data.views import BatchMixer
 from deit_train.errors import DeitTrainError
 from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss

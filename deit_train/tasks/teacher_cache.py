@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.views import BatchMixer, ViewsOnDevice
+from deit_train.data.mixup import BatchMixer
+from deit_train.data.views import ViewsOnDevice
 from deit_train.errors import DeitTrainError
 from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
 from deit_train.tasks.task import Built
