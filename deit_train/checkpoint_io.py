@@ -15,9 +15,7 @@ from deit_train.errors import StorageError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -34,7 +32,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if cause is None and "write" not in str(error):
                 raise
             reason = cause.strerror if cause is not None and cause.strerror else str(error).splitlines()[0]
-            raise StorageError(f"could not write the checkpoint {path}: {reason}. Free space or fix the "
-                               f"permissions (the earlier checkpoints are intact), then resume=true") from error
+            raise StorageError(
+                f"could not write the checkpoint {path}: {reason}. Free space or fix the "
+                f"permissions (the earlier checkpoints are intact), then resume=true"
+            ) from error
         finally:
             staging.unlink(missing_ok=True)

@@ -91,8 +91,10 @@ def check_command_line(args: list[str]) -> None:
         RunLock(run_dir).check_free()
         refuse_overwrite(cfg, run_dir)
         if (finished := finished_metrics(cfg, run_dir)) is not None:
-            print(f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
-                  f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}")  # fmt: skip
+            print(
+                f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
+                f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}"
+            )
             sys.exit(0)
     except (HydraException, OmegaConfBaseException) as error:
         fail("deit-train", one_line(error), 2)

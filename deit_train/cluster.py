@@ -1,10 +1,10 @@
 """Running under Slurm: who owns requeueing, what a requeued job resumes from, and the signals clusters send.
 
-Requeueing belongs to Slurm and submitit (hydra/launcher=slurm). A preempting scheduler or `scontrol requeue`
-sends SIGTERM, kills the job and queues it again; submitit requeues a job that reaches its time limit (SIGUSR2,
-90 s before). The job then runs again in the same run directory and resumes from checkpoints/last.ckpt, which
-is written atomically after every epoch (requeued_checkpoint, train.resume_from). Lightning's own SLURM auto-requeue stands aside
-(auto_requeue=False): a second owner would requeue twice and write a mid-epoch checkpoint that a resumed run
+Requeueing belongs to Slurm and submitit (hydra/launcher=slurm). A preempting scheduler or `scontrol requeue` sends
+SIGTERM, kills the job and queues it again; submitit requeues a job that reaches its time limit (SIGUSR2, 90 s
+before). The job then runs again in the same run directory and resumes from checkpoints/last.ckpt, which is written
+atomically after every epoch (requeued_checkpoint, train.resume_from). Lightning's own SLURM auto-requeue stands
+aside (auto_requeue=False): a second owner would requeue twice and write a mid-epoch checkpoint that a resumed run
 could not continue exactly.
 """
 
@@ -41,12 +41,18 @@ def fit_until_preempted(trainer, *args, **kwargs) -> None:
         trainer.fit(*args, **kwargs)
     except BaseException as error:
         if getattr(trainer, "received_sigterm", False):
-            log.warning("stopped by SIGTERM at epoch %d, step %d: a requeued job resumes from checkpoints/last.ckpt",
-                        trainer.current_epoch, trainer.global_step)  # fmt: skip
+            log.warning(
+                "stopped by SIGTERM at epoch %d, step %d: a requeued job resumes from checkpoints/last.ckpt",
+                trainer.current_epoch,
+                trainer.global_step,
+            )
             raise SystemExit(128 + signal.SIGTERM) from error
         if isinstance(error, SystemExit) and trainer.interrupted:  # Lightning's answer to Ctrl-C: sys.exit(1)
-            log.warning("interrupted at epoch %d, step %d: resume=true continues from checkpoints/last.ckpt",
-                        trainer.current_epoch, trainer.global_step)  # fmt: skip
+            log.warning(
+                "interrupted at epoch %d, step %d: resume=true continues from checkpoints/last.ckpt",
+                trainer.current_epoch,
+                trainer.global_step,
+            )
             raise SystemExit(128 + signal.SIGINT) from error
         raise
 
@@ -61,9 +67,13 @@ def acknowledge_warning_signals() -> None:
     its default action would kill the run at once. The run carries on until the SIGTERM that follows (on which
     Lightning stops at the next batch) and resumes from last.ckpt when requeued."""
     if SLURMEnvironment.detect():
-        signal.signal(signal.SIGUSR1, lambda signum, frame: log.warning(
-            "received SIGUSR1 (preemption or time limit ahead): training continues; a requeued job resumes from "
-            "checkpoints/last.ckpt"))  # fmt: skip
+        signal.signal(
+            signal.SIGUSR1,
+            lambda signum, frame: log.warning(
+                "received SIGUSR1 (preemption or time limit ahead): training continues; a requeued job resumes from "
+                "checkpoints/last.ckpt"
+            ),
+        )
 
 
 def data_worker_init(worker_id: int) -> None:

@@ -67,10 +67,6 @@ class EpochSummary(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {
-            k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1
-        }
-        shown = [
-            f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k
-        ]
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1}
+        shown = [f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k]
         log.info("epoch %d: %s", trainer.current_epoch, ", ".join(shown))

@@ -62,8 +62,9 @@ def as_user_error(error: BaseException, prog: str = "deit-train") -> DeitTrainEr
         if isinstance(seen, DeitTrainError):
             return unwrap_worker_message(seen)
         if isinstance(seen, PermissionError) and seen.filename and os.path.exists(seen.filename):
-            return StorageError(f"no permission to access {seen.filename}: fix its permissions (e.g. chmod u+rw), "
-                                f"then run again")  # fmt: skip
+            return StorageError(
+                f"no permission to access {seen.filename}: fix its permissions (e.g. chmod u+rw), then run again"
+            )
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             where = f" ({seen.filename})" if seen.filename else ""
             then = " (earlier checkpoints are intact), then resume=true" if prog == "deit-train" else ", then run again"
@@ -133,5 +134,8 @@ def describe_failure(error: BaseException, prog: str = "deit-train") -> tuple[st
     if user_error is not None:
         return str(user_error).strip(), user_error.exit_code
     detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return (f"unexpected {type(error).__name__}: {detail} (a bug in deit-train; DEIT_TRAIN_DEBUG=1 shows the "
-            f"traceback to report)", 1)  # fmt: skip
+    return (
+        f"unexpected {type(error).__name__}: {detail} (a bug in deit-train; DEIT_TRAIN_DEBUG=1 shows the "
+        f"traceback to report)",
+        1,
+    )

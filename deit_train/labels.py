@@ -53,9 +53,11 @@ def class_difference(theirs: Sequence[str], ours: Sequence[str], their_name: str
     if Counter(nfc(theirs)) == Counter(nfc(ours)) and Counter(theirs) != Counter(ours):
         odd = next(name for name in theirs if name not in set(ours))
         twin = next(name for name in ours if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", odd))
-        return (f"names differ only by Unicode normalisation (NFC/NFD): {ascii(odd)} in {their_name} is {ascii(twin)} "
-                f"in {our_name} ({lists}); write the names in one form (unicodedata.normalize('NFC', name); file "
-                f"names copied from macOS are often NFD)")  # fmt: skip
+        return (
+            f"names differ only by Unicode normalisation (NFC/NFD): {ascii(odd)} in {their_name} is {ascii(twin)} "
+            f"in {our_name} ({lists}); write the names in one form (unicodedata.normalize('NFC', name); file "
+            f"names copied from macOS are often NFD)"
+        )
     if len(theirs) != len(ours):
         only_theirs = [n for n in theirs if n not in set(ours)]
         only_ours = [n for n in ours if n not in set(theirs)]
@@ -78,17 +80,21 @@ def normalisation_hint(unknown: Sequence[str], known: Sequence[str]) -> str:
     """Where names a model or data does not know are known names in another Unicode normalisation: a clause saying
     so, else ""."""
     nfc = {unicodedata.normalize("NFC", name): name for name in known}
-    twins = [(name, nfc[unicodedata.normalize("NFC", name)]) for name in unknown
-             if unicodedata.normalize("NFC", name) in nfc]  # fmt: skip
+    twins = [
+        (name, nfc[unicodedata.normalize("NFC", name)]) for name in unknown if unicodedata.normalize("NFC", name) in nfc
+    ]
     if not twins:
         return ""
     name, twin = twins[0]
-    return (f" ({len(twins)} of them differ from known names only by Unicode normalisation (NFC/NFD), e.g. "
-            f"{ascii(name)} against {ascii(twin)}: write the names in one form, unicodedata.normalize('NFC', name))")
+    return (
+        f" ({len(twins)} of them differ from known names only by Unicode normalisation (NFC/NFD), e.g. "
+        f"{ascii(name)} against {ascii(twin)}: write the names in one form, unicodedata.normalize('NFC', name))"
+    )
 
 
-def check_same_classes(theirs: Sequence[str], ours: Sequence[str], what: str, their_name: str, our_name: str,
-                       fix: str) -> None:  # fmt: skip
+def check_same_classes(
+    theirs: Sequence[str], ours: Sequence[str], what: str, their_name: str, our_name: str, fix: str
+) -> None:
     """Refuse, in one line, two class lists that are not the same names in the same order: `what` names the reader
     (e.g. "teacher.checkpoint=PATH"), `fix` says what to do."""
     difference = class_difference(theirs, ours, their_name, our_name)
@@ -107,8 +113,14 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
     if successes <= 0:
         return 1.0
     p = min(max(p, 1e-12), 1 - 1e-12)
-    log_terms = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
-                 + k * math.log(p) + (trials - k) * math.log1p(-p) for k in range(successes, trials + 1)]  # fmt: skip
+    log_terms = [
+        math.lgamma(trials + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(trials - k + 1)
+        + k * math.log(p)
+        + (trials - k) * math.log1p(-p)
+        for k in range(successes, trials + 1)
+    ]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
@@ -145,8 +157,7 @@ class OrderCheck:
         return self.p_value < SIGNIFICANCE and self.better_order is None
 
     def describe(self) -> str:
-        text = (f"top-1 {100 * self.accuracy:.1f}% on {self.images} validation images (chance: "
-                f"{100 * self.chance:.1f}%)")  # fmt: skip
+        text = f"top-1 {100 * self.accuracy:.1f}% on {self.images} validation images (chance: {100 * self.chance:.1f}%)"
         if self.better_order is not None:
             order, correct = self.better_order
             text += f", {100 * correct / self.images:.1f}% if its outputs are read in {order}"
@@ -165,8 +176,10 @@ def other_orders(class_names: Sequence[str]) -> dict[str, list[int]]:
     return {what: [index[n] for n in order] for what, order in orders.items() if order != names}
 
 
-def order_on_data(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, class_names: Sequence[str]) -> OrderCheck:
-    """OrderCheck of `predict` (images -> logits) on `batches` of (images, labels); unlabelled rows (-1) are left out."""
+def order_on_data(
+    predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, class_names: Sequence[str]
+) -> OrderCheck:
+    """OrderCheck of `predict` (images -> logits) on `batches` of (images, labels); unlabelled rows (-1) left out."""
     labels, predicted = [], []
     with torch.inference_mode():
         for images, targets in batches:
@@ -185,7 +198,10 @@ def order_on_data(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iter
     check = OrderCheck(n, correct, chance, binomial_tail(correct, n, chance))
     for what, mapping in other_orders(class_names).items():
         mapped = torch.tensor(mapping)[predicted.clamp(0, classes - 1)]
-        wins, losses = int(((mapped == labels) & (predicted != labels)).sum()), int(((predicted == labels) & (mapped != labels)).sum())
+        wins, losses = (
+            int(((mapped == labels) & (predicted != labels)).sum()),
+            int(((predicted == labels) & (mapped != labels)).sum()),
+        )
         significant = wins > losses and binomial_tail(wins, wins + losses, 0.5) < SIGNIFICANCE
         if significant and (check.better_order is None or wins - losses > check.better_order[1] - correct):
             check.better_order = (what, correct - losses + wins)

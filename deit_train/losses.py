@@ -86,9 +86,7 @@ class DistillationLoss(nn.Module):
             }
         if teacher_logits is None:
             raise ValueError(f"{self.distillation_type} distillation needs teacher_logits")
-        dist_logits = (
-            cls_logits if dist_logits is None else dist_logits
-        )  # a single head: "usual distillation"
+        dist_logits = cls_logits if dist_logits is None else dist_logits  # a single head: "usual distillation"
         terms = {"cls": self.label_loss(cls_logits, targets)}
         if self.distillation_type == "hard":
             terms["dist"] = F.cross_entropy(dist_logits, teacher_logits.float().argmax(dim=1))

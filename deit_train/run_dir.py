@@ -10,8 +10,8 @@ which changes a resumed run accepts, and the files it writes besides the trainer
   a log with values) is only continued from a checkpoint whose config matches, or refused in one line naming the
   fix; never trained again from scratch in place (refuse_overwrite).
 - `resume=true` continues from checkpoints/last.ckpt; on a finished run whose config matches it says so and
-  changes nothing. The new config is compared with the checkpoint's: what changes what is trained is refused with the list of
-  differences, what may change (RESUMABLE_CHANGES) is applied and logged.
+  changes nothing. The new config is compared with the checkpoint's: what changes what is trained is refused with
+  the list of differences, what may change (RESUMABLE_CHANGES) is applied and logged.
 - A run that fails before it trained anything leaves no directory behind.
 """
 
@@ -39,17 +39,48 @@ LOCK_NAME = ".deit-train.lock"
 # classes, data, loss, augmentation, seed, the optimizer itself) and is refused. A key ending in "." is a prefix.
 RESUMABLE_CHANGES = (
     "trainer.max_epochs",  # train longer (or stop sooner)
-    "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr",
-    "trainer.gradient_clip_val", "trainer.precision",  # the advice after a divergence
-    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.sync_batchnorm",
-    "trainer.log_every_n_steps", "trainer.check_val_every_n_epoch", "trainer.limit_", "trainer.enable_",
-    "trainer.profiler", "trainer.plugins", "trainer.default_root_dir", "trainer.num_sanity_val_steps",
-    "trainer.deterministic", "trainer.benchmark",
+    "optim.lr",
+    "optim.lr_batch_ref",
+    "optim.weight_decay",
+    "optim.warmup_epochs",
+    "optim.warmup_lr",
+    "optim.min_lr",
+    "trainer.gradient_clip_val",
+    "trainer.precision",  # the advice after a divergence
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.accelerator",
+    "trainer.sync_batchnorm",
+    "trainer.log_every_n_steps",
+    "trainer.check_val_every_n_epoch",
+    "trainer.limit_",
+    "trainer.enable_",
+    "trainer.profiler",
+    "trainer.plugins",
+    "trainer.default_root_dir",
+    "trainer.num_sanity_val_steps",
+    "trainer.deterministic",
+    "trainer.benchmark",
     "data.root",  # the same data moved (its classes are compared)
-    "data.num_workers", "data.pin_memory", "data.skip_corrupt", "data.cache_dir", "data.scan",
-    "model.init", "model.pretrained", "teacher.pretrained",  # starting weights: a resumed run has its own
-    "teacher.cache", "compile", "logger.", "callbacks.", "paths.", "debug", "resume", "ckpt_path", "required",
-)  # fmt: skip
+    "data.num_workers",
+    "data.pin_memory",
+    "data.skip_corrupt",
+    "data.cache_dir",
+    "data.scan",
+    "model.init",
+    "model.pretrained",
+    "teacher.pretrained",  # starting weights: a resumed run has its own
+    "teacher.cache",
+    "compile",
+    "logger.",
+    "callbacks.",
+    "paths.",
+    "debug",
+    "resume",
+    "ckpt_path",
+    "required",
+)
 
 
 def is_launch_leader() -> bool:
@@ -115,8 +146,10 @@ class RunLock:
 
 
 def busy(directory: Path, owner: str) -> RunDirectoryBusy:
-    return RunDirectoryBusy(f"{directory} is in use by another deit-train run ({owner}). Wait for it to end, or "
-                            f"give this run its own directory (hydra.run.dir=...)")  # fmt: skip
+    return RunDirectoryBusy(
+        f"{directory} is in use by another deit-train run ({owner}). Wait for it to end, or "
+        f"give this run its own directory (hydra.run.dir=...)"
+    )
 
 
 def last_checkpoint(output_dir: Path) -> Path:
@@ -130,8 +163,9 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
             what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
-            raise DeitTrainError(f"ckpt_path={cfg.ckpt_path} {what}: pass a deit-train .ckpt (e.g. "
-                                 f"<run>/checkpoints/last.ckpt)")  # fmt: skip
+            raise DeitTrainError(
+                f"ckpt_path={cfg.ckpt_path} {what}: pass a deit-train .ckpt (e.g. <run>/checkpoints/last.ckpt)"
+            )
         return str(path)
     if requeued := requeued_checkpoint(output_dir):
         return requeued
@@ -151,8 +185,9 @@ def check_writable(output_dir: Path, key: str = "hydra.run.dir") -> None:
     if not existing.is_dir():
         raise DeitTrainError(f"{key}={output_dir}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StorageError(f"{key}={output_dir}: {existing} cannot be written (read-only or no permission); "
-                           f"choose a writable path")  # fmt: skip
+        raise StorageError(
+            f"{key}={output_dir}: {existing} cannot be written (read-only or no permission); choose a writable path"
+        )
 
 
 def earlier_results(output_dir: Path) -> list[Path]:
@@ -160,8 +195,11 @@ def earlier_results(output_dir: Path) -> list[Path]:
     metrics.json, a CSV or TensorBoard log holding logged values. (.hydra/, train.log, the lock and a sweep job's
     failed.json are not results: they are rewritten by every start.)"""
     checkpoints = output_dir / "checkpoints"
-    found = sorted(p for p in checkpoints.rglob("*") if p.is_file() and not p.name.startswith(".")) if (
-        checkpoints.is_dir()) else []  # fmt: skip
+    found = (
+        sorted(p for p in checkpoints.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if (checkpoints.is_dir())
+        else []
+    )
     if (output_dir / "metrics.json").is_file():
         found.append(output_dir / "metrics.json")
     found += [p for p in sorted(output_dir.glob("csv/version_*/metrics.csv")) if csv_has_rows(p)]
@@ -214,8 +252,10 @@ def refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
     if last.is_file() and (cfg.resume or requeued):
         return
     if last.is_file():
-        raise DeitTrainError(f"{output_dir} holds an earlier run ({names}), which a new run would overwrite: "
-                             f"resume=true continues it, or give this run its own directory (hydra.run.dir=...)")  # fmt: skip
+        raise DeitTrainError(
+            f"{output_dir} holds an earlier run ({names}), which a new run would overwrite: "
+            f"resume=true continues it, or give this run its own directory (hydra.run.dir=...)"
+        )
     if requeued and all(p.parent.parent.name in ("csv", "tensorboard") for p in held):
         return  # the logs of this very job's try that Slurm stopped before its first checkpoint: start it again
     starting = "resume=true" if cfg.resume else "a new run"
@@ -224,9 +264,11 @@ def refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
         fix = f"continue it from its {pick.name} with ckpt_path={pick}"
     else:
         fix = "it has no checkpoint to continue from; remove those files to start it again there"
-    raise DeitTrainError(f"{output_dir} holds an earlier run ({names}) but no checkpoints/last.ckpt; {starting} "
-                         f"would train it again from scratch over them: {fix}, or give this run its own directory "
-                         f"(hydra.run.dir=...)")  # fmt: skip
+    raise DeitTrainError(
+        f"{output_dir} holds an earlier run ({names}) but no checkpoints/last.ckpt; {starting} "
+        f"would train it again from scratch over them: {fix}, or give this run its own directory "
+        f"(hydra.run.dir=...)"
+    )
 
 
 def check_directory_matches(cfg: DictConfig, output_dir: Path, own_checkpoints: list[Path], names: str) -> None:
@@ -236,9 +278,11 @@ def check_directory_matches(cfg: DictConfig, output_dir: Path, own_checkpoints: 
     if any(p.resolve() == wanted for p in own_checkpoints):
         return
     if not own_checkpoints:
-        raise DeitTrainError(f"{output_dir} holds an earlier run ({names}) and no checkpoint of its own; continuing "
-                             f"ckpt_path={cfg.ckpt_path} there would overwrite it: give this run its own directory "
-                             f"(hydra.run.dir=...)")  # fmt: skip
+        raise DeitTrainError(
+            f"{output_dir} holds an earlier run ({names}) and no checkpoint of its own; continuing "
+            f"ckpt_path={cfg.ckpt_path} there would overwrite it: give this run its own directory "
+            f"(hydra.run.dir=...)"
+        )
     from deit_train.models.checkpoints import read_run_checkpoint
 
     last = last_checkpoint(output_dir)
@@ -271,8 +315,13 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): node}
 
 
-def check_resume(cfg: DictConfig, stored_config: dict | None, stored_classes: list[str] | None,
-                 class_names: list[str] | None, log_changes: bool = True) -> None:  # fmt: skip
+def check_resume(
+    cfg: DictConfig,
+    stored_config: dict | None,
+    stored_classes: list[str] | None,
+    class_names: list[str] | None,
+    log_changes: bool = True,
+) -> None:
     """Refuse a resume whose config changes what is trained; log the changes it applies (log_changes)."""
     if stored_classes is not None and class_names is not None and list(stored_classes) != list(class_names):
         raise DeitTrainError(
@@ -308,8 +357,11 @@ def write_config(cfg: DictConfig, output_dir: Path) -> None:
     hydra_dir = output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.get()
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
-                       ("overrides.yaml", hydra.overrides.task)):  # fmt: skip
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
+        ("overrides.yaml", hydra.overrides.task),
+    ):
         staging = hydra_dir / f".{name}.tmp"
         staging.write_text(OmegaConf.to_yaml(node))
         staging.replace(hydra_dir / name)

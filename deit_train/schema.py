@@ -237,8 +237,9 @@ TRAINER_RULES = {
     "accumulate_grad_batches": Range(1, None, "a number of micro-batches >= 1", integer=True),
     "log_every_n_steps": Range(1, None, "a number of steps >= 1", integer=True),
     "check_val_every_n_epoch": Range(1, None, "a number of epochs >= 1, at most trainer.max_epochs", integer=True),
-    "limit_train_batches": Range(0, None, "a number of batches >= 1 or a fraction of the epoch in (0, 1]",
-                                 low_open=True),
+    "limit_train_batches": Range(
+        0, None, "a number of batches >= 1 or a fraction of the epoch in (0, 1]", low_open=True
+    ),
     "gradient_clip_val": Range(0.0, None, "a norm > 0, or null", low_open=True),
     # Not 16-true: fp16 weights and AdamW state, whose updates underflow; every run diverged at its first step.
     "precision": OneOf("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
@@ -298,36 +299,48 @@ def check(cfg: DictConfig) -> None:
         try:
             train_transform(cfg.augment, 32)
         except (AssertionError, ValueError, KeyError, IndexError) as error:
-            raise refuse("augment.auto_augment", cfg.augment.auto_augment, f"a timm policy (rand-m9-mstd0.5-inc1, "
-                         f"augmix-m5-w4-d2, original, v0, 3a) or null; timm says: {error}") from error  # fmt: skip
+            raise refuse(
+                "augment.auto_augment",
+                cfg.augment.auto_augment,
+                f"a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a) or null; timm says: {error}",
+            ) from error
     scale = list(cfg.augment.scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise refuse("augment.scale", scale, "[low, high] with 0 < low <= high <= 1")
     if cfg.model.patch_size and cfg.model.img_size % cfg.model.patch_size:
-        raise refuse("model.img_size", cfg.model.img_size,
-                     f"a multiple of model.patch_size={cfg.model.patch_size}")  # fmt: skip
+        raise refuse("model.img_size", cfg.model.img_size, f"a multiple of model.patch_size={cfg.model.patch_size}")
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
-        raise refuse(
-            "model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}"
-        )
+        raise refuse("model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}")
     check_teacher(cfg)
     if cfg.loss.label_loss == "bce" and cfg.loss.bce_target_threshold is not None and cfg.augment.smoothing > 0:
         # Smoothing puts smoothing / classes on every class: above the threshold every target becomes 1, below it
         # the binarised targets are those without smoothing. Wrong or a no-op, never what was asked for.
-        raise refuse("augment.smoothing", cfg.augment.smoothing, "0.0 with loss.label_loss=bce, which binarises "
-                     "its targets (DeiT III); or loss.bce_target_threshold=null for smoothed soft targets")  # fmt: skip
+        raise refuse(
+            "augment.smoothing",
+            cfg.augment.smoothing,
+            "0.0 with loss.label_loss=bce, which binarises "
+            "its targets (DeiT III); or loss.bce_target_threshold=null for smoothed soft targets",
+        )
     devices = devices_per_node(cfg.trainer)
     if devices is not None:  # devices=auto / -1: the trainer counts them, and the data module checks then
-        check_batch(cfg.data.batch_size, devices * cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches,
-                    mixes=cfg.augment.mixup > 0 or cfg.augment.cutmix > 0)  # fmt: skip
+        check_batch(
+            cfg.data.batch_size,
+            devices * cfg.trainer.num_nodes,
+            cfg.trainer.accumulate_grad_batches,
+            mixes=cfg.augment.mixup > 0 or cfg.augment.cutmix > 0,
+        )
 
 
 def check_teacher(cfg: DictConfig) -> None:
     teacher = cfg.teacher
     members = len(teacher.members)
     if teacher.name == "ensemble" and members < 2:
-        raise refuse("teacher.members", f"{members} network(s)", "two or more networks for teacher=ensemble, "
-                     "e.g. teacher.members='[{name:resnet50,checkpoint:A},{name:regnety_160,checkpoint:B}]'")  # fmt: skip
+        raise refuse(
+            "teacher.members",
+            f"{members} network(s)",
+            "two or more networks for teacher=ensemble, "
+            "e.g. teacher.members='[{name:resnet50,checkpoint:A},{name:regnety_160,checkpoint:B}]'",
+        )
     if members and teacher.name != "ensemble":
         raise refuse("teacher.name", teacher.name, "ensemble when teacher.members is set (teacher=ensemble)")
     if teacher.library == "transformers" and teacher.name is None:
@@ -335,8 +348,11 @@ def check_teacher(cfg: DictConfig) -> None:
     networks = [(f"teacher.members.{i}", m) for i, m in enumerate(teacher.members)] or [("teacher", teacher)]
     for key, network in networks:
         if network.library == "transformers" and network.checkpoint:
-            raise refuse(f"{key}.checkpoint", network.checkpoint, f"null with {key}.library=transformers: the "
-                         f"weights are in the directory {key}.name names")  # fmt: skip
+            raise refuse(
+                f"{key}.checkpoint",
+                network.checkpoint,
+                f"null with {key}.library=transformers: the weights are in the directory {key}.name names",
+            )
 
 
 def check_optimizer(optim: DictConfig) -> None:
@@ -348,11 +364,14 @@ def check_optimizer(optim: DictConfig) -> None:
     if str(optim.name).lower() not in list_optimizers():
         raise refuse("optim.name", optim.name, "a timm optimizer, e.g. adamw, sgd, momentum, lamb, lion")
     try:
-        create_optimizer_v2(torch.nn.Linear(1, 1), opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
-                            **optim.kwargs)  # fmt: skip
+        create_optimizer_v2(
+            torch.nn.Linear(1, 1), opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay, **optim.kwargs
+        )
     except (TypeError, ValueError, KeyError) as error:
-        raise DeitTrainError(f"optim.name={optim.name} refused its settings: {error} (optim.kwargs: "
-                             f"{OmegaConf.to_container(optim.kwargs)})") from error  # fmt: skip
+        raise DeitTrainError(
+            f"optim.name={optim.name} refused its settings: {error} (optim.kwargs: "
+            f"{OmegaConf.to_container(optim.kwargs)})"
+        ) from error
 
 
 def devices_per_node(trainer: DictConfig) -> int | None:
@@ -368,8 +387,16 @@ def check_batch(batch: int, world_size: int, accumulate: int, mixes: bool) -> No
     """The global batch splits evenly over devices and micro-batches; Mixup/CutMix need an even share each."""
     shares = world_size * accumulate
     if batch % shares:
-        raise refuse("data.batch_size", batch, f"a multiple of {shares} ({world_size} devices x {accumulate} "
-                     f"accumulated micro-batches): it is the global batch")  # fmt: skip
+        raise refuse(
+            "data.batch_size",
+            batch,
+            f"a multiple of {shares} ({world_size} devices x {accumulate} "
+            f"accumulated micro-batches): it is the global batch",
+        )
     if mixes and (batch // shares) % 2:
-        raise refuse("data.batch_size", batch, f"an even number per device and micro-batch for Mixup/CutMix, "
-                     f"which pair each image with another (now {batch // shares} on each of {shares})")  # fmt: skip
+        raise refuse(
+            "data.batch_size",
+            batch,
+            f"an even number per device and micro-batch for Mixup/CutMix, "
+            f"which pair each image with another (now {batch // shares} on each of {shares})",
+        )

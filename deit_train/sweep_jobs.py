@@ -41,16 +41,27 @@ def in_sweep() -> bool:
 def record_failure(error: BaseException, output_dir: Path, mode: str) -> float:
     """Log the job's error in one line and write it to the job's failed.json; returns the worst value for the
     sweep's direction (task.optimized_mode), which a sweeper takes as a trial to stay away from. (Optuna ends
-    Hydra's sweep on a NaN, and on a study without one completed trial when every job returned None.) A job of a resumed sweep refused by its own
-    directory's results (another seed, say) leaves them as they were and adds its failed.json beside them."""
+    Hydra's sweep on a NaN, and on a study without one completed trial when every job returned None.) A job of a
+    resumed sweep refused by its own directory's results (another seed, say) leaves them as they were and adds its
+    failed.json beside them."""
     message, status = describe_failure(error)
     hydra = HydraConfig.get()
     overrides = [str(o) for o in hydra.overrides.task]
-    log.error("deit-train: error: sweep job %s failed (exit status %d; the sweep goes on): %s [its overrides: %s]",
-              hydra.job.num, status, message, " ".join(overrides))  # fmt: skip
+    log.error(
+        "deit-train: error: sweep job %s failed (exit status %d; the sweep goes on): %s [its overrides: %s]",
+        hydra.job.num,
+        status,
+        message,
+        " ".join(overrides),
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"job": hydra.job.num, "overrides": overrides, "message": message, "exit_status": status,
-              "error": type(error).__name__}  # fmt: skip
+    record = {
+        "job": hydra.job.num,
+        "overrides": overrides,
+        "message": message,
+        "exit_status": status,
+        "error": type(error).__name__,
+    }
     staging = output_dir / f".{FAILED_NAME}.tmp"
     staging.write_text(json.dumps(record, indent=2) + "\n")
     staging.replace(output_dir / FAILED_NAME)
@@ -79,8 +90,13 @@ def read_failure(directory: Path) -> Failure | None:
         return None
     try:
         record = json.loads(path.read_text())
-        return Failure(directory, record.get("job"), [str(o) for o in record.get("overrides") or []],
-                       str(record["message"]), int(record["exit_status"]))  # fmt: skip
+        return Failure(
+            directory,
+            record.get("job"),
+            [str(o) for o in record.get("overrides") or []],
+            str(record["message"]),
+            int(record["exit_status"]),
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         return Failure(directory, None, [], f"{path} is not deit-train's failed.json", 1)
 
@@ -113,9 +129,14 @@ def earlier_sweep(sweep_dir: Path) -> list[str]:
         return []
     held = ["multirun.yaml"] if (sweep_dir / "multirun.yaml").is_file() else []
     held += [f"a run's {path.name}" for path in earlier_results(sweep_dir)]  # a run directory given as a sweep's
-    jobs = {p.parent for marker in (".hydra", "checkpoints", "metrics.json", FAILED_NAME) for p in sweep_dir.rglob(marker)}
-    held += [str(job.relative_to(sweep_dir)) for job in sorted(jobs) if job != sweep_dir and (
-        earlier_results(job) or (job / FAILED_NAME).is_file())]  # fmt: skip
+    jobs = {
+        p.parent for marker in (".hydra", "checkpoints", "metrics.json", FAILED_NAME) for p in sweep_dir.rglob(marker)
+    }
+    held += [
+        str(job.relative_to(sweep_dir))
+        for job in sorted(jobs)
+        if job != sweep_dir and (earlier_results(job) or (job / FAILED_NAME).is_file())
+    ]
     return held
 
 
@@ -139,9 +160,12 @@ class SweepSummary(Callback):
             end_sweep(f"hydra.sweep.dir={sweep_dir} cannot be read ({error.strerror}): choose another folder", 2)
         if held and not (config.get("resume") or config.get("ckpt_path")):  # resuming: each job checks its own
             shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
-            end_sweep(f"hydra.sweep.dir={sweep_dir} holds an earlier sweep ({shown}), which this sweep would "
-                      f"overwrite: resume=true continues its jobs, or give this sweep its own directory "
-                      f"(hydra.sweep.dir=...)", 2)  # fmt: skip
+            end_sweep(
+                f"hydra.sweep.dir={sweep_dir} holds an earlier sweep ({shown}), which this sweep would "
+                f"overwrite: resume=true continues its jobs, or give this sweep its own directory "
+                f"(hydra.sweep.dir=...)",
+                2,
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -149,15 +173,27 @@ class SweepSummary(Callback):
             failed = failures(sweep_dir) if sweep_dir.is_dir() else []
             jobs = expected_jobs(config)
         except Exception as error:  # noqa: BLE001 (Hydra would turn it into a warning and exit 0)
-            end_sweep(f"the sweep ended but its jobs' records in {sweep_dir} could not be read ({error}): "
-                      f"deit-report {sweep_dir} shows what finished", 1)  # fmt: skip
-        total = len(jobs) if jobs is not None else len({p.parent for p in sweep_dir.rglob(".hydra")} |
-                                                       {f.directory for f in failed})  # fmt: skip
+            end_sweep(
+                f"the sweep ended but its jobs' records in {sweep_dir} could not be read ({error}): "
+                f"deit-report {sweep_dir} shows what finished",
+                1,
+            )
+        total = (
+            len(jobs)
+            if jobs is not None
+            else len({p.parent for p in sweep_dir.rglob(".hydra")} | {f.directory for f in failed})
+        )
         if not failed:
             log.info("sweep: all %d jobs finished (%s)", total, sweep_dir)
             return
         common = set.intersection(*(set(job) for job in jobs)) if jobs else set()
-        listed = "; ".join(f"{f.directory.relative_to(sweep_dir)} ({' '.join(o for o in f.overrides if o not in common)}"
-                           f", exit {f.exit_status})" for f in failed)  # fmt: skip
-        end_sweep(f"{len(failed)} of {total} sweep jobs failed: {listed}. The others finished; each failed job's "
-                  f"failed.json holds its error (deit-report {sweep_dir} lists them)", failed[0].exit_status)
+        listed = "; ".join(
+            f"{f.directory.relative_to(sweep_dir)} ({' '.join(o for o in f.overrides if o not in common)}"
+            f", exit {f.exit_status})"
+            for f in failed
+        )
+        end_sweep(
+            f"{len(failed)} of {total} sweep jobs failed: {listed}. The others finished; each failed job's "
+            f"failed.json holds its error (deit-report {sweep_dir} lists them)",
+            failed[0].exit_status,
+        )

@@ -128,8 +128,11 @@ def train(cfg: DictConfig) -> TrainRun:
         if leader:  # the other ranks start once the first is training, into the directory it owns
             refuse_overwrite(cfg, output_dir)
         if (finished := finished_metrics(cfg, output_dir)) is not None:
-            log.info("%s has finished its %d epochs: resume=true leaves it and its metrics.json as they are",
-                     output_dir, cfg.trainer.max_epochs)  # fmt: skip
+            log.info(
+                "%s has finished its %d epochs: resume=true leaves it and its metrics.json as they are",
+                output_dir,
+                cfg.trainer.max_epochs,
+            )
             return TrainRun(finished)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         built = task.build(cfg)
@@ -144,8 +147,7 @@ def train(cfg: DictConfig) -> TrainRun:
             write_config(cfg, output_dir)
         log.info("%s", config_summary(cfg))
         started = True
-        fit_until_preempted(trainer, built.module, datamodule=built.datamodule, ckpt_path=checkpoint,
-                            weights_only=True)  # fmt: skip
+        fit_until_preempted(trainer, built.module, datamodule=built.datamodule, ckpt_path=checkpoint, weights_only=True)
         for run_logger in trainer.loggers:
             if isinstance(run_logger, WandbLogger) and trainer.is_global_zero:
                 run_logger.experiment.finish()  # the next run of a sweep in this process starts its own W&B run
@@ -177,8 +179,12 @@ def choose_precision(cfg: DictConfig) -> None:
         )
     if str(cfg.trainer.precision).startswith("bf16") and not torch.cuda.is_bf16_supported(including_emulation=False):
         fallback = "16-mixed" if "mixed" in str(cfg.trainer.precision) else "32-true"
-        log.warning("%s has no bf16: trainer.precision=%s instead of %s", torch.cuda.get_device_name(), fallback,
-                    cfg.trainer.precision)  # fmt: skip
+        log.warning(
+            "%s has no bf16: trainer.precision=%s instead of %s",
+            torch.cuda.get_device_name(),
+            fallback,
+            cfg.trainer.precision,
+        )
         cfg.trainer.precision = fallback
 
 
@@ -213,12 +219,20 @@ def build_trainer(
         switches["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     acknowledge_warning_signals()
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins,
-                           strategy=distributed_strategy(cfg, module), **switches)  # fmt: skip
+        return instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers,
+            plugins=plugins,
+            strategy=distributed_strategy(cfg, module),
+            **switches,
+        )
     except InstantiationException as error:  # Lightning refused a value (accelerator, strategy, devices, ...)
         cause = error.__cause__ or error
-        raise DeitTrainError(f"the trainer refused its settings: {str(cause).strip().splitlines()[0]} (trainer.* "
-                             f"on the command line or in conf/trainer/)") from error  # fmt: skip
+        raise DeitTrainError(
+            f"the trainer refused its settings: {str(cause).strip().splitlines()[0]} (trainer.* "
+            f"on the command line or in conf/trainer/)"
+        ) from error
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -69,22 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="timed steps")
     parser.add_argument("--repeats", type=int)
     rows = [*STUDENT_ROWS, *SHARED_ROWS]
-    parser.add_argument(
-        "--rows", nargs="+", choices=rows, help="rows to run (default: all, less the preset's skips)"
-    )
+    parser.add_argument("--rows", nargs="+", choices=rows, help="rows to run (default: all, less the preset's skips)")
     parser.add_argument("--skip", nargs="*", default=[], choices=rows, help="rows to leave out")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the report as a Markdown table")
-    parser.add_argument(
-        "--gpu-tests", type=Path, help="pytest -m gpu's --junitxml report, counted in the report"
-    )
+    parser.add_argument("--gpu-tests", type=Path, help="pytest -m gpu's --junitxml report, counted in the report")
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
     students = args.students or list(preset.students)
-    batch = {
-        s: args.batch or preset.students.get(s) or next(iter(preset.students.values())) for s in students
-    }
+    batch = {s: args.batch or preset.students.get(s) or next(iter(preset.students.values())) for s in students}
     changes = {"students": batch}
     for name in ("precision", "img_size", "teacher", "cache_teacher", "num_classes", "steps", "repeats"):
         if getattr(args, name) is not None:

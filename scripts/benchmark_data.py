@@ -82,8 +82,10 @@ def save_hf(root: Path, out: Path) -> Path:
         files = sorted((root / split).glob("*/*.jpg"))
         classes = sorted(p.name for p in (root / "train").iterdir())
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-        rows = {"image": [{"bytes": f.read_bytes(), "path": None} for f in files],
-                "label": [classes.index(f.parent.name) for f in files]}  # fmt: skip
+        rows = {
+            "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+            "label": [classes.index(f.parent.name) for f in files],
+        }
         splits[name] = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict(splits).save_to_disk(str(out))
     return out
@@ -109,16 +111,25 @@ def official(root: Path, img_size: int, augment: DictConfig, batch: int) -> floa
 
 def official_transform(img_size: int, augment: DictConfig):
     return create_transform(
-        img_size, is_training=True, color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
-        interpolation=augment.train_interpolation, re_prob=augment.reprob, re_mode="pixel", re_count=1,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-    )  # fmt: skip
+        img_size,
+        is_training=True,
+        color_jitter=augment.color_jitter,
+        auto_augment=augment.auto_augment,
+        interpolation=augment.train_interpolation,
+        re_prob=augment.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
 
 
 def decoding(root: Path, img_size: int, augment: DictConfig, batch: int, decode: str) -> float:
     """deit-train's train transform on undecoded files (open_image), its first step decoding as `decode` says."""
     transform = train_transform(augment, img_size, decode)
-    return cpu_rate(torchvision.datasets.ImageFolder(str(root / "train"), transform=transform, loader=open_image), batch)
+    return cpu_rate(
+        torchvision.datasets.ImageFolder(str(root / "train"), transform=transform, loader=open_image), batch
+    )
 
 
 def official_cpu(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
@@ -156,16 +167,22 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     gradient = x / width * rng.uniform(-1, 1) + y / height * rng.uniform(-1, 1)
     pixels = np.empty((height, width, 3), np.float32)
     for channel in range(3):
-        pixels[..., channel] = (128 + 40 * rng.uniform(0.5, 1.5) * gradient + 25 * rng.uniform(0.5, 1.5) * shade
-                                + 18 * texture)  # fmt: skip
+        pixels[..., channel] = (
+            128 + 40 * rng.uniform(0.5, 1.5) * gradient + 25 * rng.uniform(0.5, 1.5) * shade + 18 * texture
+        )
     mask = Image.new("L", (width, height))
     draw = ImageDraw.Draw(mask)
     for index in range(1, 13):
         cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.03, 0.2) * width
         if index % 2:
             angles = np.sort(rng.uniform(0, 2 * np.pi, 7))
-            draw.polygon([(cx + r * rng.uniform(0.5, 1.2) * np.cos(a), cy + r * rng.uniform(0.5, 1.2) * np.sin(a))
-                          for a in angles], fill=index)  # fmt: skip
+            draw.polygon(
+                [
+                    (cx + r * rng.uniform(0.5, 1.2) * np.cos(a), cy + r * rng.uniform(0.5, 1.2) * np.sin(a))
+                    for a in angles
+                ],
+                fill=index,
+            )
         else:
             draw.ellipse((cx - r, cy - 0.7 * r, cx + r, cy + 0.7 * r), fill=index)
     labels = np.asarray(mask)
@@ -190,14 +207,17 @@ def make_large_jpegs(root: Path, count: int, distinct: int = 8) -> Path:
     return root
 
 
-def decode_rows(img_size: int, large_images: int, repeats: int, large_batch: int, batch: int = BATCH,
-                small_images: int = 256) -> dict[str, float]:  # fmt: skip
+def decode_rows(
+    img_size: int, large_images: int, repeats: int, large_batch: int, batch: int = BATCH, small_images: int = 256
+) -> dict[str, float]:
     """images/s per worker: official, exact and reduced on the 500x375 JPEGs and on 4000x3000 ones (docstring)."""
     torch.set_num_threads(1)
     augment = compose_run().augment
     with tempfile.TemporaryDirectory() as tmp:
-        roots = {"500x375": (make_jpegs(Path(tmp) / "small", small_images), batch),
-                 "4000x3000": (make_large_jpegs(Path(tmp) / "large", large_images), large_batch)}  # fmt: skip
+        roots = {
+            "500x375": (make_jpegs(Path(tmp) / "small", small_images), batch),
+            "4000x3000": (make_large_jpegs(Path(tmp) / "large", large_images), large_batch),
+        }
         rows = {}
         for size, (root, size_batch) in roots.items():
             rows[f"official_{size}"] = lambda root=root, b=size_batch: official_cpu(root, img_size, augment, b)
@@ -219,8 +239,11 @@ def decode_rows(img_size: int, large_images: int, repeats: int, large_batch: int
 def workers_for_gpu(results: dict[str, float], gpu_images_per_s: float) -> dict[str, float]:
     """The data-loader workers (one core each) that feed a GPU eating `gpu_images_per_s`, for each images/s row."""
     prefix = "ips_per_worker_"
-    return {f"workers_for_gpu_{key[len(prefix):]}": float(math.ceil(gpu_images_per_s / value))
-            for key, value in results.items() if key.startswith(prefix)}  # fmt: skip
+    return {
+        f"workers_for_gpu_{key[len(prefix) :]}": float(math.ceil(gpu_images_per_s / value))
+        for key, value in results.items()
+        if key.startswith(prefix)
+    }
 
 
 def psnr(a, b) -> float:
@@ -257,8 +280,9 @@ def decode_psnr(images: int = 20, crops: int = 5, img_size: int = 224) -> dict[s
                 box = (left, top, left + width, top + height)
                 exact = full.crop(box).resize((img_size, img_size), Image.Resampling.BICUBIC)
                 region = torch.from_numpy(np.array(full.crop(box))).permute(2, 0, 1)[None].float()
-                by_torch = torch.nn.functional.interpolate(region, size=(img_size, img_size), mode="bicubic",
-                                                           antialias=True, align_corners=False)  # fmt: skip
+                by_torch = torch.nn.functional.interpolate(
+                    region, size=(img_size, img_size), mode="bicubic", antialias=True, align_corners=False
+                )
                 by_torch = by_torch[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
                 step = 1 if left + width < full.width else -1
                 moved = (left + step, top, left + width + step, top + height)
@@ -306,12 +330,23 @@ def batch_bytes(batch) -> int:
 
 def shm_bytes(root: Path, img_size: int, augment: DictConfig, batch: int) -> dict[str, int]:
     """One training batch's bytes, the official loader's and deit-train's (imagefolder)."""
-    transform = create_transform(img_size, is_training=True, auto_augment=augment.auto_augment, re_prob=augment.reprob,
-                                 re_mode="pixel", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    transform = create_transform(
+        img_size,
+        is_training=True,
+        auto_augment=augment.auto_augment,
+        re_prob=augment.reprob,
+        re_mode="pixel",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
     official_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch)))
-    cfg = compose_run(*data_overrides("imagefolder", {"jpegs": root}), f"data.batch_size={batch}",
-                      "data.num_workers=0", "data.pin_memory=false")  # fmt: skip
+    cfg = compose_run(
+        *data_overrides("imagefolder", {"jpegs": root}),
+        f"data.batch_size={batch}",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+    )
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size)
     datamodule.setup()
     ours = next(iter(datamodule.train_dataloader()))
@@ -325,13 +360,18 @@ def data_overrides(source: str, paths: dict[str, Path]) -> list[str]:
         return ["data=hf", f"data.dataset={paths['hf']}"]
     info = json.loads((paths[source] / "_info.json").read_text())
     last = {split: len(entry["filenames"]) - 1 for split, entry in info["splits"].items()}
-    return ["data=webdataset", f"data.train='{paths[source]}/train-{{000000..{last['train']:06d}}}.tar'",
-            f"data.val='{paths[source]}/val-{{000000..{last['val']:06d}}}.tar'", "data.shuffle_buffer=64"]  # fmt: skip
+    return [
+        "data=webdataset",
+        f"data.train='{paths[source]}/train-{{000000..{last['train']:06d}}}.tar'",
+        f"data.val='{paths[source]}/val-{{000000..{last['val']:06d}}}.tar'",
+        "data.shuffle_buffer=64",
+    ]
 
 
 def deit_loader(source: str, paths: dict[str, Path], img_size: int, batch: int) -> float:
-    cfg = compose_run(*data_overrides(source, paths), f"data.batch_size={batch}", "data.num_workers=1",
-                      "data.pin_memory=false")  # fmt: skip
+    cfg = compose_run(
+        *data_overrides(source, paths), f"data.batch_size={batch}", "data.num_workers=1", "data.pin_memory=false"
+    )
     datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size)
     datamodule.setup()
     return drain(datamodule.train_dataloader())
@@ -340,9 +380,19 @@ def deit_loader(source: str, paths: dict[str, Path], img_size: int, batch: int) 
 def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int) -> float:
     """deit-train's training of a trivial student (1 block, width 48), loader included: images/s of the steps
     after the first two."""
-    cfg = compose_run(*data_overrides(source, paths), "model=deit_tiny", f"model.img_size={img_size}",
-                      "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "loss=ce", "trainer=cpu",
-                      f"data.batch_size={batch}", "data.num_workers=1", "data.pin_memory=false")  # fmt: skip
+    cfg = compose_run(
+        *data_overrides(source, paths),
+        "model=deit_tiny",
+        f"model.img_size={img_size}",
+        "model.depth=1",
+        "model.embed_dim=48",
+        "model.num_heads=3",
+        "loss=ce",
+        "trainer=cpu",
+        f"data.batch_size={batch}",
+        "data.num_workers=1",
+        "data.pin_memory=false",
+    )
     built = instantiate(cfg.task).build(cfg)
     times = {}
 
@@ -354,9 +404,17 @@ def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int) -
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             times["end"], times["batches"] = time.perf_counter(), batch_idx - 1
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Timer()])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Timer()],
+    )
     trainer.fit(built.module, datamodule=built.datamodule)
     return times["batches"] * batch / (times["end"] - times["start"])
 
@@ -400,23 +458,32 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--large-images", type=int, default=48,
-                        help="4000x3000 JPEGs of the decode rows (0: no decode rows)")  # fmt: skip
+    parser.add_argument(
+        "--large-images", type=int, default=48, help="4000x3000 JPEGs of the decode rows (0: no decode rows)"
+    )
     parser.add_argument("--large-batch", type=int, default=8, help="the batch of the 4000x3000 rows")
     parser.add_argument("--gpu-images-per-s", type=float, help="add the workers a GPU at this rate would need")
-    parser.add_argument("--psnr", type=int, default=0, metavar="N",
-                        help="measure the reduced decode's PSNR on N 4000x3000 JPEGs (decode_psnr)")  # fmt: skip
+    parser.add_argument(
+        "--psnr",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the reduced decode's PSNR on N 4000x3000 JPEGs (decode_psnr)",
+    )
     parser.add_argument("--decode-only", action="store_true", help="only the decode rows (and --psnr)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.large_images and args.large_images < 3 * args.large_batch:
-        parser.error(f"--large-images {args.large_images}: the decode rows need at least 3 batches of "
-                     f"--large-batch {args.large_batch}")  # fmt: skip
+        parser.error(
+            f"--large-images {args.large_images}: the decode rows need at least 3 batches of "
+            f"--large-batch {args.large_batch}"
+        )
     results = {} if args.decode_only else data_rows(args.img_size, args.images, args.repeats, args.batch)
     if args.large_images:
-        results.update(decode_rows(args.img_size, args.large_images, args.repeats, args.large_batch, args.batch,
-                                   args.images))  # fmt: skip
+        results.update(
+            decode_rows(args.img_size, args.large_images, args.repeats, args.large_batch, args.batch, args.images)
+        )
     if args.gpu_images_per_s:
         results.update(workers_for_gpu(results, args.gpu_images_per_s))
     if args.psnr:

@@ -77,9 +77,7 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps({name: m for name, m, _ in rows}, indent=2))
     # The three runs side by side: a table (report.md, report.csv) and their validation curves (report.png).
     written = report(args.out)
-    print(
-        f"\n{written['table']}\nreport of the three runs: {args.out / 'report.md'}, figure: {written['figure']}"
-    )
+    print(f"\n{written['table']}\nreport of the three runs: {args.out / 'report.md'}, figure: {written['figure']}")
 
 
 if __name__ == "__main__":

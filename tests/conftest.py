@@ -41,9 +41,7 @@ def random_teacher_checkpoint(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The tiny demo ImageFolder (train/ and val/) that TINY_DEMO selects."""
-    return ensure_demo_dataset(
-        tmp_path_factory.mktemp("cache"), image_size=16, train_per_class=8, val_per_class=4
-    )
+    return ensure_demo_dataset(tmp_path_factory.mktemp("cache"), image_size=16, train_per_class=8, val_per_class=4)
 
 
 @pytest.fixture(scope="session")

@@ -134,8 +134,14 @@ def test_a_bad_value_is_refused_in_one_line_before_the_run(group, line, named, c
     assert list(tmp_path.iterdir()) == []  # no run directory: nothing a later resume=true could trip on
 
 
-@pytest.mark.parametrize("line", ["model=deit_tiny", "loss=soft_distill teacher=timm teacher.checkpoint=x.pt",
-                                  "data.batch_size=8 trainer=ddp_cpu augment.mixup=0.8"])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        "model=deit_tiny",
+        "loss=soft_distill teacher=timm teacher.checkpoint=x.pt",
+        "data.batch_size=8 trainer=ddp_cpu augment.mixup=0.8",
+    ],
+)
 def test_good_command_lines_pass_the_check(line, capsys):
     refuse_bad_command_line(["experiment=demo", *line.split()])
     assert capsys.readouterr().err == ""
@@ -149,12 +155,20 @@ def test_sweeps_and_hydra_flags_are_left_to_hydra(capsys):
 
 @pytest.mark.parametrize(
     "line,named",
-    [("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"), ("data.batch_size=abc", "data.batch_size"),
-     ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6")],
-)  # fmt: skip
+    [
+        ("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6"),
+    ],
+)
 def test_the_console_script_exits_2_with_one_line(line, named, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deit_train", "experiment=demo", *line.split()],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "deit_train", "experiment=demo", *line.split()],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     output = (result.stdout + result.stderr).strip().splitlines()
     assert output == [output[0]] and named in output[0], output
@@ -167,9 +181,13 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_hydra_makes_it
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]).returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        result = subprocess.run([sys.executable, "-m", "deit_train", "experiment=demo",
-                                 f"hydra.run.dir={read_only}/run"], capture_output=True, text=True, cwd=tmp_path,
-                                timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "deit_train", "experiment=demo", f"hydra.run.dir={read_only}/run"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
     finally:
         subprocess.run(["umount", str(read_only)])
     assert result.returncode == 4, result.stdout + result.stderr

@@ -43,8 +43,14 @@ def test_gpu_check_dry_run_skips_every_gpu_test_and_writes_every_figure(tmp_path
     # No CUDA for the script, even on a machine with a GPU: the dry run is what the suite tests.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     env.pop("DEIT_TRAIN_GPU_TEST_DEVICE", None)
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "a dry run" in output
@@ -62,9 +68,7 @@ def test_gpu_check_dry_run_skips_every_gpu_test_and_writes_every_figure(tmp_path
     assert expected <= set(figures), expected - set(figures)
     assert all(math.isfinite(value) for value in figures.values()), figures
     assert all(value > 0 for key, value in figures.items() if "_ips_" in key)
-    assert set(report["seconds"]) == {f"{student}/{row}" for row in benchmark.STUDENT_ROWS} | set(
-        benchmark.SHARED_ROWS
-    )
+    assert set(report["seconds"]) == {f"{student}/{row}" for row in benchmark.STUDENT_ROWS} | set(benchmark.SHARED_ROWS)
 
     table = (tmp_path / "gpu_check.md").read_text()
     assert f"| figure | {student} |" in table and "--preset dry" in table
@@ -89,8 +93,11 @@ def test_a_failing_row_is_reported_and_the_other_rows_still_run_and_are_saved(be
     def broken(bench):
         raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
 
-    rows = {"first": lambda bench: {"train_ips_deit_train": 1.0}, "broken": broken,
-            "last": lambda bench: {"eval_ips_timm": 2.0}}  # fmt: skip
+    rows = {
+        "first": lambda bench: {"train_ips_deit_train": 1.0},
+        "broken": broken,
+        "last": lambda bench: {"eval_ips_timm": 2.0},
+    }
     saved = []
     preset = benchmark.PRESETS["dry"]
     report = benchmark.run_benchmark(preset, None, [], benchmark.torch.device("cpu"), saved.append, rows, {})
@@ -104,12 +111,14 @@ def test_a_failing_row_is_reported_and_the_other_rows_still_run_and_are_saved(be
 def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark, parts):
     report = {
         "setup": parts.run.setup(benchmark.PRESETS["gpu"], torch.device("cpu")),
-        "students": {"deit_small": {"train_ips_deit_train": 1234.56, "framework_overhead": 0.031},
-                     "deit_base": {"train_ips_deit_train": 345.6, "cached_over_online": 5.25}},
+        "students": {
+            "deit_small": {"train_ips_deit_train": 1234.56, "framework_overhead": 0.031},
+            "deit_base": {"train_ips_deit_train": 345.6, "cached_over_online": 5.25},
+        },
         "shared": {"ips_per_worker_loader_hf": 210.0},
         "seconds": {"deit_small/train": 10.0, "deit_base/train": 5.0},
         "gpu_tests": {"passed": 18, "skipped": 1, "failed": 0},
-    }  # fmt: skip
+    }
     table = benchmark.markdown(report, "gpu", benchmark.FIGURES)
     assert "| figure | deit_small | deit_base |" in table
     assert "| train images/s, deit-train (the app's trainer, callbacks, loggers) | 1234.6 | 345.6 |" in table

@@ -16,8 +16,12 @@ from .conftest import TINY, TINY_RUN, TINY_VIT
 def cli_command(*overrides: str, tmp_path, cache_dir, base=TINY) -> list[str]:
     """`deit-train <tiny config> <overrides>` running in tmp_path/run."""
     run_dir = tmp_path / "run"
-    return [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
-                                                                f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "deit_train",
+        *layered([*base, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]),
+    ]
 
 
 def run_cli(*overrides: str, tmp_path, cache_dir, base=TINY) -> subprocess.CompletedProcess:
@@ -40,9 +44,7 @@ def ten_class_teacher(tmp_path):
     import timm
     import torch
 
-    torch.save(
-        {"model": timm.create_model("resnet10t", num_classes=10).state_dict()}, tmp_path / "teacher10.pth"
-    )
+    torch.save({"model": timm.create_model("resnet10t", num_classes=10).state_dict()}, tmp_path / "teacher10.pth")
     return tmp_path / "teacher10.pth"
 
 
@@ -81,9 +83,7 @@ def test_teacher_without_weights(tmp_path, cache_dir):
     assert_clear_failure(result, "has no weights")
 
 
-def test_ten_class_teacher_on_hundred_class_data(
-    tmp_path, cache_dir, hundred_class_folder, ten_class_teacher
-):
+def test_ten_class_teacher_on_hundred_class_data(tmp_path, cache_dir, hundred_class_folder, ten_class_teacher):
     result = run_cli(
         "data=imagefolder",
         f"data.root={hundred_class_folder}",
@@ -108,12 +108,23 @@ def test_corrupt_training_image_is_named_without_a_traceback(tmp_path, cache_dir
     shutil.copytree(demo_data, data)
     (data / "train" / "circle" / "00003.png").write_bytes(b"\x89PNG truncated")
     (data / "val" / "ring" / "00001.png").write_text("a text file named .png")
-    run = lambda *more: run_cli("data=imagefolder", f"data.root={data}", "data.num_workers=1", *more,  # noqa: E731
-                                tmp_path=tmp_path, cache_dir=cache_dir, base=TINY_RUN + TINY_VIT)  # fmt: skip
+
+    def run(*more):
+        return run_cli(
+            "data=imagefolder",
+            f"data.root={data}",
+            "data.num_workers=1",
+            *more,
+            tmp_path=tmp_path,
+            cache_dir=cache_dir,
+            base=TINY_RUN + TINY_VIT,
+        )
+
     # The scan before training finds both, in one line, before anything is written.
     result = run()
-    assert_clear_failure(result, "2 of 120 images cannot be read", "circle/00003.png (not an image file Pil",
-                         "ring/00001.png")  # fmt: skip
+    assert_clear_failure(
+        result, "2 of 120 images cannot be read", "circle/00003.png (not an image file Pil", "ring/00001.png"
+    )
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     # Without the scan, the run meets the first one (the sanity check's validation batch): exit status 3, named, no
     # traceback from the worker, and the process ends (its data-loader workers with it).
@@ -199,14 +210,30 @@ def test_preset_with_an_unset_required_value_says_which(tmp_path, cache_dir, dem
 def test_a_default_run_prints_a_quiet_useful_console(tmp_path, cache_dir):
     """The config summary, a line of metrics per epoch and the final metrics; none of Lightning's tips, the frozen
     teacher's eval-mode notice, the CPU pin_memory warning, the logging-interval warning or deprecations."""
-    result = run_cli("trainer.max_epochs=2", "trainer.log_every_n_steps=50", "data.pin_memory=true",
-                     tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    result = run_cli(
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=50",
+        "data.pin_memory=true",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for expected in ("config: experiment=demo", "epoch 0: ", "epoch 1: ", "final metrics:"):
         assert expected in output, output
-    deny = ["Tip:", "litlogger", "pin_memory", "in eval mode", "logging interval", "deprecated", "Deprecat",
-            "FutureWarning", "srun", "Traceback", "Seed set to"]  # fmt: skip
+    deny = [
+        "Tip:",
+        "litlogger",
+        "pin_memory",
+        "in eval mode",
+        "logging interval",
+        "deprecated",
+        "Deprecat",
+        "FutureWarning",
+        "srun",
+        "Traceback",
+        "Seed set to",
+    ]
     assert [word for word in deny if word in output] == [], output
     print(f"{len(output.splitlines())} console lines")
 
@@ -224,17 +251,20 @@ def test_a_key_given_two_values_is_refused_naming_both(tmp_path, cache_dir):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, refused", [
-    (["data.train=a", "data.train=b"], "data.train is given 2 values"),
-    (["-m", "seed=0,1", "seed=2"], "seed is given 2 values"),  # a sweep too
-    (["model=deit_tiny", "trainer.max_epochs=3", "model=deit_small"], "model is given 2 values"),
-    (["+trainer.x=1", "trainer.x=2"], "trainer.x is given 2 values"),  # added, then changed
-    (["-m", "seed=0,1"], None),  # one sweep override
-    (["~callbacks.lr_monitor", "+callbacks.lr_monitor=null"], None),  # delete, then add: a node replaced
-    (["seed=1", "seed=1"], None),  # the same value twice says one thing
-    (["model=deit_tiny", "model@student=deit_tiny_plain"], None),  # another package
-    (["-cn", "train", "seed=3"], None),  # a flag's value is no override
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["data.train=a", "data.train=b"], "data.train is given 2 values"),
+        (["-m", "seed=0,1", "seed=2"], "seed is given 2 values"),  # a sweep too
+        (["model=deit_tiny", "trainer.max_epochs=3", "model=deit_small"], "model is given 2 values"),
+        (["+trainer.x=1", "trainer.x=2"], "trainer.x is given 2 values"),  # added, then changed
+        (["-m", "seed=0,1"], None),  # one sweep override
+        (["~callbacks.lr_monitor", "+callbacks.lr_monitor=null"], None),  # delete, then add: a node replaced
+        (["seed=1", "seed=1"], None),  # the same value twice says one thing
+        (["model=deit_tiny", "model@student=deit_tiny_plain"], None),  # another package
+        (["-cn", "train", "seed=3"], None),  # a flag's value is no override
+    ],
+)
 def test_each_key_takes_one_value(args, refused, monkeypatch):
     from deit_train.cli import check_repeated_keys
     from deit_train.errors import DeitTrainError

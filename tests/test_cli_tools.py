@@ -45,8 +45,9 @@ def test_bad_numbers_are_refused_before_any_work(checkpoint, demo_data):
 @pytest.mark.slow
 def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(checkpoint, demo_data, tmp_path):
     assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path), 2, "is a folder")
-    assert_refused(tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "no" / "r.json"), 2,
-                   "the folder", "does not exist")  # fmt: skip
+    assert_refused(
+        tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "no" / "r.json"), 2, "the folder", "does not exist"
+    )
     written = tool("evaluate", checkpoint, demo_data, "--json", tmp_path / "r.json")
     assert written.returncode == 0 and (tmp_path / "r.json").is_file(), written.stderr
     occupied = tmp_path / "occupied"
@@ -54,7 +55,9 @@ def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(che
     (occupied / "notes.txt").write_text("mine")
     assert_refused(tool("export", checkpoint, occupied), 2, "holds other files (notes.txt)")
     assert_refused(tool("export", checkpoint, tmp_path / "r.json"), 2, "is a file")
-    assert (occupied / "notes.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+    assert (occupied / "notes.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == [
+        "notes.txt"
+    ]
     exported = tmp_path / "exported"
     assert tool("export", checkpoint, exported, "--onnx").returncode == 0
     assert tool("export", checkpoint, exported).returncode == 0  # replaces it, the earlier model.onnx included
@@ -96,8 +99,13 @@ def test_class_names_that_do_not_fit_the_head_are_refused(checkpoint, tmp_path, 
 
 
 def test_a_split_that_is_not_there_is_refused(checkpoint, demo_data):
-    assert_refused(tool("evaluate", checkpoint, demo_data, "--split", "tset"), 2, "has no tset/ folder",
-                   "it has train, val", "--split")  # fmt: skip
+    assert_refused(
+        tool("evaluate", checkpoint, demo_data, "--split", "tset"),
+        2,
+        "has no tset/ folder",
+        "it has train, val",
+        "--split",
+    )
 
 
 @pytest.mark.slow
@@ -110,5 +118,9 @@ def test_a_corrupt_image_met_by_a_loader_worker_ends_in_one_line(checkpoint, dem
     victim = next(folder.glob("*/*.png"))
     victim.write_bytes(victim.read_bytes()[:60])  # a header, no pixels
     for _ in range(3):  # the traceback came in 6 of 8 runs
-        assert_refused(tool("evaluate", checkpoint, folder, "--num-workers", "2", "--batch-size", "4"), 3,
-                       "corrupt image", victim.name)  # fmt: skip
+        assert_refused(
+            tool("evaluate", checkpoint, folder, "--num-workers", "2", "--batch-size", "4"),
+            3,
+            "corrupt image",
+            victim.name,
+        )

@@ -29,19 +29,33 @@ def slurm_cluster():
         pytest.skip("the local Slurm cluster needs root (scripts/slurm_local.sh)")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("no Slurm and no apt-get to install it")
-    started = subprocess.run(
-        ["bash", str(REPO / "scripts" / "slurm_local.sh")], capture_output=True, text=True
-    )
+    started = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh")], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
 def slurm_sweep(*overrides: str, tmp_path: Path, cache_dir: Path) -> list[str]:
     """`deit-train -m hydra/launcher=slurm` with the tiny demo run, one CPU per task."""
-    return [sys.executable, "-m", "deit_train", "--multirun", *layered([
-            "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-            "trainer.accelerator=cpu", *TINY_RUN, *TINY_DEMO, *TINY_VIT, f"paths.cache_dir={cache_dir}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "deit_train",
+        "--multirun",
+        *layered(
+            [
+                "hydra/launcher=slurm",
+                "hydra.launcher.cpus_per_task=1",
+                "hydra.launcher.timeout_min=10",
+                "trainer.accelerator=cpu",
+                *TINY_RUN,
+                *TINY_DEMO,
+                *TINY_VIT,
+                f"paths.cache_dir={cache_dir}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                *overrides,
+            ]
+        ),
+    ]
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -111,12 +125,20 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_last_checkpoint(slurm_
     exists; the job comes back in the same directory, resumes optimizer, schedule, EMA, epoch and step, finishes
     every epoch, continues the same W&B run, and the -m command exits 0."""
     epochs = 20  # about 10 s of training: the requeue lands well before the end
-    command = slurm_sweep(f"trainer.max_epochs={epochs}", "data.num_workers=2", "ema.decay=0.9",
-                          "augment.mixup=0.8", "augment.cutmix=1.0", "logger=[csv,wandb]",
-                          tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    command = slurm_sweep(
+        f"trainer.max_epochs={epochs}",
+        "data.num_workers=2",
+        "ema.decay=0.9",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "logger=[csv,wandb]",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
     env = {**os.environ, "WANDB_MODE": "offline"}
-    sweep_process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    sweep_process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     run_dir = tmp_path / "sweep" / "0"
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240

@@ -90,8 +90,11 @@ def vit_parameters(
 
 
 # DeiT III (README_revenge.md's table, ImageNet-1k heads): ViT-S 22.0M, ViT-B 86.6M, ViT-L 304.4M parameters.
-DEIT3_MODELS = {"deit3_small": (384, 6, 12, 22.0), "deit3_base": (768, 12, 12, 86.6),
-                "deit3_large": (1024, 16, 24, 304.4)}  # fmt: skip
+DEIT3_MODELS = {
+    "deit3_small": (384, 6, 12, 22.0),
+    "deit3_base": (768, 12, 12, 86.6),
+    "deit3_large": (1024, 16, 24, 304.4),
+}
 
 
 @pytest.mark.parametrize("option", [*DEIT3_MODELS, *(f"{name}_distilled" for name in DEIT3_MODELS)])
@@ -101,8 +104,12 @@ def test_deit3_models_have_layer_scale_and_the_published_sizes(option, tmp_path)
     assert (cfg.model.embed_dim, cfg.model.num_heads, cfg.model.depth) == (dim, heads, depth)
     distilled = option.endswith("_distilled")
     # timm's distilled ViT keeps position embeddings on its two tokens (no_embed_class would not fit them)
-    count = lambda classes: vit_parameters(dim, depth, 196, classes, distilled=distilled, layer_scale=True,  # noqa: E731
-                                           position_on_prefix=distilled)  # fmt: skip
+
+    def count(classes):
+        return vit_parameters(
+            dim, depth, 196, classes, distilled=distilled, layer_scale=True, position_on_prefix=distilled
+        )
+
     if not distilled:
         assert count(1000) / 1e6 == pytest.approx(published_millions, abs=0.1)  # S: 22.06M, printed 22.0
     student = build_student(cfg.model, num_classes=10)
@@ -146,19 +153,13 @@ def test_option_composes_with_the_values_its_file_sets(group, option, tmp_path):
 def test_paper_models_build_with_the_paper_sizes(option, tmp_path):
     cfg = compose_config([f"model={option}"], tmp_path, tmp_path)
     dim, heads, depth, resolution = PAPER_MODELS[option]
-    assert (cfg.model.embed_dim, cfg.model.num_heads, cfg.model.depth, cfg.model.img_size) == PAPER_MODELS[
-        option
-    ]
+    assert (cfg.model.embed_dim, cfg.model.num_heads, cfg.model.depth, cfg.model.img_size) == PAPER_MODELS[option]
     student = build_student(cfg.model, num_classes=10)
     tokens = (resolution // 16) ** 2
     distilled = not option.endswith("_plain")
-    assert sum(p.numel() for p in student.parameters()) == vit_parameters(
-        dim, depth, tokens, 10, distilled=distilled
-    )
+    assert sum(p.numel() for p in student.parameters()) == vit_parameters(dim, depth, tokens, 10, distilled=distilled)
     assert student.patch_embed.img_size == (resolution, resolution)
-    cls_logits, dist_logits = forward_heads(
-        student.eval(), torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)
-    )
+    cls_logits, dist_logits = forward_heads(student.eval(), torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size))
     assert cls_logits.shape == (1, 10)
     assert (dist_logits is not None) == distilled
 
@@ -208,13 +209,20 @@ AUGMENT_OPTIONS = sorted(path.stem for path in Path(CONFIG_DIR, "augment").glob(
 # Each is timm's transforms_imagenet_train at img_size 32, ImageNet mean/std; "none" trains on the eval transform and
 # three_augment_src puts DeiT III's simple random crop in front of timm's 3-Augment (see timm_train_transform).
 TIMM_TRAIN = {
-    "deit": dict(scale=(0.08, 1.0), auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, interpolation="bicubic",
-                 re_prob=0.25, re_mode="pixel", re_count=1),
+    "deit": dict(
+        scale=(0.08, 1.0),
+        auto_augment="rand-m9-mstd0.5-inc1",
+        color_jitter=0.3,
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+    ),
     "three_augment": dict(scale=(0.08, 1.0), auto_augment="3a", color_jitter=0.3, interpolation="bicubic"),
     "three_augment_src": dict(auto_augment="3a", color_jitter=0.3, interpolation="bicubic"),
     "mim": dict(scale=(0.67, 1.0), auto_augment=None, color_jitter=None, interpolation="bicubic"),
     "none": None,
-}  # fmt: skip
+}
 IMG_SIZE = 32
 
 
@@ -374,8 +382,12 @@ def test_ddp_strategy_is_set_as_experts_set_it(tmp_path, random_teacher_checkpoi
     from deit_train.tasks.classify import Classify
     from deit_train.train import build_trainer
 
-    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}"]  # fmt: skip
+    distill = [
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+    ]
     tiny = ["experiment=demo", "model.img_size=16", "data.image_size=16"]
     vit = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4"]
     cfg = compose_config([*tiny, *vit, *distill, "trainer=ddp_cpu"], tmp_path / "run", tmp_path)
@@ -388,8 +400,9 @@ def test_ddp_strategy_is_set_as_experts_set_it(tmp_path, random_teacher_checkpoi
     teacher_names |= {f"teacher.{n}" for n, _ in module.teacher.named_buffers()}
     assert any("running_var" in n for n in teacher_names)
     assert set(module._ddp_params_and_buffers_to_ignore) == teacher_names | {"loss_diverged"}
-    convnet = compose_config([*tiny, *distill, "trainer=ddp_cpu", "model=timm", "model.name=resnet10t"],
-                             tmp_path / "conv", tmp_path)  # fmt: skip
+    convnet = compose_config(
+        [*tiny, *distill, "trainer=ddp_cpu", "model=timm", "model.name=resnet10t"], tmp_path / "conv", tmp_path
+    )
     module = Classify.build_module(convnet, class_names)
     assert build_trainer(convnet, tmp_path / "conv", [], module).strategy._ddp_kwargs["broadcast_buffers"] is True
 

@@ -35,8 +35,10 @@ def test_demo_dataset_is_deterministic_and_complete(tmp_path):
     assert Image.open(next((first / "val").rglob("*.png"))).size == (16, 16)
 
 
-SOURCES = {"imagefolder": "deit_train.data.sources.imagefolder.ImageFolderSource",
-           "cifar10": "deit_train.data.sources.cifar.CIFAR10Source"}
+SOURCES = {
+    "imagefolder": "deit_train.data.sources.imagefolder.ImageFolderSource",
+    "cifar10": "deit_train.data.sources.cifar.CIFAR10Source",
+}
 
 
 def data_config(name: str, **values):
@@ -60,9 +62,7 @@ def test_class_names_come_from_the_folders(tmp_path):
     assert build_source(imagefolder_config(tmp_path)).class_names() == ["ant", "moth", "zebra"]
 
 
-@pytest.mark.parametrize(
-    "root,message", [(None, "needs data.root"), ("/nonexistent/imagenet", "does not exist")]
-)
+@pytest.mark.parametrize("root,message", [(None, "needs data.root"), ("/nonexistent/imagenet", "does not exist")])
 def test_missing_data_root_is_a_clear_error(root, message):
     with pytest.raises(DeitTrainError, match=message):
         build_source(data_config(name="imagefolder", root=root)).class_names()
@@ -76,9 +76,12 @@ def test_missing_val_split_is_a_clear_error(tmp_path):
 
 def test_train_and_val_with_different_classes_are_refused(tmp_path):
     make_folder(tmp_path, [], {"train": ["a", "b"], "val": ["a", "c"]})
-    with pytest.raises(DeitTrainError, match=r"val: its classes are not the data's, label for label: other names at 1 "
-                                             r"of 2 positions \(1: 'c' against 'b'; val/: \['a', 'c'\]; train/: "
-                                             r"\['a', 'b'\]\)"):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=r"val: its classes are not the data's, label for label: other names at 1 "
+        r"of 2 positions \(1: 'c' against 'b'; val/: \['a', 'c'\]; train/: "
+        r"\['a', 'b'\]\)",
+    ):
         build_source(imagefolder_config(tmp_path)).class_names()
 
 
@@ -94,14 +97,17 @@ def test_links_are_followed_once_and_pipes_are_not_samples(tmp_path):
     (tmp_path / "train" / "b" / "self").symlink_to(".")
     os.mkfifo(tmp_path / "train" / "b" / "pipe.png")
     dataset = build_source(imagefolder_config(tmp_path)).split("train", transform=None)
-    assert sorted((Path(path).relative_to(tmp_path / "train").as_posix(), label) for path, label in dataset.samples) \
-        == [("a/linked.png", 0), ("a/x.png", 0), ("b/x.png", 1)]  # fmt: skip
+    assert sorted(
+        (Path(path).relative_to(tmp_path / "train").as_posix(), label) for path, label in dataset.samples
+    ) == [("a/linked.png", 0), ("a/x.png", 0), ("b/x.png", 1)]
 
 
 def test_an_image_in_two_classes_is_refused(tmp_path):
     make_folder(tmp_path, ["a", "b"])
     (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train")  # a/up/b/x.png: b's image labelled a as well
-    with pytest.raises(DeitTrainError, match="b/x.png \\(class 'b'\\) and .*a/up/b/x.png \\(class 'a'\\) are the same file"):
+    with pytest.raises(
+        DeitTrainError, match="b/x.png \\(class 'b'\\) and .*a/up/b/x.png \\(class 'a'\\) are the same file"
+    ):
         build_source(imagefolder_config(tmp_path)).split("train", transform=None)
 
 
@@ -169,9 +175,7 @@ def on_device(pixels: torch.Tensor) -> torch.Tensor:
     return model_input(pixels[None])[0]
 
 
-@pytest.mark.parametrize(
-    "size,same_as_torchvision", [((97, 410), True), ((224, 224), True), ((333, 251), False)]
-)
+@pytest.mark.parametrize("size,same_as_torchvision", [((97, 410), True), ((224, 224), True), ((333, 251), False)])
 def test_eval_crop_moves_one_pixel_from_torchvision_only_when_its_rounding_differs(size, same_as_torchvision):
     """333x251 resizes to 339x256: torchvision's CenterCrop starts at round(115 / 2) = 58, ours at 57."""
     image = random_image(*size)
@@ -246,8 +250,11 @@ def test_too_little_shared_memory_is_refused_before_the_first_batch(tmp_path, mo
     module.trainer = FakeTrainer()
     view = 3 * 224 * 224 * torch.empty(0, dtype=VIEW_DTYPE).element_size()
     needed = 2 * 8 * 2 * 128 * view
-    with pytest.raises(DeitTrainError, match=rf"keep about {needed / 2**20:.0f} MB of batches in shared memory .* has "
-                                             r"64 MB free: .*--shm-size=\d+g, or --ipc=host"):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=rf"keep about {needed / 2**20:.0f} MB of batches in shared memory .* has "
+        r"64 MB free: .*--shm-size=\d+g, or --ipc=host",
+    ):
         module.check_shared_memory()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 * needed, 0, 2 * needed))
     module.check_shared_memory()  # room enough

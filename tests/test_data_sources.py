@@ -63,8 +63,12 @@ def shards(demo_data, tmp_path_factory) -> Path:
 def shard_overrides(out: Path, *extra: str) -> list[str]:
     info = json.loads((out / "_info.json").read_text())
     last = {split: len(entry["filenames"]) - 1 for split, entry in info["splits"].items()}
-    return ["data=webdataset", f"data.train='{out}/train-{{000000..{last['train']:06d}}}.tar'",
-            f"data.val='{out}/val-{{000000..{last['val']:06d}}}.tar'", *extra]  # fmt: skip
+    return [
+        "data=webdataset",
+        f"data.train='{out}/train-{{000000..{last['train']:06d}}}.tar'",
+        f"data.val='{out}/val-{{000000..{last['val']:06d}}}.tar'",
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -118,12 +122,14 @@ def test_hf_images_decode_as_the_files_do_and_a_corrupt_row_is_named(tiny_config
         image, label = images[index]
         assert label == labels[index]
         assert image.tobytes() == Image.open(files[index]).convert("RGB").tobytes()
-    broken = datasets.Dataset.from_dict({"image": [{"bytes": b"not a jpeg", "path": None}], "label": [0]},
-                                        features=table.features)  # fmt: skip
+    broken = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not a jpeg", "path": None}], "label": [0]}, features=table.features
+    )
     with pytest.raises(DeitTrainError, match=r"corrupt image broken\[0\]: not an image file"):
         HFImages(broken, "image", "label", "broken")[0]
     assert HFImages(broken, "image", "label", "broken").unreadable(full=False, max_pixels=None) == [
-        ("broken[0]", "not an image file Pillow can read")]  # fmt: skip
+        ("broken[0]", "not an image file Pillow can read")
+    ]
 
 
 def test_a_missing_extra_is_one_line_naming_it(tiny_config, hf_copies, monkeypatch):
@@ -159,10 +165,14 @@ def test_deit_shard_reads_back_the_same_images_and_labels(shards, demo_data):
 
 def test_deit_shard_writes_an_hf_dataset_as_its_rows(hf_copies, tmp_path):
     deit_shard([str(hf_copies["parquet"]), str(tmp_path / "out"), "--no-verify"])
-    table = datasets.load_from_disk(str(hf_copies["disk"]))["validation"].cast_column("image", datasets.Image(decode=False))
+    table = datasets.load_from_disk(str(hf_copies["disk"]))["validation"].cast_column(
+        "image", datasets.Image(decode=False)
+    )
     rows = {f"val-{i:08d}": (row["image"]["bytes"], row["label"]) for i, row in enumerate(table)}
-    found = {s["__key__"]: (s["png"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "out" / "val-000000.tar"),
-                                                                               shardshuffle=False, empty_check=False)}  # fmt: skip
+    found = {
+        s["__key__"]: (s["png"], int(s["cls"]))
+        for s in wds.WebDataset(str(tmp_path / "out" / "val-000000.tar"), shardshuffle=False, empty_check=False)
+    }
     assert found == rows
 
 
@@ -187,8 +197,12 @@ def test_deit_shard_resize_re_encodes_the_short_side(tmp_path):
         ext = next(k for k in sample if not k.startswith("__") and k != "cls")
         sizes[sample["__key__"]] = (ext, Image.open(io.BytesIO(sample[ext])).size)
     # files in order a/small, a/wide, b/small, b/wide: the wide ones become 64x32 JPEGs, the small stay PNGs
-    assert sizes == {"val-00000000": ("png", (20, 30)), "val-00000001": ("jpg", (64, 32)),
-                     "val-00000002": ("png", (20, 30)), "val-00000003": ("jpg", (64, 32))}  # fmt: skip
+    assert sizes == {
+        "val-00000000": ("png", (20, 30)),
+        "val-00000001": ("jpg", (64, 32)),
+        "val-00000002": ("png", (20, 30)),
+        "val-00000003": ("jpg", (64, 32)),
+    }
     with pytest.raises(SystemExit) as exit_info:
         deit_shard([str(src), str(tmp_path / "out")])  # not empty
     assert exit_info.value.code == 2
@@ -258,8 +272,9 @@ def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_
     from deit_train.data.transforms import train_transform
     from tests.conftest import compose_config
 
-    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x",
-                            even_shards)  # fmt: skip
+    config = compose_config(
+        ["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x", even_shards
+    )
     stream = Shards(config.data, "train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
     epoch = {"now": 0}
     loader = ShardLoader(stream, epoch=lambda: epoch["now"], batch_size=8, drop_last=True, num_workers=2)
@@ -308,8 +323,9 @@ def test_a_pattern_naming_shards_that_are_not_there_names_them(shards):
     from tests.conftest import compose_config
 
     pattern = f"data.val='{shards}/val-{{000000..000009}}.tar'"  # 3 shards were written
-    config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards), pattern], shards / "x",
-                            shards)  # fmt: skip
+    config = compose_config(
+        ["experiment=demo", "model.img_size=16", *shard_overrides(shards), pattern], shards / "x", shards
+    )
     with pytest.raises(DeitTrainError, match="7 of its 10 shards are not files .*val-000003.tar"):
         Shards(config.data, "val", eval_transform(config.augment, 16))
 
@@ -365,8 +381,9 @@ def test_a_truncated_shard_or_a_label_outside_the_classes_is_named(shards, tmp_p
 def test_shards_train_resume_at_an_epoch_boundary_as_an_uninterrupted_run(tiny_config, shards):
     straight = tiny_config(*shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", run="straight")
     first = tiny_config(*shard_overrides(shards), "trainer.max_epochs=1", "data.num_workers=2", run="resumed")
-    resumed = tiny_config(*shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", "resume=true",
-                          run="resumed")  # fmt: skip
+    resumed = tiny_config(
+        *shard_overrides(shards), "trainer.max_epochs=2", "data.num_workers=2", "resume=true", run="resumed"
+    )
     train(straight)
     train(first)
     train(resumed)
@@ -381,11 +398,13 @@ def test_shards_written_by_webdataset_itself_train_with_train_samples(tiny_confi
         files, labels, _ = folder_split(demo_data, split)
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=20, verbose=0) as writer:
             for i, (file, label) in enumerate(zip(files, labels, strict=True)):
-                writer.write({"__key__": f"{file.parent.name}_{file.stem}_{i}", "png": file.read_bytes(),
-                              "cls": label})  # fmt: skip
+                writer.write({"__key__": f"{file.parent.name}_{file.stem}_{i}", "png": file.read_bytes(), "cls": label})
     (out / "_info.json").write_text(json.dumps({"classes": classes}))  # no lengths: data.train_samples says
-    overrides = ["data=webdataset", f"data.train='{out}/train-{{000000..000003}}.tar'",
-                 f"data.val='{out}/val-{{000000..000001}}.tar'"]  # fmt: skip
+    overrides = [
+        "data=webdataset",
+        f"data.train='{out}/train-{{000000..000003}}.tar'",
+        f"data.val='{out}/val-{{000000..000001}}.tar'",
+    ]
     with pytest.raises(DeitTrainError, match="set data.train_samples=N"):
         train(tiny_config(*overrides, run="unknown"))
     run = train(tiny_config(*overrides, "data.train_samples=80", run="wds"))
@@ -395,13 +414,29 @@ def test_shards_written_by_webdataset_itself_train_with_train_samples(tiny_confi
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "shards"])
 def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
-    tiny_config, hf_copies, shards, random_teacher_checkpoint, tmp_path, teacher_calls, source  # noqa: F811
+    tiny_config,
+    hf_copies,
+    shards,
+    random_teacher_checkpoint,
+    tmp_path,
+    teacher_calls,  # noqa: F811 (the fixture imported above)
+    source,
 ):
-    data = shard_overrides(shards, "data.num_workers=2") if source == "shards" else [
-        "data=hf", f"data.dataset={hf_copies['disk']}"]  # fmt: skip
-    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
-               "trainer.max_epochs=2", *data]  # fmt: skip
+    data = (
+        shard_overrides(shards, "data.num_workers=2")
+        if source == "shards"
+        else ["data=hf", f"data.dataset={hf_copies['disk']}"]
+    )
+    distill = [
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "trainer.max_epochs=2",
+        *data,
+    ]
     filled = tiny_config(*distill, run="fill")
     batches = train(filled).trainer.num_training_batches
     assert batches == (4 if source == "shards" else 5)  # 80 / 16, for shards cut to a multiple of the 2 workers
@@ -419,8 +454,11 @@ def test_two_processes_validate_every_image_once_and_resume(tmp_path, cache_dir,
     images (40 in 3 shards of 16, 16 and 8 for the shards: ranks read 24 and 16)."""
     from .conftest import TINY_RUN, TINY_VIT
 
-    data = shard_overrides(shards) if source == "shards" else ["data=hf", f"data.dataset={hf_copies['disk']}",
-                                                                f"data.cache_dir={tmp_path / 'hf_cache'}"]  # fmt: skip
+    data = (
+        shard_overrides(shards)
+        if source == "shards"
+        else ["data=hf", f"data.dataset={hf_copies['disk']}", f"data.cache_dir={tmp_path / 'hf_cache'}"]
+    )
     run_dir = tmp_path / "run"
     common = [*DDP, *data, "data.batch_size=16", "data.num_workers=1", "augment.repeated_aug=2", "resume=true"]
     run_ok(*common, "trainer.max_epochs=2", run_dir=run_dir, cache_dir=cache_dir, base=[*TINY_RUN, *TINY_VIT])
@@ -444,7 +482,6 @@ def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_c
     assert on_hf["heads"] == on_folder["heads"]
     with pytest.raises(DeitTrainError, match="has no split 'tset': its splits are \\['train', 'validation'\\]"):
         open_eval_folder(hf_copies["parquet"], "tset", trained)  # not the validation split, silently
-
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
@@ -487,8 +524,11 @@ def test_unlabelled_rows_are_refused_or_skipped_and_counted(tiny_config, demo_da
     out with data.unlabelled=skip, counted."""
     two_unlabelled = lambda name, labels: [-1, -1, *labels[2:]] if name == "train" else labels  # noqa: E731
     data = demo_as_hf(demo_data, tmp_path / "some", {"train": "train", "validation": "val"}, two_unlabelled)
-    with pytest.raises(DeitTrainError, match=r"\[train\]: 2 of its 80 rows are unlabelled \(label -1, datasets' mark "
-                                             r"of a row without a label\): set data.unlabelled=skip to leave them out"):
+    with pytest.raises(
+        DeitTrainError,
+        match=r"\[train\]: 2 of its 80 rows are unlabelled \(label -1, datasets' mark "
+        r"of a row without a label\): set data.unlabelled=skip to leave them out",
+    ):
         train(tiny_config("data=hf", f"data.dataset={data}", run="refused"))
     run = train(tiny_config("data=hf", f"data.dataset={data}", "data.unlabelled=skip", run="skipped"))
     assert len(run.datamodule.train_set) == 78 and "2 of its 80 rows are unlabelled (label -1): left out" in caplog.text
@@ -502,8 +542,9 @@ def test_unlabelled_rows_are_refused_or_skipped_and_counted(tiny_config, demo_da
     assert "Make a validation split from it (datasets' dataset['train'].train_test_split" in str(refused.value)
 
 
-def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(tiny_config, demo_data, tmp_path,
-                                                                            caplog, capsys):  # fmt: skip
+def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(
+    tiny_config, demo_data, tmp_path, caplog, capsys
+):
     """1-based integer labels: class "0" has no rows (warned, by name); deit-eval reads the integer column training
     read (--label-column), scores what the run measured, and leaves unlabelled rows out with a warning."""
     one_based = lambda name, labels: [label + 1 for label in labels]  # noqa: E731
@@ -516,8 +557,11 @@ def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(tin
 
     with pytest.raises(SystemExit) as refused:
         deit_eval([str(checkpoint), str(data)])
-    assert refused.value.code == 2 and "Name the label column: --label-column=COLUMN (integer labels: " \
-        "--label-column=label)" in capsys.readouterr().err  # fmt: skip
+    assert (
+        refused.value.code == 2
+        and "Name the label column: --label-column=COLUMN (integer labels: --label-column=label)"
+        in capsys.readouterr().err
+    )
     trained = load_trained_model(checkpoint)
     result = evaluate(trained, open_eval_folder(data, "val", trained, label_column="label"), num_workers=0)
     assert result["images"] == 40
@@ -525,7 +569,9 @@ def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(tin
     # some rows unlabelled: left out of the scores, with a warning; all unlabelled: said, no score
     three = lambda name, labels: [-1, -1, -1, *[label + 1 for label in labels[3:]]]  # noqa: E731
     partly = demo_as_hf(demo_data, tmp_path / "partly", {"validation": "val"}, three, integer=True)
-    assert evaluate(trained, open_eval_folder(partly, "val", trained, label_column="label"), num_workers=0)["images"] == 37
+    assert (
+        evaluate(trained, open_eval_folder(partly, "val", trained, label_column="label"), num_workers=0)["images"] == 37
+    )
     none = demo_as_hf(demo_data, tmp_path / "none", {"test": "val"}, lambda n, labels: [-1] * len(labels), integer=True)
     with pytest.raises(DeitTrainError, match=r"\[test\] is unlabelled \(all 40 rows have label -1.*deit-predict"):
         open_eval_folder(none, "test", trained, label_column="label")
@@ -540,24 +586,39 @@ def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shard
     assert "Set data.val_split" not in str(refused.value)  # no other split to set it to
     assert deit_shard_error([str(only_train), str(tmp_path / "out")], capsys).count("split=") == 0
     # a label column of strings, just set: how to encode it, not "Set data.label_column"
-    named = datasets.Dataset.from_dict({"name": ["a", "b"], "image": [{"bytes": b"", "path": None}] * 2},
-                                       features=datasets.Features({"name": datasets.Value("string"), "image": datasets.Image()}))  # fmt: skip
+    named = datasets.Dataset.from_dict(
+        {"name": ["a", "b"], "image": [{"bytes": b"", "path": None}] * 2},
+        features=datasets.Features({"name": datasets.Value("string"), "image": datasets.Image()}),
+    )
     datasets.DatasetDict({"train": named, "validation": named}).save_to_disk(str(tmp_path / "strings"))
     cfg = tiny_config("data=hf", f"data.dataset={tmp_path / 'strings'}", "data.label_column=name")
-    with pytest.raises(DeitTrainError, match=r"column 'name' holds Value\('string'\), not class labels \(ClassLabel or "
-                                             r"integers\): encode it as class labels \(datasets' "
-                                             r"dataset.class_encode_column\('name'\)"):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=r"column 'name' holds Value\('string'\), not class labels \(ClassLabel or "
+        r"integers\): encode it as class labels \(datasets' "
+        r"dataset.class_encode_column\('name'\)",
+    ):
         build_source(cfg.data).class_names()
     # deit-shard writes labelled rows only
-    unlabelled = demo_as_hf(demo_data, tmp_path / "unlabelled", {"train": "train", "validation": "val"},
-                            lambda name, labels: [-1, *labels[1:]])  # fmt: skip
-    assert "[train]: 1 of its 80 rows are unlabelled (label -1, datasets' mark of a row without a label): leave them " \
-        "out (datasets' dataset.filter(lambda row: row['label'] >= 0))" in deit_shard_error([str(unlabelled), str(tmp_path / "o2")], capsys)  # fmt: skip
+    unlabelled = demo_as_hf(
+        demo_data,
+        tmp_path / "unlabelled",
+        {"train": "train", "validation": "val"},
+        lambda name, labels: [-1, *labels[1:]],
+    )
+    assert (
+        "[train]: 1 of its 80 rows are unlabelled (label -1, datasets' mark of a row without a label): leave them "
+        "out (datasets' dataset.filter(lambda row: row['label'] >= 0))"
+        in deit_shard_error([str(unlabelled), str(tmp_path / "o2")], capsys)
+    )
     # validation shards that are the training shards
     overrides = shard_overrides(shards)
     cfg = tiny_config(*overrides[:2], overrides[1].replace("data.train=", "data.val="))
-    with pytest.raises(DeitTrainError, match=r"data.val=.* names the training shards \(all 5 of its shards are in "
-                                             r"data.train\): val/acc1 would score images the student trained on"):
+    with pytest.raises(
+        DeitTrainError,
+        match=r"data.val=.* names the training shards \(all 5 of its shards are in "
+        r"data.train\): val/acc1 would score images the student trained on",
+    ):
         Shards(cfg.data, "val", None)
 
 

@@ -26,11 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, env: dict | None = None, base=TINY):
     """`deit-train` in a subprocess (DDP re-launches it once per rank), with tests/ importable for probes."""
-    command = [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train",
+        *layered([*base, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]),
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.Popen(command, cwd=run_dir.parent, env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=run_dir.parent, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -57,7 +62,10 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 # Every DeiT preset; of the DeiT III ones a pre-training, a distilled pre-training and a distilled fine-tuning
 # (the others differ in sizes and rates only); function matching; the FixRes teacher adaptation.
 DDP_PRESETS = [preset for preset in PAPER if not preset.startswith("deit3_")] + [
-    "deit3_base_192", "deit3_small_distilled", "deit3_base_distilled_224_finetune"]  # fmt: skip
+    "deit3_base_192",
+    "deit3_small_distilled",
+    "deit3_base_distilled_224_finetune",
+]
 
 
 @pytest.mark.slow
@@ -68,9 +76,17 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
     for two more."""
     data = ["data=imagefolder"] if preset == "deit_transfer" else []
     tiny = [o for o in shrink(preset, tmp_path) if "limit_train" not in o and "max_epochs" not in o]
-    overrides = [f"experiment={preset}", *tiny, *DDP, *data, f"data.root={demo_data}",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "+trainer.limit_train_batches=2",
-                 "resume=true"]  # fmt: skip
+    overrides = [
+        f"experiment={preset}",
+        *tiny,
+        *DDP,
+        *data,
+        f"data.root={demo_data}",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        "+trainer.limit_train_batches=2",
+        "resume=true",
+    ]
     run_dir = tmp_path / "run"
     run_ok(*overrides, "trainer.max_epochs=1", run_dir=run_dir, cache_dir=tmp_path, base=[])
     first = checkpoint(run_dir)
@@ -106,10 +122,21 @@ def assert_ranks_agree(path: Path) -> None:
 def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     loss, tmp_path, cache_dir, random_teacher_checkpoint
 ):
-    overrides = [*DDP, f"loss={loss}", "teacher=timm", "teacher.name=resnet10t",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
-                 "ema.decay=0.9", "trainer.precision=bf16-mixed", "augment.mixup=0.8", "augment.cutmix=1.0",
-                 "augment.repeated_aug=2", "trainer.max_epochs=2"]  # fmt: skip
+    overrides = [
+        *DDP,
+        f"loss={loss}",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "ema.decay=0.9",
+        "trainer.precision=bf16-mixed",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "augment.repeated_aug=2",
+        "trainer.max_epochs=2",
+    ]
     probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / 'ranks'}"]
     output = run_ok(*overrides, *probe, run_dir=tmp_path / "run", cache_dir=cache_dir)
     assert_ranks_agree(tmp_path / "ranks")
@@ -129,13 +156,18 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
 
 @pytest.mark.slow
 def test_a_divergence_on_one_rank_ends_every_rank_with_exit_5(tmp_path, cache_dir):
-    """Only rank 1's loss is NaN: the ranks decide together (tasks/module.py, stop_if_diverged), so every rank stops with
-    exit 5 and one line; a rank that raised alone left the other waiting in the gradients' all-reduce."""
+    """Only rank 1's loss is NaN: the ranks decide together (tasks/module.py, stop_if_diverged), so every rank stops
+    with exit 5 and one line; a rank that raised alone left the other waiting in the gradients' all-reduce."""
     import time
 
     started = time.monotonic()
-    process = deit_train(*DDP, "+callbacks.probe._target_=tests.probes.PoisonBatch", "+callbacks.probe.rank=1",
-                         run_dir=tmp_path / "run", cache_dir=cache_dir)  # fmt: skip
+    process = deit_train(
+        *DDP,
+        "+callbacks.probe._target_=tests.probes.PoisonBatch",
+        "+callbacks.probe.rank=1",
+        run_dir=tmp_path / "run",
+        cache_dir=cache_dir,
+    )
     try:
         output = process.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
@@ -154,9 +186,16 @@ def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_work
     states = {}
     for workers in (0, 2):
         run_dir = tmp_path / f"w{workers}"
-        run_ok(*DDP, "model.drop_path_rate=0.5", "augment.repeated_aug=2", f"data.num_workers={workers}",
-               "+callbacks.probe._target_=tests.probes.DropPathMasks", f"+callbacks.probe.path={run_dir / 'masks'}",
-               run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+        run_ok(
+            *DDP,
+            "model.drop_path_rate=0.5",
+            "augment.repeated_aug=2",
+            f"data.num_workers={workers}",
+            "+callbacks.probe._target_=tests.probes.DropPathMasks",
+            f"+callbacks.probe.path={run_dir / 'masks'}",
+            run_dir=run_dir,
+            cache_dir=cache_dir,
+        )
         masks[workers] = [torch.load(run_dir / "masks" / f"rank{r}.pt") for r in (0, 1)]
         states[workers] = student_state(run_dir)
     rank0, rank1 = masks[0]
@@ -165,9 +204,7 @@ def test_ranks_draw_their_own_drop_path_masks_and_views_stay_independent_of_work
     assert 0 < rank0.float().mean() < 1  # something was dropped and something kept
     for a, b in zip(masks[0], masks[2], strict=True):
         assert torch.equal(a, b)
-    assert all(
-        torch.equal(states[0][k], states[2][k]) for k in states[0]
-    )  # bit-identical whatever the workers
+    assert all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # bit-identical whatever the workers
 
 
 @pytest.mark.slow
@@ -178,9 +215,18 @@ def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo
     next(iter(sorted((data / "val").glob("*/*")))).unlink()
     assert len(list((data / "val").glob("*/*"))) == 39
     run_dir = tmp_path / "run"
-    run_ok(*DDP, "data=imagefolder", f"data.root={data}", "data.batch_size=16", "data.num_workers=0",
-           "data.pin_memory=false", "trainer.max_epochs=2", run_dir=run_dir, cache_dir=cache_dir,
-           base=[*TINY_RUN, *TINY_VIT])  # fmt: skip
+    run_ok(
+        *DDP,
+        "data=imagefolder",
+        f"data.root={data}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "trainer.max_epochs=2",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+        base=[*TINY_RUN, *TINY_VIT],
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # The same checkpoint in one process: deit-eval's accuracy and the loss over all 39 images.
     trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt")
@@ -192,8 +238,10 @@ def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo
     with torch.no_grad():
         loss = F.cross_entropy(trained.model(torch.stack(images)), torch.tensor(labels))
     assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-5)
-    print(f"2-process val/acc1 {metrics['val/acc1']:.6f} val/loss {metrics['val/loss']:.6f}; one process "
-          f"acc1 {single_acc1:.6f} loss {loss.item():.6f}")  # fmt: skip
+    print(
+        f"2-process val/acc1 {metrics['val/acc1']:.6f} val/loss {metrics['val/loss']:.6f}; one process "
+        f"acc1 {single_acc1:.6f} loss {loss.item():.6f}"
+    )
 
 
 def free_port() -> int:
@@ -218,7 +266,7 @@ def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache
             run_dir=tmp_path / "two_nodes",
             cache_dir=cache_dir,
             env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)},
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = [finish(node) for node in nodes]
@@ -229,7 +277,5 @@ def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6, msg=key)
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one_node", "two_nodes")]
     assert metrics[0].keys() == metrics[1].keys()
-    for key, value in metrics[
-        0
-    ].items():  # the same predictions; the mean loss of those weights to fp32 rounding
+    for key, value in metrics[0].items():  # the same predictions; the mean loss of those weights to fp32 rounding
         assert metrics[1][key] == (pytest.approx(value, rel=1e-6) if key == "val/loss" else value), key

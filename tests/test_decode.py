@@ -102,8 +102,13 @@ def reduced_crop(path: Path, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
 
 
 @settings(max_examples=60, deadline=None)
-@given(width=st.integers(1, 6000), height=st.integers(1, 6000), seed=st.integers(0, 2**32 - 1),
-       interpolation=st.sampled_from(["bicubic", "random"]), low=st.floats(0.01, 1.0))  # fmt: skip
+@given(
+    width=st.integers(1, 6000),
+    height=st.integers(1, 6000),
+    seed=st.integers(0, 2**32 - 1),
+    interpolation=st.sampled_from(["bicubic", "random"]),
+    low=st.floats(0.01, 1.0),
+)
 def test_crop_draws_are_timms_for_any_size_and_seed(width, height, seed, interpolation, low):
     """Box and interpolation drawn from the header's size are those timm's __call__ draws on the decoded image
     (its get_params, then random.choice), and the random state after them is the same: every later augmentation
@@ -134,10 +139,18 @@ def test_the_box_is_drawn_from_the_size_the_image_shows(tmp_path, monkeypatch):
 
 def official_train_transform():
     """facebookresearch/deit datasets.py build_transform: timm's create_transform with the paper's arguments."""
-    return create_transform(224, is_training=True, color_jitter=AUGMENT.color_jitter,
-                            auto_augment=AUGMENT.auto_augment, interpolation=AUGMENT.train_interpolation,
-                            re_prob=AUGMENT.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_DEFAULT_MEAN,
-                            std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    return create_transform(
+        224,
+        is_training=True,
+        color_jitter=AUGMENT.color_jitter,
+        auto_augment=AUGMENT.auto_augment,
+        interpolation=AUGMENT.train_interpolation,
+        re_prob=AUGMENT.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
 
 
 def seed_all(seed: int) -> None:

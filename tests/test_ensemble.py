@@ -93,9 +93,15 @@ def two_teachers(tmp_path):
 
 
 def ensemble_overrides(first, second, *extra):
-    return ["loss=hard_distill", "teacher=ensemble",
-            f"teacher.members=[{{name:resnet10t,checkpoint:{first}}},{{name:resnet14t,checkpoint:{second}}}]",
-            "augment.mixup=0.8", "augment.cutmix=1.0", "teacher.unchecked_order=true", *extra]  # fmt: skip
+    return [
+        "loss=hard_distill",
+        "teacher=ensemble",
+        f"teacher.members=[{{name:resnet10t,checkpoint:{first}}},{{name:resnet14t,checkpoint:{second}}}]",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "teacher.unchecked_order=true",
+        *extra,
+    ]
 
 
 def test_an_ensemble_run_reports_the_ensemble_and_each_member(tiny_config, two_teachers):
@@ -115,9 +121,7 @@ def test_an_ensemble_run_reports_the_ensemble_and_each_member(tiny_config, two_t
             for i, logits in enumerate([*member_logits, average]):
                 correct[i] += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
-    for key, count in zip(
-        ("teacher_acc1_member0", "teacher_acc1_member1", "teacher_acc1"), correct, strict=True
-    ):
+    for key, count in zip(("teacher_acc1_member0", "teacher_acc1_member1", "teacher_acc1"), correct, strict=True):
         assert run.metrics[f"val/{key}"] == pytest.approx(count / seen, abs=1e-6), key
 
 
@@ -139,9 +143,14 @@ def test_the_teacher_cache_is_keyed_on_every_member(tiny_config, two_teachers, t
 def test_each_member_sees_the_views_at_its_own_resolution(tiny_config, two_teachers):
     """A 384 px teacher beside a 224 px one, in miniature: member 0 at 8 px, member 1 at teacher.img_size=12."""
     first, second = two_teachers
-    members = f"teacher.members=[{{name:resnet10t,checkpoint:{first},img_size:8}},{{name:resnet14t,checkpoint:{second}}}]"
-    run = train(tiny_config(*ensemble_overrides(first, second)[:2], members, "teacher.img_size=12",
-                           "teacher.unchecked_order=true"))
+    members = (
+        f"teacher.members=[{{name:resnet10t,checkpoint:{first},img_size:8}},{{name:resnet14t,checkpoint:{second}}}]"
+    )
+    run = train(
+        tiny_config(
+            *ensemble_overrides(first, second)[:2], members, "teacher.img_size=12", "teacher.unchecked_order=true"
+        )
+    )
     seen = []
     for member in run.module.teacher.members:
         member.network.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[-1]))

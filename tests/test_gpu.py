@@ -48,8 +48,14 @@ CLASSES = [f"class{i}" for i in range(10)]
 def steps(count: int) -> list[str]:
     """`count` optimizer steps of the tiny demo run, nothing random left but the seeded data views, recorded by
     CaptureSteps. No warm-up and a high rate: an update far above the weights' fp32 rounding, checkable."""
-    return ["model.drop_path_rate=0.0", "optim.warmup_epochs=0", "optim.lr=1.0", f"+trainer.max_steps={count}",
-            "+trainer.limit_val_batches=0", "+callbacks.capture._target_=tests.test_gpu.CaptureSteps"]  # fmt: skip
+    return [
+        "model.drop_path_rate=0.0",
+        "optim.warmup_epochs=0",
+        "optim.lr=1.0",
+        f"+trainer.max_steps={count}",
+        "+trainer.limit_val_batches=0",
+        "+callbacks.capture._target_=tests.test_gpu.CaptureSteps",
+    ]
 
 
 TOLERANCE = {"exact": 1e-4, "32-true": 1e-2, "16-mixed": 2e-2, "bf16-mixed": 5e-2}
@@ -96,9 +102,7 @@ class CaptureSteps(L.Callback):
 
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_step == self.break_gradients_at:
-            next(p for p in pl_module.student.parameters() if p.grad is not None).grad.view(-1)[0] = float(
-                "inf"
-            )
+            next(p for p in pl_module.student.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -108,8 +112,14 @@ class CaptureSteps(L.Callback):
         self.grads.append({n: p.grad.float().cpu() / scale for n, p in pl_module.student.named_parameters()})
         self.scales.append(scaler.get_scale() if scaler is not None else None)
         names = {id(p): name for name, p in pl_module.student.named_parameters()}
-        self.hyper.append({names[id(p)]: {k: group.get(k) for k in ("lr", "weight_decay", "eps")}
-                           for group in optimizer.param_groups for p in group["params"] if id(p) in names})  # fmt: skip
+        self.hyper.append(
+            {
+                names[id(p)]: {k: group.get(k) for k in ("lr", "weight_decay", "eps")}
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) in names
+            }
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
@@ -145,9 +155,7 @@ def captured(result) -> CaptureSteps:
     return next(c for c in result.trainer.callbacks if isinstance(c, CaptureSteps))
 
 
-def relative_error(
-    ours: dict[str, torch.Tensor] | float, reference: dict[str, torch.Tensor] | float
-) -> float:
+def relative_error(ours: dict[str, torch.Tensor] | float, reference: dict[str, torch.Tensor] | float) -> float:
     """||ours - reference|| / ||reference|| over all tensors together (or two numbers)."""
     if isinstance(reference, float):
         return abs(ours - reference) / abs(reference)
@@ -181,8 +189,15 @@ def distill(tiny_config, random_teacher_checkpoint):
     """tiny_config with hard distillation from a random resnet10t (a BatchNorm convnet, run in channels_last)."""
 
     def make(*overrides: str, run: str):
-        return tiny_config("loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                           f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", *overrides, run=run)  # fmt: skip
+        return tiny_config(
+            "loss=hard_distill",
+            "teacher=timm",
+            "teacher.name=resnet10t",
+            f"teacher.checkpoint={random_teacher_checkpoint}",
+            "teacher.unchecked_order=true",
+            *overrides,
+            run=run,
+        )
 
     return make
 
@@ -194,9 +209,14 @@ def distill_step(tiny_config, random_teacher_checkpoint):
     the precision's error."""
     # Random erasing's noise comes from each device's own generator (data/pixels.py): the devices compare on the same
     # views without it (test_pixels.py checks the device-side erasing itself).
-    teacher = ["loss=soft_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
-               "augment.reprob=0.0"]  # fmt: skip
+    teacher = [
+        "loss=soft_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        "augment.reprob=0.0",
+    ]
 
     def make(device: torch.device, *overrides: str, run: str) -> Step:
         return app_step(tiny_config, device, *teacher, *overrides, run=run)
@@ -237,8 +257,14 @@ def test_mixed_precision_step_matches_the_cpu_fp32_step(distill_step, precision)
 
 
 def test_16_mixed_skips_an_overflowing_step_halves_the_scale_and_trains_on(tiny_config):
-    result = train(tiny_config(f"trainer.accelerator={ACCELERATOR}", "trainer.precision=16-mixed", *steps(2),
-                               "+callbacks.capture.break_gradients_at=0"))  # fmt: skip
+    result = train(
+        tiny_config(
+            f"trainer.accelerator={ACCELERATOR}",
+            "trainer.precision=16-mixed",
+            *steps(2),
+            "+callbacks.capture.break_gradients_at=0",
+        )
+    )
     capture = captured(result)
     first, second = (
         {name: capture.after[i][name] - capture.before[i][name] for name in capture.before[i]} for i in (0, 1)
@@ -353,9 +379,16 @@ def teacher_calls(monkeypatch):
 def test_teacher_cache_filled_on_the_gpu_holds_the_cpu_teachers_outputs_and_is_read_back(
     tiny_config, random_teacher_checkpoint, tmp_path, teacher_calls, loss
 ):
-    teacher = [f"loss={loss}", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", f"teacher.cache={tmp_path / 'cache'}",
-               f"trainer.accelerator={ACCELERATOR}", "data.pin_memory=true"]  # fmt: skip
+    teacher = [
+        f"loss={loss}",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+        f"trainer.accelerator={ACCELERATOR}",
+        "data.pin_memory=true",
+    ]
     filled = tiny_config(*teacher, run="fill")
     train(filled)
     assert teacher_calls["train"] == 5  # one epoch of 5 batches, computed on the device
@@ -373,9 +406,7 @@ def test_teacher_cache_filled_on_the_gpu_holds_the_cpu_teachers_outputs_and_is_r
         on_device = lambda view: model_input(ErasableView(view.pixels.to(DEVICE), view.erase)).cpu()  # noqa: E731
         expected = [cpu_teacher(on_device(view)).logits for view, _, _ in loader]
     if loss == "hard_distill":
-        agreement = (
-            (stored["labels"].long() == torch.stack([z.argmax(dim=1) for z in expected])).float().mean()
-        )
+        agreement = (stored["labels"].long() == torch.stack([z.argmax(dim=1) for z in expected])).float().mean()
         assert agreement >= 0.95  # near-ties of a random teacher may flip under TF32
     else:
         assert relative_error({"z": stored["logits"].float()}, {"z": torch.stack(expected)}) < 1e-2
@@ -399,9 +430,7 @@ def test_ema_updates_on_the_device_as_the_formula_says(tiny_config):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_deit_eval_on_the_gpu_scores_as_on_the_cpu_and_reports_throughput(
-    tiny_config, demo_data, monkeypatch
-):
+def test_deit_eval_on_the_gpu_scores_as_on_the_cpu_and_reports_throughput(tiny_config, demo_data, monkeypatch):
     cfg = tiny_config("trainer.max_epochs=1", run="run")
     train(cfg)
     checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -418,8 +447,9 @@ def test_deit_eval_on_the_gpu_scores_as_on_the_cpu_and_reports_throughput(
             assert abs(on_device["heads"][head][name] - value) <= two_images + 1e-6, (head, name)
 
 
-def test_peak_gpu_memory_per_image_is_reported_and_bf16_holds_less_than_fp32(tiny_config, distill, capsys,
-                                                                            record_property):  # fmt: skip
+def test_peak_gpu_memory_per_image_is_reported_and_bf16_holds_less_than_fp32(
+    tiny_config, distill, capsys, record_property
+):
     """Peak memory of a distillation run per image, in fp32 and bf16-mixed: at least the training state, and less
     in bf16, where the activations and the frozen teacher (held in bf16, teacher.hold_in) take half the bytes."""
     if DEVICE.type != "cuda":
@@ -428,14 +458,22 @@ def test_peak_gpu_memory_per_image_is_reported_and_bf16_holds_less_than_fp32(tin
     for precision in ("32-true", "bf16-mixed"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        result = train(distill(f"trainer.accelerator={ACCELERATOR}", f"trainer.precision={precision}",
-                               "+trainer.limit_val_batches=0", run=precision))  # fmt: skip
+        result = train(
+            distill(
+                f"trainer.accelerator={ACCELERATOR}",
+                f"trainer.precision={precision}",
+                "+trainer.limit_val_batches=0",
+                run=precision,
+            )
+        )
         peaks[precision] = torch.cuda.max_memory_allocated()
         batch = result.datamodule.per_device_batch_size
         record_property(f"peak_gpu_memory_bytes_per_image_{precision}", peaks[precision] / batch)
         with capsys.disabled():
-            print(f"\npeak GPU memory ({precision}, batch {batch}): {peaks[precision] / 2**20:.1f} MiB, "
-                  f"{peaks[precision] / batch / 2**10:.1f} KiB per image")  # fmt: skip
+            print(
+                f"\npeak GPU memory ({precision}, batch {batch}): {peaks[precision] / 2**20:.1f} MiB, "
+                f"{peaks[precision] / batch / 2**10:.1f} KiB per image"
+            )
         # at least what AdamW's training holds: weights, gradients and two moments, fp32
         parameters = sum(p.numel() for p in result.module.student.parameters())
         assert peaks[precision] >= 4 * 4 * parameters
@@ -451,8 +489,10 @@ def step_losses(run_dir: Path) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda" and torch.cuda.device_count() < 2,
-                    reason=f"needs 2 GPUs for NCCL DDP, this machine has {torch.cuda.device_count()}")  # fmt: skip
+@pytest.mark.skipif(
+    DEVICE.type == "cuda" and torch.cuda.device_count() < 2,
+    reason=f"needs 2 GPUs for NCCL DDP, this machine has {torch.cuda.device_count()}",
+)
 def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
     from .test_ddp import run_ok
 
@@ -470,9 +510,10 @@ def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
     assert max(abs(a - b) / abs(b) for a, b in zip(ours, cpu, strict=True)) < TOLERANCE["32-true"]
 
 
-
-@pytest.mark.skipif(DEVICE.type == "cuda" and torch.cuda.device_count() < 2,
-                    reason=f"needs 2 GPUs for NCCL DDP, this machine has {torch.cuda.device_count()}")  # fmt: skip
+@pytest.mark.skipif(
+    DEVICE.type == "cuda" and torch.cuda.device_count() < 2,
+    reason=f"needs 2 GPUs for NCCL DDP, this machine has {torch.cuda.device_count()}",
+)
 def test_two_gpu_distilled_preset_with_ema_mixup_and_the_cache_keeps_every_rank_equal(
     tmp_path, cache_dir, random_teacher_checkpoint
 ):
@@ -481,11 +522,23 @@ def test_two_gpu_distilled_preset_with_ema_mixup_and_the_cache_keeps_every_rank_
     same student and EMA, DDP ignores the teacher, and a second run reads the whole cache and ends equal."""
     from .test_ddp import assert_ranks_agree, run_ok, student_state
 
-    devices = ["trainer=ddp", "trainer.devices=2"] if DEVICE.type == "cuda" else ["trainer=ddp_cpu", "trainer.devices=2"]
-    overrides = [*devices, "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
-                 f"teacher.cache={tmp_path / 'cache'}", "ema.decay=0.9", "augment.mixup=0.8", "augment.cutmix=1.0", "augment.repeated_aug=2",
-                 "trainer.max_epochs=2"]  # fmt: skip
+    devices = (
+        ["trainer=ddp", "trainer.devices=2"] if DEVICE.type == "cuda" else ["trainer=ddp_cpu", "trainer.devices=2"]
+    )
+    overrides = [
+        *devices,
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "ema.decay=0.9",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "augment.repeated_aug=2",
+        "trainer.max_epochs=2",
+    ]
     for run in ("fill", "read"):
         probe = ["+callbacks.probe._target_=tests.probes.RankStates", f"+callbacks.probe.path={tmp_path / run}-ranks"]
         output = run_ok(*overrides, *probe, run_dir=tmp_path / run, cache_dir=cache_dir)

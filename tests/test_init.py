@@ -68,9 +68,7 @@ def test_new_resolution_resamples_position_embeddings_keeping_both_tokens(tmp_pa
     # The official DeiT fine-tuning code's interpolation (main.py): bicubic, align_corners=False.
     grid = source["pos_embed"][:, 2:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     expected = (
-        F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
-        .permute(0, 2, 3, 1)
-        .reshape(1, 36, 32)
+        F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 32)
     )
     torch.testing.assert_close(pos_embed[:, 2:], expected, rtol=1e-5, atol=1e-6)
     assert "resampled from 4x4 to 6x6" in caplog.text
@@ -94,9 +92,7 @@ def test_diverged_weights_are_refused(tmp_path):
         build_student(student_config(init=str(tmp_path / "s.pth")), num_classes=10)
 
 
-def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(
-    tiny_config, tmp_path, demo_data
-):
+def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(tiny_config, tmp_path, demo_data):
     first = tiny_config(run="base")
     train(first)
     # The same images as a 4-class problem at 24x24 px (new resolution, new heads), from the 16 px checkpoint.

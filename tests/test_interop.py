@@ -42,13 +42,24 @@ from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
 
 # A tiny transformers DeiT: 16 px images, 4 px patches, 2 layers of width 32. LayerNorm eps as timm's.
 HF_TINY = dict(
-    image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=128, layer_norm_eps=1e-6, num_labels=10,
-)  # fmt: skip
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    layer_norm_eps=1e-6,
+    num_labels=10,
+)
 STUDENT = dict(
-    name="deit_tiny_distilled_patch16_224", pretrained=False, img_size=16,
-    patch_size=4, embed_dim=32, depth=2, num_heads=2,
-)  # fmt: skip
+    name="deit_tiny_distilled_patch16_224",
+    pretrained=False,
+    img_size=16,
+    patch_size=4,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+)
 TINY_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 # Odd, non-square sizes: the resize and the center crop both have rounding to get right.
 ODD_SIZES = [(37, 53), (301, 257), (99, 45), (64, 63), (211, 211)]
@@ -101,11 +112,14 @@ def test_hub_checkpoints_with_transformers_v4_names_load_like_transformers_loads
     renames them on load. Our loader must give the same model as transformers' own conversion."""
     v5_to_v4 = [
         (r"\.layers\.", ".encoder.layer."),
-        (r"\.attention\.([qkv])_proj\.", lambda m: ".attention.attention." + dict(q="query", k="key", v="value")[m[1]] + "."),
+        (
+            r"\.attention\.([qkv])_proj\.",
+            lambda m: ".attention.attention." + dict(q="query", k="key", v="value")[m[1]] + ".",
+        ),
         (r"\.attention\.o_proj\.", ".attention.output.dense."),
         (r"\.mlp\.fc1\.", ".intermediate.dense."),
         (r"\.mlp\.fc2\.", ".output.dense."),
-    ]  # fmt: skip
+    ]
     hf_model, directory = hf_directory(tmp_path)
     state = {}
     for key, tensor in hf_model.state_dict().items():
@@ -134,9 +148,7 @@ def test_encoder_only_and_single_head_transformers_models(tmp_path, caplog):
 
 
 def test_key_mapping_round_trips_and_splits_qkv_in_order():
-    model = timm.create_model(
-        "deit_tiny_distilled_patch16_224", img_size=16, **{k: STUDENT[k] for k in TINY_KEYS}
-    )
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=16, **{k: STUDENT[k] for k in TINY_KEYS})
     state = model.state_dict()
     converted = timm_to_transformers(state)
     q, k, v = state["blocks.1.attn.qkv.weight"].chunk(3)
@@ -195,9 +207,7 @@ def test_exported_preprocessor_reproduces_our_eval_transform(trained_run, export
     default = AutoImageProcessor.from_pretrained(exported / "transformers")
     for image in odd_images():
         expected = ours(image)
-        torch.testing.assert_close(
-            exact(image, return_tensors="pt")["pixel_values"][0], expected, rtol=0, atol=1e-6
-        )
+        torch.testing.assert_close(exact(image, return_tensors="pt")["pixel_values"][0], expected, rtol=0, atol=1e-6)
         # The default torchvision backend resizes in uint8: at most 2 grey levels apart from PIL's resize.
         fast = default(image, return_tensors="pt")["pixel_values"][0]
         assert (fast - expected).abs().max() <= 2 / 255 / 0.224 + 1e-6
@@ -242,9 +252,7 @@ def test_deit_eval_reproduces_the_validation_accuracy_of_the_run(trained_run, ex
         assert result["images"] == 40
         assert result["heads"]["average"]["top1"] == pytest.approx(100 * metrics["val/acc1"], abs=1e-4)
         assert result["heads"]["class"]["top1"] == pytest.approx(100 * metrics["val/acc1_cls"], abs=1e-4)
-        assert result["heads"]["distillation"]["top1"] == pytest.approx(
-            100 * metrics["val/acc1_dist"], abs=1e-4
-        )
+        assert result["heads"]["distillation"]["top1"] == pytest.approx(100 * metrics["val/acc1_dist"], abs=1e-4)
         assert result["images_per_second"] > 0
 
 
@@ -340,9 +348,7 @@ def test_ema_weights_export_and_a_single_head_student_exports_to_timm_only(tiny_
     torch.testing.assert_close(exported.model.head.weight, stored["ema.module.head.weight"], rtol=0, atol=0)
     assert not torch.equal(stored["ema.module.head.weight"], stored["student.head.weight"])
 
-    convnet = tiny_config(
-        "model=timm", "model.name=resnet10t", "model.img_size=16", run="convnet", student=[]
-    )
+    convnet = tiny_config("model=timm", "model.name=resnet10t", "model.img_size=16", run="convnet", student=[])
     train(convnet)
     images = torch.randn(2, 3, 16, 16)
     out = export(f"{convnet.paths.output_dir}/checkpoints/last.ckpt", tmp_path / "convnet_export")
@@ -352,9 +358,7 @@ def test_ema_weights_export_and_a_single_head_student_exports_to_timm_only(tiny_
         torch.testing.assert_close(load_trained_model(out / "timm").model(images), ours(images))
 
 
-def test_a_distilled_deit_iii_student_exports_to_timm_only_with_the_same_logits(
-    tiny_config, tmp_path, caplog
-):
+def test_a_distilled_deit_iii_student_exports_to_timm_only_with_the_same_logits(tiny_config, tmp_path, caplog):
     """transformers' DeiT has no LayerScale: the export must not drop DeiT III's ls1/ls2 or fail on their names."""
     run = tiny_config("model=deit3_small_distilled", run="deit3")
     train(run)

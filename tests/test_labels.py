@@ -56,7 +56,13 @@ def numbered_folders(tmp_path_factory) -> Path:
 
 
 def data_overrides(root: Path) -> list[str]:
-    return ["data=imagefolder", f"data.root={root}", "data.batch_size=16", "data.num_workers=0", "data.pin_memory=false"]
+    return [
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+    ]
 
 
 def fitted_resnet(cfg, order: list[str], tmp_path: Path) -> Path:
@@ -83,19 +89,30 @@ def fitted_resnet(cfg, order: list[str], tmp_path: Path) -> Path:
 
 
 def teacher_config(tiny_config, root, checkpoint, *extra):
-    return tiny_config(*data_overrides(root), "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                       f"teacher.checkpoint={checkpoint}", *extra, data=[])  # fmt: skip
+    return tiny_config(
+        *data_overrides(root),
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={checkpoint}",
+        *extra,
+        data=[],
+    )
 
 
-def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(tiny_config, numbered_folders,
-                                                                               tmp_path, caplog):  # fmt: skip
+def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(
+    tiny_config, numbered_folders, tmp_path, caplog
+):
     base = teacher_config(tiny_config, numbered_folders, "unused")
     numeric = fitted_resnet(base, NUMERIC, tmp_path)
     with pytest.raises(DeitTrainError) as refused:
         Classify().build(teacher_config(tiny_config, numbered_folders, numeric))
     message = str(refused.value)
     # classes 0 and 1 sit at the same index in both orders: 8 of the 48 images right, 100% in numeric order
-    assert "top-1 16.7% on 48 validation images" in message and "100.0% if its outputs are read in numeric order" in message
+    assert (
+        "top-1 16.7% on 48 validation images" in message
+        and "100.0% if its outputs are read in numeric order" in message
+    )
     assert "teacher.unchecked_order=true" in message and "\n" not in message
     # the same weights with their outputs in the folders' order: accepted, and the accuracy logged
     right = fitted_resnet(base, AS_STRINGS, tmp_path)
@@ -109,16 +126,16 @@ def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(t
     assert "teacher.unchecked_order=true: training with it anyway" in caplog.text
 
 
-def test_task_teacher_cache_refuses_the_misordered_teacher_its_students_would(tiny_config, numbered_folders,
-                                                                              tmp_path):  # fmt: skip
+def test_task_teacher_cache_refuses_the_misordered_teacher_its_students_would(tiny_config, numbered_folders, tmp_path):
     """task=teacher_cache fills the cache for the students of a sweep: a teacher they would refuse is refused
     before it fills a cache nobody can use (it filled it, without its accuracy in the log)."""
     from deit_train.tasks.teacher_cache import FillTeacherCache
 
     base = teacher_config(tiny_config, numbered_folders, "unused")
     numeric = fitted_resnet(base, NUMERIC, tmp_path)
-    cfg = teacher_config(tiny_config, numbered_folders, numeric, "task=teacher_cache",
-                         f"teacher.cache={tmp_path / 'cache'}")  # fmt: skip
+    cfg = teacher_config(
+        tiny_config, numbered_folders, numeric, "task=teacher_cache", f"teacher.cache={tmp_path / 'cache'}"
+    )
     with pytest.raises(DeitTrainError, match="top-1 16.7% on 48 validation images"):
         FillTeacherCache().build(cfg)
 
@@ -176,9 +193,12 @@ def test_model_init_with_named_classes_in_another_order_is_refused_by_name(tiny_
 def test_model_init_without_names_is_checked_on_the_data(tiny_config, numbered_folders, tmp_path, caplog):
     cfg = init_config(tiny_config, numbered_folders, "unused")
     torch.save(fitted_student(cfg, NUMERIC).state_dict(), tmp_path / "numeric.pth")
-    with pytest.raises(DeitTrainError, match=r"model.init=.*numeric.pth \(weights without class names\) cannot be "
-                                             r"checked by name.* 16.7% on 48 validation images .*100.0% if its outputs "
-                                             r"are read in numeric order.*model.init_unchecked_order=true"):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=r"model.init=.*numeric.pth \(weights without class names\) cannot be "
+        r"checked by name.* 16.7% on 48 validation images .*100.0% if its outputs "
+        r"are read in numeric order.*model.init_unchecked_order=true",
+    ):
         Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "numeric.pth"))
     torch.save(fitted_student(cfg, AS_STRINGS).state_dict(), tmp_path / "strings.pth")
     with caplog.at_level(logging.INFO, logger="deit_train"):
@@ -221,7 +241,11 @@ def assert_named(refusal: str, ours: list[str], theirs: list[str]) -> None:
     assert "\n" not in refusal
     if Counter(unicodedata.normalize("NFC", n) for n in theirs) == Counter(ours) and Counter(theirs) != Counter(ours):
         assert "Unicode normalisation (NFC/NFD)" in refusal, refusal
-    elif sorted(theirs, key=natural_key) == theirs and sorted(ours, key=natural_key) != ours and sorted(theirs) == sorted(ours):
+    elif (
+        sorted(theirs, key=natural_key) == theirs
+        and sorted(ours, key=natural_key) != ours
+        and sorted(theirs) == sorted(ours)
+    ):
         assert "numeric order (2 before 10)" in refusal, refusal
     else:
         assert ascii(ours[0]) in refusal and ascii(theirs[0]) in refusal, refusal
@@ -231,10 +255,16 @@ def read_by_teacher(ours, theirs, tmp):
     """teacher.checkpoint: a deit-train checkpoint of a resnet10t trained on `theirs`."""
     network = timm.create_model("resnet10t", num_classes=len(theirs))
     config = {"model": {"name": "resnet10t"}, "loss": {"distillation_type": "none"}}
-    checkpoint = {"state_dict": {f"student.{k}": v for k, v in network.state_dict().items()}, "class_names": theirs,
-                  "pytorch-lightning_version": "2.5", "hyper_parameters": {"config": config}}  # fmt: skip
+    checkpoint = {
+        "state_dict": {f"student.{k}": v for k, v in network.state_dict().items()},
+        "class_names": theirs,
+        "pytorch-lightning_version": "2.5",
+        "hyper_parameters": {"config": config},
+    }
     torch.save(checkpoint, tmp / "teacher.ckpt")
-    cfg = OmegaConf.merge(OmegaConf.structured(TeacherConfig), {"name": "resnet10t", "checkpoint": str(tmp / "teacher.ckpt")})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TeacherConfig), {"name": "resnet10t", "checkpoint": str(tmp / "teacher.ckpt")}
+    )
     build_teacher_network(cfg, ours)
 
 
@@ -258,8 +288,13 @@ def read_by_shards(ours, theirs, tmp):
         (tmp / split).mkdir()
         (tmp / split / f"{split}-000000.tar").touch()
         (tmp / split / "_info.json").write_text(json.dumps({"classes": classes}))
-    cfg = ShardSource(**{"train_samples": 1,
-                          "train": str(tmp / "train" / "train-000000.tar"), "val": str(tmp / "val" / "val-000000.tar")})  # fmt: skip
+    cfg = ShardSource(
+        **{
+            "train_samples": 1,
+            "train": str(tmp / "train" / "train-000000.tar"),
+            "val": str(tmp / "val" / "val-000000.tar"),
+        }
+    )
     Shards(cfg, "val", None)
 
 
@@ -324,22 +359,30 @@ def test_a_transformers_teacher_with_placeholder_labels_is_checked_on_the_data(t
     from .test_transformers import transformers_classifier
 
     directory = transformers_classifier(tmp_path / "hf", [f"LABEL_{i}" for i in range(10)], size=16)
-    with pytest.raises(DeitTrainError, match=r"teacher.name=.*hf \(its id2label says LABEL_0, LABEL_1, ...\) cannot be "
-                                             r"checked by name, and on the data it scores top-1 .* on 40 validation "
-                                             r"images \(chance: "):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=r"teacher.name=.*hf \(its id2label says LABEL_0, LABEL_1, ...\) cannot be "
+        r"checked by name, and on the data it scores top-1 .* on 40 validation "
+        r"images \(chance: ",
+    ):
         Classify().build(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}"))
-    Classify().build(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}",
-                                 "teacher.unchecked_order=true"))  # fmt: skip
+    Classify().build(
+        tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}", "teacher.unchecked_order=true")
+    )
 
 
-def test_an_ensemble_member_in_another_order_is_refused_by_its_checkpoint(tiny_config, numbered_folders, tmp_path,
-                                                                           caplog):  # fmt: skip
+def test_an_ensemble_member_in_another_order_is_refused_by_its_checkpoint(
+    tiny_config, numbered_folders, tmp_path, caplog
+):
     base = teacher_config(tiny_config, numbered_folders, "unused")
     right, numeric = fitted_resnet(base, AS_STRINGS, tmp_path), fitted_resnet(base, NUMERIC, tmp_path)
     members = f"teacher.members=[{{name:resnet10t,checkpoint:{right}}},{{name:resnet10t,checkpoint:{numeric}}}]"
     overrides = [*data_overrides(numbered_folders), "loss=hard_distill", "teacher=ensemble", members]
-    with pytest.raises(DeitTrainError, match=rf"teacher.checkpoint={numeric} \(weights without class names\) cannot be "
-                                             r"checked by name.*100.0% if its outputs are read in numeric order"):
+    with pytest.raises(
+        DeitTrainError,
+        match=rf"teacher.checkpoint={numeric} \(weights without class names\) cannot be "
+        r"checked by name.*100.0% if its outputs are read in numeric order",
+    ):
         Classify().build(tiny_config(*overrides, data=[]))
     with caplog.at_level(logging.INFO, logger="deit_train"):
         Classify().build(tiny_config(*overrides, "teacher.unchecked_order=true", data=[]))

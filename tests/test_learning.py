@@ -111,8 +111,13 @@ def test_debug_overfit_fits_its_batches(tiny_config):
     """debug=overfit, as a user runs it to check the step: Lightning puts a sequential sampler in place of ours
     (plain indices, not our (index, epoch, repeat) keys) and the loss on its 2 fixed batches falls."""
     epochs = 12  # 2 batches an epoch
-    cfg = tiny_config("debug=overfit", *LEARNING, "optim.lr_batch_ref=null", f"trainer.max_epochs={epochs}",
-                      f"trainer.check_val_every_n_epoch={epochs}")  # fmt: skip
+    cfg = tiny_config(
+        "debug=overfit",
+        *LEARNING,
+        "optim.lr_batch_ref=null",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.check_val_every_n_epoch={epochs}",
+    )
     train(cfg)
     losses = logged_losses(Path(cfg.paths.output_dir))
     assert len(losses) == 2 * epochs

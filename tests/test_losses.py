@@ -58,21 +58,15 @@ def test_hard_distill_uses_teacher_argmax_only():
 
 @pytest.mark.parametrize("alpha,tau", [(0.1, 3.0), (0.5, 1.0), (0.7, 2.0)])
 def test_soft_distill_batchmean_matches_formula(alpha, tau):
-    loss = DistillationLoss("soft", alpha=alpha, tau=tau, kl_reduction="batchmean")(
-        CLS, DIST, LABELS, TEACHER
-    )
+    loss = DistillationLoss("soft", alpha=alpha, tau=tau, kl_reduction="batchmean")(CLS, DIST, LABELS, TEACHER)
     expected = (1 - alpha) * manual_ce(CLS, LABELS) + alpha * tau**2 * manual_kl_sum(DIST, TEACHER, tau) / B
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_soft_distill_official_reduction_divides_by_batch_times_classes():
     alpha, tau = 0.5, 1.0
-    loss = DistillationLoss("soft", alpha=alpha, tau=tau, kl_reduction="deit_official")(
-        CLS, DIST, LABELS, TEACHER
-    )
-    expected = (1 - alpha) * manual_ce(CLS, LABELS) + alpha * tau**2 * manual_kl_sum(DIST, TEACHER, tau) / (
-        B * C
-    )
+    loss = DistillationLoss("soft", alpha=alpha, tau=tau, kl_reduction="deit_official")(CLS, DIST, LABELS, TEACHER)
+    expected = (1 - alpha) * manual_ce(CLS, LABELS) + alpha * tau**2 * manual_kl_sum(DIST, TEACHER, tau) / (B * C)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -102,9 +96,7 @@ def test_distill_matches_the_official_deit_loss(kind, alpha, tau):
 
 def test_mixup_soft_targets_use_soft_cross_entropy_without_extra_smoothing():
     soft_targets = torch.softmax(torch.randn(B, C), dim=1)
-    criterion = DistillationLoss(
-        "hard", alpha=0.5, label_smoothing=0.1
-    )  # smoothing is already in the targets
+    criterion = DistillationLoss("hard", alpha=0.5, label_smoothing=0.1)  # smoothing is already in the targets
     loss = criterion(CLS, DIST, soft_targets, TEACHER)
     teacher_labels = TEACHER.argmax(dim=1)
     expected = 0.5 * manual_ce(CLS, soft_targets) + 0.5 * manual_ce(DIST, teacher_labels)
@@ -121,19 +113,15 @@ def test_label_smoothing_applies_to_index_targets():
 
 def test_ce_without_teacher_trains_both_heads_on_the_label():
     loss = DistillationLoss("none")(CLS, DIST, LABELS)
-    assert loss.item() == pytest.approx(
-        0.5 * manual_ce(CLS, LABELS) + 0.5 * manual_ce(DIST, LABELS), rel=1e-5
-    )
+    assert loss.item() == pytest.approx(0.5 * manual_ce(CLS, LABELS) + 0.5 * manual_ce(DIST, LABELS), rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_single_head_student_distills_on_its_only_head(kind):
     criterion = DistillationLoss(kind, alpha=0.3, tau=2.0)
     loss = criterion(CLS, None, LABELS, TEACHER)
-    if kind == "hard":
-        distill = manual_ce(CLS, TEACHER.argmax(dim=1))
-    else:
-        distill = 4.0 * manual_kl_sum(CLS, TEACHER, 2.0) / B
+    hard = manual_ce(CLS, TEACHER.argmax(dim=1))
+    distill = hard if kind == "hard" else 4.0 * manual_kl_sum(CLS, TEACHER, 2.0) / B
     assert loss.item() == pytest.approx(0.7 * manual_ce(CLS, LABELS) + 0.3 * distill, rel=1e-5)
 
 

@@ -31,9 +31,15 @@ def tiny_encoder(img_size=16):
 
 def test_reconstruction_and_loss_equal_transformers_deit_for_masked_image_modeling(tmp_path):
     config = DeiTConfig(
-        image_size=16, patch_size=4, encoder_stride=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, layer_norm_eps=1e-6,
-    )  # fmt: skip
+        image_size=16,
+        patch_size=4,
+        encoder_stride=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        layer_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     theirs = DeiTForMaskedImageModeling(config).eval()
     torch.nn.init.normal_(theirs.deit.embeddings.mask_token)  # zero at init: make it count
@@ -52,10 +58,12 @@ def test_reconstruction_and_loss_equal_transformers_deit_for_masked_image_modeli
     # Their checkpoint also starts a classifier: the encoder is kept, mask token and decoder dropped.
     theirs.save_pretrained(tmp_path / "hf_mim")
     student = build_student(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "deit_tiny_distilled_patch16_224",
-                        "img_size": 16, "init": str(tmp_path / "hf_mim"), **TINY}),
+        OmegaConf.merge(
+            OmegaConf.structured(ModelConfig),
+            {"name": "deit_tiny_distilled_patch16_224", "img_size": 16, "init": str(tmp_path / "hf_mim"), **TINY},
+        ),
         num_classes=5,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(student.blocks[1].mlp.fc2.weight, ours.encoder.blocks[1].mlp.fc2.weight)
 
 
@@ -66,9 +74,7 @@ def test_loss_counts_masked_pixels_only():
     masked_top_left = torch.tensor([[True, False, False, False]])
     masked_elsewhere = torch.tensor([[False, True, True, True]])
     # 16 masked pixels x 3 channels, each off by 2: mean 2 (up to the 1e-5 in the denominator)
-    assert masked_reconstruction_loss(images, reconstruction, masked_top_left, 4) == pytest.approx(
-        2.0, rel=1e-5
-    )
+    assert masked_reconstruction_loss(images, reconstruction, masked_top_left, 4) == pytest.approx(2.0, rel=1e-5)
     assert masked_reconstruction_loss(images, reconstruction, masked_elsewhere, 4) == 0.0
 
 
@@ -150,7 +156,8 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
         "loss=hard_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
         run="finetune",
     )
     student = build_student(finetune.model, num_classes=10)
@@ -163,8 +170,15 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
 
 
 def test_mim_refuses_a_teacher(tiny_config, random_teacher_checkpoint):
-    cfg = tiny_config("task=mim", "task.mask_patch_size=8", "loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                      f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true")  # fmt: skip
+    cfg = tiny_config(
+        "task=mim",
+        "task.mask_patch_size=8",
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+    )
     with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
         train(cfg)
 
@@ -175,8 +189,17 @@ def test_pretraining_continues_from_its_checkpoint_with_mask_token_and_decoder(t
     assert not Path(first.paths.output_dir, "reconstructions").exists()
     checkpoint = f"{first.paths.output_dir}/checkpoints/last.ckpt"
     stored = torch.load(checkpoint, weights_only=True)["state_dict"]
-    again = tiny_config("task=mim", "task.mask_patch_size=8", "task.pictures=0", f"model.init={checkpoint}",
-                        "optim.lr=0", "optim.warmup_lr=0", "optim.min_lr=0", "optim.weight_decay=0", run="again")  # fmt: skip
+    again = tiny_config(
+        "task=mim",
+        "task.mask_patch_size=8",
+        "task.pictures=0",
+        f"model.init={checkpoint}",
+        "optim.lr=0",
+        "optim.warmup_lr=0",
+        "optim.min_lr=0",
+        "optim.weight_decay=0",
+        run="again",
+    )
     model = train(again).module.model  # lr 0: nothing moves, so everything equals what it started from
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, stored[f"model.{key}"], rtol=0, atol=0, msg=key)

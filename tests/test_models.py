@@ -32,7 +32,9 @@ def tiny_student_config(**changes):
 
 
 def teacher_config(**changes):
-    return OmegaConf.create({"name": "resnet10t", "library": "timm", "pretrained": False, "checkpoint": None, **changes})
+    return OmegaConf.create(
+        {"name": "resnet10t", "library": "timm", "pretrained": False, "checkpoint": None, **changes}
+    )
 
 
 def test_student_architecture_fields_reach_timm():
@@ -113,9 +115,7 @@ def test_teacher_loads_every_checkpoint_form_and_is_frozen(tmp_path, filename, w
 def test_teacher_class_count_must_match_data(tmp_path):
     save_teacher(tmp_path / "t10.pth", 10)
     with pytest.raises(DeitTrainError, match=r"has 10 classes .* but the data has 100"):
-        build_teacher_network(
-            teacher_config(checkpoint=str(tmp_path / "t10.pth")), [f"c{i}" for i in range(100)]
-        )
+        build_teacher_network(teacher_config(checkpoint=str(tmp_path / "t10.pth")), [f"c{i}" for i in range(100)])
 
 
 def test_teacher_without_weights_is_refused():
@@ -145,8 +145,11 @@ class Payload:
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as file:
         pickle.dump({"model": Payload()}, file)
-    with pytest.raises(DeitTrainError, match=r"holds Python objects besides tensors \(builtins.print\), which "
-                       "loading would have to run as code: refused"):
+    with pytest.raises(
+        DeitTrainError,
+        match=r"holds Python objects besides tensors \(builtins.print\), which "
+        "loading would have to run as code: refused",
+    ):
         load_weights(tmp_path / "evil.pth")
 
 

@@ -28,9 +28,7 @@ def test_wheel_ships_every_yaml_and_composes_from_elsewhere(tmp_path):
     )
     wheel = next(tmp_path.glob("deit_train-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {
-        f"deit_train/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")
-    }
+    expected = {f"deit_train/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
     assert expected and expected <= names, sorted(expected - names)
 
     site = tmp_path / "site"

@@ -31,10 +31,19 @@ def photo(seed: int, width: int, height: int) -> Image.Image:
 def timm_worker_transform(config, img_size: int):
     """The worker-side pipeline we had (and the official code has): timm's create_transform with ToTensor,
     Normalize and RandomErasing(mode pixel, count 1) at its end."""
-    return create_transform(img_size, is_training=True, scale=tuple(config.scale), auto_augment=config.auto_augment,
-                            color_jitter=config.color_jitter, interpolation=config.train_interpolation,
-                            re_prob=config.reprob, re_mode="pixel", re_count=1, mean=timm.data.IMAGENET_DEFAULT_MEAN,
-                            std=timm.data.IMAGENET_DEFAULT_STD)  # fmt: skip
+    return create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(config.scale),
+        auto_augment=config.auto_augment,
+        color_jitter=config.color_jitter,
+        interpolation=config.train_interpolation,
+        re_prob=config.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=timm.data.IMAGENET_DEFAULT_MEAN,
+        std=timm.data.IMAGENET_DEFAULT_STD,
+    )
 
 
 def on_device(view) -> torch.Tensor:
@@ -49,8 +58,12 @@ def test_the_mean_and_std_are_timms():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), reprob=st.sampled_from([0.25, 1.0]), size=st.sampled_from([16, 24]),
-       shape=st.tuples(st.integers(16, 48), st.integers(16, 48)))  # fmt: skip
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    reprob=st.sampled_from([0.25, 1.0]),
+    size=st.sampled_from([16, 24]),
+    shape=st.tuples(st.integers(16, 48), st.integers(16, 48)),
+)
 def test_device_side_erasing_and_normalisation_equal_timms_worker_side(seed, reprob, size, shape):
     config = augment(reprob=reprob)
     image = photo(seed, *shape)
@@ -184,16 +197,23 @@ def test_the_same_seed_trains_the_same_weights_with_0_1_and_2_workers_with_erasi
 
     weights = {}
     for workers in (0, 1, 2):
-        cfg = tiny_config(f"data.num_workers={workers}", "augment.reprob=1.0", "augment.mixup=0.8", "augment.cutmix=1.0",
-                          "trainer.max_epochs=2", run=f"w{workers}")  # fmt: skip
+        cfg = tiny_config(
+            f"data.num_workers={workers}",
+            "augment.reprob=1.0",
+            "augment.mixup=0.8",
+            "augment.cutmix=1.0",
+            "trainer.max_epochs=2",
+            run=f"w{workers}",
+        )
         result = train(cfg)
         weights[workers] = {k: v.clone() for k, v in result.module.student.state_dict().items()}
     for workers in (1, 2):
         assert all(torch.equal(weights[0][k], weights[workers][k]) for k in weights[0]), workers
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
-                                             ("bf16-mixed", torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "precision,dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64), ("bf16-mixed", torch.float32)]
+)
 def test_the_finished_images_take_the_dtype_lightning_gives_a_float_batch(precision, dtype):
     """Lightning converts a float batch to a true-precision dtype before the copy and leaves a uint8 one: the module
     converts the images it makes, as the worker-made floats were."""

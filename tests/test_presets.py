@@ -134,17 +134,43 @@ VIT_S = {"model.embed_dim": 384, "model.depth": 12, "model.num_heads": 6}
 VIT_B = {"model.embed_dim": 768, "model.depth": 12, "model.num_heads": 12}
 VIT_L = {"model.embed_dim": 1024, "model.depth": 24, "model.num_heads": 16}
 DEIT3 = {
-    "deit3_small": {**DEIT3_PRETRAIN, **VIT_S, "model.name": "deit3_small_patch16_224", "model.img_size": 224,
-                    "optim.lr": 4e-3, "model.drop_path_rate": 0.05},
-    "deit3_base_192": {**DEIT3_PRETRAIN, **VIT_B, "model.name": "deit3_base_patch16_224", "model.img_size": 192,
-                       "optim.lr": 3e-3, "model.drop_path_rate": 0.2},
-    "deit3_large_192": {**DEIT3_PRETRAIN, **VIT_L, "model.name": "deit3_large_patch16_224", "model.img_size": 192,
-                        "optim.lr": 3e-3, "model.drop_path_rate": 0.45},
-    "deit3_base_224_finetune": {**DEIT3_FINETUNE_224, **VIT_B, "model.name": "deit3_base_patch16_224",
-                                "model.drop_path_rate": 0.2},
-    "deit3_large_224_finetune": {**DEIT3_FINETUNE_224, **VIT_L, "model.name": "deit3_large_patch16_224",
-                                 "model.drop_path_rate": 0.45},
-}  # fmt: skip
+    "deit3_small": {
+        **DEIT3_PRETRAIN,
+        **VIT_S,
+        "model.name": "deit3_small_patch16_224",
+        "model.img_size": 224,
+        "optim.lr": 4e-3,
+        "model.drop_path_rate": 0.05,
+    },
+    "deit3_base_192": {
+        **DEIT3_PRETRAIN,
+        **VIT_B,
+        "model.name": "deit3_base_patch16_224",
+        "model.img_size": 192,
+        "optim.lr": 3e-3,
+        "model.drop_path_rate": 0.2,
+    },
+    "deit3_large_192": {
+        **DEIT3_PRETRAIN,
+        **VIT_L,
+        "model.name": "deit3_large_patch16_224",
+        "model.img_size": 192,
+        "optim.lr": 3e-3,
+        "model.drop_path_rate": 0.45,
+    },
+    "deit3_base_224_finetune": {
+        **DEIT3_FINETUNE_224,
+        **VIT_B,
+        "model.name": "deit3_base_patch16_224",
+        "model.drop_path_rate": 0.2,
+    },
+    "deit3_large_224_finetune": {
+        **DEIT3_FINETUNE_224,
+        **VIT_L,
+        "model.name": "deit3_large_patch16_224",
+        "model.drop_path_rate": 0.45,
+    },
+}
 # The same recipes with a teacher on top (not in the paper): DeiT III's ViT with DeiT's distillation token.
 DEIT3_DISTILLED = {
     f"{size}_distilled{stage}": {
@@ -155,9 +181,14 @@ DEIT3_DISTILLED = {
         "loss.alpha": 0.5,
         "teacher.name": "regnety_160.deit_in1k",
     }
-    for size, stage in [("deit3_small", ""), ("deit3_base", "_192"), ("deit3_base", "_224_finetune"),
-                        ("deit3_large", "_192"), ("deit3_large", "_224_finetune")]
-}  # fmt: skip
+    for size, stage in [
+        ("deit3_small", ""),
+        ("deit3_base", "_192"),
+        ("deit3_base", "_224_finetune"),
+        ("deit3_large", "_192"),
+        ("deit3_large", "_224_finetune"),
+    ]
+}
 PAPER |= DEIT3 | DEIT3_DISTILLED
 # Function matching (Beyer et al. 2022): big_vision's configs/proj/distill/bit_i1k.py, the paper's ImageNet config.
 PAPER["function_matching"] = {
@@ -222,8 +253,9 @@ def official_checkpoint(preset: str, path):
     own architecture (plain or distilled, DeiT or DeiT III) with ImageNet's 1000-class head, at a lower resolution
     (3x3 patches, resampled to the run's 4x4 as in 224 -> 384 or 192 -> 224 fine-tuning)."""
     model = compose_config([f"experiment={preset}"], path.parent, path.parent).model
-    student = timm.create_model(model.name, img_size=12, patch_size=4, depth=2, embed_dim=32, num_heads=2,
-                                num_classes=1000, **model.kwargs)  # fmt: skip
+    student = timm.create_model(
+        model.name, img_size=12, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=1000, **model.kwargs
+    )
     torch.save({"model": student.state_dict()}, path)
     return path
 
@@ -237,7 +269,11 @@ def shrink(preset: str, path) -> list[str]:
         convnet += ["model.trainable=[fc.*]"] if model.trainable else []  # resnet10t's classifier
         return [*convnet, *[o for o in SHRINK if not o.startswith(vit_sizes)]]
     # random weights, at chance on the data
-    return [*SHRINK, f"model.init={official_checkpoint(preset, path / 'student.pth')}", "model.init_unchecked_order=true"]
+    return [
+        *SHRINK,
+        f"model.init={official_checkpoint(preset, path / 'student.pth')}",
+        "model.init_unchecked_order=true",
+    ]
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
@@ -245,12 +281,11 @@ def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_c
     overrides = [
         f"experiment={preset}",
         *shrink(preset, tmp_path),
-        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
     ]
     overrides += (
-        [f"data.root={demo_data}"]
-        if preset != "deit_transfer"
-        else ["data=imagefolder", f"data.root={demo_data}"]
+        [f"data.root={demo_data}"] if preset != "deit_transfer" else ["data=imagefolder", f"data.root={demo_data}"]
     )
     cfg = compose_config(overrides, tmp_path / "run", tmp_path)
     train(cfg)
@@ -261,8 +296,14 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
     """alpha 1 trains the distillation head only: a distilled DeiT's class head would stay random."""
     from deit_train.errors import DeitTrainError
 
-    overrides = ["experiment=function_matching", "model=deit_tiny", *SHRINK, f"data.root={demo_data}",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]  # fmt: skip
+    overrides = [
+        "experiment=function_matching",
+        "model=deit_tiny",
+        *SHRINK,
+        f"data.root={demo_data}",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+    ]
     assert compose_config(overrides, tmp_path, tmp_path).model.name == "deit_tiny_distilled_patch16_224"
     with pytest.raises(DeitTrainError, match="loss.alpha=1.0 gives the class head"):
         train(compose_config(overrides, tmp_path / "run", tmp_path))
@@ -272,12 +313,15 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
 
 
 def test_fixres_trains_the_classifier_alone_and_re_estimates_batch_norm(tmp_path, demo_data):
-    start = save_safetensors(
-        timm.create_model("resnet10t", num_classes=10), tmp_path / "teacher_224.safetensors"
-    )
-    overrides = ["experiment=teacher_fixres_384", *shrink("teacher_fixres_384", tmp_path), f"data.root={demo_data}",
-                 f"model.init={tmp_path / 'teacher_224.safetensors'}", "trainer.max_epochs=2",
-                 "model.init_unchecked_order=true"]  # random weights: at chance  # fmt: skip
+    start = save_safetensors(timm.create_model("resnet10t", num_classes=10), tmp_path / "teacher_224.safetensors")
+    overrides = [
+        "experiment=teacher_fixres_384",
+        *shrink("teacher_fixres_384", tmp_path),
+        f"data.root={demo_data}",
+        f"model.init={tmp_path / 'teacher_224.safetensors'}",
+        "trainer.max_epochs=2",
+        "model.init_unchecked_order=true",
+    ]  # random weights: at chance
     student = train(compose_config(overrides, tmp_path / "run", tmp_path)).module.student
     after = student.state_dict()
     changed = {key for key, tensor in start.items() if not torch.equal(after[key], tensor)}

@@ -27,33 +27,102 @@ from deit_train.train import train
 from .conftest import TINY, compose_config
 
 # CI: a fixed list of draws, not shrunk (a failure prints its draw; shrinking a training run takes minutes)
-settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, phases=list(Phase)[:4],
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
-settings.register_profile("dev", max_examples=250, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    phases=list(Phase)[:4],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev",
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SCALE = {"ci": 1, "dev": 10}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 
 # ------------------------------------------------------------------------------------------------ command lines
 
 NUMBERS = st.one_of(
-    st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
     st.sampled_from([0, 1, -1, 0.5, 1.0, 2, 3, 7, 16, 1e-12, 1e12]),
-)  # fmt: skip
-WORDS = st.one_of(st.sampled_from(["null", "true", "false", "abc", "[]", "[1,2]", "''", "auto", "none", "hard",
-                                   "soft", "bce", "random_resized", "center", "bicubic", "3a", "max", "min"]),
-                  st.text("abcxyz_-.", min_size=1, max_size=6))  # fmt: skip
+)
+WORDS = st.one_of(
+    st.sampled_from(
+        [
+            "null",
+            "true",
+            "false",
+            "abc",
+            "[]",
+            "[1,2]",
+            "''",
+            "auto",
+            "none",
+            "hard",
+            "soft",
+            "bce",
+            "random_resized",
+            "center",
+            "bicubic",
+            "3a",
+            "max",
+            "min",
+        ]
+    ),
+    st.text("abcxyz_-.", min_size=1, max_size=6),
+)
 VALUES = st.one_of(NUMBERS, WORDS).map(lambda v: repr(v) if isinstance(v, float) else str(v))
-KEYS = st.sampled_from([
-    "model.img_size", "model.patch_size", "model.depth", "model.num_heads", "model.embed_dim", "model.drop_path_rate",
-    "loss.distillation_type", "loss.alpha", "loss.tau", "loss.kl_reduction", "loss.label_loss",
-    "loss.bce_target_threshold", "data.batch_size", "data.num_workers", "data.scan", "data.max_image_pixels",
-    "augment.crop", "augment.scale", "augment.reprob", "augment.mixup", "augment.cutmix", "augment.smoothing",
-    "augment.repeated_aug", "augment.eval_crop_pct", "augment.train_interpolation", "optim.lr", "optim.weight_decay",
-    "optim.warmup_epochs", "optim.lr_batch_ref", "ema.decay", "seed", "teacher.cache_topk", "teacher.img_size",
-    "trainer.max_epochs", "trainer.devices", "trainer.accumulate_grad_batches", "trainer.precision",
-    "trainer.gradient_clip_val", "trainer.log_every_n_steps", "task.optimized_mode", "resume", "compile",
-])  # fmt: skip
+KEYS = st.sampled_from(
+    [
+        "model.img_size",
+        "model.patch_size",
+        "model.depth",
+        "model.num_heads",
+        "model.embed_dim",
+        "model.drop_path_rate",
+        "loss.distillation_type",
+        "loss.alpha",
+        "loss.tau",
+        "loss.kl_reduction",
+        "loss.label_loss",
+        "loss.bce_target_threshold",
+        "data.batch_size",
+        "data.num_workers",
+        "data.scan",
+        "data.max_image_pixels",
+        "augment.crop",
+        "augment.scale",
+        "augment.reprob",
+        "augment.mixup",
+        "augment.cutmix",
+        "augment.smoothing",
+        "augment.repeated_aug",
+        "augment.eval_crop_pct",
+        "augment.train_interpolation",
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.warmup_epochs",
+        "optim.lr_batch_ref",
+        "ema.decay",
+        "seed",
+        "teacher.cache_topk",
+        "teacher.img_size",
+        "trainer.max_epochs",
+        "trainer.devices",
+        "trainer.accumulate_grad_batches",
+        "trainer.precision",
+        "trainer.gradient_clip_val",
+        "trainer.log_every_n_steps",
+        "task.optimized_mode",
+        "resume",
+        "compile",
+    ]
+)
 OVERRIDES = st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=4, unique_by=lambda kv: kv[0]).map(
     lambda pairs: [f"{key}={value}" for key, value in pairs]
 )
@@ -72,13 +141,34 @@ def test_a_drawn_command_line_is_accepted_or_refused_in_one_line(overrides, caps
         assert "Traceback" not in error
 
 
-VALID_OVERRIDE_SETS = st.lists(st.sampled_from([
-    "augment.mixup=0.8", "augment.cutmix=1.0", "augment.reprob=0.5", "augment.smoothing=0.2", "ema.decay=0.5",
-    "model.drop_path_rate=0.3", "augment=three_augment", "augment=none", "loss=bce augment.smoothing=0.0",
-    "optim=sgd", "optim=lamb", "trainer.accumulate_grad_batches=2", "augment.repeated_aug=2",
-    "augment.repeated_aug_single_process=true", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.5",
-    "seed=4294967295", "augment.crop=simple_random", "optim.warmup_epochs=0",
-]), min_size=1, max_size=4, unique=True)  # fmt: skip
+VALID_OVERRIDE_SETS = st.lists(
+    st.sampled_from(
+        [
+            "augment.mixup=0.8",
+            "augment.cutmix=1.0",
+            "augment.reprob=0.5",
+            "augment.smoothing=0.2",
+            "ema.decay=0.5",
+            "model.drop_path_rate=0.3",
+            "augment=three_augment",
+            "augment=none",
+            "loss=bce augment.smoothing=0.0",
+            "optim=sgd",
+            "optim=lamb",
+            "trainer.accumulate_grad_batches=2",
+            "augment.repeated_aug=2",
+            "augment.repeated_aug_single_process=true",
+            "trainer.precision=bf16-mixed",
+            "trainer.gradient_clip_val=0.5",
+            "seed=4294967295",
+            "augment.crop=simple_random",
+            "optim.warmup_epochs=0",
+        ]
+    ),
+    min_size=1,
+    max_size=4,
+    unique=True,
+)
 
 
 def test_a_drawn_valid_config_trains_what_it_asks(tmp_path_factory, cache_dir):
@@ -125,9 +215,14 @@ def test_a_drawn_valid_config_trains_what_it_asks(tmp_path_factory, cache_dir):
 # ----------------------------------------------------------------------------------------------- image files
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "P+transparency"]
-FORMATS = {"png": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "P+transparency"), "jpg": ("L", "RGB", "CMYK"),
-           "tiff": ("1", "L", "RGB", "RGBA", "CMYK", "I;16", "I", "F"), "bmp": ("1", "L", "P", "RGB"),
-           "webp": ("RGB", "RGBA"), "gif": ("L", "P", "P+transparency")}  # fmt: skip
+FORMATS = {
+    "png": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "P+transparency"),
+    "jpg": ("L", "RGB", "CMYK"),
+    "tiff": ("1", "L", "RGB", "RGBA", "CMYK", "I;16", "I", "F"),
+    "bmp": ("1", "L", "P", "RGB"),
+    "webp": ("RGB", "RGBA"),
+    "gif": ("L", "P", "P+transparency"),
+}
 
 
 def drawn_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
@@ -154,8 +249,10 @@ def image_files(draw) -> tuple[str, bytes]:
     width, height = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     buffer = io.BytesIO()
     drawn_image(mode, width, height, draw(st.integers(0, 2**16))).save(
-        buffer, format={"jpg": "JPEG"}.get(extension, extension.upper()), **(
-            {"transparency": 0} if mode == "P+transparency" and extension in ("png", "gif") else {}))  # fmt: skip
+        buffer,
+        format={"jpg": "JPEG"}.get(extension, extension.upper()),
+        **({"transparency": 0} if mode == "P+transparency" and extension in ("png", "gif") else {}),
+    )
     stem = draw(st.sampled_from(["img", "img", "x y", "UPPER", "ünï", "._img", ".hidden"]))  # a dot: a hidden file
     return f"{stem}{{}}.{extension}", buffer.getvalue()  # {} takes the file's number
 
@@ -187,8 +284,9 @@ def test_a_drawn_data_folder_trains_on_its_visible_images_or_is_refused_in_one_l
             (root / split / junk_folder).mkdir(exist_ok=True)
             (root / split / junk_folder / "copy.png").write_bytes(files[0][1][1])
     run_dir = root.with_name(f"{root.name}-run")  # each example its own run
-    cfg = compose_config([*TINY, "data=imagefolder", f"data.root={root}", "data.batch_size=2",
-                          "data.scan=full"], run_dir, cache_dir)  # fmt: skip
+    cfg = compose_config(
+        [*TINY, "data=imagefolder", f"data.root={root}", "data.batch_size=2", "data.scan=full"], run_dir, cache_dir
+    )
     visible = [(label, index) for index, (label, (name, _)) in enumerate(files) if not name.startswith(".")]
     unreadable = [index for _, index in visible if index in broken]
     folders, classes = sorted({label for label, _ in files}), sorted({label for label, _ in visible})
@@ -196,8 +294,18 @@ def test_a_drawn_data_folder_trains_on_its_visible_images_or_is_refused_in_one_l
         run = train(cfg)
     except DeitTrainError as refused:
         message = str(refused)
-        event("refused: " + next(why for phrase, why in [("cannot be read", "unreadable files"), ("hold no images",
-              "a class folder of hidden files only"), ("needs at least 2", "one class")] if phrase in message))  # fmt: skip
+        event(
+            "refused: "
+            + next(
+                why
+                for phrase, why in [
+                    ("cannot be read", "unreadable files"),
+                    ("hold no images", "a class folder of hidden files only"),
+                    ("needs at least 2", "one class"),
+                ]
+                if phrase in message
+            )
+        )
         assert "\n" not in message and not run_dir.exists(), message
         if len(folders) < 2:
             assert "classification needs at least 2" in message, message
@@ -237,8 +345,24 @@ class RunsCode:
 
 @st.composite
 def checkpoint_files(draw, real: bytes) -> bytes:
-    kind = draw(st.sampled_from(["truncated", "random", "text", "json", "pickle_code", "torch_code", "state_dict",
-                                 "nested", "scalar", "empty", "zip", "bitflip"]))  # fmt: skip
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "random",
+                "text",
+                "json",
+                "pickle_code",
+                "torch_code",
+                "state_dict",
+                "nested",
+                "scalar",
+                "empty",
+                "zip",
+                "bitflip",
+            ]
+        )
+    )
     if kind == "truncated":
         return real[: draw(st.integers(0, len(real) - 1))]
     if kind == "bitflip":
@@ -283,13 +407,17 @@ def real_checkpoint(tmp_path_factory, cache_dir) -> bytes:
 
 @settings(max_examples=60 * SCALE)
 @given(data=st.data())
-def test_a_drawn_checkpoint_file_is_read_or_refused_in_one_line_and_never_runs_code(data, real_checkpoint,
-                                                                                   tmp_path_factory):  # fmt: skip
+def test_a_drawn_checkpoint_file_is_read_or_refused_in_one_line_and_never_runs_code(
+    data, real_checkpoint, tmp_path_factory
+):
     MARKER.unlink(missing_ok=True)
     path = tmp_path_factory.mktemp("ckpt") / "drawn.ckpt"
     path.write_bytes(data.draw(checkpoint_files(real_checkpoint)))
-    for read in (lambda: load_weights(path, "model.init"), lambda: load_weights(path, "teacher.checkpoint"),
-                 lambda: read_run_checkpoint(path, "ckpt_path")):  # fmt: skip
+    for read in (
+        lambda: load_weights(path, "model.init"),
+        lambda: load_weights(path, "teacher.checkpoint"),
+        lambda: read_run_checkpoint(path, "ckpt_path"),
+    ):
         try:
             read()
         except DeitTrainError as refused:

@@ -20,9 +20,7 @@ from .test_sweeps import run_sweep
 def sweep(tmp_path_factory, cache_dir):
     """model.depth=1,2 x seed=0,1, two epochs each; job 3's metrics.json removed, as a job that died leaves it."""
     tmp_path = tmp_path_factory.mktemp("report")
-    result = run_sweep(
-        "model.depth=1,2", "seed=0,1", "trainer.max_epochs=2", tmp_path=tmp_path, cache_dir=cache_dir
-    )
+    result = run_sweep("model.depth=1,2", "seed=0,1", "trainer.max_epochs=2", tmp_path=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(sweep_dir, tmp_path / "complete")
@@ -59,12 +57,14 @@ def test_sweep_table_aggregates_seeds_as_the_jobs_metrics_say(sweep, tmp_path):
 
 
 def test_a_failed_job_is_listed_not_dropped(sweep, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(sweep), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    failed_row = next(
-        line for line in result.stdout.splitlines() if line.startswith("| ") and "| 3 |" in line
+    result = subprocess.run(
+        [sys.executable, "-m", "deit_train.tools.report", str(sweep), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert result.returncode == 0, result.stderr
+    failed_row = next(line for line in result.stdout.splitlines() if line.startswith("| ") and "| 3 |" in line)
     assert "| 1 |" in failed_row  # that configuration has one finished seed left
     assert "1 of 4 runs have no metrics.json" in result.stdout
     assert (tmp_path / "report.png").is_file() and (tmp_path / "report.md").is_file()
@@ -113,8 +113,9 @@ def test_clear_errors_for_no_runs_no_logs_and_nothing_finished(sweep, tmp_path):
     shutil.copytree(sweep.parent / "complete", unfinished)
     for metrics in unfinished.glob("*/metrics.json"):
         metrics.unlink()
-    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(unfinished)], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "deit_train.tools.report", str(unfinished)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"deit-report: error: none of the 4 runs in {unfinished} has finished (no metrics.json): failed, or still "
@@ -138,8 +139,12 @@ def test_a_damaged_run_file_is_named_in_one_line(sweep, tmp_path, name, content,
     damaged = tmp_path / "damaged"
     shutil.copytree(sweep.parent / "complete", damaged)
     (damaged / "0" / name).write_text(content)
-    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert str(damaged / "0" / name) in lines[0] and named in lines[0], lines[0]
@@ -150,14 +155,28 @@ def test_failed_and_missing_jobs_are_listed_with_their_message(sweep, tmp_path):
     multirun.yaml asked for but that never ran (no directory) as missing, with its overrides."""
     damaged = tmp_path / "sweep"
     shutil.copytree(sweep.parent / "complete", damaged)
-    overrides = {job: yaml.safe_load((damaged / str(job) / ".hydra" / "overrides.yaml").read_text()) for job in range(4)}
+    overrides = {
+        job: yaml.safe_load((damaged / str(job) / ".hydra" / "overrides.yaml").read_text()) for job in range(4)
+    }
     shutil.rmtree(damaged / "2")  # never ran
     shutil.rmtree(damaged / "1")  # refused at check time: only its record
     (damaged / "1").mkdir()
-    (damaged / "1" / "failed.json").write_text(json.dumps({"job": 1, "overrides": overrides[1], "exit_status": 2,
-                                                           "message": "loss.alpha=1.5: expected a weight in [0, 1]"}))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    (damaged / "1" / "failed.json").write_text(
+        json.dumps(
+            {
+                "job": 1,
+                "overrides": overrides[1],
+                "exit_status": 2,
+                "message": "loss.alpha=1.5: expected a weight in [0, 1]",
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "deit_train.tools.report", str(damaged), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     varying = lambda job: " ".join(o for o in overrides[job] if o.startswith(("model.depth", "seed")))  # noqa: E731
     lines = result.stdout.splitlines()

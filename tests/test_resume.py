@@ -22,14 +22,24 @@ from .conftest import TINY, TINY_RUN, TINY_VIT
 REPO = Path(__file__).resolve().parents[1]
 # Everything that draws randomness: drop path, RandAugment and erasing (augment=deit), Mixup/CutMix, an EMA, and
 # data-loader workers.
-EVERYTHING = ["model.drop_path_rate=0.1", "augment.mixup=0.8", "augment.cutmix=1.0", "ema.decay=0.9",
-              "data.num_workers=1", "trainer.max_epochs=3"]  # fmt: skip
+EVERYTHING = [
+    "model.drop_path_rate=0.1",
+    "augment.mixup=0.8",
+    "augment.cutmix=1.0",
+    "ema.decay=0.9",
+    "data.num_workers=1",
+    "trainer.max_epochs=3",
+]
 DDP = ["trainer=ddp_cpu", "trainer.devices=2", "augment.repeated_aug=2", "data.num_workers=2"]
 
 
 def deit_train(*overrides: str, run_dir: Path, cache_dir: Path, base=TINY) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "deit_train", *layered([*base, f"paths.cache_dir={cache_dir}",
-                                                                   f"hydra.run.dir={run_dir}", *overrides])]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train",
+        *layered([*base, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]),
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=run_dir.parent, env=environment)
 
@@ -44,8 +54,14 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def stop_then_resume(how: str, run_dir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    stopped = deit_train(*overrides, "+callbacks.stop._target_=tests.probes.Interrupt", "+callbacks.stop.epoch=0",
-                         f"+callbacks.stop.how={how}", run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+    stopped = deit_train(
+        *overrides,
+        "+callbacks.stop._target_=tests.probes.Interrupt",
+        "+callbacks.stop.epoch=0",
+        f"+callbacks.stop.how={how}",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+    )
     expected = {"stop": 0, "sigint": 130, "sigkill": -9}[how]
     assert stopped.returncode == expected, stopped.stdout + stopped.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
@@ -88,8 +104,7 @@ def test_a_killed_two_process_run_resumes_to_the_weights_of_one_go(tmp_path, cac
 def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
-    resumed = deit_train("trainer.max_epochs=2", "optim.lr=1e-5", "resume=true", run_dir=run_dir,
-                         cache_dir=cache_dir)  # fmt: skip
+    resumed = deit_train("trainer.max_epochs=2", "optim.lr=1e-5", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
     assert resumed.returncode == 0, resumed.stderr
     output = resumed.stdout + resumed.stderr
     assert "resume: optim.lr changed 0.002 -> 1e-05 (applied)" in output
@@ -107,7 +122,10 @@ def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
     "change, listed",
     [
         (["model.depth=3"], "model.depth: 2 -> 3"),
-        (["augment.mixup=0.5", "seed=7"], "2 change(s) to what the run trains: augment.mixup: 0.0 -> 0.5, seed: 0 -> 7"),
+        (
+            ["augment.mixup=0.5", "seed=7"],
+            "2 change(s) to what the run trains: augment.mixup: 0.0 -> 0.5, seed: 0 -> 7",
+        ),
         (["loss.label_loss=bce", "augment.smoothing=0.0"], "loss.label_loss: ce -> bce"),
     ],
 )
@@ -158,10 +176,25 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir):
 def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "deit_train", *layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
-         "trainer.max_epochs=2", "+callbacks.pause._target_=tests.probes.Pause"])],  # held after its first epoch
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deit_train",
+            *layered(
+                [
+                    *TINY,
+                    f"paths.cache_dir={cache_dir}",
+                    f"hydra.run.dir={run_dir}",
+                    "trainer.max_epochs=2",
+                    "+callbacks.pause._target_=tests.probes.Pause",
+                ]
+            ),
+        ],  # held after its first epoch
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         for _ in range(1200):
             if (run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -183,8 +216,14 @@ def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path
 
 def test_a_run_refused_while_building_leaves_no_directory(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    refused = deit_train("loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                         f"teacher.checkpoint={tmp_path / 'missing.pth'}", run_dir=run_dir, cache_dir=cache_dir)  # fmt: skip
+    refused = deit_train(
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={tmp_path / 'missing.pth'}",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+    )
     assert refused.returncode == 2 and "teacher.checkpoint=" in refused.stderr and "does not exist" in refused.stderr
     assert not run_dir.exists()
 
@@ -193,8 +232,12 @@ def test_steps_per_epoch_counts_as_lightning_does(tiny_config):
     """The data module counts the schedule's steps without making the loader; Lightning's estimate agrees."""
     from deit_train.train import train
 
-    cases = ([], ["trainer.accumulate_grad_batches=2"], ["+trainer.limit_train_batches=3"],
-             ["+trainer.limit_train_batches=0.5", "trainer.accumulate_grad_batches=2"])  # fmt: skip
+    cases = (
+        [],
+        ["trainer.accumulate_grad_batches=2"],
+        ["+trainer.limit_train_batches=3"],
+        ["+trainer.limit_train_batches=0.5", "trainer.accumulate_grad_batches=2"],
+    )
     for i, overrides in enumerate(cases):
         run = train(tiny_config(*overrides, run=f"case{i}"))
         estimated = run.trainer.estimated_stepping_batches // run.trainer.max_epochs
@@ -211,10 +254,22 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoin
     before = last.read_bytes()
     limit = len(before) // 2  # no file may grow past half a checkpoint: the next save cannot be written
 
-    command = [sys.executable, "-m", "deit_train", *layered([*TINY, f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"])]  # fmt: skip
-    full = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "deit_train",
+        *layered(
+            [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "resume=true"]
+        ),
+    ]
+    full = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     assert full.returncode == 4, full.stderr
     assert full.stderr.strip().splitlines()[-1].startswith("deit-train: error: could not write the checkpoint")
     assert "Traceback" not in full.stderr
@@ -245,8 +300,12 @@ def snapshot(run_dir: Path) -> dict:
 
 
 @settings(max_examples=14, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(kept=st.sets(st.sampled_from(RESULT_FILES), min_size=1), resume=st.booleans(), seed=st.sampled_from([0, 7]),
-       from_best=st.booleans())  # fmt: skip
+@given(
+    kept=st.sets(st.sampled_from(RESULT_FILES), min_size=1),
+    resume=st.booleans(),
+    seed=st.sampled_from([0, 7]),
+    from_best=st.booleans(),
+)
 def test_a_directory_with_results_is_continued_from_a_matching_checkpoint_or_refused(
     kept, resume, seed, from_best, finished_run, tmp_path_factory, cache_dir
 ):
@@ -298,7 +357,8 @@ def test_a_finished_run_is_neither_retrained_without_its_last_ckpt_nor_finished_
     assert other_seed.returncode == 2 and len(other_seed.stderr.strip().splitlines()) == 1, other_seed.stderr
     assert "seed: 0 -> 7" in other_seed.stderr and "has finished" not in other_seed.stdout
     assert {p: b for p, b in snapshot(run_dir).items() if p.suffix != ".log"} == {
-        p: b for p, b in before.items() if p.suffix != ".log"}  # fmt: skip
+        p: b for p, b in before.items() if p.suffix != ".log"
+    }
     (run_dir / "checkpoints" / "last.ckpt").unlink()
     before = snapshot(run_dir)
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -307,7 +367,8 @@ def test_a_finished_run_is_neither_retrained_without_its_last_ckpt_nor_finished_
         assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
         assert f"ckpt_path={best}" in again.stderr and "starting from scratch" not in again.stdout + again.stderr
         assert {p: b for p, b in snapshot(run_dir).items() if p.suffix != ".log"} == {
-            p: b for p, b in before.items() if p.suffix != ".log"}  # fmt: skip
+            p: b for p, b in before.items() if p.suffix != ".log"
+        }
     go_on = deit_train("trainer.max_epochs=2", f"ckpt_path={best}", run_dir=run_dir, cache_dir=cache_dir)
     assert go_on.returncode == 0, go_on.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # one more epoch

@@ -14,9 +14,7 @@ from .conftest import compose_config
 def draws(size: int, repeats: int, world: int, epoch: int = 0, seed: int = 0) -> list[list[int]]:
     per_rank = []
     for rank in range(world):
-        sampler = RepeatedAugmentationSampler(
-            range(size), repeats=repeats, num_replicas=world, rank=rank, seed=seed
-        )
+        sampler = RepeatedAugmentationSampler(range(size), repeats=repeats, num_replicas=world, rank=rank, seed=seed)
         sampler.set_epoch(epoch)
         per_rank.append(list(sampler))
     return per_rank
@@ -63,9 +61,7 @@ def test_single_process_keeps_copies_together_for_batch_augmentation():
 
 
 @pytest.mark.parametrize("single_process,repeats,distinct", [(False, 1, 80), (True, 3, 27)])
-def test_lightning_keeps_our_sampler_in_the_train_loader(
-    single_process, repeats, distinct, tmp_path, cache_dir
-):
+def test_lightning_keeps_our_sampler_in_the_train_loader(single_process, repeats, distinct, tmp_path, cache_dir):
     """One process: repeated augmentation only with augment.repeated_aug_single_process=true (the official code
     repeats only when distributed); off, an epoch sees every one of the 80 images."""
     cfg = compose_config(

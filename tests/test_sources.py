@@ -81,12 +81,20 @@ def test_a_new_source_defined_in_a_test_trains_as_the_same_images_in_an_imagefol
     """The CSV source's run, distilled with the teacher cache, Mixup and random erasing on, holds the same weights as
     the ImageFolder's: the data module, the cache and the checks asked the source, not its name."""
     table = write_csv(demo_data, tmp_path / "table")
-    distilled = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                 f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
-                 f"teacher.cache={tmp_path / 'cache'}", "augment.reprob=0.25", "trainer.max_epochs=2"]  # fmt: skip
+    distilled = [
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "augment.reprob=0.25",
+        "trainer.max_epochs=2",
+    ]
     folder = tiny_config(*distilled, run="folder")
-    table_cfg = tiny_config("data=csv_schema", f"data.folder={table}", "data.batch_size=16", "data.num_workers=0",
-                            *distilled, run="csv")  # fmt: skip
+    table_cfg = tiny_config(
+        "data=csv_schema", f"data.folder={table}", "data.batch_size=16", "data.num_workers=0", *distilled, run="csv"
+    )
     folder_run, table_run = train(folder), train(table_cfg)
     assert table_run.datamodule.class_names == folder_run.datamodule.class_names
     assert_same_weights(student_weights(folder), student_weights(table_cfg))

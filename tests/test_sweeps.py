@@ -28,8 +28,16 @@ def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProce
         "-m",
         "deit_train",
         "--multirun",
-        *layered([*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]),
+        *layered(
+            [
+                *TINY_RUN,
+                *TINY_DEMO,
+                *TINY_STUDENT,
+                f"paths.cache_dir={cache_dir}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                *overrides,
+            ]
+        ),
     ]
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # tests.probes importable
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
@@ -88,9 +96,7 @@ def test_optuna_search_reports_the_best_val_acc1(tmp_path, cache_dir):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    trials = [
-        json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["val/acc1"] for i in range(3)
-    ]
+    trials = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["val/acc1"] for i in range(3)]
     assert results["best_value"] == pytest.approx(max(trials))
     assert set(results["best_params"]) == {"optim.lr", "optim.weight_decay"}
 
@@ -102,9 +108,7 @@ def compose_with_hydra(overrides):
 
 def test_slurm_launcher_asks_one_task_per_gpu():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_with_hydra(
-        ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"]
-    )
+    cfg = compose_with_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (8, 8, 2)
@@ -116,8 +120,9 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes():
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 3
 
 
-@pytest.mark.parametrize("task,metric,mode,direction", [("classify", "val/acc1", "max", "maximize"),
-                                                        ("mim", "val/loss", "min", "minimize")])  # fmt: skip
+@pytest.mark.parametrize(
+    "task,metric,mode,direction", [("classify", "val/acc1", "max", "maximize"), ("mim", "val/loss", "min", "minimize")]
+)
 def test_each_task_optimizes_its_own_metric_in_checkpoints_and_optuna(task, metric, mode, direction):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_with_hydra([f"task={task}", "hparams_search=optuna"])
@@ -137,9 +142,15 @@ def drawn_sweep(kinds: list[str]) -> tuple[list[str], dict[int, float]]:
     epoch's checkpoint written (tests.probes.Crash). Returns the overrides and each job's alpha."""
     alphas = {i: 1.5 + i if kind == "refused" else round(0.05 + 0.1 * i, 2) for i, kind in enumerate(kinds)}
     crash_on = [alphas[i] for i, kind in enumerate(kinds) if kind == "crash"] or [-1.0]
-    return [f"loss.alpha={','.join(str(a) for a in alphas.values())}", "+callbacks.crash._target_=tests.probes.Crash",
-            "+callbacks.crash.value=${loss.alpha}", f"+callbacks.crash.crash_on=[{','.join(map(str, crash_on))}]",
-            "+callbacks.crash.epoch=1", "trainer.max_epochs=2", "model.depth=1"], alphas  # fmt: skip
+    return [
+        f"loss.alpha={','.join(str(a) for a in alphas.values())}",
+        "+callbacks.crash._target_=tests.probes.Crash",
+        "+callbacks.crash.value=${loss.alpha}",
+        f"+callbacks.crash.crash_on=[{','.join(map(str, crash_on))}]",
+        "+callbacks.crash.epoch=1",
+        "trainer.max_epochs=2",
+        "model.depth=1",
+    ], alphas
 
 
 @pytest.mark.slow
@@ -189,8 +200,9 @@ def test_a_failed_job_beside_a_good_one_in_parallel_loses_nothing(tmp_path, cach
     """hydra/launcher=local_parallel (joblib): the good job running beside the failing one finishes."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     overrides, _ = drawn_sweep(["refused", "ok"])
-    result = run_sweep(*overrides, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", tmp_path=tmp_path,
-                       cache_dir=cache_dir)  # fmt: skip
+    result = run_sweep(
+        *overrides, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", tmp_path=tmp_path, cache_dir=cache_dir
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert (tmp_path / "sweep" / "1" / "metrics.json").is_file(), output
@@ -207,8 +219,9 @@ def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_and_changes_nothing
     before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
     result = run_sweep("seed=0,1", tmp_path=tmp_path, cache_dir=cache_dir)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines[-1].startswith(f"deit-train: error: hydra.sweep.dir={sweep_dir} holds an "
-                                                           f"earlier sweep (multirun.yaml, 0)"), result.stderr  # fmt: skip
+    assert result.returncode == 2 and lines[-1].startswith(
+        f"deit-train: error: hydra.sweep.dir={sweep_dir} holds an earlier sweep (multirun.yaml, 0)"
+    ), result.stderr
     assert "hydra.sweep.dir=..." in lines[-1] and "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before
 
@@ -219,8 +232,14 @@ def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(
     trains is refused by its own directory, records failed.json beside its results (unchanged) and fails the
     sweep."""
     assert run_sweep("seed=0,1", "model.depth=1", tmp_path=tmp_path, cache_dir=cache_dir).returncode == 0
-    results = lambda: {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*")  # noqa: E731
-                       if p.is_file() and (p.suffix in (".ckpt", ".csv") or p.name == "metrics.json")}  # fmt: skip
+
+    def results():
+        return {
+            p: p.read_bytes()
+            for p in (tmp_path / "sweep").rglob("*")
+            if p.is_file() and (p.suffix in (".ckpt", ".csv") or p.name == "metrics.json")
+        }
+
     before = results()
     again = run_sweep("seed=0,1", "model.depth=1", "resume=true", tmp_path=tmp_path, cache_dir=cache_dir)
     assert again.returncode == 0 and again.stdout.count("has finished its 1 epochs") == 2, again.stdout + again.stderr
@@ -238,8 +257,15 @@ def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache
     """Each failed trial is recorded and told to the study as the worst value: the search runs all its trials and
     ends with the summary line, not Optuna's "No trials are completed yet" traceback."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run_sweep("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                       "model.depth=1", "loss.alpha=1.5", tmp_path=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    result = run_sweep(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "model.depth=1",
+        "loss.alpha=1.5",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output
     assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")

@@ -51,8 +51,13 @@ def test_a_new_task_defined_in_a_test_runs_end_to_end(tiny_config, demo_data):
 
 
 def test_a_task_checks_its_own_rules(tiny_config, random_teacher_checkpoint):
-    cfg = tiny_config("loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-                      f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true")  # fmt: skip
+    cfg = tiny_config(
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+    )
     with pytest.raises(DeitTrainError, match="a linear probe learns the labels alone"):
         check_config(with_task(cfg, f"{__name__}.LinearProbe"))
     with pytest.raises(DeitTrainError, match="task: Error locating target 'tests.nowhere.Probe'"):

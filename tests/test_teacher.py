@@ -53,8 +53,12 @@ def test_teacher_img_size_shows_the_teacher_the_views_at_its_resolution():
     # A uniform colour stays that colour at any size: the teacher's logits are the network's on the 8 px image.
     colour = torch.randn(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(Teacher(network, img_sizes=[8])(colour.expand(1, 3, 16, 16)).logits,
-                                   network(colour.expand(1, 3, 8, 8)), rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            Teacher(network, img_sizes=[8])(colour.expand(1, 3, 16, 16)).logits,
+            network(colour.expand(1, 3, 8, 8)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
         resized = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", antialias=True)
         torch.testing.assert_close(logits, network(resized), rtol=1e-4, atol=1e-5)
     assert Teacher(network, img_sizes=[16])(images).logits.shape == (2, 3)  # already at its size: unchanged

@@ -50,7 +50,8 @@ def distill(tiny_config, random_teacher_checkpoint, tmp_path):
             f"loss={loss}",
             "teacher=timm",
             "teacher.name=resnet10t",
-            f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
+            f"teacher.checkpoint={random_teacher_checkpoint}",
+            "teacher.unchecked_order=true",
             "augment.mixup=0.8",
             "augment.cutmix=1.0",
             "augment.repeated_aug=2",
@@ -83,9 +84,7 @@ def test_training_batches_are_bit_identical_whatever_the_number_of_workers(disti
 
 
 @pytest.mark.parametrize("loss", ["hard_distill", "soft_distill"])
-def test_a_run_reading_the_cache_trains_exactly_as_the_run_that_filled_it(
-    distill, tmp_path, teacher_calls, loss
-):
+def test_a_run_reading_the_cache_trains_exactly_as_the_run_that_filled_it(distill, tmp_path, teacher_calls, loss):
     cache = f"teacher.cache={tmp_path / 'cache'}"
     filled = distill(cache, run="fill", loss=loss)
     train(filled)
@@ -124,17 +123,13 @@ def test_any_fingerprint_change_recomputes(distill, tmp_path, teacher_calls, cha
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_a_byte"])
-def test_a_corrupt_or_truncated_cache_file_is_recomputed_with_a_warning(
-    distill, tmp_path, teacher_calls, damage
-):
+def test_a_corrupt_or_truncated_cache_file_is_recomputed_with_a_warning(distill, tmp_path, teacher_calls, damage):
     cache = tmp_path / "cache"
     first = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="first")
     train(first)
     (epoch_file,) = cache.glob("*/epoch0000-rank0-batches5.safetensors")
     data = bytearray(epoch_file.read_bytes())
-    epoch_file.write_bytes(
-        data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF])
-    )
+    epoch_file.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.warns(UserWarning, match="teacher cache .*recomputing"):
         second = distill(f"teacher.cache={cache}", "trainer.max_epochs=1", run="second")
         train(second)
@@ -155,9 +150,7 @@ def test_task_teacher_cache_fills_the_cache_for_the_students_of_a_sweep(distill,
     assert teacher_calls["train"] == 10
 
 
-@pytest.mark.parametrize(
-    "classes,topk,bytes_per_sample", [(10, None, 2), (10, 0, 2 * 10), (1000, None, 4 * 10 + 4)]
-)
+@pytest.mark.parametrize("classes,topk,bytes_per_sample", [(10, None, 2), (10, 0, 2 * 10), (1000, None, 4 * 10 + 4)])
 def test_bytes_per_sample_as_documented(classes, topk, bytes_per_sample):
     """hard: int16 argmax; soft: fp16 logits up to 100 classes; top-10 (fp16 value, int16 index) + fp32 lse."""
     kind = "hard" if topk is None and classes == 10 else "soft"
@@ -171,9 +164,7 @@ def test_encodings_keep_what_each_loss_reads():
     hard = Encoding.choose("hard", 1000, None, 1.0)
     assert torch.equal(hard.decode(hard.encode(logits)).argmax(1), logits.argmax(1))
     full = Encoding.choose("soft", 50, None, 3.0)
-    torch.testing.assert_close(
-        full.decode(full.encode(logits[:, :50])), logits[:, :50].half().float()
-    )
+    torch.testing.assert_close(full.decode(full.encode(logits[:, :50])), logits[:, :50].half().float())
     tau = 3.0
     topk = Encoding.choose("soft", 1000, 10, tau)
     decoded = F.softmax(topk.decode(topk.encode(logits)) / tau, dim=1)
@@ -182,9 +173,7 @@ def test_encodings_keep_what_each_loss_reads():
     torch.testing.assert_close(decoded.gather(1, top), exact.gather(1, top), rtol=2e-3, atol=1e-6)
     rest = torch.ones_like(exact, dtype=torch.bool).scatter_(1, top, False)
     expected_rest = (1 - exact.gather(1, top).sum(1, keepdim=True)) / 990
-    torch.testing.assert_close(
-        decoded[rest].view(64, 990), expected_rest.expand(64, 990), rtol=2e-3, atol=1e-7
-    )
+    torch.testing.assert_close(decoded[rest].view(64, 990), expected_rest.expand(64, 990), rtol=2e-3, atol=1e-7)
     torch.testing.assert_close(decoded.sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
 
 
@@ -192,12 +181,19 @@ def test_encodings_keep_what_each_loss_reads():
 def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, random_teacher_checkpoint):
     from .test_cli import run_cli
 
-    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "augment.mixup=0.8", "augment.cutmix=1.0",
-               f"teacher.cache={tmp_path / 'cache'}", "trainer=ddp_cpu", "trainer.devices=2"]  # fmt: skip
-    fill = run_cli(
-        *distill, "task=teacher_cache", "hydra.run.dir=fill", tmp_path=tmp_path, cache_dir=cache_dir
-    )
+    distill = [
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+    ]
+    fill = run_cli(*distill, "task=teacher_cache", "hydra.run.dir=fill", tmp_path=tmp_path, cache_dir=cache_dir)
     assert fill.returncode == 0, fill.stdout + fill.stderr
     files = sorted(p.name for p in tmp_path.glob("cache/*/epoch*"))
     assert files == ["epoch0000-rank0-batches5.safetensors", "epoch0000-rank1-batches5.safetensors"]
@@ -224,7 +220,11 @@ def host_reads(fn, host_tensors):
             name = getattr(func, "__name__", "")
             first = args[0] if args else None
             moves_to_cpu = name == "to" and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))
-            if (name in HOST_READS or moves_to_cpu) and isinstance(first, torch.Tensor) and first.untyped_storage().data_ptr() not in allowed:
+            if (
+                (name in HOST_READS or moves_to_cpu)
+                and isinstance(first, torch.Tensor)
+                and first.untyped_storage().data_ptr() not in allowed
+            ):
                 reads.append(name)
             return func(*args, **(kwargs or {}))
 
@@ -280,9 +280,18 @@ def test_a_run_with_the_cache_trains_as_one_without_it_whatever_was_edited(
     shutil.copytree(demo_data, root)
     for path in root.rglob("*.png"):  # stored uncompressed: an edit keeps the file's size, as in the red team's case
         Image.open(path).save(path, compress_level=0)
-    distill = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", "teacher.unchecked_order=true",
-               f"teacher.checkpoint={random_teacher_checkpoint}", "augment.mixup=0.8", "augment.reprob=0.25",
-               "data=imagefolder", "model.img_size=16", "data.batch_size=16"]  # fmt: skip
+    distill = [
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        "teacher.unchecked_order=true",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "augment.mixup=0.8",
+        "augment.reprob=0.25",
+        "data=imagefolder",
+        "model.img_size=16",
+        "data.batch_size=16",
+    ]
     cache = f"teacher.cache={work / 'cache'}"
 
     def run(*overrides, name):
@@ -346,8 +355,15 @@ def test_a_transformers_teacher_is_keyed_by_its_config_not_only_its_weights():
 
     from deit_train.teacher.cache import teacher_digest
 
-    config = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, num_labels=3)  # fmt: skip
+    config = dict(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     network = ViTForImageClassification(ViTConfig(**config))
     edited = ViTForImageClassification(ViTConfig(**config, hidden_act="relu", layer_norm_eps=0.1))

@@ -39,10 +39,7 @@ def test_tiny_run_writes_metrics_and_checkpoints_that_reproduce_them(tiny_config
     assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (run_dir / "checkpoints").iterdir()}
 
     checkpoint = torch.load(f"{run_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert (
-        checkpoint["class_names"] == sorted(checkpoint["class_names"])
-        and len(checkpoint["class_names"]) == 10
-    )
+    assert checkpoint["class_names"] == sorted(checkpoint["class_names"]) and len(checkpoint["class_names"]) == 10
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 80 // 16
     student = build_student(cfg.model, 10)
     student.load_state_dict(load_weights(f"{run_dir}/checkpoints/last.ckpt").state)
@@ -71,9 +68,7 @@ def test_teacher_trained_with_model_timm_teaches_through_its_checkpoint(tiny_con
     agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
     assert metrics["val/agreement"] == pytest.approx(agreement, abs=1e-6)
 
-    student_ckpt = torch.load(
-        f"{cfg.paths.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True
-    )
+    student_ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in student_ckpt["state_dict"])
     assert OmegaConf.create(student_ckpt["hyper_parameters"]["config"]).loss.distillation_type == "hard"
 
@@ -101,9 +96,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
     assert "val/teacher_acc1" in run.metrics
 
 
-def test_teacher_runs_once_per_batch_in_training_and_validation(
-    tiny_config, random_teacher_checkpoint, monkeypatch
-):
+def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, random_teacher_checkpoint, monkeypatch):
     from deit_train.tasks import classify as train_module
 
     calls = []
@@ -111,9 +104,7 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
 
     def counted_teacher(*args, **kwargs):
         teacher = original(*args, **kwargs)
-        teacher.members[0].register_forward_hook(
-            lambda module, inputs, output: calls.append(inputs[0].shape[0])
-        )
+        teacher.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
         return teacher
 
     monkeypatch.setattr(train_module, "build_teacher", counted_teacher)
@@ -121,7 +112,8 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
         "loss=hard_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
         "+trainer.num_sanity_val_steps=0",
     )
     train(cfg)
@@ -131,8 +123,9 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(
 
 
 def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
-    cfg = tiny_config("augment.repeated_aug=3", "augment.repeated_aug_single_process=true", "augment.mixup=0.8",
-                      "augment.cutmix=1.0")  # fmt: skip
+    cfg = tiny_config(
+        "augment.repeated_aug=3", "augment.repeated_aug_single_process=true", "augment.mixup=0.8", "augment.cutmix=1.0"
+    )
     train(cfg)
     checkpoint = torch.load(
         Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True
@@ -142,9 +135,7 @@ def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
 
 def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_config):
     """Lightning's save_last writes only when val/acc1 improves; our last.ckpt must be the latest epoch."""
-    cfg = tiny_config(
-        "trainer.max_epochs=3", "optim.lr=0", "optim.warmup_lr=0", "optim.min_lr=0"
-    )  # never improves
+    cfg = tiny_config("trainer.max_epochs=3", "optim.lr=0", "optim.warmup_lr=0", "optim.min_lr=0")  # never improves
     train(cfg)
     checkpoints = Path(cfg.paths.output_dir, "checkpoints")
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
@@ -192,14 +183,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, 
         return loss * float("nan") if len(calls) > 7 else loss  # NaN from step 8, in the second epoch
 
     monkeypatch.setattr(DistillationLoss, "combine", diverging)
-    cfg = tiny_config(
-        "trainer.max_epochs=3", "trainer.log_every_n_steps=50"
-    )  # checked before the save at least
+    cfg = tiny_config("trainer.max_epochs=3", "trainer.log_every_n_steps=50")  # checked before the save at least
     with pytest.raises(DeitTrainError, match="NaN or inf"):
         train(cfg)
-    last = torch.load(
-        Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True
-    )
+    last = torch.load(Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
     assert last["global_step"] == 5  # the first epoch's, written before the divergence
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert not Path(cfg.paths.output_dir, "metrics.json").exists()
@@ -210,9 +197,7 @@ def test_ema_with_decay_zero_is_the_student_itself(tiny_config):
     cfg = tiny_config("ema.decay=0.0")
     metrics = train(cfg).metrics
     assert metrics["val_ema/acc1"] == pytest.approx(metrics["val/acc1"], abs=1e-6)
-    state = torch.load(Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=True)[
-        "state_dict"
-    ]
+    state = torch.load(Path(cfg.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=True)["state_dict"]
     for key in (k for k in state if k.startswith("student.")):
         torch.testing.assert_close(state["ema.module." + key.removeprefix("student.")], state[key])
 
@@ -266,8 +251,17 @@ def test_loss_terms_are_logged_and_add_up_to_the_loss(tiny_config, random_teache
     loss = (1 - alpha) cls + alpha dist and dist = tau^2 KL (losses.py)."""
     import csv
 
-    cfg = tiny_config("loss=soft_distill", "loss.alpha=0.3", "loss.tau=2.0", "teacher=timm", "teacher.name=resnet10t",
-                      f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true", "augment.mixup=0.8", "augment.cutmix=1.0")  # fmt: skip
+    cfg = tiny_config(
+        "loss=soft_distill",
+        "loss.alpha=0.3",
+        "loss.tau=2.0",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+    )
     train(cfg)
     (metrics_file,) = Path(cfg.paths.output_dir).glob("csv/version_0/metrics.csv")
     rows = [row for row in csv.DictReader(metrics_file.open()) if row.get("train/loss")]

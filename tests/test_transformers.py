@@ -30,8 +30,15 @@ from deit_train.train import train
 from .conftest import TINY_DEMO, TINY_RUN, TINY_VIT, compose_config
 
 TINY_KEYS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-HF_TINY = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=128, layer_norm_eps=1e-6)  # fmt: skip
+HF_TINY = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    layer_norm_eps=1e-6,
+)
 FP32 = 1e-5  # fp32 rounding of a two-block width-32 ViT (the differences seen are 0 or ~1e-7)
 RUNS = {  # the kinds of run deit-export tells apart, each one tiny epoch on the demo data
     "distilled": [],
@@ -83,7 +90,9 @@ KINDS = [
 ]
 
 
-@pytest.mark.parametrize("run_kind,kind,architecture,compared", KINDS, ids=[f"{r}-{k or 'default'}" for r, k, *_ in KINDS])
+@pytest.mark.parametrize(
+    "run_kind,kind,architecture,compared", KINDS, ids=[f"{r}-{k or 'default'}" for r, k, *_ in KINDS]
+)
 def test_each_kind_exports_to_its_transformers_class_with_our_outputs(
     run_kind, kind, architecture, compared, runs, demo_data, tmp_path, record_property
 ):
@@ -94,8 +103,11 @@ def test_each_kind_exports_to_its_transformers_class_with_our_outputs(
     options = {"add_pooling_layer": False} if architecture.endswith("Model") else {}
     theirs = model_class.from_pretrained(out / "transformers", **options).eval()
     assert theirs.config.architectures == [architecture]
-    auto = {"logits": transformers.AutoModelForImageClassification, "hidden states": transformers.AutoModel,
-            "reconstruction": transformers.AutoModelForMaskedImageModeling}[compared]  # fmt: skip
+    auto = {
+        "logits": transformers.AutoModelForImageClassification,
+        "hidden states": transformers.AutoModel,
+        "reconstruction": transformers.AutoModelForMaskedImageModeling,
+    }[compared]
     assert type(auto.from_pretrained(out / "transformers")) is model_class
     trained = load_trained_model(checkpoint, classifier=False)
     images = val_images(demo_data, trained)
@@ -111,7 +123,9 @@ def test_each_kind_exports_to_its_transformers_class_with_our_outputs(
             # WithTeacher averages its two heads; DeiTForImageClassification and ViT have the class head alone
             expected = (cls_logits + dist_logits) / 2 if architecture.endswith("WithTeacher") else cls_logits
             difference = largest(theirs(images).logits, expected)
-    record_property("largest_difference", f"{run_kind} --as {kind or 'default'} {architecture} {compared}: {difference:.3g}")
+    record_property(
+        "largest_difference", f"{run_kind} --as {kind or 'default'} {architecture} {compared}: {difference:.3g}"
+    )
     assert difference < FP32
     # the preprocessing: transformers' image processor (PIL backend) gives our eval transform's tensors
     processor = transformers.AutoImageProcessor.from_pretrained(out / "transformers", backend="pil")
@@ -121,10 +135,13 @@ def test_each_kind_exports_to_its_transformers_class_with_our_outputs(
         torch.testing.assert_close(pixels, trained.transform()(image), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("run_kind,kind,head", [("distilled", None, "average"), ("distilled", "classifier", "class"),
-                                                ("plain", None, "average")])  # fmt: skip
-def test_pipeline_top1_on_the_validation_folder_equals_deit_eval(run_kind, kind, head, runs, demo_data, tmp_path,
-                                                                  record_property):  # fmt: skip
+@pytest.mark.parametrize(
+    "run_kind,kind,head",
+    [("distilled", None, "average"), ("distilled", "classifier", "class"), ("plain", None, "average")],
+)
+def test_pipeline_top1_on_the_validation_folder_equals_deit_eval(
+    run_kind, kind, head, runs, demo_data, tmp_path, record_property
+):
     checkpoint = runs(run_kind)
     out = export(checkpoint, tmp_path / "out", kind=kind)
     directory = str(out / "transformers")
@@ -139,9 +156,12 @@ def test_pipeline_top1_on_the_validation_folder_equals_deit_eval(run_kind, kind,
     from_export = evaluate(exported, open_eval_folder(demo_data, "val", exported), batch_size=16, num_workers=0)
     trained = load_trained_model(checkpoint)
     from_checkpoint = evaluate(trained, open_eval_folder(demo_data, "val", trained), batch_size=16, num_workers=0)
-    record_property("pipeline_vs_deit_eval", f"{run_kind} --as {kind or 'default'}: pipeline {pipeline_top1:.2f}, "
-                    f"deit-eval {from_export['heads']['average']['top1']:.2f} (export), "
-                    f"{from_checkpoint['heads'][head]['top1']:.2f} (checkpoint, {head} head)")  # fmt: skip
+    record_property(
+        "pipeline_vs_deit_eval",
+        f"{run_kind} --as {kind or 'default'}: pipeline {pipeline_top1:.2f}, "
+        f"deit-eval {from_export['heads']['average']['top1']:.2f} (export), "
+        f"{from_checkpoint['heads'][head]['top1']:.2f} (checkpoint, {head} head)",
+    )
     assert len(samples) == from_export["images"] == 40
     assert pipeline_top1 == pytest.approx(from_export["heads"]["average"]["top1"], abs=1e-4)
     assert pipeline_top1 == pytest.approx(from_checkpoint["heads"][head]["top1"], abs=1e-4)
@@ -170,11 +190,14 @@ def plain_student(init, num_classes=10, distilled=False):
 
 V5_TO_V4 = [
     (r"^(vit\.)?layers\.", r"\1encoder.layer."),
-    (r"\.attention\.([qkv])_proj\.", lambda m: ".attention.attention." + dict(q="query", k="key", v="value")[m[1]] + "."),
+    (
+        r"\.attention\.([qkv])_proj\.",
+        lambda m: ".attention.attention." + dict(q="query", k="key", v="value")[m[1]] + ".",
+    ),
     (r"\.attention\.o_proj\.", ".attention.output.dense."),
     (r"\.mlp\.fc1\.", ".intermediate.dense."),
     (r"\.mlp\.fc2\.", ".output.dense."),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("names", ["v5", "v4"])
@@ -216,17 +239,37 @@ def test_an_imported_directory_trains_one_step_like_the_same_start_from_timm_wei
     torch.manual_seed(0)
     start = timm.create_model("deit_tiny_patch16_224", num_classes=10, **TINY_KEYS)
     save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(tmp_path / "start.safetensors"))
-    plain_run = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, "model=deit_tiny_plain", "+trainer.max_steps=1",
-                                f"model.init={tmp_path / 'start.safetensors'}", "model.init_unchecked_order=true"],
-                               tmp_path / "timm_start", cache_dir)  # fmt: skip
+    plain_run = compose_config(
+        [
+            *TINY_RUN,
+            *TINY_DEMO,
+            *TINY_VIT,
+            "model=deit_tiny_plain",
+            "+trainer.max_steps=1",
+            f"model.init={tmp_path / 'start.safetensors'}",
+            "model.init_unchecked_order=true",
+        ],
+        tmp_path / "timm_start",
+        cache_dir,
+    )
     train(plain_run)
     after_timm = torch.load(tmp_path / "timm_start/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     # the directory: transformers' ViTForImageClassification holding `start`, saved by save_pretrained
     names = sorted(path.name for path in (demo_data / "train").iterdir())
     export_transformers(TrainedModel(start.eval(), names, 16, 18), tmp_path / "hf", "ViTForImageClassification")
     assert transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").config.model_type == "vit"
-    hf_run = compose_config([*TINY_RUN, *TINY_DEMO, *TINY_VIT, "model=deit_tiny_plain", "+trainer.max_steps=1",
-                             f"model.init={tmp_path / 'hf'}"], tmp_path / "hf_start", cache_dir)  # fmt: skip
+    hf_run = compose_config(
+        [
+            *TINY_RUN,
+            *TINY_DEMO,
+            *TINY_VIT,
+            "model=deit_tiny_plain",
+            "+trainer.max_steps=1",
+            f"model.init={tmp_path / 'hf'}",
+        ],
+        tmp_path / "hf_start",
+        cache_dir,
+    )
     train(hf_run)
     after_hf = torch.load(tmp_path / "hf_start/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     students = [key for key in after_timm if key.startswith("student.")]
@@ -240,9 +283,13 @@ def transformers_classifier(directory: Path, class_names: list[str], size: int, 
     mean/std and size are its own, as transformers' run_image_classification.py leaves them."""
     torch.manual_seed(seed)
     config = transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=len(class_names),
-        id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)},
-    )  # fmt: skip
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)},
+    )
     model = transformers.ResNetForImageClassification(config)
     for module in model.modules():  # BatchNorm statistics other than (0, 1): a teacher left in training mode differs
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -269,10 +316,13 @@ def test_transformers_teachers_logits_inside_the_step_equal_the_model_run_on_its
     names = sorted(path.name for path in (demo_data / "train").iterdir())
     same_size = transformers_classifier(tmp_path / "hf16", names, size=16, seed=1)
     larger = transformers_classifier(tmp_path / "hf24", names, size=24, seed=2)
-    members = (f"teacher.members=[{{name:resnet10t,checkpoint:{random_teacher_checkpoint}}},"
-               f"{{library:transformers,name:{same_size}}},{{library:transformers,name:{larger}}}]")  # fmt: skip
-    cfg = tiny_config("loss=soft_distill", "teacher=ensemble", members, "+trainer.max_steps=1",
-                      "teacher.unchecked_order=true")
+    members = (
+        f"teacher.members=[{{name:resnet10t,checkpoint:{random_teacher_checkpoint}}},"
+        f"{{library:transformers,name:{same_size}}},{{library:transformers,name:{larger}}}]"
+    )
+    cfg = tiny_config(
+        "loss=soft_distill", "teacher=ensemble", members, "+trainer.max_steps=1", "teacher.unchecked_order=true"
+    )
     calls = []
 
     def build_and_watch(*args):
@@ -321,8 +371,9 @@ def timm_teacher(checkpoint: Path) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def test_a_transformers_teacher_is_refused_with_one_line_for_each_problem(tiny_config, demo_data, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+def test_a_transformers_teacher_is_refused_with_one_line_for_each_problem(
+    tiny_config, demo_data, tmp_path, monkeypatch
+):
     from deit_train.teacher import build_teacher_network
     from deit_train.train import check_config
 
@@ -330,8 +381,11 @@ def test_a_transformers_teacher_is_refused_with_one_line_for_each_problem(tiny_c
     directory = transformers_classifier(tmp_path / "hf", names, size=16)
     teacher = tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}").teacher
     other = transformers_classifier(tmp_path / "other", [f"class{i}" for i in range(10)], size=16)
-    with pytest.raises(DeitTrainError, match=r"its classes are not the data's, label for label: other names at 10 of 10 "
-                                             r"positions \(0: 'class0' against 'checker'"):  # fmt: skip
+    with pytest.raises(
+        DeitTrainError,
+        match=r"its classes are not the data's, label for label: other names at 10 of 10 "
+        r"positions \(0: 'class0' against 'checker'",
+    ):
         build_teacher_network(OmegaConf.merge(teacher, {"name": str(other)}), names)
     with pytest.raises(DeitTrainError, match=r"10 classes against 9 .*only in its id2label: \['vbars'\]"):
         build_teacher_network(teacher, names[:9])
@@ -341,7 +395,13 @@ def test_a_transformers_teacher_is_refused_with_one_line_for_each_problem(tiny_c
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it raises ImportError
     with pytest.raises(DeitTrainError, match=r"teacher=hf needs transformers: pip install 'deit-train\[hf\]'"):
         build_teacher_network(teacher, names)
-    with pytest.raises(DeitTrainError, match="teacher.name=None: expected a transformers image classifier.s directory with teacher=hf"):
+    with pytest.raises(
+        DeitTrainError, match="teacher.name=None: expected a transformers image classifier.s directory with teacher=hf"
+    ):
         check_config(tiny_config("loss=hard_distill", "teacher=hf"))
-    with pytest.raises(DeitTrainError, match="teacher.checkpoint=x.pth: expected null with teacher.library=transformers"):
-        check_config(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}", "teacher.checkpoint=x.pth"))
+    with pytest.raises(
+        DeitTrainError, match="teacher.checkpoint=x.pth: expected null with teacher.library=transformers"
+    ):
+        check_config(
+            tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}", "teacher.checkpoint=x.pth")
+        )

@@ -66,14 +66,17 @@ class DeiTDataModule(L.LightningDataModule):
         world_size = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         # The schema checks this rule when the config names the devices; with devices=auto only the trainer knows.
-        check_batch(self.data.batch_size, world_size, accumulate, mixes=self.augment.mixup > 0 or self.augment.cutmix > 0)
+        check_batch(
+            self.data.batch_size, world_size, accumulate, mixes=self.augment.mixup > 0 or self.augment.cutmix > 0
+        )
         return self.data.batch_size // (world_size * accumulate)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in an epoch of each device, counted without making the loader (tasks/module.py)."""
         trainer = self.trainer
-        per_rank = self.source.batches_per_rank(self.train_set, trainer.world_size, self.per_device_batch_size,
-                                                self.workers)  # fmt: skip
+        per_rank = self.source.batches_per_rank(
+            self.train_set, trainer.world_size, self.per_device_batch_size, self.workers
+        )
         batches = limited(per_rank, trainer.limit_train_batches)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
@@ -86,8 +89,13 @@ class DeiTDataModule(L.LightningDataModule):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         devices = self.trainer.num_devices if self.trainer is not None else 1
         workers = max(0, cpus // devices - 1)
-        log.info("data.num_workers=auto: %d data-loader worker(s) per device (%d CPUs usable by this process, %d "
-                 "device(s) on this node)", workers, cpus, devices)  # fmt: skip
+        log.info(
+            "data.num_workers=auto: %d data-loader worker(s) per device (%d CPUs usable by this process, %d "
+            "device(s) on this node)",
+            workers,
+            cpus,
+            devices,
+        )
         return workers
 
     def check_shared_memory(self) -> None:
@@ -137,8 +145,10 @@ class DeiTDataModule(L.LightningDataModule):
         if self.data.skip_corrupt:
             log.warning("%s. data.skip_corrupt=true: each is replaced by the next readable image", summary)
             return
-        raise DeitTrainError(f"{summary}. Remove or replace them, or set data.skip_corrupt=true to train without "
-                             f"them (data.scan=off skips this check)")  # fmt: skip
+        raise DeitTrainError(
+            f"{summary}. Remove or replace them, or set data.skip_corrupt=true to train without "
+            f"them (data.scan=off skips this check)"
+        )
 
     def open_datasets(self) -> tuple[Dataset, Dataset]:
         """(training set, validation set) as the loaders serve them; the source's own splits stay in self.splits."""
@@ -184,8 +194,11 @@ class DeiTDataModule(L.LightningDataModule):
         only when distributed: one process would see a third of the distinct images per epoch, with x3)."""
         repeats = self.augment.repeated_aug
         if repeats > 1 and world_size == 1 and not self.augment.repeated_aug_single_process:
-            log.info("repeated augmentation (x%d) off with one process; augment.repeated_aug_single_process=true "
-                     "turns it on", repeats)  # fmt: skip
+            log.info(
+                "repeated augmentation (x%d) off with one process; augment.repeated_aug_single_process=true "
+                "turns it on",
+                repeats,
+            )
             return 1
         return repeats
 

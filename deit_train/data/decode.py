@@ -73,8 +73,12 @@ class RandomResizedCrop(RandomResizedCropAndInterpolation):
         box = image.reduced_box((left, top, left + width, top + height), scale)
         # Crop to the whole pixels around the box first, so that the filter, like timm's crop-then-resize, reads
         # nothing beyond the crop (but the part of a pixel the box cuts).
-        hull = (math.floor(box[0]), math.floor(box[1]),
-                min(math.ceil(box[2]), picture.width), min(math.ceil(box[3]), picture.height))  # fmt: skip
+        hull = (
+            math.floor(box[0]),
+            math.floor(box[1]),
+            min(math.ceil(box[2]), picture.width),
+            min(math.ceil(box[3]), picture.height),
+        )
         inside = (box[0] - hull[0], box[1] - hull[1], box[2] - hull[0], box[3] - hull[1])
         return picture.crop(hull).resize((out_width, out_height), F.pil_modes_mapping[interpolation], box=inside)
 

@@ -29,8 +29,15 @@ from deit_train.errors import DataError
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF (its first frame), common in scraped data
 BACKGROUND = (255, 255, 255)  # what transparent pixels show
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
-               Image.DecompressionBombWarning, EOFError)  # fmt: skip
+READ_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+    EOFError,
+)
 
 
 def is_hidden(name: str) -> bool:
@@ -101,8 +108,10 @@ def open_checked(file: BinaryIO, max_pixels: int | None) -> Image.Image:
         image = Image.open(file)
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
-        raise ValueError(f"{image.width}x{image.height} = {pixels} pixels, above data.max_image_pixels="
-                         f"{max_pixels} (a decompression bomb?)")  # fmt: skip
+        raise ValueError(
+            f"{image.width}x{image.height} = {pixels} pixels, above data.max_image_pixels="
+            f"{max_pixels} (a decompression bomb?)"
+        )
     return image
 
 
@@ -116,8 +125,16 @@ def decoded_rgb(image: Image.Image) -> Image.Image:
 # How each EXIF orientation (2-8) shows the stored pixels, as exif_transpose applies it: (stored x and y swapped,
 # shown x runs against the stored axis it comes from, shown y does). Orientation 6 (a phone held upright) is
 # Pillow's ROTATE_270: shown x = stored height - 1 - stored y, shown y = stored x.
-ORIENTATIONS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
-                5: (True, False, False), 6: (True, True, False), 7: (True, True, True), 8: (True, False, True)}  # fmt: skip
+ORIENTATIONS = {
+    1: (False, False, False),
+    2: (False, True, False),
+    3: (False, True, True),
+    4: (False, False, True),
+    5: (True, False, False),
+    6: (True, True, False),
+    7: (True, True, True),
+    8: (True, False, True),
+}
 
 
 class EncodedImage:
@@ -169,8 +186,9 @@ class EncodedImage:
         return (left + shift_x) / scale, (top + shift_y) / scale, (right + shift_x) / scale, (bottom + shift_y) / scale
 
 
-def open_image(path: str | Path | BinaryIO, max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-               name: object = None) -> EncodedImage:  # fmt: skip
+def open_image(
+    path: str | Path | BinaryIO, max_pixels: int | None = Image.MAX_IMAGE_PIXELS, name: object = None
+) -> EncodedImage:
     """The file (or a file object holding one: a dataset's image column, a shard's sample) read and checked but not
     decoded (EncodedImage), or a DataError naming it (`name`, by default the path)."""
     name = path if name is None else name

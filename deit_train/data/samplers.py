@@ -31,9 +31,7 @@ class RepeatedAugmentationSampler(DistributedSampler):
         """keys=True yields (index, epoch, repeat) view keys for SeededViews instead of bare indices."""
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-        )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.dataset_size = len(dataset)
         self.repeats = repeats
         self.samples_per_rank = math.ceil(self.dataset_size / num_replicas)

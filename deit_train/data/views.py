@@ -38,9 +38,7 @@ def seeded(seed: int) -> Iterator[None]:
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
-    torch.default_generator.manual_seed(
-        seed
-    )  # the CPU generator only: torch.manual_seed would reset CUDA's too
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would reset CUDA's too
     try:
         yield
     finally:
@@ -102,8 +100,9 @@ class ViewsOnDevice:
         if not isinstance(batch, list | tuple):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         keys = len(batch) - 1 if self.trainer.training and len(batch) == 3 else None
-        to_device = [part.pixels if isinstance(part, ErasableView) else part
-                     for i, part in enumerate(batch) if i != keys]  # fmt: skip
+        to_device = [
+            part.pixels if isinstance(part, ErasableView) else part for i, part in enumerate(batch) if i != keys
+        ]
         moved = iter(super().transfer_batch_to_device(tuple(to_device), device, dataloader_idx))
         parts = []
         for i, part in enumerate(batch):

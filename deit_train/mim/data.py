@@ -15,8 +15,9 @@ class MaskedImageDataModule(DeiTDataModule):
     """Unlabeled images, each with a SimMIM mask (training masks from the view's seed, validation masks fixed per
     image)."""
 
-    def __init__(self, source: DataSource | DictConfig, augment: DictConfig, img_size: int, seed: int,
-                 masks: MaskGenerator) -> None:  # fmt: skip
+    def __init__(
+        self, source: DataSource | DictConfig, augment: DictConfig, img_size: int, seed: int, masks: MaskGenerator
+    ) -> None:
         super().__init__(source, augment, img_size, seed)
         self.masks = masks
 

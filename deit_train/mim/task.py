@@ -100,7 +100,6 @@ class MIMModule(TrainingModule):
         return make_grid(rows, nrow=len(images), padding=2, pad_value=1.0).cpu()
 
 
-
 @dataclass
 class MaskedImageModeling(Task):
     optimized_metric: str = "val/loss"  # the reconstruction loss: best.ckpt and Optuna minimise it
@@ -120,8 +119,10 @@ class MaskedImageModeling(Task):
             )
         vits = {*timm.list_models(module="vision_transformer"), *timm.list_models(module="deit")}
         if timm.models.get_arch_name(cfg.model.name) not in vits:
-            raise DeitTrainError(f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
-                                 f"embedding (model=deit_tiny, deit_small, ...)")  # fmt: skip
+            raise DeitTrainError(
+                f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
+                f"embedding (model=deit_tiny, deit_small, ...)"
+            )
         size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, cfg.model.patch_size or 16
         if size % block:
             raise refuse("task.mask_patch_size", block, f"a divisor of model.img_size={size}")
@@ -142,11 +143,21 @@ class MaskedImageModeling(Task):
             continue_pretraining(model, cfg.model.init)
         masks = MaskGenerator(cfg.model.img_size, self.mask_patch_size, model.patch_size, self.mask_ratio)
         datamodule = MaskedImageDataModule(cfg.data, cfg.augment, cfg.model.img_size, cfg.seed, masks)
-        log.info("masked image modeling: encoder %s, %d of %d blocks masked", describe(encoder),
-                 masks.mask_count, masks.grid**2)  # fmt: skip
-        module = MIMModule(model, optim=cfg.optim, global_batch_size=cfg.data.batch_size, seed=cfg.seed,
-                           pictures=self.pictures, pictures_dir=Path(cfg.paths.output_dir) / "reconstructions",
-                           config=run_config(cfg))  # fmt: skip
+        log.info(
+            "masked image modeling: encoder %s, %d of %d blocks masked",
+            describe(encoder),
+            masks.mask_count,
+            masks.grid**2,
+        )
+        module = MIMModule(
+            model,
+            optim=cfg.optim,
+            global_batch_size=cfg.data.batch_size,
+            seed=cfg.seed,
+            pictures=self.pictures,
+            pictures_dir=Path(cfg.paths.output_dir) / "reconstructions",
+            config=run_config(cfg),
+        )
         return Built(datamodule, module)
 
 
@@ -160,8 +171,11 @@ def continue_pretraining(model: MaskedImageModel, source: str) -> None:
         run = read_run_checkpoint(path, "model.init")
     except DeitTrainError:  # weights, not a run: the encoder alone
         return
-    rest = {key.removeprefix("model."): tensor for key, tensor in run.state_dict.items()
-            if key.startswith(("model.mask_token", "model.decoder."))}  # fmt: skip
+    rest = {
+        key.removeprefix("model."): tensor
+        for key, tensor in run.state_dict.items()
+        if key.startswith(("model.mask_token", "model.decoder."))
+    }
     if rest:
         model.load_state_dict({**model.state_dict(), **rest})
         log.info("model.init: mask token and decoder from %s", source)

@@ -77,8 +77,10 @@ def read_torch_file(path: Path, flag: str) -> object:
     kind = describe_file(path)
     if kind.startswith("a truncated"):
         if flag == "resume=true":  # the run's own last.ckpt: its other checkpoint may be whole
-            raise DeitTrainError(f"{named} is {kind} (cut short); continue from the run's other checkpoint, "
-                                 f"ckpt_path={path.parent / 'best.ckpt'}, if it is intact")  # fmt: skip
+            raise DeitTrainError(
+                f"{named} is {kind} (cut short); continue from the run's other checkpoint, "
+                f"ckpt_path={path.parent / 'best.ckpt'}, if it is intact"
+            )
         raise DeitTrainError(f"{named} is {kind} (cut short: an interrupted download or copy?); fetch it again")
     if kind not in ("a torch checkpoint", "a pickle file"):
         raise DeitTrainError(f"{named} is {kind}: expected {EXPECTED[flag]}")
@@ -166,7 +168,9 @@ class RunCheckpoint:
 
 def non_finite(state: dict) -> list[str]:
     """The names of a state dict's floating-point tensors that hold NaN or inf (a diverged run's weights)."""
-    return [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    return [
+        name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()
+    ]
 
 
 def is_lightning_checkpoint(stored: object) -> bool:
@@ -179,10 +183,16 @@ def read_run_checkpoint(path: str | Path, flag: str) -> RunCheckpoint:
     stored = read_torch_file(path, flag)
     run = RunCheckpoint.of(stored)
     if run is None:
-        what = ("a Lightning checkpoint of another program" if is_lightning_checkpoint(stored)
-                else "a state dict (weights only)" if isinstance(stored, dict) else f"a {type(stored).__name__}")  # fmt: skip
-        raise DeitTrainError(f"{source(flag, path)} is {what}, not a deit-train run checkpoint: expected "
-                             f"{EXPECTED[flag]}")  # fmt: skip
+        what = (
+            "a Lightning checkpoint of another program"
+            if is_lightning_checkpoint(stored)
+            else "a state dict (weights only)"
+            if isinstance(stored, dict)
+            else f"a {type(stored).__name__}"
+        )
+        raise DeitTrainError(
+            f"{source(flag, path)} is {what}, not a deit-train run checkpoint: expected {EXPECTED[flag]}"
+        )
     return run
 
 
@@ -200,7 +210,9 @@ def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
         try:
             weights.state = transformers_to_timm(weights.state)
         except KeyError as error:
-            raise DeitTrainError(f"{source(flag, path)}: unknown tensor in transformers DeiT/ViT weights: {error}") from error
+            raise DeitTrainError(
+                f"{source(flag, path)}: unknown tensor in transformers DeiT/ViT weights: {error}"
+            ) from error
     return weights
 
 
@@ -209,18 +221,22 @@ def load_weights_file(path: Path, flag: str) -> Weights:
         try:
             return Weights(load_safetensors(str(path)))
         except (SafetensorError, OSError, ValueError) as error:
-            raise DeitTrainError(f"{source(flag, path)} is a safetensors file that cannot be read (truncated or "
-                                 f"corrupt?): {error}") from error  # fmt: skip
+            raise DeitTrainError(
+                f"{source(flag, path)} is a safetensors file that cannot be read (truncated or corrupt?): {error}"
+            ) from error
     stored = read_torch_file(path, flag)
     if not isinstance(stored, dict):
-        raise DeitTrainError(f"{source(flag, path)} holds a {type(stored).__name__}, not weights: expected "
-                             f"{EXPECTED[flag]}")  # fmt: skip
+        raise DeitTrainError(
+            f"{source(flag, path)} holds a {type(stored).__name__}, not weights: expected {EXPECTED[flag]}"
+        )
     if is_lightning_checkpoint(stored):
         run = RunCheckpoint.of(stored)
         if run is None:
-            raise DeitTrainError(f"{source(flag, path)} is a Lightning checkpoint of another program: its weights are "
-                                 f"named after that program's modules. Save the model's own state_dict() and pass "
-                                 f"that file")  # fmt: skip
+            raise DeitTrainError(
+                f"{source(flag, path)} is a Lightning checkpoint of another program: its weights are "
+                f"named after that program's modules. Save the model's own state_dict() and pass "
+                f"that file"
+            )
         return Weights(run.part(run.student_prefix), run.class_names)
     for wrapper in ("model", "state_dict", "model_state", "module"):
         if isinstance(stored.get(wrapper), dict):
@@ -228,8 +244,9 @@ def load_weights_file(path: Path, flag: str) -> Weights:
             break
     state = {k.removeprefix("module."): v for k, v in stored.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not state:
-        raise DeitTrainError(f"{source(flag, path)} holds no tensors (keys: {sorted(map(str, stored))[:5]}): "
-                             f"expected {EXPECTED[flag]}")  # fmt: skip
+        raise DeitTrainError(
+            f"{source(flag, path)} holds no tensors (keys: {sorted(map(str, stored))[:5]}): expected {EXPECTED[flag]}"
+        )
     return Weights(state)
 
 
@@ -271,8 +288,10 @@ def load_export_directory(directory: Path, flag: str) -> Weights:
     if config.get("model_type") in TRANSFORMERS_MODEL_TYPES:
         labels = config.get("id2label") or {}
         if not isinstance(labels, dict) or not all(str(key).isdigit() for key in labels):
-            raise DeitTrainError(f"{directory}/config.json: id2label must map class indices (\"0\", \"1\", ...) to "
-                                 f"names; it is {str(labels)[:60]}")  # fmt: skip
+            raise DeitTrainError(
+                f'{directory}/config.json: id2label must map class indices ("0", "1", ...) to '
+                f"names; it is {str(labels)[:60]}"
+            )
         if sorted(int(key) for key in labels) != list(range(len(labels))):
             raise DeitTrainError(f"{directory}/config.json: id2label's indices are not 0..{len(labels) - 1}")
         names = [str(labels[key]) for key in sorted(labels, key=int)]

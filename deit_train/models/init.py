@@ -36,8 +36,10 @@ def initialize_from(student: nn.Module, source: str) -> None:
     state = dict(weights.state)
     diverged = non_finite(state)
     if diverged:
-        raise DeitTrainError(f"model.init={source} has non-finite weights ({len(diverged)} tensors, e.g. "
-                             f"{diverged[0]}): its run diverged; start from an earlier checkpoint of it")  # fmt: skip
+        raise DeitTrainError(
+            f"model.init={source} has non-finite weights ({len(diverged)} tensors, e.g. "
+            f"{diverged[0]}): its run diverged; start from an earlier checkpoint of it"
+        )
     expected = student.state_dict()
     check_distillation_token(state, expected, source)
     heads = classifier_keys(student)
@@ -63,11 +65,7 @@ def initialize_from(student: nn.Module, source: str) -> None:
     elif had_heads:
         # read by check_init_classes once the data's classes are known (build_student does not know them)
         student.kept_heads = KeptHeads(source, list(weights.class_names) if weights.class_names else None)
-    if (
-        "pos_embed" in expected
-        and "pos_embed" in state
-        and state["pos_embed"].shape != expected["pos_embed"].shape
-    ):
+    if "pos_embed" in expected and "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
     # Anything else that differs is an error naming the tensor.
     load_into(student, state, f"model.init={source}", "student")
@@ -83,10 +81,14 @@ def check_init_classes(student: nn.Module, class_names: list[str]) -> KeptHeads 
         return kept
     heads = ", ".join(sorted({key.rsplit(".", 1)[0] + ".*" for key in classifier_keys(student)}))
     check_same_classes(
-        kept.class_names, class_names, f"model.init={kept.source}", "its heads", "the data",
+        kept.class_names,
+        class_names,
+        f"model.init={kept.source}",
+        "its heads",
+        "the data",
         f"Its heads would predict the wrong labels. Give the data its classes in the same order, or, to start the "
         f"heads fresh, pass its weights without the head tensors ({heads}: an encoder-only state dict)",
-    )  # fmt: skip
+    )
     return None
 
 

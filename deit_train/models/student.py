@@ -45,9 +45,7 @@ def build_student(cfg: DictConfig, num_classes: int) -> nn.Module:
     if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     kwargs.update(cfg.kwargs)
-    model = create_timm_model(
-        cfg.name, "student", pretrained=cfg.pretrained, num_classes=num_classes, **kwargs
-    )
+    model = create_timm_model(cfg.name, "student", pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     if cfg.init:
         initialize_from(model, cfg.init)
     if cfg.trainable is not None:

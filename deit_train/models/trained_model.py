@@ -75,8 +75,10 @@ def load_trained_model(source: str | Path, ema: bool = False, classifier: bool =
         # a file that passed for one of ours but whose contents are not what deit-train or transformers writes
         what = "its config.json or preprocessor_config.json" if path.is_dir() else "the configuration it stores"
         detail = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
-        raise DeitTrainError(f"{path}: {what} is not as deit-train, timm or transformers write it ({detail}); "
-                             f"export or save the model again") from error  # fmt: skip
+        raise DeitTrainError(
+            f"{path}: {what} is not as deit-train, timm or transformers write it ({detail}); "
+            f"export or save the model again"
+        ) from error
     check_class_names(trained.class_names, getattr(trained.model, "num_classes", None) or None, path)
     trained.model.eval()
     return trained
@@ -85,30 +87,31 @@ def load_trained_model(source: str | Path, ema: bool = False, classifier: bool =
 def check_class_names(names: object, rows: int | None, path: Path) -> None:
     """One name (a string) per row of the classifier's head (rows; None: not a classifier)."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise DeitTrainError(f"{path}: its class names are not a list of strings ({str(names)[:60]}): save or "
-                             f"export the model again")  # fmt: skip
+        raise DeitTrainError(
+            f"{path}: its class names are not a list of strings ({str(names)[:60]}): save or export the model again"
+        )
     if rows and len(names) != rows:
-        raise DeitTrainError(f"{path}: {len(names)} class names for a head of {rows} classes: the names belong "
-                             f"to another model; save or export the model again")  # fmt: skip
+        raise DeitTrainError(
+            f"{path}: {len(names)} class names for a head of {rows} classes: the names belong "
+            f"to another model; save or export the model again"
+        )
 
 
 def from_checkpoint(path: Path, ema: bool, classifier: bool) -> TrainedModel:
     run = read_run_checkpoint(path, "MODEL")
     cfg = OmegaConf.create(run.config)
-    model_cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), cfg.model, {"init": None, "pretrained": False}
-    )
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model, {"init": None, "pretrained": False})
     img_size = cfg.model.img_size
     resize_size = eval_resize_size(img_size, cfg.augment.eval_crop_pct)
     if run.class_names is None:
         if classifier or ema:
-            raise DeitTrainError(f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
-                                 f"(deit-train model.init={path} ...)")  # fmt: skip
+            raise DeitTrainError(
+                f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
+                f"(deit-train model.init={path} ...)"
+            )
         # MIMModule keeps its MaskedImageModel as `model` and names the encoder inside it as the student
         model = MaskedImageModel(build_student(model_cfg, num_classes=0))
-        load_into(
-            model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model"
-        )
+        load_into(model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model")
         return TrainedModel(model, [], img_size, resize_size)
     class_names = list(run.class_names) if isinstance(run.class_names, list | tuple) else run.class_names
     state = run.part("ema.module." if ema else "student.")
@@ -130,11 +133,15 @@ def from_transformers(directory: Path, config: dict) -> TrainedModel:
     state = weights.state
     architecture = (config.get("architectures") or [config["model_type"]])[0]
     if "head.weight" not in state:
-        raise DeitTrainError(f"{directory} is a transformers {architecture} without a classification head: "
-                             f"fine-tune it first (deit-train model.init={directory} ...)")  # fmt: skip
+        raise DeitTrainError(
+            f"{directory} is a transformers {architecture} without a classification head: "
+            f"fine-tune it first (deit-train model.init={directory} ...)"
+        )
     if config.get("hidden_act", "gelu") != "gelu":
-        raise DeitTrainError(f"{directory}: hidden_act={config['hidden_act']} in its config.json; timm's ViT "
-                             f"computes the exact GELU (hidden_act=gelu) only")  # fmt: skip
+        raise DeitTrainError(
+            f"{directory}: hidden_act={config['hidden_act']} in its config.json; timm's ViT "
+            f"computes the exact GELU (hidden_act=gelu) only"
+        )
     kwargs = {}
     if "head_dist.weight" in state:
         name = "deit_tiny_distilled_patch16_224"
@@ -178,11 +185,14 @@ def from_timm(directory: Path) -> TrainedModel:
     except (RuntimeError, OSError, ValueError, KeyError) as error:
         raise DeitTrainError(f"{directory}: timm could not load this export: {error}") from error
     if model.num_classes == 0:
-        raise DeitTrainError(f"{directory} is a timm encoder without a classification head (a task=mim run's): "
-                             f"fine-tune it first (deit-train model.init={directory} ...)")  # fmt: skip
+        raise DeitTrainError(
+            f"{directory} is a timm encoder without a classification head (a task=mim run's): "
+            f"fine-tune it first (deit-train model.init={directory} ...)"
+        )
     cfg = model.pretrained_cfg
     class_names = cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     img_size = cfg["input_size"][-1]
     resize_size = eval_resize_size(img_size, cfg.get("crop_pct", DEFAULT_CROP_PCT))
-    return TrainedModel(model, list(class_names) if isinstance(class_names, list | tuple) else class_names, img_size,
-                        resize_size)  # fmt: skip
+    return TrainedModel(
+        model, list(class_names) if isinstance(class_names, list | tuple) else class_names, img_size, resize_size
+    )

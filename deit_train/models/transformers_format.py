@@ -116,8 +116,11 @@ def transformers_to_timm(state: StateDict) -> StateDict:
     """A transformers DeiT or ViT state dict (v4 or v5 names; any of their classes) under timm's names. The pooler,
     mask token and decoder, which a timm classifier lacks, are dropped; `classifier` and `cls_classifier` become
     `head`, `distillation_classifier` `head_dist`; the caller decides what a missing head starts from."""
-    to_timm = {v: k for k, v in _BASE.items()} | {"classifier": "head", "cls_classifier": "head",
-                                                   "distillation_classifier": "head_dist"}  # fmt: skip
+    to_timm = {v: k for k, v in _BASE.items()} | {
+        "classifier": "head",
+        "cls_classifier": "head",
+        "distillation_classifier": "head_dist",
+    }
     to_timm_block = {v: k for k, v in _BLOCK.items()}
     converted: StateDict = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -186,7 +189,10 @@ def why_no_transformers_class(model: torch.nn.Module) -> str | None:
         (model.num_prefix_tokens != (2 if isinstance(model, VisionTransformerDistilled) else 1), "register tokens"),
         (not isinstance(model.norm_pre, nn.Identity) or not isinstance(model.fc_norm, nn.Identity), "norm_pre/fc_norm"),
         (any(not isinstance(block.attn.q_norm, nn.Identity) for block in blocks), "QK normalisation"),
-        (any(getattr(block.mlp.act, "approximate", None) != "none" for block in blocks), "an MLP activation other than the exact GELU"),
+        (
+            any(getattr(block.mlp.act, "approximate", None) != "none" for block in blocks),
+            "an MLP activation other than the exact GELU",
+        ),
         (model.patch_embed.proj.bias is None, "a patch embedding without bias"),
-    ]  # fmt: skip
+    ]
     return next((reason for problem, reason in problems if problem), None)

@@ -208,8 +208,12 @@ class Classify(Task):
             )
         if cfg.compile:
             compile_student(student)
-        log.info("student %s on %d classes; teacher %s", describe(student), len(class_names),
-                 cfg.teacher.name if teacher is not None else "none")  # fmt: skip
+        log.info(
+            "student %s on %d classes; teacher %s",
+            describe(student),
+            len(class_names),
+            cfg.teacher.name if teacher is not None else "none",
+        )
         return DeiTModule(
             student=student,
             teacher=teacher,
@@ -242,8 +246,15 @@ def check_label_order(
             combined = lambda images: ensemble_logits([m(images) for m in teacher.members], teacher.tau)  # noqa: E731
             checks.append(("teacher ensemble", teacher, combined, None, None))
     if kept is not None:
-        checks.append(("model.init", student, lambda images: average_heads(*forward_heads(student, images)),
-                       f"model.init={kept.source} (weights without class names)", "model.init_unchecked_order"))  # fmt: skip
+        checks.append(
+            (
+                "model.init",
+                student,
+                lambda images: average_heads(*forward_heads(student, images)),
+                f"model.init={kept.source} (weights without class names)",
+                "model.init_unchecked_order",
+            )
+        )
     if not checks:
         return
     batches = datamodule.validation_sample(SAMPLE_IMAGES)
@@ -252,21 +263,26 @@ def check_label_order(
         was_training = network.training
         network.eval().to(device)
         try:
-            check = order_on_data(lambda images, predict=predict: predict(model_input(images.to(device))), batches,
-                                  class_names)  # fmt: skip
+            check = order_on_data(
+                lambda images, predict=predict: predict(model_input(images.to(device))), batches, class_names
+            )
         finally:
             network.train(was_training).to("cpu")
         log.info("%s: %s", what, check.describe())
         if unnamed is None or check.passed:
             continue
-        verdict = (f"{unnamed} cannot be checked by name, and on the data it scores {check.describe()}: its "
-                   f"outputs are likely in another class order than the data's (class folders sort as strings: 0, 1, "
-                   f"10, 2, ...) or it was not trained on this data")  # fmt: skip
+        verdict = (
+            f"{unnamed} cannot be checked by name, and on the data it scores {check.describe()}: its "
+            f"outputs are likely in another class order than the data's (class folders sort as strings: 0, 1, "
+            f"10, 2, ...) or it was not trained on this data"
+        )
         if OmegaConf.select(cfg, option):
             log.warning("%s; %s=true: training with it anyway", verdict, option)
             continue
-        raise DeitTrainError(f"{verdict}. Save it with the data's class names in the data's order (a deit-train "
-                             f"checkpoint or export names them), or set {option}=true to train with it anyway")  # fmt: skip
+        raise DeitTrainError(
+            f"{verdict}. Save it with the data's class names in the data's order (a deit-train "
+            f"checkpoint or export names them), or set {option}=true to train with it anyway"
+        )
 
 
 def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:

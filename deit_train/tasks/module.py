@@ -99,8 +99,7 @@ class TrainingModule(ViewsOnDevice, L.LightningModule):
         if optim.name == "adamw" and self.device.type == "cuda" and not clips_scaled:
             extra.setdefault("fused", True)  # one kernel for the whole update
         # No weight decay on norms, biases, tokens and position embeddings (timm's factory).
-        optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay,
-                                        **extra)  # fmt: skip
+        optimizer = create_optimizer_v2(self.network, opt=optim.name, lr=lr, weight_decay=optim.weight_decay, **extra)
         trainer = self.trainer
         # Our data module counts the steps without making the training loader: Lightning's estimate makes it, and
         # its first iterator, before a resumed run's epoch is restored (data/datamodule.py). Without a data module

@@ -6,10 +6,11 @@ included. Training views are reproducible (data/views.py), so the teacher's outp
 function of the configuration, and can be stored the first time and read afterwards.
 
 Layout: DIR/<fingerprint>/epochNNNN-rankR-batchesB.safetensors, one file per epoch, rank and batch count (a run
-limited to fewer batches keeps its own), written when the epoch's last batch is done (to a temporary name, then renamed: a crash or a half-written file is never read as complete).
-The fingerprint hashes everything that decides the teacher's input and output (fingerprint_inputs). Each file
-carries its fingerprint, batch count and a SHA-256 of its tensors, and each batch the hash of its view keys, so
-a corrupt, truncated or foreign file is recomputed with a warning, never served. Runs of a sweep may share DIR.
+limited to fewer batches keeps its own), written when the epoch's last batch is done (to a temporary name, then
+renamed: a crash or a half-written file is never read as complete). The fingerprint hashes everything that decides
+the teacher's input and output (fingerprint_inputs). Each file carries its fingerprint, batch count and a SHA-256 of
+its tensors, and each batch the hash of its view keys, so a corrupt, truncated or foreign file is recomputed with a
+warning, never served. Runs of a sweep may share DIR.
 
 What is stored per sample (bytes per sample per epoch):
   hard            the teacher's argmax: int16 (2 B; int32 past 32767 classes)
@@ -122,8 +123,11 @@ def teacher_digest(members: nn.Module) -> str:
     tensors = {f"state.{k}": v for k, v in state.items()}
     tensors.update({f"buffer.{k}": v for k, v in members.named_buffers() if k not in state})  # non-persistent ones
     sizes = [getattr(member, "img_size", None) for member in members.children()]
-    configs = [module.config.to_json_string() for module in members.modules()
-               if hasattr(getattr(module, "config", None), "to_json_string")]  # fmt: skip
+    configs = [
+        module.config.to_json_string()
+        for module in members.modules()
+        if hasattr(getattr(module, "config", None), "to_json_string")
+    ]
     architecture = hashlib.sha256(f"{members!r}\n{configs}".encode()).hexdigest()
     return f"{tensor_digest(tensors)}:{architecture}:{sizes}"
 
@@ -164,8 +168,10 @@ class TeacherCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StorageError(f"cannot make the teacher cache folder {self.root}: {error.strerror or error}; give "
-                               f"a writable teacher.cache") from error  # fmt: skip
+            raise StorageError(
+                f"cannot make the teacher cache folder {self.root}: {error.strerror or error}; give "
+                f"a writable teacher.cache"
+            ) from error
         manifest = self.root / "fingerprint.json"
         if not manifest.exists():  # what this cache is keyed by, for people
             tmp = manifest.with_name(f".fingerprint.{uuid.uuid4().hex}.tmp")
@@ -192,7 +198,9 @@ class TeacherCache:
         if self.stored is not None:
             self.stored_keys = self.stored.pop("batch_keys").tolist()
             pin = device.type == "cuda"
-            self.stored = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in self.stored.items()}
+            self.stored = {
+                k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in self.stored.items()
+            }
         self.computed = {}
 
     def read(self, path: Path) -> dict[str, torch.Tensor] | None:
@@ -212,9 +220,7 @@ class TeacherCache:
         except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
             problem = f"it cannot be read (truncated or corrupt: {error})"
         if problem:
-            warnings.warn(
-                f"teacher cache {path}: {problem}; recomputing this epoch's teacher outputs", stacklevel=2
-            )
+            warnings.warn(f"teacher cache {path}: {problem}; recomputing this epoch's teacher outputs", stacklevel=2)
             return None
         return tensors
 
@@ -284,9 +290,7 @@ class CacheSettings:
     def from_config(cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None) -> "CacheSettings":
         """Everything in the run config that decides the training views and the teacher's stored outputs;
         ensemble_tau: the temperature at which an ensemble averages its members (teacher.py), None for one."""
-        encoding = Encoding.choose(
-            cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.tau
-        )
+        encoding = Encoding.choose(cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.tau)
         config = {
             "augment": OmegaConf.to_container(cfg.augment, resolve=True),
             "image_size": cfg.model.img_size,
@@ -302,8 +306,9 @@ class CacheSettings:
         }
         return cls(cfg.teacher.cache, encoding, config)
 
-    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast,
-             device_type: str = "cpu") -> TeacherCache:
+    def open(
+        self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast, device_type: str = "cpu"
+    ) -> TeacherCache:
         """The cache of this run: the configuration plus world size, training data, the teacher networks' weights
         and the device type. Rank 0 hashes the data's identity and the teacher; `broadcast` gives the others its
         result."""
@@ -328,9 +333,14 @@ class TeacherCacheCallback(L.Callback):
         if trainer.global_rank == 0:
             module = trainer.datamodule
             data = module.identity() if module is not None else samples_digest(trainer.train_dataloader.dataset)
-        self.teacher.cache = self.settings.open(trainer.world_size, trainer.global_rank, data,
-                                                self.teacher.members, trainer.strategy.broadcast,
-                                                pl_module.device.type)  # fmt: skip
+        self.teacher.cache = self.settings.open(
+            trainer.world_size,
+            trainer.global_rank,
+            data,
+            self.teacher.members,
+            trainer.strategy.broadcast,
+            pl_module.device.type,
+        )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.teacher.cache.start_epoch(trainer.current_epoch, trainer.num_training_batches, pl_module.device)

@@ -59,10 +59,7 @@ def teacher_members(teacher: DictConfig) -> list[DictConfig]:
 def member_img_sizes(teacher: DictConfig) -> list[int | None]:
     """The resolution each teacher network sees the views at: its own img_size, else teacher.img_size (None: the
     student's)."""
-    return [
-        member.img_size if member.img_size is not None else teacher.img_size
-        for member in teacher_members(teacher)
-    ]
+    return [member.img_size if member.img_size is not None else teacher.img_size for member in teacher_members(teacher)]
 
 
 def check_teacher_classes(
@@ -73,9 +70,15 @@ def check_teacher_classes(
     source: str,
 ) -> None:
     if teacher_class_names is not None:
-        check_same_classes(teacher_class_names, class_names, f"teacher.checkpoint={source}", "the teacher",
-                           "the data", "Its predictions would be read as the wrong labels: train or fine-tune the "
-                           "teacher on this data, in this class order")  # fmt: skip
+        check_same_classes(
+            teacher_class_names,
+            class_names,
+            f"teacher.checkpoint={source}",
+            "the teacher",
+            "the data",
+            "Its predictions would be read as the wrong labels: train or fine-tune the "
+            "teacher on this data, in this class order",
+        )
     classifier_weight = next(key for key in classifier_keys(teacher) if key.endswith("weight"))
     if classifier_weight in state and state[classifier_weight].shape[0] != len(class_names):
         raise DeitTrainError(
@@ -108,26 +111,38 @@ def build_transformers_classifier(directory: str, class_names: list[str]) -> Tra
     path, flag = Path(directory).expanduser(), f"teacher.name={directory}"
     for needed in ("config.json", "preprocessor_config.json"):
         if not (path / needed).is_file():
-            raise DeitTrainError(f"{flag} has no {needed}: teacher=hf takes a directory written by a transformers "
-                                 f"image classifier's and its image processor's save_pretrained(DIR)")  # fmt: skip
+            raise DeitTrainError(
+                f"{flag} has no {needed}: teacher=hf takes a directory written by a transformers "
+                f"image classifier's and its image processor's save_pretrained(DIR)"
+            )
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(
             path, local_files_only=True, dtype=torch.float32
         )
         processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise DeitTrainError(f"{flag}: transformers cannot load an image classifier from it: "
-                             f"{str(error).splitlines()[0][:200]}") from error  # fmt: skip
+        raise DeitTrainError(
+            f"{flag}: transformers cannot load an image classifier from it: {str(error).splitlines()[0][:200]}"
+        ) from error
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     placeholders = [f"LABEL_{i}" for i in range(len(labels))]  # transformers' default id2label says nothing
     named = labels != placeholders
     if named:
-        check_same_classes(labels, class_names, flag, "its id2label", "the data", "Its predictions would be read as "
-                           "the wrong labels: fine-tune it on this data (transformers' run_image_classification.py), "
-                           "with label2id/id2label in this order")  # fmt: skip
+        check_same_classes(
+            labels,
+            class_names,
+            flag,
+            "its id2label",
+            "the data",
+            "Its predictions would be read as "
+            "the wrong labels: fine-tune it on this data (transformers' run_image_classification.py), "
+            "with label2id/id2label in this order",
+        )
     if len(labels) != len(class_names):
-        raise DeitTrainError(f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
-                             f"it on this data first (transformers' run_image_classification.py)")  # fmt: skip
+        raise DeitTrainError(
+            f"{flag} predicts {len(labels)} classes but the data has {len(class_names)}: fine-tune "
+            f"it on this data first (transformers' run_image_classification.py)"
+        )
     mean, std, side = processor_input(processor, flag)
     return TransformersClassifier(model, mean, std, side, named)
 
@@ -146,6 +161,8 @@ def processor_input(processor, flag: str) -> tuple[tuple[float, ...], tuple[floa
     if height is None:
         height = width = read("shortest_edge")  # ConvNeXt's processor: the short side, center-cropped square
     if height is None or height != width:
-        raise DeitTrainError(f"{flag}: its image processor's size {size} is not a square, and the teacher sees "
-                             f"square views: save the processor with a square size or crop_size")  # fmt: skip
+        raise DeitTrainError(
+            f"{flag}: its image processor's size {size} is not a square, and the teacher sees "
+            f"square views: save the processor with a square size or crop_size"
+        )
     return tuple(m / scale for m in mean), tuple(s / scale for s in std), int(height)

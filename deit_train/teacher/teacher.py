@@ -36,21 +36,22 @@ class TeacherNetwork(nn.Module):
         mean, std = tuple(config.get("mean", data_mean)), tuple(config.get("std", data_std))
         self.renormalize = (mean, std) != (tuple(data_mean), tuple(data_std))
         if self.renormalize:
-            log.info("teacher input re-normalised from the data's mean/std %s/%s to its own %s/%s",
-                     data_mean, data_std, mean, std)  # fmt: skip
+            log.info(
+                "teacher input re-normalised from the data's mean/std %s/%s to its own %s/%s",
+                data_mean,
+                data_std,
+                mean,
+                std,
+            )
         to_column = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
         # x_teacher = a * x + b
         self.register_buffer("input_scale", to_column(data_std) / to_column(std), persistent=False)
-        self.register_buffer(
-            "input_shift", (to_column(data_mean) - to_column(mean)) / to_column(std), persistent=False
-        )
+        self.register_buffer("input_shift", (to_column(data_mean) - to_column(mean)) / to_column(std), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = self.img_size
         if size is not None and images.shape[-2:] != (size, size):
-            images = F.interpolate(
-                images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-            )
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         if self.renormalize:
             images = images * self.input_scale + self.input_shift
         # channels_last: the faster layout for convnets
@@ -123,9 +124,7 @@ class Teacher(nn.Module):
                 if buffer.is_floating_point() and name not in ("input_scale", "input_shift"):
                     setattr(module, name, buffer.to(dtype))
 
-    def forward(
-        self, images: torch.Tensor, view_keys: torch.Tensor | None = None, batch_idx: int = 0
-    ) -> TeacherOutput:
+    def forward(self, images: torch.Tensor, view_keys: torch.Tensor | None = None, batch_idx: int = 0) -> TeacherOutput:
         if self.cache is not None and view_keys is not None:
             logits = self.cache.teacher_logits(batch_idx, view_keys, lambda: self.run_networks(images).logits)
             return TeacherOutput(logits, [])
@@ -135,7 +134,9 @@ class Teacher(nn.Module):
         """Each network's logits, in one forward pass each without autograd, and their combination."""
         with torch.inference_mode():
             member_logits = [member(images) for member in self.members]
-        member_logits = [logits.to(torch.float32, copy=True) for logits in member_logits]  # normal fp32 tensors the loss may save
+        member_logits = [
+            logits.to(torch.float32, copy=True) for logits in member_logits
+        ]  # normal fp32 tensors the loss may save
         if len(member_logits) == 1:
             return TeacherOutput(member_logits[0], member_logits)
         return TeacherOutput(ensemble_logits(member_logits, self.tau), member_logits)

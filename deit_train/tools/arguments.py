@@ -51,8 +51,9 @@ def new_output_dir(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise DeitTrainError(f"{flag} {path} is a file: give a folder to write into")
     if path.is_dir() and any(path.iterdir()):
-        raise DeitTrainError(f"{flag} {path} is a folder that is not empty: give a new or empty folder (nothing "
-                             f"in it is overwritten)")  # fmt: skip
+        raise DeitTrainError(
+            f"{flag} {path} is a folder that is not empty: give a new or empty folder (nothing in it is overwritten)"
+        )
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent

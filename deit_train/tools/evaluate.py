@@ -23,8 +23,13 @@ from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.tools.arguments import ArgumentParser, at_least, writable_file, write_text
 
 
-def open_eval_folder(data: str | Path, split: str, trained: TrainedModel, image_column: str | None = None,
-                     label_column: str | None = None) -> ImageFolder:  # fmt: skip
+def open_eval_folder(
+    data: str | Path,
+    split: str,
+    trained: TrainedModel,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> ImageFolder:
     root = Path(data).expanduser()
     if is_hf_dataset(root):  # a local Hugging Face dataset (save_to_disk, Parquet): its split, by class name
         return open_hf_eval(root, split, trained.transform(), trained.class_names, image_column, label_column)
@@ -59,9 +64,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
         name: {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, top5)}
         for name in ("class", "distillation", "average")
     }
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     model_seconds, images_seen, non_finite = 0.0, 0, 0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -84,8 +87,10 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
     if images_seen == 0:
         raise DeitTrainError("the evaluation folder holds no images")
     if non_finite:
-        raise DeitTrainError(f"the model's outputs are NaN or inf on {non_finite} of {images_seen} images: its weights "
-                             f"are not usable (a diverged run?). Evaluate an earlier checkpoint")  # fmt: skip
+        raise DeitTrainError(
+            f"the model's outputs are NaN or inf on {non_finite} of {images_seen} images: its weights "
+            f"are not usable (a diverged run?). Evaluate an earlier checkpoint"
+        )
     if dist_logits is None:  # a single-head student: its one head is the prediction
         del metrics["class"], metrics["distillation"]
     return {
@@ -114,12 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="deit-eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
     parser.add_argument("data", help="an ImageFolder, or a folder with one under val/")
-    parser.add_argument(
-        "--split", default="val", help="sub-folder of DATA to use when present (default: val)"
-    )
+    parser.add_argument("--split", default="val", help="sub-folder of DATA to use when present (default: val)")
     parser.add_argument("--image-column", help="a Hugging Face DATA's image column (default: its first Image feature)")
-    parser.add_argument("--label-column", help="a Hugging Face DATA's label column: a ClassLabel or integers, as "
-                        "data.label_column in training (default: its first ClassLabel feature)")  # fmt: skip
+    parser.add_argument(
+        "--label-column",
+        help="a Hugging Face DATA's label column: a ClassLabel or integers, as "
+        "data.label_column in training (default: its first ClassLabel feature)",
+    )
     parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--num-workers", type=at_least(0), default=2)
     parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")

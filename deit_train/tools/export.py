@@ -66,14 +66,20 @@ def transformers_class(model: torch.nn.Module, kind: str) -> str:
     family = "deit" if is_distilled(encoder_of(model)) else "vit"
     is_mim = isinstance(model, MaskedImageModel)
     if kind == "mim" and not is_mim:
-        raise DeitTrainError("--as mim writes a task=mim run (mask token and decoder); this checkpoint is a "
-                             "classifier: --as classifier or --as backbone")  # fmt: skip
+        raise DeitTrainError(
+            "--as mim writes a task=mim run (mask token and decoder); this checkpoint is a "
+            "classifier: --as classifier or --as backbone"
+        )
     if kind in ("with-teacher", "classifier") and is_mim:
-        raise DeitTrainError(f"--as {kind}: a task=mim run has no classification head; fine-tune it first "
-                             f"(deit-train model.init=CHECKPOINT ...), or --as mim / --as backbone")  # fmt: skip
+        raise DeitTrainError(
+            f"--as {kind}: a task=mim run has no classification head; fine-tune it first "
+            f"(deit-train model.init=CHECKPOINT ...), or --as mim / --as backbone"
+        )
     if family not in CLASSES[kind]:
-        raise DeitTrainError("--as with-teacher needs a distilled DeiT (two heads); this is a plain ViT with one "
-                             "head: --as classifier (ViTForImageClassification)")  # fmt: skip
+        raise DeitTrainError(
+            "--as with-teacher needs a distilled DeiT (two heads); this is a plain ViT with one "
+            "head: --as classifier (ViTForImageClassification)"
+        )
     return CLASSES[kind][family]
 
 
@@ -92,16 +98,16 @@ def transformers_state(model: torch.nn.Module, architecture: str) -> dict[str, t
     if architecture.endswith("WithTeacher"):
         return timm_to_transformers(state, base, WITH_TEACHER_HEADS)
     # one head on the class token; a distilled student's distillation head stays behind
-    return timm_to_transformers({k: v for k, v in state.items() if not k.startswith("head_dist.")}, base,
-                                CLASSIFIER_HEAD)  # fmt: skip
+    return timm_to_transformers(
+        {k: v for k, v in state.items() if not k.startswith("head_dist.")}, base, CLASSIFIER_HEAD
+    )
 
 
 def export_transformers(trained: TrainedModel, directory: Path, architecture: str) -> None:
     """`trained` as the transformers class `architecture`, with its class names and preprocessing."""
     transformers = require_transformers("the transformers export")
     encoder = encoder_of(trained.model)
-    config = transformers_config(encoder, trained.class_names if "Classification" in architecture else [],
-                                 architecture)  # fmt: skip
+    config = transformers_config(encoder, trained.class_names if "Classification" in architecture else [], architecture)
     config_class = transformers.DeiTConfig if config.pop("model_type") == "deit" else transformers.ViTConfig
     model_class = getattr(transformers, architecture)
     # DeiTModel / ViTModel add a pooler (dense + tanh on the class token) by default: not part of DeiT, never trained
@@ -171,12 +177,12 @@ def export(
     # every refusal before anything is written
     diverged = non_finite(trained.model.state_dict())
     if diverged:
-        raise DeitTrainError(f"{source} has non-finite weights ({len(diverged)} tensors, e.g. {diverged[0]}): its run "
-                             f"diverged. Export an earlier checkpoint of the run (e.g. best.ckpt)")  # fmt: skip
+        raise DeitTrainError(
+            f"{source} has non-finite weights ({len(diverged)} tensors, e.g. {diverged[0]}): its run "
+            f"diverged. Export an earlier checkpoint of the run (e.g. best.ckpt)"
+        )
     reason = why_no_transformers_class(encoder_of(trained.model))
-    architecture = (
-        transformers_class(trained.model, kind or default_kind(trained.model)) if not reason else None
-    )
+    architecture = transformers_class(trained.model, kind or default_kind(trained.model)) if not reason else None
     if onnx and isinstance(trained.model, MaskedImageModel):
         raise DeitTrainError("--onnx writes a classifier; a task=mim run has none: fine-tune it first")
     out_dir = Path(out_dir).expanduser()
@@ -215,21 +221,23 @@ def check_output_dir(out_dir: Path) -> None:
     entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
     others = sorted(p.name for p in entries if p.name not in EXPORT_ENTRIES or p.is_dir() != (p.name != "model.onnx"))
     if others:
-        raise DeitTrainError(f"OUT_DIR {out_dir} holds other files ({', '.join(others[:3])}): give a new or empty "
-                             f"folder, or an earlier export's, which is replaced")  # fmt: skip
+        raise DeitTrainError(
+            f"OUT_DIR {out_dir} holds other files ({', '.join(others[:3])}): give a new or empty "
+            f"folder, or an earlier export's, which is replaced"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="deit-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a deit-train .ckpt (last.ckpt, best.ckpt)")
+    parser.add_argument("out_dir", help="written: OUT_DIR/transformers, OUT_DIR/timm (and OUT_DIR/model.onnx)")
     parser.add_argument(
-        "out_dir", help="written: OUT_DIR/transformers, OUT_DIR/timm (and OUT_DIR/model.onnx)"
-    )
-    parser.add_argument(
-        "--as", dest="kind", choices=list(CLASSES),
+        "--as",
+        dest="kind",
+        choices=list(CLASSES),
         help="the transformers class (default: what the checkpoint is): with-teacher (distilled DeiT), classifier "
         "(the class head alone), mim (task=mim run), backbone (DeiTModel / ViTModel)",
-    )  # fmt: skip
+    )
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema.decay)")
     parser.add_argument("--onnx", action="store_true", help="also write OUT_DIR/model.onnx")
     args = parser.parse_args(argv)

@@ -52,13 +52,13 @@ def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size
             continue
         logits = trained.model(torch.stack(batch))
         if not torch.isfinite(logits).all():
-            raise DeitTrainError("the model's outputs are NaN or inf: its weights are not usable (a diverged run?). "
-                                 "Predict with an earlier checkpoint")  # fmt: skip
+            raise DeitTrainError(
+                "the model's outputs are NaN or inf: its weights are not usable (a diverged run?). "
+                "Predict with an earlier checkpoint"
+            )
         probabilities = logits.softmax(dim=-1)
         scores, indices = probabilities.topk(top_k, dim=-1)
-        for path, image_scores, image_indices in zip(
-            readable, scores.tolist(), indices.tolist(), strict=True
-        ):
+        for path, image_scores, image_indices in zip(readable, scores.tolist(), indices.tolist(), strict=True):
             yield {
                 "image": str(path),
                 "predictions": [

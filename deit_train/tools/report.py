@@ -41,9 +41,7 @@ class Run:
     metrics: dict[str, float] | None  # metrics.json; None: the run failed or is still running
     failure: Failure | None = None  # a sweep job's failed.json
     optimized: tuple[str, str] = ("val/acc1", "max")  # task.optimized_metric, task.optimized_mode
-    history: dict[str, list[tuple[int, int, float]]] = field(
-        default_factory=dict
-    )  # name -> (epoch, step, value)
+    history: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # name -> (epoch, step, value)
 
     def configuration(self, common: set[str] = frozenset()) -> str:
         """The overrides that make this run's configuration: those not shared by all runs, seed aside."""
@@ -70,9 +68,7 @@ def find_runs(path: Path) -> list[Path]:
         raise DeitTrainError(
             f"{path} holds no deit-train runs: no .hydra/config.yaml or metrics.json in it or below it"
         )
-    return sorted(
-        runs, key=lambda p: [int(part) if part.isdigit() else part for part in p.relative_to(path).parts]
-    )
+    return sorted(runs, key=lambda p: [int(part) if part.isdigit() else part for part in p.relative_to(path).parts])
 
 
 def read_file(path: Path, parse, expected: str, valid=lambda value: True):
@@ -92,13 +88,22 @@ def read_run(directory: Path) -> Run:
 
     overrides, metrics = [], None
     if (path := directory / ".hydra" / "overrides.yaml").is_file():
-        overrides = read_file(path, yaml.safe_load, "a list of command-line overrides",
-                              lambda v: v is None or (isinstance(v, list) and all(isinstance(o, str) for o in v)))
+        overrides = read_file(
+            path,
+            yaml.safe_load,
+            "a list of command-line overrides",
+            lambda v: v is None or (isinstance(v, list) and all(isinstance(o, str) for o in v)),
+        )
         overrides = overrides or []
     if (path := directory / "metrics.json").is_file():
-        metrics = read_file(path, json.loads, "deit-train's metrics.json (an object of numbers)",
-                            lambda v: isinstance(v, dict) and all(isinstance(x, int | float) and not isinstance(x, bool)
-                                                                  for x in v.values()))  # fmt: skip
+        metrics = read_file(
+            path,
+            json.loads,
+            "deit-train's metrics.json (an object of numbers)",
+            lambda v: (
+                isinstance(v, dict) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v.values())
+            ),
+        )
     run = Run(directory, overrides, metrics, read_failure(directory))
     if run.failure is not None and not overrides:
         run.overrides = run.failure.overrides
@@ -115,8 +120,10 @@ def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
     """Every logged scalar of the run over all its launches (a resumed run writes version_1, ...): CSV logger
     files, or TensorBoard event files when that is what the run used. Later launches replace repeated steps."""
     history: dict[str, dict[int, tuple[int, int, float]]] = defaultdict(dict)
-    versions = sorted((p for p in directory.glob("csv/version_*/metrics.csv") if p.parent.name[8:].isdigit()),
-                      key=lambda p: int(p.parent.name[8:]))  # fmt: skip
+    versions = sorted(
+        (p for p in directory.glob("csv/version_*/metrics.csv") if p.parent.name[8:].isdigit()),
+        key=lambda p: int(p.parent.name[8:]),
+    )
     for metrics_file in versions:
         with metrics_file.open() as file:
             try:
@@ -127,8 +134,9 @@ def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
                             key = epoch if name.startswith("val") else step  # one validation per epoch
                             history[name][key] = (epoch, step, float(value))
             except (ValueError, TypeError, csv.Error) as error:
-                raise DeitTrainError(f"{metrics_file} is not a CSV logger's metrics file ({error}): repair or "
-                                     f"remove it") from error  # fmt: skip
+                raise DeitTrainError(
+                    f"{metrics_file} is not a CSV logger's metrics file ({error}): repair or remove it"
+                ) from error
     if not versions:
         for event_file in sorted(directory.glob("tensorboard/version_*/events.out.tfevents.*")):
             read_tensorboard(event_file, history)
@@ -139,9 +147,7 @@ def read_tensorboard(event_file: Path, history: dict) -> None:
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError as error:
-        raise DeitTrainError(
-            f"{event_file} is a TensorBoard log: pip install tensorboard to read it"
-        ) from error
+        raise DeitTrainError(f"{event_file} is a TensorBoard log: pip install tensorboard to read it") from error
     events = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -178,9 +184,7 @@ def run_figure(run: Run):
     val_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name in sorted(n for n in run.history if n.startswith("train/loss")):
         points = run.history[name]
-        loss_axes.plot(
-            [s for _, s, _ in points], [v for _, _, v in points], label=name.removeprefix("train/")
-        )
+        loss_axes.plot([s for _, s, _ in points], [v for _, _, v in points], label=name.removeprefix("train/"))
     loss_axes.set(title="training loss", xlabel="optimizer step", ylabel="loss (nats)")
     for name in sorted(n for n in run.history if n.startswith("lr-")):
         points = run.history[name]
@@ -282,11 +286,14 @@ def sweep_figure(rows: list[Row], metric: str = "val/acc1"):
         stds = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
         seeds = max(len(per_epoch[e]) for e in epochs)
         (line,) = axes.plot(epochs, means, marker=".", label=f"{row.configuration} (n={seeds})")
-        axes.fill_between(epochs, [m - s for m, s in zip(means, stds, strict=True)],
-                          [m + s for m, s in zip(means, stds, strict=True)], color=line.get_color(), alpha=0.2)  # fmt: skip
-    axes.set(
-        title=f"{metric} per configuration (band: ± 1 std over seeds)", xlabel="epoch", ylabel="top-1 (%)"
-    )
+        axes.fill_between(
+            epochs,
+            [m - s for m, s in zip(means, stds, strict=True)],
+            [m + s for m, s in zip(means, stds, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    axes.set(title=f"{metric} per configuration (band: ± 1 std over seeds)", xlabel="epoch", ylabel="top-1 (%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if axes.lines:
@@ -325,15 +332,19 @@ def sweep_notes(runs: list[Run], missing: list[list[str]]) -> list[str]:
     lines = []
     if failed:
         lines.append(f"{len(failed)} of {total} jobs failed:")
-        lines += [f"- {run.directory.name} ({shown(run.overrides)}): exit {run.failure.exit_status}: "
-                  f"{run.failure.message}{' (its earlier metrics.json kept)' if run.metrics else ''}"
-                  for run in failed]  # fmt: skip
+        lines += [
+            f"- {run.directory.name} ({shown(run.overrides)}): exit {run.failure.exit_status}: "
+            f"{run.failure.message}{' (its earlier metrics.json kept)' if run.metrics else ''}"
+            for run in failed
+        ]
     if missing:
         lines.append(f"{len(missing)} of {total} jobs never ran (in multirun.yaml, no directory):")
         lines += [f"- {shown(job)}" for job in missing]
     if silent:
-        lines.append(f"{len(silent)} of {len(runs)} runs have no metrics.json (failed or still running): "
-                     f"{', '.join(str(run.directory) for run in silent)}")  # fmt: skip
+        lines.append(
+            f"{len(silent)} of {len(runs)} runs have no metrics.json (failed or still running): "
+            f"{', '.join(str(run.directory) for run in silent)}"
+        )
     return lines
 
 
@@ -347,8 +358,9 @@ def report(path: Path, out: Path | None = None) -> dict:
     if len(runs) == 1 and not (path / "multirun.yaml").is_file():
         run = runs[0]
         if not run.history and run.failure is not None:
-            raise DeitTrainError(f"{run.directory} is a sweep job that failed (exit {run.failure.exit_status}): "
-                                 f"{run.failure.message}")  # fmt: skip
+            raise DeitTrainError(
+                f"{run.directory} is a sweep job that failed (exit {run.failure.exit_status}): {run.failure.message}"
+            )
         if not run.history:
             raise DeitTrainError(
                 f"{run.directory} has no logs to draw: no csv/version_*/metrics.csv or tensorboard/ event files "
@@ -378,8 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with error_boundary("deit-report"):
         if args.out is not None and args.out.exists() and not args.out.is_dir():
-            raise DeitTrainError(f"--out {args.out} is a file: give a folder to write report.png (and report.md, "
-                                 f"report.csv) into")  # fmt: skip
+            raise DeitTrainError(
+                f"--out {args.out} is a file: give a folder to write report.png (and report.md, report.csv) into"
+            )
         written = report(args.path, args.out)
     if "table" in written:
         print(written["table"])

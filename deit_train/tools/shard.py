@@ -57,34 +57,47 @@ class Split:
 
 def folder_splits(root: Path) -> tuple[list[Split], list[str]]:
     classes = class_folders(root / "train")
-    check_same_classes(class_folders(root / "val"), classes, f"{root}/val", "val/", "train/",
-                       "Labels would not match: give val/ the class folders of train/")  # fmt: skip
+    check_same_classes(
+        class_folders(root / "val"),
+        classes,
+        f"{root}/val",
+        "val/",
+        "train/",
+        "Labels would not match: give val/ the class folders of train/",
+    )
     splits = []
     for name in ("train", "val"):
         folder = ImageFolder(root / name)
         samples = list(folder.samples)
         if bad := unreadable([path for path, _ in samples], full=True, max_pixels=None):  # before a shard is written
-            raise DeitTrainError(f"{len(bad)} of {len(samples)} image files in {root / name} cannot be read: "
-                                 f"{'; '.join(f'{p} ({why})' for p, why in bad[:3])}. Remove or replace them")  # fmt: skip
-        splits.append(Split(name, len(samples), lambda i, samples=samples: (Path(samples[i][0]).read_bytes(),
-                                                                           samples[i][1])))  # fmt: skip
+            raise DeitTrainError(
+                f"{len(bad)} of {len(samples)} image files in {root / name} cannot be read: "
+                f"{'; '.join(f'{p} ({why})' for p, why in bad[:3])}. Remove or replace them"
+            )
+        splits.append(
+            Split(name, len(samples), lambda i, samples=samples: (Path(samples[i][0]).read_bytes(), samples[i][1]))
+        )
     return splits, classes
 
 
-def hf_splits(dataset: str, image_column: str | None = None, label_column: str | None = None
-              ) -> tuple[list[Split], list[str]]:  # fmt: skip
+def hf_splits(
+    dataset: str, image_column: str | None = None, label_column: str | None = None
+) -> tuple[list[Split], list[str]]:
     datasets = require("datasets", "hf", "deit-shard from a Hugging Face dataset")
     splits_found = open_splits(dataset)
     splits, names, labels = [], [], []
     for split, wanted in (("train", "train"), ("val", None)):
         split_name, table = pick_split(splits_found, wanted, None, dataset)
         where = f"{dataset}[{split_name}]"
-        image_column, label_column = find_columns(table, image_column, label_column, where,
-                                                  ("--image-column", "--label-column"))  # fmt: skip
+        image_column, label_column = find_columns(
+            table, image_column, label_column, where, ("--image-column", "--label-column")
+        )
         table = labelled_rows(table, label_column, where, False, "write labelled splits only")
         names.append(label_names(table, label_column))
         labels.append(table[label_column])
-        table = table.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
+        table = table.select_columns([image_column, label_column]).cast_column(
+            image_column, datasets.Image(decode=False)
+        )
 
         def read(i: int, table=table, image_column=image_column, label_column=label_column):
             row = table[i]
@@ -95,18 +108,27 @@ def hf_splits(dataset: str, image_column: str | None = None, label_column: str |
         splits.append(Split(split, len(table), read))
     train, val = names
     if train is not None and val is not None:  # the shards hold labels: they must mean the same in both splits
-        check_same_classes(val, train, f"SRC {dataset}", "the validation split's ClassLabel", "the training split's",
-                           "The validation labels would be read as other classes: map them to the training split's by "
-                           "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
-                           "enumerate(train.features[column].names)}, column)) and save it again")  # fmt: skip
+        check_same_classes(
+            val,
+            train,
+            f"SRC {dataset}",
+            "the validation split's ClassLabel",
+            "the training split's",
+            "The validation labels would be read as other classes: map them to the training split's by "
+            "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+            "enumerate(train.features[column].names)}, column)) and save it again",
+        )
     elif (train is None) != (val is None):
-        raise DeitTrainError(f"SRC {dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
-                             f"both alike (datasets' cast_column(column, ClassLabel(names=...)))")  # fmt: skip
+        raise DeitTrainError(
+            f"SRC {dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
+            f"both alike (datasets' cast_column(column, ClassLabel(names=...)))"
+        )
     return splits, train or integer_class_names(f"SRC {dataset}", *labels, label_column)
 
 
-def open_source(source: str, image_column: str | None = None, label_column: str | None = None
-                ) -> tuple[list[Split], list[str]]:  # fmt: skip
+def open_source(
+    source: str, image_column: str | None = None, label_column: str | None = None
+) -> tuple[list[Split], list[str]]:
     path = Path(source).expanduser()
     if source.startswith("hf:"):
         return hf_splits(source[3:], image_column, label_column)
@@ -114,8 +136,10 @@ def open_source(source: str, image_column: str | None = None, label_column: str 
         return hf_splits(str(path), image_column, label_column)
     if (path / "train").is_dir() and (path / "val").is_dir():
         return folder_splits(path)
-    raise DeitTrainError(f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
-                         f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME")  # fmt: skip
+    raise DeitTrainError(
+        f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
+        f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME"
+    )
 
 
 def encode(data: bytes, resize: int | None, quality: int, where: str) -> tuple[bytes, str]:
@@ -137,6 +161,7 @@ def encode(data: bytes, resize: int | None, quality: int, where: str) -> tuple[b
 
 def encoded(split: Split, order: list[int], resize: int | None, quality: int, workers: int) -> Iterator[tuple]:
     """(index, bytes, extension, label) in `order`; re-encoding runs on `workers` processes."""
+
     def job(i: int):
         data, label = split.read(i)
         return i, data, label
@@ -150,8 +175,13 @@ def encoded(split: Split, order: list[int], resize: int | None, quality: int, wo
         chunk = 64
         for start in range(0, len(order), chunk):
             batch = [job(i) for i in order[start : start + chunk]]
-            results = pool.map(encode, [d for _, d, _ in batch], [resize] * len(batch), [quality] * len(batch),
-                               [f"{split.name}[{i}]" for i, _, _ in batch])  # fmt: skip
+            results = pool.map(
+                encode,
+                [d for _, d, _ in batch],
+                [resize] * len(batch),
+                [quality] * len(batch),
+                [f"{split.name}[{i}]" for i, _, _ in batch],
+            )
             for (i, _, label), (data, ext) in zip(batch, results, strict=True):
                 yield i, data, ext, label
 
@@ -175,8 +205,12 @@ def write_split(split: Split, out: Path, args, progress: Progress) -> dict:
             written[key] = (hashlib.sha256(data).hexdigest(), label)
             progress.advance(task)
     files = sorted(lengths)
-    info = {"name": split.name, "num_samples": split.size, "filenames": files,
-            "shard_lengths": [lengths[f] for f in files]}  # fmt: skip
+    info = {
+        "name": split.name,
+        "num_samples": split.size,
+        "filenames": files,
+        "shard_lengths": [lengths[f] for f in files],
+    }
     return {"info": info, "written": written}
 
 
@@ -191,8 +225,10 @@ def verify(out: Path, info: dict, written: dict[str, tuple[str, int]]) -> None:
         expected = written.get(key)
         found = (hashlib.sha256(image).hexdigest() if image is not None else None, int(sample.get("cls", b"-1")))
         if expected != found:
-            raise DeitTrainError(f"{out}: the shards do not read back as written at sample {key} (a full disk or a "
-                                 f"concurrent writer?); write them again")  # fmt: skip
+            raise DeitTrainError(
+                f"{out}: the shards do not read back as written at sample {key} (a full disk or a "
+                f"concurrent writer?); write them again"
+            )
         seen += 1
     if seen != len(written):
         raise DeitTrainError(f"{out}: {seen} samples read back of {len(written)} written; write the shards again")
@@ -209,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the training split's order in the shards")
     parser.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="re-encoding processes")
     parser.add_argument("--image-column", help="a Hugging Face SRC's image column (default: its first Image feature)")
-    parser.add_argument("--label-column", help="a Hugging Face SRC's label column, a ClassLabel or integers (default: "
-                        "its first ClassLabel feature)")  # fmt: skip
+    parser.add_argument(
+        "--label-column",
+        help="a Hugging Face SRC's label column, a ClassLabel or integers (default: its first ClassLabel feature)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip reading the shards back")
     args = parser.parse_args(argv)
     with error_boundary("deit-shard"):
@@ -238,8 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "_info.json").write_text(json.dumps(info, indent=2) + "\n")
         for name, result in results.items():
             count = len(result["info"]["filenames"])
-            print(f"{name}: {result['info']['num_samples']} samples in {count} shards: "
-                  f"data.{name}={args.out}/{name}-{{000000..{count - 1:06d}}}.tar")  # fmt: skip
+            print(
+                f"{name}: {result['info']['num_samples']} samples in {count} shards: "
+                f"data.{name}={args.out}/{name}-{{000000..{count - 1:06d}}}.tar"
+            )
         checked = "" if args.no_verify else ", read back and checked"
         print(f"written in {seconds:.1f} s{checked}")
 

@@ -16,8 +16,9 @@ class OfficialDistillationLoss(nn.Module):
     """facebookresearch/deit losses.py's DistillationLoss: base criterion, then none | soft | hard, then the
     alpha mix."""
 
-    def __init__(self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str,
-                 alpha: float, tau: float) -> None:  # fmt: skip
+    def __init__(
+        self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str, alpha: float, tau: float
+    ) -> None:
         super().__init__()
         self.base_criterion = base_criterion
         self.teacher_model = teacher_model
@@ -42,10 +43,16 @@ class OfficialDistillationLoss(nn.Module):
             teacher_outputs = self.teacher_model(inputs)
         if self.distillation_type == "soft":
             T = self.tau
-            distillation_loss = F.kl_div(
-                F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
-                reduction="sum", log_target=True,
-            ) * (T * T) / outputs_kd.numel()  # fmt: skip
+            distillation_loss = (
+                F.kl_div(
+                    F.log_softmax(outputs_kd / T, dim=1),
+                    F.log_softmax(teacher_outputs / T, dim=1),
+                    reduction="sum",
+                    log_target=True,
+                )
+                * (T * T)
+                / outputs_kd.numel()
+            )
         elif self.distillation_type == "hard":
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha

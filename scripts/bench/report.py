@@ -40,8 +40,9 @@ def markdown(report: dict, preset_name: str, figures: dict[str, tuple[str, str]]
     keys += sorted({key for s in students for key in report["students"][s]} - set(keys))
     for key in keys:
         label, unit = figures.get(key, (key, ""))
-        cells = [format_value(report["students"][s][key], unit) if key in report["students"][s] else ""
-                 for s in students]  # fmt: skip
+        cells = [
+            format_value(report["students"][s][key], unit) if key in report["students"][s] else "" for s in students
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if report["shared"]:
         lines += ["", "| figure (shared) | value |", "|---|---|"]
@@ -49,16 +50,12 @@ def markdown(report: dict, preset_name: str, figures: dict[str, tuple[str, str]]
             label, unit = figures.get(key, (key, ""))
             lines.append(f"| {label} | {format_value(value, unit)} |")
     if report.get("errors"):
-        lines += ["", "Rows that failed:"] + [
-            f"- {key}: `{error}`" for key, error in report["errors"].items()
-        ]
+        lines += ["", "Rows that failed:"] + [f"- {key}: `{error}`" for key, error in report["errors"].items()]
     total = sum(report["seconds"].values())
     lines += ["", f"Measured in {total:.0f} s."]
     if report.get("load"):
         low, high = min(report["load"].values()), max(report["load"].values())
-        lines[-1] += (
-            f" 1-minute load average after each row: {low:.1f} to {high:.1f} ({os.cpu_count()} cores)."
-        )
+        lines[-1] += f" 1-minute load average after each row: {low:.1f} to {high:.1f} ({os.cpu_count()} cores)."
     if "gpu_tests" in report:
         counts = report["gpu_tests"]
         lines[-1] += (

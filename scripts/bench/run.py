@@ -67,9 +67,7 @@ def run_benchmark(
             bench = Bench(preset, student, batch, device, Path(tmp), batches)
             # the shared rows run once, with the first student's batch
             chosen = {**student_rows, **(shared_rows if index == 0 else {})}
-            wanted = (
-                rows if rows is not None else [r for r in chosen if r not in preset.skip.get(student, ())]
-            )
+            wanted = rows if rows is not None else [r for r in chosen if r not in preset.skip.get(student, ())]
             figures = report["students"].setdefault(student, {})
             for name, row in chosen.items():
                 if name not in wanted or name in skip:
@@ -120,6 +118,12 @@ def device_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)  # fmt: skip
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            model,
+        )
     return f"{model} CPU, {os.cpu_count()} cores"

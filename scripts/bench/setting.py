@@ -49,16 +49,20 @@ class Bench:
             save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
         return path
 
-    def config(self, teacher: str | None = None, loss: str = "hard_distill", cache: bool = False,
-               compile: bool = False) -> DictConfig:  # fmt: skip
+    def config(
+        self, teacher: str | None = None, loss: str = "hard_distill", cache: bool = False, compile: bool = False
+    ) -> DictConfig:
         """deit-train's config for this setting, composed from conf/ into a fresh run directory."""
         preset, teacher = self.preset, teacher or self.preset.teacher
         self.runs += 1
         run_dir = self.tmp / f"run{self.runs}"
         teacher_overrides = ["teacher=none"]
         if loss != "ce":
-            teacher_overrides = ["teacher=timm", f"teacher.name={teacher}",
-                                 f"teacher.checkpoint={self.teacher_checkpoint(teacher)}"]  # fmt: skip
+            teacher_overrides = [
+                "teacher=timm",
+                f"teacher.name={teacher}",
+                f"teacher.checkpoint={self.teacher_checkpoint(teacher)}",
+            ]
             if cache:
                 teacher_overrides.append(f"teacher.cache={self.tmp / 'teacher_cache'}")
         overrides = [

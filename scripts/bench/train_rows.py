@@ -110,8 +110,15 @@ def official_train(bench: Bench, cfg: DictConfig) -> Run:
     torch.manual_seed(0)
     # the model config's ViT sizes, as build_student passes them to timm (the dry preset's tiny student)
     architecture = {k: cfg.model[k] for k in VIT_ARCHITECTURE_FIELDS if cfg.model[k] is not None}
-    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=preset.num_classes, drop_rate=0.0,
-                              drop_path_rate=0.0, img_size=preset.img_size, **architecture)  # fmt: skip
+    model = timm.create_model(
+        cfg.model.name,
+        pretrained=False,
+        num_classes=preset.num_classes,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        img_size=preset.img_size,
+        **architecture,
+    )
     model.set_distilled_training(True)  # timm's distilled ViT returns both heads in training
     model.to(device)
     teacher_model = timm.create_model(cfg.teacher.name, pretrained=False, num_classes=preset.num_classes)

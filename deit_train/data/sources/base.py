@@ -105,8 +105,9 @@ class DataSource:
         if plan.train:
             # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
             # dataset draws each view under that key's seed. Repeated augmentation when plan.repeats > 1.
-            sampler = RepeatedAugmentationSampler(dataset, repeats=plan.repeats, num_replicas=plan.world_size,
-                                                  rank=plan.rank, seed=plan.seed, keys=True)  # fmt: skip
+            sampler = RepeatedAugmentationSampler(
+                dataset, repeats=plan.repeats, num_replicas=plan.world_size, rank=plan.rank, seed=plan.seed, keys=True
+            )
             # The epoch the loader starts in, a resumed run's included: Lightning sets it only after it made the
             # first iterator, whose workers (num_workers > 0) fetch their first indices at once.
             sampler.set_epoch(plan.epoch())
@@ -156,8 +157,10 @@ def build_source(data: DictConfig) -> DataSource:
         detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
         raise DeitTrainError(f"data: {detail}") from error
     if not isinstance(source, DataSource):
-        raise DeitTrainError(f"data._target_={data._target_} is a {type(source).__name__}, not a data source "
-                             f"(deit_train/data/sources/base.py: DataSource)")  # fmt: skip
+        raise DeitTrainError(
+            f"data._target_={data._target_} is a {type(source).__name__}, not a data source "
+            f"(deit_train/data/sources/base.py: DataSource)"
+        )
     source.check()
     return source
 
@@ -204,4 +207,3 @@ class WithoutLabels(Dataset):
 
     def __getitem__(self, index: int):
         return self.dataset[index][0]
-

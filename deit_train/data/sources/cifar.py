@@ -22,8 +22,10 @@ class CIFAR10Source(DataSource):
     def check(self) -> None:
         super().check()
         if not self.root:
-            raise DeitTrainError(f"data={self.dataset.__name__.lower()} needs data.root=PATH: where the dataset is (or "
-                                 f"is downloaded to, with data.download=true)")  # fmt: skip
+            raise DeitTrainError(
+                f"data={self.dataset.__name__.lower()} needs data.root=PATH: where the dataset is (or "
+                f"is downloaded to, with data.download=true)"
+            )
 
     def open(self, train: bool, transform) -> Dataset:
         root = Path(self.root).expanduser()

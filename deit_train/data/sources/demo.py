@@ -1,12 +1,12 @@
 """A generated image-classification dataset, so that deit-train runs with no download.
 
-Ten classes of shapes and textures drawn at random positions, sizes, rotations and colours on noisy
-gradient backgrounds. Like many ImageNet photos, each image holds more than its label: the labelled object
-and a smaller distractor of another class. A random crop may keep only the distractor, and then the label
-is wrong for the view while a teacher's prediction on the view can be right: the case for DeiT's hard-label
-distillation (section 4). Recognition needs translation and scale invariance, which a convnet has by
-construction and a small ViT must learn from data. Written once as an ImageFolder (train/ and val/); every image is a pure function
-of (seed, split, class, index), so the dataset is the same on every machine. data=demo (DemoSource) trains on it.
+Ten classes of shapes and textures drawn at random positions, sizes, rotations and colours on noisy gradient
+backgrounds. Like many ImageNet photos, each image holds more than its label: the labelled object and a smaller
+distractor of another class. A random crop may keep only the distractor, and then the label is wrong for the view
+while a teacher's prediction on the view can be right: the case for DeiT's hard-label distillation (section 4).
+Recognition needs translation and scale invariance, which a convnet has by construction and a small ViT must learn
+from data. Written once as an ImageFolder (train/ and val/); every image is a pure function of (seed, split, class,
+index), so the dataset is the same on every machine. data=demo (DemoSource) trains on it.
 """
 
 import math
@@ -43,7 +43,9 @@ class DemoSource(FolderSource):
     """The generated data, written once under cache_dir as an ImageFolder: no download."""
 
     cache_dir: str | None = None  # where it is written (conf: paths.cache_dir)
-    image_size: int = checked(32, Range(1, None, "a size in pixels >= 1", integer=True))  # stored; trained at model.img_size
+    image_size: int = checked(
+        32, Range(1, None, "a size in pixels >= 1", integer=True)
+    )  # stored; trained at model.img_size
     train_per_class: int = checked(100, Range(1, None, "a number of images >= 1", integer=True))
     val_per_class: int = checked(60, Range(1, None, "a number of images >= 1", integer=True))
     seed: int = 0  # the drawing's seed, not the run's
@@ -51,15 +53,15 @@ class DemoSource(FolderSource):
     def check(self) -> None:
         super().check()
         if not self.cache_dir:
-            raise DeitTrainError("data=demo needs data.cache_dir=PATH (or paths.cache_dir): where the demo data is written")
+            raise DeitTrainError(
+                "data=demo needs data.cache_dir=PATH (or paths.cache_dir): where the demo data is written"
+            )
 
     def folder(self) -> Path:
         return ensure_demo_dataset(self.cache_dir, self.image_size, self.train_per_class, self.val_per_class, self.seed)
 
 
-def demo_root(
-    cache_dir: str | Path, image_size: int, train_per_class: int, val_per_class: int, seed: int
-) -> Path:
+def demo_root(cache_dir: str | Path, image_size: int, train_per_class: int, val_per_class: int, seed: int) -> Path:
     name = f"demo-v3-s{image_size}-n{train_per_class}-{val_per_class}-seed{seed}"
     return Path(cache_dir).expanduser() / name
 
@@ -105,9 +107,7 @@ def draw_sample(class_name: str, image_size: int, rng: np.random.Generator) -> I
     draw = ImageDraw.Draw(image)
     low, high = (150, 256) if dark_background else (0, 106)
     colour = tuple(int(c) for c in rng.integers(low, high, 3))
-    distractor = CLASS_NAMES[
-        (CLASS_NAMES.index(class_name) + rng.integers(1, len(CLASS_NAMES))) % len(CLASS_NAMES)
-    ]
+    distractor = CLASS_NAMES[(CLASS_NAMES.index(class_name) + rng.integers(1, len(CLASS_NAMES))) % len(CLASS_NAMES)]
     for name, (low_extent, high_extent) in ((distractor, (0.25, 0.4)), (class_name, (0.5, 0.8))):
         extent = rng.uniform(low_extent, high_extent) * size
         cx, cy = rng.uniform(extent / 2, size - extent / 2, 2)
@@ -142,17 +142,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, name: str, cx, cy, extent, angle, colo
     elif name == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=width)
     elif name == "square":
-        draw.polygon(
-            rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8, cx, cy, angle), fill=colour
-        )
+        draw.polygon(rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8, cx, cy, angle), fill=colour)
     elif name == "diamond":
-        draw.polygon(
-            rotated(np.array([[0, -r], [0.55 * r, 0], [0, r], [-0.55 * r, 0]]), cx, cy, angle), fill=colour
-        )
+        draw.polygon(rotated(np.array([[0, -r], [0.55 * r, 0], [0, r], [-0.55 * r, 0]]), cx, cy, angle), fill=colour)
     elif name == "triangle":
-        corners = np.array(
-            [[r * math.cos(a), r * math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
-        )
+        corners = np.array([[r * math.cos(a), r * math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
         draw.polygon(rotated(corners, cx, cy, angle), fill=colour)
     elif name == "cross":
         for bar in (np.array([[-r, -width / 2], [r, -width / 2], [r, width / 2], [-r, width / 2]]),):

@@ -1,5 +1,5 @@
-"""data=hf (HFSource): a Hugging Face `datasets` image-classification dataset, map-style, so that it serves every feature an
-ImageFolder does (seeded views, repeated augmentation, exact DDP validation, the teacher cache, skip_corrupt).
+"""data=hf (HFSource): a Hugging Face `datasets` image-classification dataset, map-style, so that it serves every
+feature an ImageFolder does (seeded views, repeated augmentation, exact DDP validation, teacher cache, skip_corrupt).
 
 data.dataset is a Hub name (load_dataset: the network the first time, then Hugging Face's cache, also offline) or
 a local path: a save_to_disk folder (load_from_disk), a folder of Parquet or Arrow files whose names give the splits
@@ -49,8 +49,10 @@ class HFSource(DataSource):
     def check(self) -> None:
         super().check()
         if not self.dataset:
-            raise DeitTrainError("data=hf needs data.dataset=NAME_OR_PATH: a Hugging Face Hub dataset (imagenet-1k) "
-                                 "or a local save_to_disk folder or folder of Parquet files")  # fmt: skip
+            raise DeitTrainError(
+                "data=hf needs data.dataset=NAME_OR_PATH: a Hugging Face Hub dataset (imagenet-1k) "
+                "or a local save_to_disk folder or folder of Parquet files"
+            )
 
     def class_names(self) -> list[str]:
         return hf_class_names(self)
@@ -93,8 +95,10 @@ def open_splits(dataset: str, subset: str | None = None, cache_dir: str | None =
     return dict(loaded)
 
 
-NO_OTHER_SPLIT = ("make a validation split from it (datasets' dataset['train'].train_test_split(test_size=0.1, seed=0), "
-                  "renaming its 'test' to 'validation') and save it again")
+NO_OTHER_SPLIT = (
+    "make a validation split from it (datasets' dataset['train'].train_test_split(test_size=0.1, seed=0), "
+    "renaming its 'test' to 'validation') and save it again"
+)
 
 
 def pick_split(splits: dict, wanted: str | None, key: str | None, dataset: str):
@@ -102,8 +106,13 @@ def pick_split(splits: dict, wanted: str | None, key: str | None, dataset: str):
     chooses it (None: the tool has none)."""
     names = [wanted] if wanted else [name for name in VAL_SPLITS if name in splits][:1]
     if not names or names[0] not in splits:
-        asked = (f"{key}={wanted}" if wanted else f"{key}=null (one of {', '.join(VAL_SPLITS)})" if key else
-                 f"a validation split ({', '.join(VAL_SPLITS)})")  # fmt: skip
+        asked = (
+            f"{key}={wanted}"
+            if wanted
+            else f"{key}=null (one of {', '.join(VAL_SPLITS)})"
+            if key
+            else f"a validation split ({', '.join(VAL_SPLITS)})"
+        )
         others = [name for name in splits if name != "train" or wanted == "train"]
         fix = f"Set {key}=NAME" if key and others else NO_OTHER_SPLIT[0].upper() + NO_OTHER_SPLIT[1:]
         named = f"data.dataset={dataset}" if key and key.startswith("data.") else dataset
@@ -114,8 +123,13 @@ def pick_split(splits: dict, wanted: str | None, key: str | None, dataset: str):
 LABEL_FIX = "encode it as class labels (datasets' dataset.class_encode_column(COLUMN), which names them)"
 
 
-def find_columns(table, image_column: str | None, label_column: str | None, where: str,
-                 options: tuple[str, str] = ("data.image_column", "data.label_column")) -> tuple[str, str]:  # fmt: skip
+def find_columns(
+    table,
+    image_column: str | None,
+    label_column: str | None,
+    where: str,
+    options: tuple[str, str] = ("data.image_column", "data.label_column"),
+) -> tuple[str, str]:
     """The image and label columns: as given, else the first Image and the first ClassLabel feature. `options` name
     the tool's options that choose them, for the messages."""
     datasets = datasets_module()
@@ -123,26 +137,37 @@ def find_columns(table, image_column: str | None, label_column: str | None, wher
     image_option, label_option = options
     found = {
         image_option: image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None),
-        label_option: label_column or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None),
+        label_option: label_column
+        or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None),
     }
     for key, column in found.items():
         if column is None and key == label_option:
-            integers = [k for k, f in features.items() if isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint"))]
+            integers = [
+                k for k, f in features.items() if isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint"))
+            ]
             hint = f" (integer labels: {label_option}={integers[0]})" if integers else f"; or {LABEL_FIX}"
-            raise DeitTrainError(f"{where} has no ClassLabel feature; its columns: {', '.join(features)}. Name the "
-                                 f"label column: {label_option}=COLUMN{hint}")  # fmt: skip
+            raise DeitTrainError(
+                f"{where} has no ClassLabel feature; its columns: {', '.join(features)}. Name the "
+                f"label column: {label_option}=COLUMN{hint}"
+            )
         if column is None or column not in features:
             what = f"has no column {column}" if column else "has no Image feature"
             raise DeitTrainError(f"{where} {what}; its columns: {', '.join(features)}. Set {key}=COLUMN")
     image, label = found[image_option], found[label_option]
     if not isinstance(features[image], datasets.Image):
-        raise DeitTrainError(f"{where}: column {image!r} holds {features[image]}, not images (datasets.Image); its "
-                             f"columns: {', '.join(features)}. Set {image_option}=COLUMN")  # fmt: skip
+        raise DeitTrainError(
+            f"{where}: column {image!r} holds {features[image]}, not images (datasets.Image); its "
+            f"columns: {', '.join(features)}. Set {image_option}=COLUMN"
+        )
     label_type = features[label]
-    if not (isinstance(label_type, datasets.ClassLabel) or (isinstance(label_type, datasets.Value) and
-                                                           label_type.dtype.startswith(("int", "uint")))):  # fmt: skip
-        raise DeitTrainError(f"{where}: column {label!r} holds {label_type}, not class labels (ClassLabel or "
-                             f"integers): {LABEL_FIX.replace('COLUMN', repr(label))}")  # fmt: skip
+    if not (
+        isinstance(label_type, datasets.ClassLabel)
+        or (isinstance(label_type, datasets.Value) and label_type.dtype.startswith(("int", "uint")))
+    ):
+        raise DeitTrainError(
+            f"{where}: column {label!r} holds {label_type}, not class labels (ClassLabel or "
+            f"integers): {LABEL_FIX.replace('COLUMN', repr(label))}"
+        )
     return image, label
 
 
@@ -155,15 +180,27 @@ def labelled_rows(table, label_column: str, where: str, skip: bool, choose: str,
     if not missing:
         return table
     if len(missing) == len(table):
-        raise DeitTrainError(f"{where} is unlabelled (all {len(table)} rows have label -1, datasets' mark of a row "
-                             f"without a label, as in most Hub test splits): {choose}")  # fmt: skip
+        raise DeitTrainError(
+            f"{where} is unlabelled (all {len(table)} rows have label -1, datasets' mark of a row "
+            f"without a label, as in most Hub test splits): {choose}"
+        )
     if not skip:
-        leave_out = (f"set {skip_option} to leave them out" if skip_option else
-                     f"leave them out (datasets' dataset.filter(lambda row: row['{label_column}'] >= 0))")  # fmt: skip
-        raise DeitTrainError(f"{where}: {len(missing)} of its {len(table)} rows are unlabelled (label -1, datasets' "
-                             f"mark of a row without a label): {leave_out}, or {choose[0].lower() + choose[1:]}")  # fmt: skip
-    log.warning("%s: %d of its %d rows are unlabelled (label -1): left out%s", where, len(missing), len(table),
-                f" ({skip_option})" if skip_option else "")  # fmt: skip
+        leave_out = (
+            f"set {skip_option} to leave them out"
+            if skip_option
+            else f"leave them out (datasets' dataset.filter(lambda row: row['{label_column}'] >= 0))"
+        )
+        raise DeitTrainError(
+            f"{where}: {len(missing)} of its {len(table)} rows are unlabelled (label -1, datasets' "
+            f"mark of a row without a label): {leave_out}, or {choose[0].lower() + choose[1:]}"
+        )
+    log.warning(
+        "%s: %d of its %d rows are unlabelled (label -1): left out%s",
+        where,
+        len(missing),
+        len(table),
+        f" ({skip_option})" if skip_option else "",
+    )
     skipped = set(missing)
     return table.select([i for i in range(len(table)) if i not in skipped])
 
@@ -177,8 +214,16 @@ def label_names(table, label_column: str) -> list[str] | None:
 class HFImages(Dataset):
     """One split as (transform(image), label) by row; `table` is the datasets.Dataset, its image column undecoded."""
 
-    def __init__(self, table, image_column: str, label_column: str, name: str, transform=None,
-                 max_pixels: int | None = Image.MAX_IMAGE_PIXELS, decode: str = "exact") -> None:  # fmt: skip
+    def __init__(
+        self,
+        table,
+        image_column: str,
+        label_column: str,
+        name: str,
+        transform=None,
+        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+        decode: str = "exact",
+    ) -> None:
         datasets = datasets_module()
         table = table.select_columns([image_column, label_column])
         if isinstance(table.features[image_column], datasets.Image):
@@ -206,8 +251,10 @@ class HFImages(Dataset):
                 return open_image(self.source(stored), self.max_pixels, name=f"{self.root}[{index}]")
             return read_rgb(self.source(stored), self.max_pixels)
         except READ_ERRORS as error:
-            raise DataError(f"corrupt image {self.root}[{index}]: {reason(error)}. Replace it in the dataset, or set "
-                            f"data.skip_corrupt=true to skip such images with a warning.") from error  # fmt: skip
+            raise DataError(
+                f"corrupt image {self.root}[{index}]: {reason(error)}. Replace it in the dataset, or set "
+                f"data.skip_corrupt=true to skip such images with a warning."
+            ) from error
 
     def __getitem__(self, index: int):
         row = self.table[index]
@@ -257,29 +304,46 @@ def hf_class_names(cfg: "HFSource") -> list[str]:
         return integer_class_names(f"data.dataset={cfg.dataset}", *labels, label_column)
     if train is None or val is None:
         plain, named = ("train", "validation") if train is None else ("validation", "train")
-        raise DeitTrainError(f"data.dataset={cfg.dataset}: the {plain} split's labels are plain integers but the "
-                             f"{named} split's a ClassLabel: encode both alike (datasets' "
-                             f"dataset.cast_column(column, ClassLabel(names=...)))")  # fmt: skip
-    check_same_classes(val, train, f"data.dataset={cfg.dataset}", "the validation split's ClassLabel",
-                       "the training split's", "Labels would not match: map the validation labels to the training "
-                       "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
-                       "enumerate(train.features[column].names)}, column)) and save it again")  # fmt: skip
+        raise DeitTrainError(
+            f"data.dataset={cfg.dataset}: the {plain} split's labels are plain integers but the "
+            f"{named} split's a ClassLabel: encode both alike (datasets' "
+            f"dataset.cast_column(column, ClassLabel(names=...)))"
+        )
+    check_same_classes(
+        val,
+        train,
+        f"data.dataset={cfg.dataset}",
+        "the validation split's ClassLabel",
+        "the training split's",
+        "Labels would not match: map the validation labels to the training "
+        "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+        "enumerate(train.features[column].names)}, column)) and save it again",
+    )
     return train
 
 
 def integer_class_names(where: str, train_labels, val_labels, column: str) -> list[str]:
-    """"0".."N-1" for plain integer labels, N from both splits; classes without a training row are named in a
+    """ "0".."N-1" for plain integer labels, N from both splits; classes without a training row are named in a
     warning, not refused: the names stay right (label k is class "k" in every tool) and an empty class's output is
     only never trained. 1-based labels are the common case."""
     trained = {label for label in train_labels if label is not None and label >= 0}
     largest = max([*trained, *(label for label in val_labels if label is not None)], default=0)
     empty = [str(i) for i in range(largest + 1) if i not in trained]
     if empty:
-        log.warning("%s: its integer labels run 0..%d but %d class(es) have no training rows (%s%s; 1-based labels?): "
-                    "the model gets an output for each, never trained. To drop them, renumber the labels from 0 "
-                    "(datasets' dataset.map(lambda row: {'%s': row['%s'] - 1}) for 1-based ones) or encode them "
-                    "(dataset.class_encode_column('%s'))", where, largest, len(empty), ", ".join(empty[:5]),
-                    ", ..." if len(empty) > 5 else "", column, column, column)  # fmt: skip
+        log.warning(
+            "%s: its integer labels run 0..%d but %d class(es) have no training rows (%s%s; 1-based labels?): "
+            "the model gets an output for each, never trained. To drop them, renumber the labels from 0 "
+            "(datasets' dataset.map(lambda row: {'%s': row['%s'] - 1}) for 1-based ones) or encode them "
+            "(dataset.class_encode_column('%s'))",
+            where,
+            largest,
+            len(empty),
+            ", ".join(empty[:5]),
+            ", ..." if len(empty) > 5 else "",
+            column,
+            column,
+            column,
+        )
     return [str(i) for i in range(largest + 1)]
 
 
@@ -288,11 +352,13 @@ def open_hf_split(cfg: "HFSource", split: str, transform) -> HFImages:
     where = f"{cfg.dataset}[{name}]"
     image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)
     key = "data.train_split" if split == "train" else "data.val_split"
-    others = [other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
-              if other not in (name, cfg.train_split)]  # validating on the training split is no fix
+    others = [
+        other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir) if other not in (name, cfg.train_split)
+    ]  # validating on the training split is no fix
     choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
-    table = labelled_rows(table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:],
-                          "data.unlabelled=skip")  # fmt: skip
+    table = labelled_rows(
+        table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:], "data.unlabelled=skip"
+    )
     return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels, cfg.decode)
 
 
@@ -300,12 +366,20 @@ def is_hf_dataset(path: Path) -> bool:
     """A save_to_disk folder, or a folder of Parquet/Arrow files (deit-eval's DATA)."""
     return path.is_dir() and (
         any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
-        or any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")) or any(path.glob("*.arrow"))
+        or any(path.glob("*.parquet"))
+        or any(path.glob("*/*.parquet"))
+        or any(path.glob("*.arrow"))
     )
 
 
-def open_hf_eval(path: Path, split: str, transform, class_names: list[str], image_column: str | None = None,
-                 label_column: str | None = None) -> HFImages:  # fmt: skip
+def open_hf_eval(
+    path: Path,
+    split: str,
+    transform,
+    class_names: list[str],
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> HFImages:
     """deit-eval on a split of a local HF dataset, its labels matched to the model's classes by name (a ClassLabel's
     names; integer labels k as class "k", as training names them); unlabelled rows (-1) left out, with a warning."""
     splits = open_splits(str(path))
@@ -313,20 +387,26 @@ def open_hf_eval(path: Path, split: str, transform, class_names: list[str], imag
         raise DeitTrainError(f"{path} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME")
     name, table = pick_split(splits, split if split in splits else None, "--split", str(path))
     where = f"{path}[{name}]"
-    image_column, label_column = find_columns(table, image_column, label_column, where,
-                                              ("--image-column", "--label-column"))  # fmt: skip
+    image_column, label_column = find_columns(
+        table, image_column, label_column, where, ("--image-column", "--label-column")
+    )
     others = [other for other in splits if other != name]
-    choose = (f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images") + \
-        ", or get its predictions with deit-predict"  # fmt: skip
+    choose = (
+        f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
+    ) + ", or get its predictions with deit-predict"
     table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
     dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
     names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
-    present = names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
+    present = (
+        names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
+    )
     unknown = sorted(set(present) - set(class_names))
     if unknown:
-        raise DeitTrainError(f"{where} has classes the model does not know: {shortened(unknown)}"
-                             f"{normalisation_hint(unknown, class_names)}. The model's classes: "
-                             f"{shortened(class_names)}")  # fmt: skip
+        raise DeitTrainError(
+            f"{where} has classes the model does not know: {shortened(unknown)}"
+            f"{normalisation_hint(unknown, class_names)}. The model's classes: "
+            f"{shortened(class_names)}"
+        )
     model_index = {label: index for index, label in enumerate(class_names)}
     dataset.label_map = {i: model_index.get(label, -1) for i, label in enumerate(names)}
     return dataset

@@ -51,8 +51,14 @@ class FolderSource(DataSource):
     def class_names(self) -> list[str]:
         root = self.folder()
         train_classes, val_classes = class_folders(root / "train"), class_folders(root / "val")
-        check_same_classes(val_classes, train_classes, f"{root}/val", "val/", "train/",
-                           "Labels would not match: give val/ the class folders of train/")  # fmt: skip
+        check_same_classes(
+            val_classes,
+            train_classes,
+            f"{root}/val",
+            "val/",
+            "train/",
+            "Labels would not match: give val/ the class folders of train/",
+        )
         return train_classes
 
     def split(self, split: str, transform) -> Dataset:
@@ -95,8 +101,10 @@ class ImageFolderSource(FolderSource):
     def check(self) -> None:
         super().check()
         if not self.root:
-            raise DeitTrainError("data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
-                                 "per class (task=mim: any folder of images)")  # fmt: skip
+            raise DeitTrainError(
+                "data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
+                "per class (task=mim: any folder of images)"
+            )
 
     def images_folder(self) -> Path:
         return given_root(self.root, "data=imagefolder", "a folder of images (or with train/ and val/)")
@@ -127,8 +135,9 @@ class ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder (ImageNet layout: root/<class>/<image>) without hidden folders as classes or hidden
     files as samples, each real file once (data/images.py: find_images), reading each image with load_image."""
 
-    def __init__(self, root: str | Path, transform=None, max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-                 decode: str = "exact") -> None:  # fmt: skip
+    def __init__(
+        self, root: str | Path, transform=None, max_pixels: int | None = Image.MAX_IMAGE_PIXELS, decode: str = "exact"
+    ) -> None:
         self.max_pixels, self.decode = max_pixels, decode
         super().__init__(str(root), transform=transform, loader=self.read)
 
@@ -151,8 +160,10 @@ class ImageFolder(datasets.ImageFolder):
         samples, owners = [], {}
         unreadable = [name for name in class_to_idx if not os.access(Path(directory, name), os.R_OK | os.X_OK)]
         if unreadable:
-            raise DeitTrainError(f"{directory}: cannot read the class folder(s) {unreadable[:5]} (permission "
-                                 f"denied); make them readable (chmod -R a+rX) or remove them")  # fmt: skip
+            raise DeitTrainError(
+                f"{directory}: cannot read the class folder(s) {unreadable[:5]} (permission "
+                f"denied); make them readable (chmod -R a+rX) or remove them"
+            )
         empty = []
         for name, index in class_to_idx.items():
             files = find_images(Path(directory, name))

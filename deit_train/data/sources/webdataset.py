@@ -1,4 +1,5 @@
-"""data=webdataset (ShardSource): WebDataset tar shards, streamed (an IterableDataset), with the reproducibility of map-style data.
+"""data=webdataset (ShardSource): WebDataset tar shards, streamed (an IterableDataset), with the reproducibility of
+map-style data.
 
 Shards: data.train / data.val, a brace pattern (/data/train-{000000..000127}.tar), several joined by `::`, or
 `pipe:` and fsspec URLs (s3://...; fsspec and its s3fs installed), opened as webdataset opens them. A sample is
@@ -6,15 +7,15 @@ Shards: data.train / data.val, a brace pattern (/data/train-{000000..000127}.tar
 the shards (deit-shard's, or timm's layout) gives the class names ("classes") and each shard's length.
 
 Training: an epoch is data.train_samples (else the shard lengths in _info.json) samples over all ranks, the same
-count on each: floor(samples / world size), cut to whole batches, as many for each worker. The shards are shuffled by (seed, epoch) and dealt
-to the (rank, worker) slots, shard i to slot i mod slots; each slot reads its shards (again, reshuffled, if its
-quota is not yet met), shuffles them through a buffer of data.shuffle_buffer samples seeded by (seed, epoch, slot),
-and yields its share of the rank's batches. A view is drawn under the seed (seed, epoch, hash of the sample's
-__key__, repeat), so a sample's augmentation does not depend on where it is read; which samples share a batch
-depends on the world size and data.num_workers (each worker reads its own shards). Repeated augmentation: each
-sample read counts `repeats` times, every copy with its own view, through the same shuffle buffer on the same rank.
-Validation: shard i goes to rank i mod world size and to that rank's worker (i div world size) mod workers, read
-once in full: every sample counted exactly once.
+count on each: floor(samples / world size), cut to whole batches, as many for each worker. The shards are shuffled
+by (seed, epoch) and dealt to the (rank, worker) slots, shard i to slot i mod slots; each slot reads its shards
+(again, reshuffled, if its quota is not yet met), shuffles them through a buffer of data.shuffle_buffer samples
+seeded by (seed, epoch, slot), and yields its share of the rank's batches. A view is drawn under the seed (seed,
+epoch, hash of the sample's __key__, repeat), so a sample's augmentation does not depend on where it is read; which
+samples share a batch depends on the world size and data.num_workers (each worker reads its own shards). Repeated
+augmentation: each sample read counts `repeats` times, every copy with its own view, through the same shuffle buffer
+on the same rank. Validation: shard i goes to rank i mod world size and to that rank's worker (i div world size) mod
+workers, read once in full: every sample counted exactly once.
 """
 
 import hashlib
@@ -61,8 +62,10 @@ class ShardSource(DataSource):
     def check(self) -> None:
         super().check()
         if not (self.train and self.val):
-            raise DeitTrainError("data=webdataset needs data.train=SHARDS and data.val=SHARDS, e.g. "
-                                 "data.train=/data/train-{000000..000127}.tar (deit-shard writes them)")  # fmt: skip
+            raise DeitTrainError(
+                "data=webdataset needs data.train=SHARDS and data.val=SHARDS, e.g. "
+                "data.train=/data/train-{000000..000127}.tar (deit-shard writes them)"
+            )
 
     def class_names(self) -> list[str]:
         return shard_class_names(self)
@@ -71,8 +74,10 @@ class ShardSource(DataSource):
         return Shards(self, split, transform)  # streamed: the loader deals its shards to ranks and workers
 
     def images_only(self, split: str, transform):
-        raise DeitTrainError("task=mim reads map-style images (data=imagefolder, data=hf, data=cifar10/100); shards "
-                             "stream: unpack them into a folder, or use the images they were written from")  # fmt: skip
+        raise DeitTrainError(
+            "task=mim reads map-style images (data=imagefolder, data=hf, data=cifar10/100); shards "
+            "stream: unpack them into a folder, or use the images they were written from"
+        )
 
     def identity(self, shards: "Shards", workers: int) -> str:
         """The shards (with their sizes where local), the epoch's sample count and the number of workers (which
@@ -88,8 +93,9 @@ class ShardSource(DataSource):
 
     def loader(self, shards: "Shards", plan: LoaderPlan) -> "ShardLoader":
         """The stream deals its shards to ranks and workers and seeds each view by the sample's key; no sampler."""
-        stream = shards.stream(plan.world_size, plan.rank, plan.batch_size, plan.workers, plan.seed,
-                               plan.repeats if plan.train else 1)  # fmt: skip
+        stream = shards.stream(
+            plan.world_size, plan.rank, plan.batch_size, plan.workers, plan.seed, plan.repeats if plan.train else 1
+        )
         return ShardLoader(
             stream,
             epoch=plan.epoch,
@@ -140,8 +146,9 @@ def samples(urls: list[str]) -> Iterator[dict]:
         try:
             yield from tariterators.group_by_keys(tariterators.tar_file_expander(stream(url)))
         except tarfile.TarError as error:
-            raise DataError(f"the shard {url} cannot be read as a tar file ({error}): truncated or not a shard; "
-                            f"write it again") from error  # fmt: skip
+            raise DataError(
+                f"the shard {url} cannot be read as a tar file ({error}): truncated or not a shard; write it again"
+            ) from error
 
 
 def read_info(urls: list[str]) -> dict:
@@ -164,7 +171,9 @@ def shard_lengths(info: dict) -> dict[str, int]:
     shard_lengths)."""
     lengths = {}
     for split in info.get("splits", {}).values():
-        lengths.update(zip(map(os.path.basename, split.get("filenames", [])), split.get("shard_lengths", []), strict=False))
+        lengths.update(
+            zip(map(os.path.basename, split.get("filenames", [])), split.get("shard_lengths", []), strict=False)
+        )
     return lengths
 
 
@@ -176,8 +185,10 @@ def shard_class_names(cfg: "ShardSource") -> list[str]:
         return [str(name) for name in info["classes"]]
     if "num_classes" in info:
         return [str(i) for i in range(int(info["num_classes"]))]
-    raise DeitTrainError(f"data.train={cfg.train}: no {INFO_FILE} with \"classes\" (or \"num_classes\") beside the "
-                         f"shards; write one there, e.g. {{\"classes\": [\"cat\", \"dog\"]}} (deit-shard writes it)")  # fmt: skip
+    raise DeitTrainError(
+        f'data.train={cfg.train}: no {INFO_FILE} with "classes" (or "num_classes") beside the '
+        f'shards; write one there, e.g. {{"classes": ["cat", "dog"]}} (deit-shard writes it)'
+    )
 
 
 def check_validation_shards(cfg: "ShardSource", urls: list[str], classes: list[str]) -> None:
@@ -186,21 +197,35 @@ def check_validation_shards(cfg: "ShardSource", urls: list[str], classes: list[s
     training = expand(cfg.train)
     shared = sorted(set(urls) & set(training))
     if shared and len(shared) == len(urls):
-        raise DeitTrainError(f"data.val={cfg.val} names the training shards (all {len(urls)} of its shards are in "
-                             f"data.train): val/acc1 would score images the student trained on. Point data.val at "
-                             f"the validation shards (deit-shard writes val-*.tar beside train-*.tar)")  # fmt: skip
+        raise DeitTrainError(
+            f"data.val={cfg.val} names the training shards (all {len(urls)} of its shards are in "
+            f"data.train): val/acc1 would score images the student trained on. Point data.val at "
+            f"the validation shards (deit-shard writes val-*.tar beside train-*.tar)"
+        )
     if shared:
-        log.warning("data.val=%s: %d of its %d shards are also training shards (%s): val/acc1 scores images the "
-                    "student trains on", cfg.val, len(shared), len(urls), shared[0])  # fmt: skip
+        log.warning(
+            "data.val=%s: %d of its %d shards are also training shards (%s): val/acc1 scores images the "
+            "student trains on",
+            cfg.val,
+            len(shared),
+            len(urls),
+            shared[0],
+        )
     info_of = lambda first: first.rsplit("/", 1)[0] if "/" in first else "."  # noqa: E731
     if info_of(urls[0]) == info_of(training[0]):
         return
     info = read_info(urls)
     if "classes" in info:
-        check_same_classes([str(name) for name in info["classes"]], classes, f"data.val={cfg.val}",
-                           f"its {INFO_FILE}", f"the training shards' {INFO_FILE}", "Its labels would be read as "
-                           "other classes: write both splits with one deit-shard run, or relabel the validation "
-                           "shards in the training shards' order")  # fmt: skip
+        check_same_classes(
+            [str(name) for name in info["classes"]],
+            classes,
+            f"data.val={cfg.val}",
+            f"its {INFO_FILE}",
+            f"the training shards' {INFO_FILE}",
+            "Its labels would be read as "
+            "other classes: write both splits with one deit-shard run, or relabel the validation "
+            "shards in the training shards' order",
+        )
 
 
 class Shards:
@@ -210,11 +235,16 @@ class Shards:
         self.pattern = cfg.train if split == "train" else cfg.val
         self.urls = expand(self.pattern)
         local = {url: urlparse(url) for url in self.urls}
-        missing = [url for url, parsed in local.items() if parsed.scheme in ("", "file") and
-                   not os.path.isfile(parsed.path if parsed.scheme else url)]  # fmt: skip
+        missing = [
+            url
+            for url, parsed in local.items()
+            if parsed.scheme in ("", "file") and not os.path.isfile(parsed.path if parsed.scheme else url)
+        ]
         if missing:  # a local file that is not there: say which, rather than count samples that will not come
-            raise DeitTrainError(f"data.{split}={self.pattern}: {len(missing)} of its {len(self.urls)} shards are not "
-                                 f"files ({', '.join(missing[:3])}); correct the pattern or write them")  # fmt: skip
+            raise DeitTrainError(
+                f"data.{split}={self.pattern}: {len(missing)} of its {len(self.urls)} shards are not "
+                f"files ({', '.join(missing[:3])}); correct the pattern or write them"
+            )
         self.train = split == "train"
         self.transform = transform
         self.max_pixels, self.skip_corrupt = cfg.max_image_pixels, cfg.skip_corrupt
@@ -228,8 +258,10 @@ class Shards:
             lengths = shard_lengths(read_info(self.urls))
             names = [os.path.basename(url) for url in self.urls]
             if not all(name in lengths for name in names):
-                raise DeitTrainError(f"data.train={self.pattern}: the number of training samples is unknown (no "
-                                     f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N")  # fmt: skip
+                raise DeitTrainError(
+                    f"data.train={self.pattern}: the number of training samples is unknown (no "
+                    f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N"
+                )
             self.num_samples = sum(lengths[name] for name in names)
 
     def batches(self, world_size: int, batch_size: int, workers: int) -> int:
@@ -241,17 +273,23 @@ class Shards:
     def stream(self, world_size: int, rank: int, batch_size: int, workers: int, seed: int, repeats: int):
         slots = world_size * max(1, workers)
         if self.train and len(self.urls) < slots:
-            raise DeitTrainError(f"data.train={self.pattern} has {len(self.urls)} shard(s) for {world_size} device(s) x "
-                                 f"{max(1, workers)} data-loader worker(s): each worker reads its own shards. Lower "
-                                 f"data.num_workers or write more, smaller shards (deit-shard --shard-samples)")  # fmt: skip
+            raise DeitTrainError(
+                f"data.train={self.pattern} has {len(self.urls)} shard(s) for {world_size} device(s) x "
+                f"{max(1, workers)} data-loader worker(s): each worker reads its own shards. Lower "
+                f"data.num_workers or write more, smaller shards (deit-shard --shard-samples)"
+            )
         if not self.train and len(self.urls) < world_size:
-            raise DeitTrainError(f"data.val={self.pattern} has {len(self.urls)} shard(s) for {world_size} devices: each "
-                                 f"device validates its own shards; write the split in more shards")  # fmt: skip
+            raise DeitTrainError(
+                f"data.val={self.pattern} has {len(self.urls)} shard(s) for {world_size} devices: each "
+                f"device validates its own shards; write the split in more shards"
+            )
         stream = ShardStream(self, world_size, rank, batch_size, max(1, workers), seed, repeats)
         if self.train and stream.batches == 0:
-            raise DeitTrainError(f"data.batch_size puts {batch_size} images per device in a batch, but each device draws "
-                                 f"only {self.num_samples // world_size} training samples per epoch: not one full batch. "
-                                 f"Lower data.batch_size (it is the global batch)")  # fmt: skip
+            raise DeitTrainError(
+                f"data.batch_size puts {batch_size} images per device in a batch, but each device draws "
+                f"only {self.num_samples // world_size} training samples per epoch: not one full batch. "
+                f"Lower data.batch_size (it is the global batch)"
+            )
         return stream
 
 
@@ -263,8 +301,9 @@ def key_hash(key: str) -> int:
 class ShardStream(IterableDataset):
     """The samples one rank reads from its shards in one epoch (module docstring); `epoch` is set by ShardLoader."""
 
-    def __init__(self, shards: Shards, world_size: int, rank: int, batch_size: int, workers: int, seed: int,
-                 repeats: int) -> None:  # fmt: skip
+    def __init__(
+        self, shards: Shards, world_size: int, rank: int, batch_size: int, workers: int, seed: int, repeats: int
+    ) -> None:
         self.shards, self.world_size, self.rank, self.workers = shards, world_size, rank, workers
         self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
         # In shared memory: the loader's persistent workers hold copies of this stream, and read the epoch of each
@@ -343,15 +382,21 @@ class ShardStream(IterableDataset):
             image = read_rgb(io.BytesIO(stored), self.shards.max_pixels)
         except READ_ERRORS as error:
             if not self.shards.skip_corrupt:
-                raise DataError(f"corrupt sample {name}: {reason(error)}. Rewrite the shard, or set "
-                                f"data.skip_corrupt=true to skip such samples with a warning.") from error  # fmt: skip
+                raise DataError(
+                    f"corrupt sample {name}: {reason(error)}. Rewrite the shard, or set "
+                    f"data.skip_corrupt=true to skip such samples with a warning."
+                ) from error
             self.skipped += 1
-            warnings.warn(f"skipped the corrupt sample {name}: {reason(error)} ({self.skipped} skipped so far in this "
-                          f"process)", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"skipped the corrupt sample {name}: {reason(error)} ({self.skipped} skipped so far in this process)",
+                stacklevel=2,
+            )
             return None
         if not 0 <= label < self.shards.num_classes:
-            raise DataError(f"sample {name} has label {label}, outside the {self.shards.num_classes} classes of the "
-                            f"shards' {INFO_FILE}: rewrite the shard, or correct {INFO_FILE}")  # fmt: skip
+            raise DataError(
+                f"sample {name} has label {label}, outside the {self.shards.num_classes} classes of the "
+                f"shards' {INFO_FILE}: rewrite the shard, or correct {INFO_FILE}"
+            )
         return image, label
 
 
