@@ -16,6 +16,8 @@ per CPU-second of the loader run in this process (one worker's rate on a core of
   official_<size>        as `official` above: torchvision's ImageFolder (a full PIL decode) + create_transform
   exact_<size>           deit-train's train transform (augment=deit) on open_image's files, decode=exact
   reduced_<size>         the same, decode=reduced (a large JPEG decoded at 1/2, 1/4 or 1/8 where the crop allows)
+then end to end on the 4000x3000 JPEGs, one worker, the trivial student trained with data.decode=exact and =reduced
+against the official pipeline's loader (official_e2e_4000x3000, end_to_end_4000x3000_<decode>),
 and, with --gpu-images-per-s R, the workers one GPU eating R images/s would need with each row (workers_for_gpu_*).
 --psnr N measures the reduced decode's pixel difference from the exact one on N photo-like 4000x3000 JPEGs (PSNR
 in dB, 224 px crops of the same boxes), beside what the bicubic resize itself varies (psnr_* figures, decode_psnr).
@@ -236,6 +238,34 @@ def decode_rows(
     return results
 
 
+def large_end_to_end_rows(img_size: int, large_images: int, repeats: int, large_batch: int) -> dict[str, float]:
+    """End to end on the 4000x3000 JPEGs, one worker: the official pipeline's loader (as `official`) against deit-train
+    training the trivial student with data.decode=exact and =reduced (as `end_to_end_imagefolder`)."""
+    torch.set_num_threads(1)
+    augment = compose_run().augment
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_large_jpegs(Path(tmp) / "large", large_images)
+        for folder in sorted((root / "train").iterdir()):  # a val split, which data=imagefolder asks for
+            (root / "val" / folder.name).mkdir(parents=True)
+            for picture in sorted(folder.glob("*.jpg"))[:2]:
+                shutil.copyfile(picture, root / "val" / folder.name / picture.name)
+        paths = {"jpegs": root}
+        rows = {"official_e2e_4000x3000": lambda: official(root, img_size, augment, large_batch)}
+        for decode in ("exact", "reduced"):
+            rows[f"end_to_end_4000x3000_{decode}"] = lambda d=decode: end_to_end(
+                "imagefolder", paths, img_size, large_batch, f"data.decode={d}"
+            )
+        best = dict.fromkeys(rows, 0.0)
+        for _ in range(repeats):
+            for name, measure in rows.items():
+                best[name] = max(best[name], measure())
+    results = {f"ips_per_worker_{name}": value for name, value in best.items()}
+    for name in rows:
+        if not name.startswith("official"):
+            results[f"x_official_{name}"] = best[name] / best["official_e2e_4000x3000"]
+    return results
+
+
 def workers_for_gpu(results: dict[str, float], gpu_images_per_s: float) -> dict[str, float]:
     """The data-loader workers (one core each) that feed a GPU eating `gpu_images_per_s`, for each images/s row."""
     prefix = "ips_per_worker_"
@@ -377,11 +407,12 @@ def deit_loader(source: str, paths: dict[str, Path], img_size: int, batch: int) 
     return drain(datamodule.train_dataloader())
 
 
-def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int) -> float:
+def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int, *more: str) -> float:
     """deit-train's training of a trivial student (1 block, width 48), loader included: images/s of the steps
-    after the first two."""
+    after the first two. `more`: further overrides (data.decode)."""
     cfg = compose_run(
         *data_overrides(source, paths),
+        *more,
         "model=deit_tiny",
         f"model.img_size={img_size}",
         "model.depth=1",
@@ -484,6 +515,8 @@ def main() -> None:
         results.update(
             decode_rows(args.img_size, args.large_images, args.repeats, args.large_batch, args.batch, args.images)
         )
+        if not args.decode_only:
+            results.update(large_end_to_end_rows(args.img_size, args.large_images, args.repeats, args.large_batch))
     if args.gpu_images_per_s:
         results.update(workers_for_gpu(results, args.gpu_images_per_s))
     if args.psnr:
