@@ -263,3 +263,28 @@ def test_unknown_decode_mode_is_one_line(tmp_path):
 
 def test_scale_is_the_largest_that_keeps_the_output_size():
     assert [decode.reduction(room) for room in (0.5, 1.99, 2.0, 3.9, 4.0, 7.99, 8.0, 30.0)] == [1, 1, 2, 2, 4, 4, 8, 8]
+
+
+def test_validation_decodes_whole_under_data_decode_reduced(tmp_path):
+    """data.decode=reduced reduces training crops only: the validation images the run scores are, pixel for pixel,
+    deit-eval's (whole decode, resize, centre crop), so metrics.json is reproduced from the checkpoint. 300x200
+    JPEGs at 32 px: the short side is 5 times the resize (36 px), room for a 1/4 decode."""
+    from deit_train.data import DeiTDataModule
+
+    from .conftest import compose_config
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            save_jpeg(photo_like(300, 200, seed=len(label + split)), tmp_path / "data" / split / label / "0.jpg")
+    cfg = compose_config(
+        ["data=imagefolder", f"data.root={tmp_path / 'data'}", "data.decode=reduced", "data.num_workers=0"],
+        tmp_path / "run",
+        tmp_path / "cache",
+    )
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, 32)
+    datamodule.setup()
+    val = datamodule.splits[1]
+    whole = eval_transform(cfg.augment, 32)
+    for index, path in enumerate(sorted((tmp_path / "data" / "val").rglob("*.jpg"))):
+        assert torch.equal(val[index][0], whole(load_image(path))), path

@@ -22,9 +22,12 @@ from deit_train.schema import check_batch
 log = logging.getLogger(__name__)
 
 SHARED_MEMORY = "/dev/shm"  # where torch's workers put the batches they hand over (Linux)
-# The transforms decode what the source hands them: a decoded image as it is (timm's own steps), an undecoded one
-# (data.decode=reduced) at the scale its crop allows (data/decode.py).
+# The training transforms decode what the source hands them: a decoded image as it is (timm's own steps), an
+# undecoded one (data.decode=reduced) at the scale its crop allows (data/decode.py). Validation decodes every image
+# whole, whatever data.decode says: metrics.json is then what deit-eval, an exported model's processor and the
+# official evaluation compute on the saved weights.
 DECODES = "reduced"
+EVAL_DECODE = "exact"
 PREFETCH_FACTOR = 2  # torch's DataLoader default: batches each worker prepares ahead
 
 
@@ -158,7 +161,7 @@ class DeiTDataModule(L.LightningDataModule):
     def open_splits(self) -> tuple[Dataset, Dataset]:
         """The source's training and validation splits: labelled images with the train and eval transforms."""
         train = self.source.split("train", train_transform(self.augment, self.img_size, DECODES))
-        val = self.source.split("val", eval_transform(self.augment, self.img_size, DECODES))
+        val = self.source.split("val", eval_transform(self.augment, self.img_size, EVAL_DECODE))
         return train, val
 
     def validation_sample(self, images: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,8 +8,9 @@ whole is most of the cost (about 4 images/s per worker, issue 30). libjpeg can d
   (and its interpolation choice), so the random draws, hence the boxes and their distribution, are those of timm's
   RandomResizedCropAndInterpolation by construction. The JPEG is then decoded at the largest scale that keeps the
   box at least the output size, the box mapped into the smaller picture (exactly, in fractional pixels) and resized.
-- evaluation (resize the short side, then center crop): decoded at the largest scale that keeps the short side at
-  least the resize size, then resized from the whole smaller picture to the size the full one would get.
+- a resize of the short side (DeiT III's simple random crop; crop=center): decoded at the largest scale that keeps
+  the short side at least the resize size, then resized from the whole smaller picture to the size the full one
+  would get. Validation never reduces (data/datamodule.py: EVAL_DECODE): its metrics are deit-eval's.
 
 Everything else takes the exact path, the same pixels as today: decode=exact, files other than JPEG, crops too small
 for any reduction, and images that come already decoded (CIFAR, deit-predict's load_image).

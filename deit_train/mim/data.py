@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.datamodule import DECODES
+from deit_train.data.datamodule import DECODES, EVAL_DECODE
 from deit_train.data.sources import DataSource
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.mim.masking import MaskedImages, MaskGenerator
@@ -23,7 +23,7 @@ class MaskedImageDataModule(DeiTDataModule):
 
     def open_splits(self) -> tuple[Dataset, Dataset]:
         train = self.source.images_only("train", train_transform(self.augment, self.img_size, DECODES))
-        val = self.source.images_only("val", eval_transform(self.augment, self.img_size, DECODES))
+        val = self.source.images_only("val", eval_transform(self.augment, self.img_size, EVAL_DECODE))
         return train, val
 
     def open_datasets(self) -> tuple[Dataset, Dataset]:
