@@ -293,6 +293,7 @@ def check(cfg: DictConfig) -> None:
     if isinstance(every, int) and every > cfg.trainer.max_epochs:  # no validation: no metrics, no best.ckpt
         raise refuse("trainer.check_val_every_n_epoch", every, f"at most trainer.max_epochs={cfg.trainer.max_epochs}")
     check_optimizer(cfg.optim)
+    check_center_crop(cfg.augment)
     if cfg.augment.auto_augment:  # timm parses the policy string where it builds the transform: build it here
         from deit_train.data.transforms import train_transform
 
@@ -328,6 +329,22 @@ def check(cfg: DictConfig) -> None:
             devices * cfg.trainer.num_nodes,
             cfg.trainer.accumulate_grad_batches,
             mixes=cfg.augment.mixup > 0 or cfg.augment.cutmix > 0,
+        )
+
+
+def check_center_crop(augment: DictConfig) -> None:
+    """augment.crop=center trains on the eval transform (data/transforms.py): a policy, colour jitter or random
+    erasing asked beside it would be silently dropped."""
+    dropped = [
+        f"augment.{key}={augment[key]}"
+        for key in ("auto_augment", "color_jitter", "reprob")
+        if augment[key] not in (None, 0, 0.0, "")
+    ]
+    if augment.crop == "center" and dropped:
+        raise DeitTrainError(
+            f"augment.crop=center trains on the eval transform (resize, centre crop), which would drop "
+            f"{', '.join(dropped)}: set them to null/0 (as augment=none does), or choose augment.crop=random_resized "
+            f"or simple_random"
         )
 
 

@@ -63,6 +63,10 @@ CORPUS = {
         ("augment.smoothing=1.0", "augment.smoothing=1.0"),
         ("augment.scale=[0.5,0.1]", "augment.scale"),
         ("augment.eval_crop_pct=0", "augment.eval_crop_pct=0"),
+        # the eval transform would drop what is asked beside it
+        ("augment.crop=center", "augment.reprob=0.25"),
+        ("augment=none augment.auto_augment=rand-m9-mstd0.5-inc1", "augment.auto_augment=rand-m9-mstd0.5-inc1"),
+        ("augment=none augment.color_jitter=0.4", "augment.color_jitter=0.4"),
     ],
     "optim": [
         ("optim.lr=-1", "optim.lr=-1"),
