@@ -2,6 +2,7 @@
 value ends with exit status 2 and one line naming the key, the value and what is allowed, and nothing is written:
 no run directory, and nothing changed in an existing one (busy, or finished and asked to resume)."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -112,7 +113,14 @@ def one_line(error: Exception) -> str:
     full_key = getattr(cause, "full_key", None)
     if full_key and not any(line.startswith("full_key:") for line in lines):
         lines.append(f"full_key: {full_key}")
-    if cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
+    schema = getattr(cause, "object_type", None)
+    known = dataclasses.is_dataclass(schema) and any(f.name == cause.key for f in dataclasses.fields(schema))
+    if full_key and dataclasses.is_dataclass(schema) and not known:
+        # A key its typed node does not have: the keys it has, not Hydra's "+key" advice, which only moves the
+        # refusal to where the node is used (a data source's constructor).
+        keys = ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
+        lines.append(f"{full_key.rsplit('.', 1)[0]} takes: {keys}")
+    elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
     return " | ".join(lines)
 

@@ -51,6 +51,10 @@ CORPUS = {
         ("data.batch_size=abc", "data.batch_size"),
         ("data.num_workers=-1", "data.num_workers=-1"),
         ("data=imagefolder", "data.root"),
+        # another source's key: the keys this source takes, not Hydra's "+key" advice, which is refused as well
+        ("data=imagefolder data.root=/tmp data.dataset=x", "data takes: batch_size"),
+        ("data=imagefolder data.root=/tmp +data.dataset=x", "data.dataset is not a key of ImageFolderSource"),
+        ("data._target_=os.path.join", "data._target_=os.path.join"),
         ("data.pin_memory=perhaps", "data.pin_memory"),
         ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6"),  # 3 per device: odd
         ("data.batch_size=7 trainer=ddp_cpu", "data.batch_size=7"),  # does not split over 2 devices

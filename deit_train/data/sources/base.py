@@ -149,13 +149,21 @@ def register(name: str, source: type[DataSource]) -> None:
 
 def build_source(data: DictConfig) -> DataSource:
     """The source the `data` node names (its `_target_`), with its fields; checked."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
     try:
-        source = instantiate(data, _convert_="all")
-    except Exception as error:  # a _target_ that does not import, or a key it does not take
-        detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
-        raise DeitTrainError(f"data: {detail}") from error
+        target = get_class(data._target_)
+    except Exception as error:  # a _target_ that does not import
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise DeitTrainError(f"data._target_={data._target_}: {detail}") from error
+    if isinstance(target, type) and issubclass(target, DataSource):
+        takes = [f.name for f in dataclasses.fields(target)]
+        unknown = sorted(key for key in data if key != "_target_" and key not in takes)
+        if unknown:  # added with +data.key=...: the source's constructor would refuse it with Hydra's wrapping
+            raise DeitTrainError(
+                f"data.{unknown[0]} is not a key of {target.__name__} (data._target_); it takes: {', '.join(takes)}"
+            )
+    source = instantiate(data, _convert_="all")
     if not isinstance(source, DataSource):
         raise DeitTrainError(
             f"data._target_={data._target_} is a {type(source).__name__}, not a data source "
