@@ -67,7 +67,8 @@ def check_repeated_keys(args: list[str]) -> None:
             raise DeitTrainError(
                 f"{key} is given {len(values)} values on the command line ({', '.join(values)}): Hydra would keep "
                 f"only the last. Give it once; a value the shell split (a shard pattern such as {{000..099}} or *, "
-                f"a path with spaces) goes in quotes ('{key}=...'), and a sweep over values is -m {key}=a,b"
+                f"a path with spaces) goes in quotes, Hydra's inside the shell's ('{key}=\"...\"'), and a sweep over "
+                f"values is -m {key}=a,b"
             )
 
 

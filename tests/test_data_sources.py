@@ -20,7 +20,7 @@ from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import train
 
-from .conftest import same
+from .conftest import compose_config, same
 from .test_ddp import DDP, run_ok
 from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
 
@@ -627,3 +627,23 @@ def deit_shard_error(argv: list[str], capsys) -> str:
         deit_shard(argv)
     assert exit.value.code == 2
     return capsys.readouterr().err
+
+
+def test_the_overrides_deit_shard_prints_run_as_typed(demo_data, tmp_path, capsys):
+    """deit-shard's printed `data.train=...`/`data.val=...`, split as a shell splits them, reach the config as the
+    brace patterns of the shards written (unquoted the shell expands the braces; in the shell's quotes alone Hydra's
+    parser refuses the braces)."""
+    import shlex
+
+    from deit_train.cli import refuse_bad_command_line
+
+    out = tmp_path / "shards"
+    deit_shard([str(demo_data), str(out), "--shard-samples", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = [line.split("shards: ", 1)[1] for line in lines if "shards: " in line]
+    overrides = [word for line in printed for word in shlex.split(line)]
+    assert [o.split("=", 1)[0] for o in overrides] == ["data.train", "data.val"]
+    refuse_bad_command_line(["experiment=demo", "data=webdataset", *overrides])  # composes and checks
+    cfg = compose_config(["data=webdataset", *overrides], tmp_path / "run", tmp_path / "cache")
+    assert cfg.data.train == f"{out}/train-{{000000..000004}}.tar"
+    assert cfg.data.val == f"{out}/val-{{000000..000002}}.tar"

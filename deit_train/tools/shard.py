@@ -276,10 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "_info.json").write_text(json.dumps(info, indent=2) + "\n")
         for name, result in results.items():
             count = len(result["info"]["filenames"])
-            print(
-                f"{name}: {result['info']['num_samples']} samples in {count} shards: "
-                f"data.{name}={args.out}/{name}-{{000000..{count - 1:06d}}}.tar"
-            )
+            pattern = f"{args.out}/{name}-{{000000..{count - 1:06d}}}.tar"  # quoted for the shell, then for Hydra
+            print(f"""{name}: {result["info"]["num_samples"]} samples in {count} shards: 'data.{name}="{pattern}"'""")
         checked = "" if args.no_verify else ", read back and checked"
         print(f"written in {seconds:.1f} s{checked}")
 
