@@ -235,3 +235,18 @@ def test_the_finished_images_take_the_dtype_lightning_gives_a_float_batch(precis
     images, labels, keys = module.on_after_batch_transfer(batch, 0)
     assert images.dtype == dtype
     assert torch.equal(images, model_input(batch[0]).to(dtype))
+
+
+def test_the_mean_and_std_made_under_inference_mode_serve_autograd():
+    """mean_std keeps the first tensors it makes; the first caller may run under inference_mode (the label-order
+    check), a later one in autograd (a loss on normalised pictures)."""
+    from deit_train.data.pixels import full_scale, mean_std
+
+    mean_std.cache_clear(), full_scale.cache_clear()
+    with torch.inference_mode():
+        normalize = model_input(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    assert not normalize.requires_grad
+    mean, std = mean_std(torch.device("cpu"))
+    x = torch.ones(1, 3, 2, 2, requires_grad=True)
+    (x * std + mean).sum().backward()
+    assert torch.equal(x.grad, std.expand_as(x))

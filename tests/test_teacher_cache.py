@@ -383,3 +383,18 @@ def test_a_run_limited_to_fewer_batches_keeps_the_full_epochs_files(distill, tmp
     assert teacher_calls["train"] == computed  # every batch of the full epoch read
     names = sorted(p.name for p in (tmp_path / "cache").glob("*/epoch*"))
     assert names == ["epoch0000-rank0-batches2.safetensors", "epoch0000-rank0-batches5.safetensors"]
+
+
+def test_the_erasing_noises_device_is_part_of_the_fingerprint():
+    """The erased rectangles' noise is drawn on the device from each view's seed by a kernel whose numbers depend on
+    the device (data/pixels.py: noise_signature): with erasing on, another one is another cache; with it off, not."""
+    from deit_train.data.pixels import noise_signature
+    from deit_train.teacher.cache import fingerprint_inputs
+
+    teacher = torch.nn.Linear(2, 2)
+    here = noise_signature(torch.device("cpu"))
+    assert here == f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+    for reprob, differs in ((0.25, True), (0.0, False)):
+        settings = {"augment": {"reprob": reprob}}
+        inputs = [fingerprint_inputs(settings, 1, "data", teacher, noise) for noise in (here, "cpu:DEFAULT")]
+        assert (inputs[0] != inputs[1]) is differs, reprob

@@ -35,18 +35,6 @@ class ErasableView(NamedTuple):
     erase: torch.Tensor
 
 
-class ToUint8:
-    """A PIL image (RGB) as a uint8 CHW tensor, unscaled: torchvision's ToTensor without its float division."""
-
-    def __call__(self, image) -> torch.Tensor:
-        from torchvision.transforms.functional import pil_to_tensor
-
-        return image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
-
-    def __repr__(self) -> str:
-        return "ToUint8()"
-
-
 class DrawErasing:
     """The worker's share of random erasing: timm's RandomErasing(probability, mode='pixel', max_count=1) draws,
     with Python's `random` in the same calls and order (random_erasing.py: _erase), made into integers; the
@@ -85,14 +73,36 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     and Normalize compute it ((x / 255 - mean) / std, each rounded to fp32): the same floats as the worker-side
     transform gave, and as deit-eval's CPU transform gives (data/transforms.py: resize_crop_transform)."""
     mean, std = mean_std(pixels.device)
-    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+    return pixels.to(torch.float32).div_(full_scale(pixels.device)).sub_(mean).div_(std)
 
 
 @functools.cache
 def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMAGENET_MEAN and IMAGENET_STD as fp32 (1, C, 1, 1) tensors on `device`, copied there once."""
-    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
-    return column(IMAGENET_MEAN), column(IMAGENET_STD)
+    """IMAGENET_MEAN and IMAGENET_STD as fp32 (1, C, 1, 1) tensors on `device`, copied there once (as ordinary
+    tensors, even when first asked for under inference_mode: a later caller may need them in autograd)."""
+    with torch.inference_mode(False):
+        column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+        return column(IMAGENET_MEAN), column(IMAGENET_STD)
+
+
+@functools.cache
+def full_scale(device: torch.device) -> torch.Tensor:
+    """255 as a 0-dim fp32 tensor on `device`. Divided by a Python number, CUDA multiplies by its fp32 reciprocal,
+    one bit off ToTensor's true division for about half the pixel values; by a device tensor it divides."""
+    with torch.inference_mode(False):
+        return torch.tensor(255.0, dtype=torch.float32, device=device)
+
+
+def noise_signature(device: torch.device) -> str:
+    """What decides the erased rectangles' noise for a seed besides the seed: the device's generator and its kernel.
+    CPU: the vector instructions torch dispatches to (the normal_ kernel differs by them); CUDA: the GPU model and
+    its size (normal_'s launch grid, hence which numbers each element gets, follows the multiprocessor count)."""
+    if device.type == "cpu":
+        return f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda:{props.name}:{props.multi_processor_count}x{props.max_threads_per_multi_processor}"
+    return device.type
 
 
 def erase_(images: torch.Tensor, erase: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

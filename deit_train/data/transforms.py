@@ -9,11 +9,11 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data import create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from deit_train.data.decode import RandomResizedCrop, ResizeShortSide, check_decode
-from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD, DrawErasing, ToUint8
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD, DrawErasing
 
 VIEW_DTYPE = torch.uint8  # what a view is when a worker hands it over (data/pixels.py)
 
@@ -52,7 +52,7 @@ def float_tail() -> list:
 
 def uint8_tail(reprob: float = 0.0) -> list:
     """uint8 CHW pixels; with reprob > 0, random erasing's draws beside them (an ErasableView)."""
-    return [ToUint8(), DrawErasing(reprob)] if reprob > 0 else [ToUint8()]
+    return [MaybePILToTensor(), DrawErasing(reprob)] if reprob > 0 else [MaybePILToTensor()]
 
 
 class CenterCrop(torch.nn.Module):
@@ -84,7 +84,7 @@ def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
         return eval_transform(augment, img_size, decode)
     if augment.crop not in ("random_resized", "simple_random"):
         raise ValueError(f"augment.crop must be random_resized, simple_random or center, got {augment.crop!r}")
-    crop, policy_and_jitter, to_uint8 = create_transform(
+    crop, policy_and_jitter, _to_uint8 = create_transform(
         img_size,
         is_training=True,
         scale=tuple(augment.scale),
@@ -106,7 +106,7 @@ def train_transform(augment: DictConfig, img_size: int, decode: str = "exact"):
                 T.RandomHorizontalFlip(),
             ]
         )
-    return T.Compose([crop, policy_and_jitter, to_uint8, *uint8_tail(augment.reprob)])
+    return T.Compose([crop, policy_and_jitter, *uint8_tail(augment.reprob)])
 
 
 def with_decoding_crop(transform: T.Compose, decode: str) -> T.Compose:
