@@ -360,16 +360,7 @@ def batch_bytes(batch) -> int:
 
 def shm_bytes(root: Path, img_size: int, augment: DictConfig, batch: int) -> dict[str, int]:
     """One training batch's bytes, the official loader's and deit-train's (imagefolder)."""
-    transform = create_transform(
-        img_size,
-        is_training=True,
-        auto_augment=augment.auto_augment,
-        re_prob=augment.reprob,
-        re_mode="pixel",
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    )
-    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=official_transform(img_size, augment))
     official_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch)))
     cfg = compose_run(
         *data_overrides("imagefolder", {"jpegs": root}),
