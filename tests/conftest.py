@@ -88,16 +88,19 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def finished(view) -> tuple[torch.Tensor, torch.Tensor]:
-    """A view as the device finishes it (data/pixels.py: model_input on a batch of one) and the mask of the pixels
-    outside its erased rectangle. Inside it both pipelines put normal noise, from other generators (the draw's own
-    seed on the device; tests/test_pixels.py shows it equal to timm's with the generator in that state)."""
-    top, left, h, w = 0, 0, 0, 0
+def on_device(view) -> torch.Tensor:
+    """model_input on a batch of one, as the training module runs it after the copy (here the device is the CPU)."""
     if isinstance(view, ErasableView):
-        image = model_input(ErasableView(view.pixels[None], view.erase[None]))[0]
-        top, left, h, w, _ = view.erase.tolist()
-    else:
-        image = model_input(view[None])[0]
+        return model_input(ErasableView(view.pixels[None], view.erase[None]))[0]
+    return model_input(view[None])[0]
+
+
+def finished(view) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view as the device finishes it (on_device) and the mask of the pixels outside its erased rectangle. Inside
+    it both pipelines put normal noise, from other generators (the draw's own seed on the device;
+    tests/test_pixels.py shows it equal to timm's with the generator in that state)."""
+    image = on_device(view)
+    top, left, h, w, _ = view.erase.tolist() if isinstance(view, ErasableView) else (0, 0, 0, 0, 0)
     outside = torch.ones(image.shape[-2:], dtype=torch.bool)
     outside[top : top + h, left : left + w] = False
     return image, outside

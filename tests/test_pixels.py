@@ -18,6 +18,8 @@ from deit_train.data.transforms import eval_transform, resize_crop_transform, tr
 from deit_train.data.views import seeded, view_key
 from deit_train.schema import AugmentConfig
 
+from .conftest import on_device
+
 
 def augment(**changes):
     return OmegaConf.merge(OmegaConf.structured(AugmentConfig), changes)
@@ -44,13 +46,6 @@ def timm_worker_transform(config, img_size: int):
         mean=timm.data.IMAGENET_DEFAULT_MEAN,
         std=timm.data.IMAGENET_DEFAULT_STD,
     )
-
-
-def on_device(view) -> torch.Tensor:
-    """model_input on a batch of one, as the training module runs it after the copy (here the device is the CPU)."""
-    if isinstance(view, ErasableView):
-        return model_input(ErasableView(view.pixels[None], view.erase[None]))[0]
-    return model_input(view[None])[0]
 
 
 def test_the_mean_and_std_are_timms():
