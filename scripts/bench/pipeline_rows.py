@@ -31,6 +31,8 @@ FIGURES = {
     "shard_write_s_jpegs": ("deit-shard seconds, the pipeline JPEGs", "s"),
     "shard_write_s_jpegs_resize256": ("deit-shard seconds, the pipeline JPEGs re-encoded at 256 px", "s"),
     "shard_write_s_demo": ("deit-shard seconds, the demo set", "s"),
+    "shm_bytes_per_batch_official": ("bytes of one training batch through shared memory, official (fp32)", "bytes"),
+    "shm_bytes_per_batch_deit": ("bytes of one training batch through shared memory, deit-train (uint8)", "bytes"),
 }
 
 
@@ -39,4 +41,6 @@ def pipeline_rows(bench: Bench) -> dict[str, float]:
     size) for ImageFolder, HF Arrow and shards (raw and re-encoded at 256 px), each against the official DeiT
     pipeline, deit-train end to end, and deit-shard's seconds."""
     preset = bench.preset
-    return benchmark_data.data_rows(preset.img_size, preset.jpegs, preset.repeats, batch=min(32, preset.jpegs // 4))
+    return benchmark_data.data_rows(
+        preset.img_size, preset.jpegs, preset.repeats, batch=min(32, preset.jpegs // 12 * 2)
+    )  # 6 batches, even

@@ -18,6 +18,7 @@ def format_value(value: float, unit: str) -> str:
         "mib": f"{value:.0f}",
         "kib": f"{value:.1f}",
         "s": f"{value:.1f}",
+        "bytes": f"{value:,.0f}",
     }.get(unit, f"{value:.4g}")
 
 
