@@ -44,11 +44,11 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
+from bench.official import official_train_transform  # scripts/bench/, beside this script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from deit_train.data import DeiTDataModule
@@ -105,26 +105,16 @@ def compose_run(*overrides: str) -> DictConfig:
         return compose("train", overrides=["augment=deit", "paths.output_dir=.", "paths.cache_dir=.", *overrides])
 
 
+def official_folder(root: Path, img_size: int, augment: DictConfig) -> torchvision.datasets.ImageFolder:
+    """The official pipeline's training set: torchvision's ImageFolder (a full PIL decode) + its transform."""
+    return torchvision.datasets.ImageFolder(str(root / "train"), transform=official_train_transform(img_size, augment))
+
+
 def official(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
     """The official pipeline (facebookresearch/deit datasets.py build_transform): timm create_transform."""
-    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=official_transform(img_size, augment))
+    dataset = official_folder(root, img_size, augment)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
     return drain(loader)
-
-
-def official_transform(img_size: int, augment: DictConfig):
-    return create_transform(
-        img_size,
-        is_training=True,
-        color_jitter=augment.color_jitter,
-        auto_augment=augment.auto_augment,
-        interpolation=augment.train_interpolation,
-        re_prob=augment.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    )
 
 
 def decoding(root: Path, img_size: int, augment: DictConfig, batch: int, decode: str) -> float:
@@ -136,7 +126,7 @@ def decoding(root: Path, img_size: int, augment: DictConfig, batch: int, decode:
 
 
 def official_cpu(root: Path, img_size: int, augment: DictConfig, batch: int) -> float:
-    return cpu_rate(torchvision.datasets.ImageFolder(str(root / "train"), official_transform(img_size, augment)), batch)
+    return cpu_rate(official_folder(root, img_size, augment), batch)
 
 
 def cpu_rate(dataset, batch: int) -> float:
@@ -361,7 +351,7 @@ def batch_bytes(batch) -> int:
 
 def shm_bytes(root: Path, img_size: int, augment: DictConfig, batch: int) -> dict[str, int]:
     """One training batch's bytes, the official loader's and deit-train's (imagefolder)."""
-    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=official_transform(img_size, augment))
+    dataset = official_folder(root, img_size, augment)
     official_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch)))
     cfg = compose_run(
         *data_overrides("imagefolder", {"jpegs": root}),

@@ -88,6 +88,18 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
+def official():
+    """scripts/bench/official.py, the official DeiT pipeline's loss and training transform as written there (the
+    benchmark runs them too), loaded from its file: scripts/ is not a package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "official.py"
+    spec = importlib.util.spec_from_file_location("official_deit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def on_device(view) -> torch.Tensor:
     """model_input on a batch of one, as the training module runs it after the copy (here the device is the CPU)."""
     if isinstance(view, ErasableView):

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
@@ -23,7 +22,7 @@ from deit_train.data.transforms import CenterCrop, eval_transform, train_transfo
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.schema import AugmentConfig
 
-from .conftest import finished
+from .conftest import finished, official
 
 AUGMENT = OmegaConf.structured(AugmentConfig)  # augment=deit: RandAugment, erasing 0.25, bicubic
 # Reduced vs exact, measured with this file's images: the training crops of the 2000x1500 JPEG at 42-52 dB, of the
@@ -138,19 +137,8 @@ def test_the_box_is_drawn_from_the_size_the_image_shows(tmp_path, monkeypatch):
 
 
 def official_train_transform():
-    """facebookresearch/deit datasets.py build_transform: timm's create_transform with the paper's arguments."""
-    return create_transform(
-        224,
-        is_training=True,
-        color_jitter=AUGMENT.color_jitter,
-        auto_augment=AUGMENT.auto_augment,
-        interpolation=AUGMENT.train_interpolation,
-        re_prob=AUGMENT.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    )
+    """facebookresearch/deit datasets.py build_transform (scripts/bench/official.py) at 224 px, augment=deit."""
+    return official().official_train_transform(224, AUGMENT)
 
 
 def seed_all(seed: int) -> None:

@@ -1,13 +1,13 @@
 """The DeiT losses against independent computations on small hand-made tensors."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from deit_train.losses import DistillationLoss
+
+from .conftest import official
 
 torch.manual_seed(0)
 B, C = 4, 5
@@ -71,13 +71,8 @@ def test_soft_distill_official_reduction_divides_by_batch_times_classes():
 
 
 def official_distillation_loss() -> type[torch.nn.Module]:
-    """facebookresearch/deit losses.py's DistillationLoss as written there, kept once in
-    scripts/bench/official.py (the benchmark's official step runs it too)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "official.py"
-    spec = importlib.util.spec_from_file_location("official_deit_losses", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.OfficialDistillationLoss
+    """facebookresearch/deit losses.py's DistillationLoss as written there (scripts/bench/official.py)."""
+    return official().OfficialDistillationLoss
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from PIL import Image
-from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
@@ -18,7 +17,7 @@ from deit_train.data.transforms import eval_transform, resize_crop_transform, tr
 from deit_train.data.views import seeded, view_key
 from deit_train.schema import AugmentConfig
 
-from .conftest import on_device
+from .conftest import official, on_device
 
 
 def augment(**changes):
@@ -31,21 +30,9 @@ def photo(seed: int, width: int, height: int) -> Image.Image:
 
 
 def timm_worker_transform(config, img_size: int):
-    """The worker-side pipeline we had (and the official code has): timm's create_transform with ToTensor,
-    Normalize and RandomErasing(mode pixel, count 1) at its end."""
-    return create_transform(
-        img_size,
-        is_training=True,
-        scale=tuple(config.scale),
-        auto_augment=config.auto_augment,
-        color_jitter=config.color_jitter,
-        interpolation=config.train_interpolation,
-        re_prob=config.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=timm.data.IMAGENET_DEFAULT_MEAN,
-        std=timm.data.IMAGENET_DEFAULT_STD,
-    )
+    """The worker-side pipeline we had, and the official code has (scripts/bench/official.py): timm's
+    create_transform with ToTensor, Normalize and RandomErasing(mode pixel, count 1) at its end."""
+    return official().official_train_transform(img_size, config)
 
 
 def test_the_mean_and_std_are_timms():

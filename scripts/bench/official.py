@@ -1,8 +1,9 @@
-"""The official DeiT distillation loss, as written in facebookresearch/deit's losses.py (`DistillationLoss`,
-main branch): the reference that the benchmark's official training step runs and that tests/test_losses.py
-holds deit_train.losses against. Kept as it is there (the loss owns the teacher and runs it under no_grad
-on the step's inputs; the soft term divides by outputs_kd.numel(), batch x classes): do not tidy it into
-ours.
+"""The official DeiT pipeline's pieces we measure and test against: its distillation loss, as written in
+facebookresearch/deit's losses.py (`DistillationLoss`, main branch): the reference that the benchmark's official
+training step runs and that tests/test_losses.py holds deit_train.losses against; and its training transform
+(datasets.py build_transform), the reference of scripts/benchmark_data.py and the pixel tests. Kept as it is there
+(the loss owns the teacher and runs it under no_grad on the step's inputs; the soft term divides by
+outputs_kd.numel(), batch x classes): do not tidy it into ours.
 
     https://github.com/facebookresearch/deit/blob/main/losses.py
 """
@@ -56,3 +57,23 @@ class OfficialDistillationLoss(nn.Module):
         elif self.distillation_type == "hard":
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+def official_train_transform(img_size: int, augment):
+    """facebookresearch/deit datasets.py build_transform(is_train=True): timm's create_transform with the run's
+    augment values (color_jitter, aa, train_interpolation, reprob, remode pixel, recount 1); the crop scale and the
+    mean/std are timm's defaults there, (0.08, 1) and ImageNet's. Ends in fp32 with RandomErasing on the worker."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    return create_transform(
+        img_size,
+        is_training=True,
+        color_jitter=augment.color_jitter,
+        auto_augment=augment.auto_augment,
+        interpolation=augment.train_interpolation,
+        re_prob=augment.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
