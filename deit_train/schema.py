@@ -248,6 +248,21 @@ TRAINER_RULES = {
 NULLABLE_TRAINER_KEYS = ("gradient_clip_val", "check_val_every_n_epoch", "limit_train_batches")  # Lightning's default
 
 
+def store_schema(group: str, name: str, cls: type) -> None:
+    """conf/<group>/<name>.yaml's schema, `<name>_schema` in Hydra's ConfigStore: the fields of the dataclass `cls`
+    (a task, a data source), typed, and its `_target_`, so that the yaml names what runs and Hydra refuses keys the
+    class does not take."""
+    import sys
+
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    fields = [("_target_", str, field(default=target))]
+    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(cls)]
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+    schema.__module__ = cls.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
+    setattr(sys.modules[cls.__module__], schema.__name__, schema)
+    ConfigStore.instance().store(group=group, name=f"{name}_schema", node=schema)
+
+
 def refuse(key: str, value: Any, allowed: str) -> DeitTrainError:
     return DeitTrainError(f"{key}={value}: expected {allowed}")
 

@@ -3,16 +3,13 @@ fields are its config, `check` adds its rules to the schema's, and `build` retur
 LightningModule and any callbacks it needs. train.py runs whichever task it is given.
 """
 
-import dataclasses
-import sys
 from dataclasses import dataclass, field
 
 import lightning as L
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from deit_train.data import DeiTDataModule
-from deit_train.schema import OneOf, check_fields, checked
+from deit_train.schema import OneOf, check_fields, checked, store_schema
 
 
 @dataclass
@@ -38,10 +35,4 @@ class Task:
 
 def register(name: str, task: type[Task]) -> None:
     """conf/task/<name>.yaml's schema, `<name>_schema`: the task's fields, typed, and its `_target_`."""
-    target = f"{task.__module__}.{task.__qualname__}"
-    fields = [("_target_", str, field(default=target))]
-    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(task)]
-    schema = dataclasses.make_dataclass(f"{task.__name__}Config", fields)
-    schema.__module__ = task.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
-    setattr(sys.modules[task.__module__], schema.__name__, schema)
-    ConfigStore.instance().store(group="task", name=f"{name}_schema", node=schema)
+    store_schema("task", name, task)

@@ -18,14 +18,12 @@ the yaml its typed schema (tests/test_data_sources.py defines a CSV source insid
 
 import dataclasses
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -33,7 +31,7 @@ from deit_train.cluster import data_worker_init
 from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.views import SeededViews
 from deit_train.errors import DataError, DeitTrainError
-from deit_train.schema import AutoOr, OneOf, Range, check_fields, checked
+from deit_train.schema import AutoOr, OneOf, Range, check_fields, checked, store_schema
 
 
 @dataclass
@@ -138,13 +136,7 @@ class DataSource:
 
 def register(name: str, source: type[DataSource]) -> None:
     """conf/data/<name>.yaml's schema, `<name>_schema`: the source's fields, typed, and its `_target_`."""
-    target = f"{source.__module__}.{source.__qualname__}"
-    fields = [("_target_", str, field(default=target))]
-    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(source)]
-    schema = dataclasses.make_dataclass(f"{source.__name__}Config", fields)
-    schema.__module__ = source.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
-    setattr(sys.modules[source.__module__], schema.__name__, schema)
-    ConfigStore.instance().store(group="data", name=f"{name}_schema", node=schema)
+    store_schema("data", name, source)
 
 
 def build_source(data: DictConfig) -> DataSource:
