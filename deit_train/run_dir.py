@@ -110,6 +110,9 @@ class RunLock:
             owner = self.owner(file)
             file.close()
             raise busy(self.path.parent, owner) from None
+        except OSError as error:
+            file.close()
+            raise no_locks(self.path.parent, error) from None
         previous = self.owner(file)
         if previous:
             log.info("run directory: took over the lock of a run that ended without releasing it (%s)", previous)
@@ -142,6 +145,8 @@ class RunLock:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise busy(self.path.parent, self.owner(file)) from None
+            except OSError as error:
+                raise no_locks(self.path.parent, error) from None
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
@@ -149,6 +154,16 @@ def busy(directory: Path, owner: str) -> RunDirectoryBusy:
     return RunDirectoryBusy(
         f"{directory} is in use by another deit-train run ({owner}). Wait for it to end, or "
         f"give this run its own directory (hydra.run.dir=...)"
+    )
+
+
+def no_locks(directory: Path, error: OSError) -> DeitTrainError:
+    """A filesystem mounted without flock (NFS without lockd, Lustre without -o flock) answers ENOSYS, ENOLCK or
+    EOPNOTSUPP: without a lock two runs could write one directory, so the run is refused, naming what works."""
+    return DeitTrainError(
+        f"{directory}: its filesystem does not support file locks ({error.strerror}), which keep two runs out of one "
+        f"directory. Put the run directory on a filesystem that has them (hydra.run.dir=..., e.g. on local disk or "
+        f"a Lustre mount with -o flock)"
     )
 
 

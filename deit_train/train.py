@@ -24,7 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import deit_train.conf
 import deit_train.schema
-from deit_train.cluster import acknowledge_warning_signals, fit_until_preempted, slurm_plugins
+from deit_train.cluster import (
+    PreemptionAgreement,
+    acknowledge_warning_signals,
+    cluster_environment,
+    fit_until_preempted,
+)
 from deit_train.console import config_summary, quiet_console
 from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError, debugging, error_boundary
@@ -213,13 +218,13 @@ def build_trainer(
     (callbacks.progress_bar=null) switches that object off."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + task_callbacks
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
-    plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + slurm_plugins()
+    plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + [cluster_environment()]
     switches = {}
     if "enable_progress_bar" not in cfg.trainer:  # no progress bar callback: no bar (Lightning would add its own)
         switches["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     acknowledge_warning_signals()
     try:
-        return instantiate(
+        trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers,
@@ -233,6 +238,9 @@ def build_trainer(
             f"the trainer refused its settings: {str(cause).strip().splitlines()[0]} (trainer.* "
             f"on the command line or in conf/trainer/)"
         ) from error
+    trainer.deit_preemption = PreemptionAgreement(trainer)
+    trainer.deit_preemption.install()
+    return trainer
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

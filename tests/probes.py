@@ -141,3 +141,22 @@ class Crash(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.crash and trainer.current_epoch == self.epoch:
             raise RuntimeError("probe crash")
+
+
+class Terminate(L.Callback):
+    """Sends SIGTERM to rank `rank`'s own process at batch `batch` of the first epoch (a preemption that reached
+    one task first), and records the steps each rank ran to PATH/rank<R>.txt when it stops."""
+
+    def __init__(self, path: str, rank: int = 1, batch: int = 2) -> None:
+        self.path, self.rank, self.batch = Path(path), rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == 0 and batch_idx == self.batch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"rank{trainer.global_rank}.txt").write_text(f"{trainer.global_step} {type(exception).__name__}")

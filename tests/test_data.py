@@ -222,14 +222,18 @@ def test_corrupt_image_can_be_skipped_with_a_counted_warning(tmp_path):
 
 def test_auto_workers_come_from_the_cpus_this_process_may_use(tmp_path, monkeypatch, caplog):
     class FakeTrainer:
-        num_devices = 2
+        num_devices, world_size, accumulate_grad_batches = 2, 2, 1
 
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))  # a Slurm job's 16 CPUs, 2 GPUs
-    module = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), num_workers="auto"), OmegaConf.create(), 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))  # a container's 16 CPUs, 2 GPUs
+    monkeypatch.setattr("deit_train.cluster.CPU_TOPOLOGY", tmp_path / "no-topology")  # logical CPUs as cores
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    no_mixing = OmegaConf.create({"mixup": 0.0, "cutmix": 0.0})
+    module = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), num_workers="auto"), no_mixing, 16)
     module.trainer = FakeTrainer()
     with caplog.at_level("INFO"):
         assert module.workers == 7  # 8 CPUs per device, one of them the device's own process
-    assert "data.num_workers=auto: 7 data-loader worker(s) per device (16 CPUs" in caplog.text
+    assert "data.num_workers=auto: 7 data-loader worker(s) for this device (8 CPU core(s) for it)" in caplog.text
     given = DeiTDataModule(data_config("imagefolder", root=str(tmp_path), num_workers=3), OmegaConf.create(), 16)
     assert given.workers == 3
 

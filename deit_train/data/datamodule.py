@@ -4,7 +4,6 @@ epoch's step count, repeated augmentation, data.scan."""
 
 import logging
 import math
-import os
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from deit_train.cluster import usable_cpus
 from deit_train.data.sources import DataSource, LoaderPlan, build_source
 from deit_train.data.transforms import VIEW_DTYPE, eval_transform, train_transform
 from deit_train.errors import DeitTrainError
@@ -85,32 +85,43 @@ class DeiTDataModule(L.LightningDataModule):
 
     @cached_property
     def workers(self) -> int:
-        """data.num_workers, or for auto the CPUs this process may use (its affinity: a Slurm job's or a container's
-        share, not the machine's) shared by the devices on this node, one left to each device's main process."""
+        """data.num_workers, or for auto the CPUs this task may use (cluster.usable_cpus: its own under Slurm's
+        binding, else the node's shared by its devices; physical cores), one left to the device's main process,
+        and no more than shared memory can hold the batches of (check_shared_memory)."""
         if self.data.num_workers != "auto":
             return self.data.num_workers
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         devices = self.trainer.num_devices if self.trainer is not None else 1
-        workers = max(0, cpus // devices - 1)
+        cpus = usable_cpus(devices)
+        wanted = max(0, cpus - 1)
+        workers = min(wanted, self.workers_shared_memory_holds())
         log.info(
-            "data.num_workers=auto: %d data-loader worker(s) per device (%d CPUs usable by this process, %d "
-            "device(s) on this node)",
+            "data.num_workers=auto: %d data-loader worker(s) for this device (%d CPU core(s) for it%s)",
             workers,
             cpus,
-            devices,
+            f"; shared memory holds the batches of {workers}, not {wanted}" if workers < wanted else "",
         )
         return workers
 
+    def shared_memory_bytes(self, workers: int) -> int:
+        """What `workers` workers per loader keep in shared memory (/dev/shm): prefetch_factor (2) batches per
+        worker and loader, the training and validation loaders, every device's loaders on this node together."""
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        view_bytes = 3 * self.img_size**2 * torch.empty(0, dtype=VIEW_DTYPE).element_size()  # one image as it leaves
+        return devices * 2 * workers * PREFETCH_FACTOR * view_bytes * self.per_device_batch_size
+
+    def workers_shared_memory_holds(self) -> int:
+        if not Path(SHARED_MEMORY).is_dir():
+            return 2**31
+        return int(shutil.disk_usage(SHARED_MEMORY).free // max(1, self.shared_memory_bytes(1)))
+
     def check_shared_memory(self) -> None:
-        """The workers hand each batch over in shared memory (/dev/shm), prefetch_factor (2) batches per worker and
-        loader, every device's loaders on this node together; a container's default 64 MB ends such a run with a
-        bus error mid-epoch. Checked before the first batch instead, naming what is needed."""
+        """A container's default 64 MB of /dev/shm ends a run with many workers with a bus error mid-epoch: checked
+        before the first batch instead, naming what is needed (num_workers=auto chooses fewer by itself)."""
         if self.workers == 0 or not Path(SHARED_MEMORY).is_dir():
             return
         devices = self.trainer.num_devices if self.trainer is not None else 1
-        view_bytes = 3 * self.img_size**2 * torch.empty(0, dtype=VIEW_DTYPE).element_size()  # one image as it leaves
-        batch_bytes = view_bytes * self.per_device_batch_size
-        needed = devices * 2 * self.workers * PREFETCH_FACTOR * batch_bytes  # training and validation loaders
+        needed = self.shared_memory_bytes(self.workers)
+        batch_bytes = self.shared_memory_bytes(1) / (devices * 2 * PREFETCH_FACTOR)
         free = shutil.disk_usage(SHARED_MEMORY).free
         if needed > free:
             raise DeitTrainError(

@@ -3,7 +3,6 @@
 loss."""
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from deit_train.cluster import process_device
 from deit_train.data import DeiTDataModule
 from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
@@ -258,7 +258,7 @@ def check_label_order(
     if not checks:
         return
     batches = datamodule.validation_sample(SAMPLE_IMAGES)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    device = process_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this task's GPU, as the trainer's
     for what, network, predict, unnamed, option in checks:
         was_training = network.training
         network.eval().to(device)

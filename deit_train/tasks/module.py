@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from deit_train.cluster import preemption_agreement
 from deit_train.console import quiet_console
 from deit_train.data.views import MODEL_STREAM, ViewsOnDevice, view_seed
 from deit_train.errors import TrainingDiverged
@@ -63,13 +64,19 @@ class TrainingModule(ViewsOnDevice, L.LightningModule):
     def stop_if_diverged(self) -> None:
         """Decided by all ranks together, in one host sync: a rank that raised alone would leave the others waiting
         in the next all-reduce (a hang, not an exit 5). The loss flag and the weights' finiteness are reduced (max)
-        over the ranks and read once; which weight went bad is looked up only then."""
+        over the ranks and read once; which weight went bad is looked up only then. The same reduce carries whether
+        any rank received SIGTERM (cluster.PreemptionAgreement): the only collective a training step makes besides
+        the gradients' all-reduce, and only at log steps."""
         parameters = [p.detach() for p in self.network.parameters()]
         weights_bad = ~torch.stack([torch.isfinite(p).all() for p in parameters]).all()
-        flags = torch.stack([self.loss_diverged, weights_bad]).float()
+        preemption = preemption_agreement(self.trainer)
+        signalled = torch.tensor(preemption is not None and preemption.signalled, device=weights_bad.device)
+        flags = torch.stack([self.loss_diverged, weights_bad, signalled]).float()
         if self.trainer.world_size > 1:
             flags = self.trainer.strategy.reduce(flags, reduce_op="max")
-        loss_bad, weights_bad = (bool(flag) for flag in flags.tolist())
+        loss_bad, weights_bad, signalled = (bool(flag) for flag in flags.tolist())
+        if signalled and preemption is not None:
+            preemption.stop()  # every rank in this same step: Lightning ends the epoch loop on all of them
         if loss_bad:
             raise TrainingDiverged(
                 f"the training loss became NaN or inf (detected at step {self.global_step}). The last good "
