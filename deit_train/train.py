@@ -219,7 +219,8 @@ def build_trainer(
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + task_callbacks
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
     plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + [cluster_environment()]
-    switches = {}
+    # checkpoints are the callbacks group's (checkpoint_io.EpochCheckpoints): none of Lightning's own beside them
+    switches = {"enable_checkpointing": False}
     if "enable_progress_bar" not in cfg.trainer:  # no progress bar callback: no bar (Lightning would add its own)
         switches["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     acknowledge_warning_signals()

@@ -417,8 +417,7 @@ def test_logger_options_instantiate(option, tmp_path):
 def test_callbacks_instantiate_and_watch_val_acc1(tmp_path):
     cfg = compose_config([], tmp_path, tmp_path)
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
-    assert callbacks["best_checkpoint"].monitor == "val/acc1" and callbacks["best_checkpoint"].mode == "max"
-    assert callbacks["last_checkpoint"].monitor is None and callbacks["last_checkpoint"].save_top_k == 1
+    assert callbacks["checkpoints"].monitor == "val/acc1" and callbacks["checkpoints"].mode == "max"
 
 
 def test_unknown_keys_are_errors(tmp_path):

@@ -127,7 +127,7 @@ def test_each_task_optimizes_its_own_metric_in_checkpoints_and_optuna(task, metr
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_with_hydra([f"task={task}", "hparams_search=optuna"])
     assert (cfg.task.optimized_metric, cfg.task.optimized_mode) == (metric, mode)
-    assert (cfg.callbacks.best_checkpoint.monitor, cfg.callbacks.best_checkpoint.mode) == (metric, mode)
+    assert (cfg.callbacks.checkpoints.monitor, cfg.callbacks.checkpoints.mode) == (metric, mode)
     assert cfg.hydra.sweeper.direction == direction
 
 

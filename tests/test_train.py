@@ -1,5 +1,6 @@
 """End to end on tiny configs: a run writes metrics.json and checkpoints whose numbers we re-derive."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -122,6 +123,46 @@ def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, ran
     assert calls == [40] + [16] * 5 + [16, 16, 8]
 
 
+def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
+    tiny_config, random_teacher_checkpoint, monkeypatch
+):
+    """The frozen teacher ran over every validation image every epoch, though its outputs never change: over 3 epochs
+    (and Lightning's 2 sanity batches) it now meets each validation batch once, and every epoch's teacher accuracy
+    is still the teacher's own, computed here without Lightning."""
+    import timm
+    from safetensors.torch import load_file
+
+    from deit_train.tasks import classify as train_module
+
+    calls = []
+    original = train_module.build_teacher
+
+    def counted_teacher(*args, **kwargs):
+        teacher = original(*args, **kwargs)
+        teacher.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return teacher
+
+    monkeypatch.setattr(train_module, "build_teacher", counted_teacher)
+    cfg = tiny_config(
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        "trainer.max_epochs=3",
+    )
+    train(cfg)
+    # the order check's 40 images; the sanity check's 2 batches of 16; then each epoch 5 training batches, and the
+    # third validation batch (8 images) once, in the first epoch
+    assert calls == [40, 16, 16] + [16] * 5 + [8] + [16] * 10
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    teacher.load_state_dict(load_file(random_teacher_checkpoint))
+    expected, _ = evaluate(teacher, cfg)
+    with open(Path(cfg.paths.output_dir, "csv", "version_0", "metrics.csv")) as file:
+        per_epoch = [float(row["val/teacher_acc1"]) for row in csv.DictReader(file) if row.get("val/teacher_acc1")]
+    assert per_epoch == pytest.approx([expected] * 3, abs=1e-6)
+
+
 def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
     cfg = tiny_config(
         "augment.repeated_aug=3", "augment.repeated_aug_single_process=true", "augment.mixup=0.8", "augment.cutmix=1.0"
@@ -142,6 +183,37 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_confi
     best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 15)
     assert best["global_step"] == 5  # the first epoch's score was never beaten
+
+
+def test_one_checkpoint_write_per_epoch_and_best_is_the_improving_epochs_file(tiny_config, monkeypatch):
+    """best.ckpt and last.ckpt were two full writes (and fsyncs) per improving epoch; now best.ckpt is a hard link to
+    the last.ckpt of the epoch that improved the metric, and later epochs' last.ckpt replace only last.ckpt."""
+    from deit_train.checkpoint_io import AtomicCheckpointIO
+
+    writes: list[str] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def counted(self, checkpoint, path, *args, **kwargs):
+        writes.append(Path(path).name)
+        return save(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", counted)
+    cfg = tiny_config(
+        "trainer.max_epochs=3", "callbacks.checkpoints.monitor=val/loss", "callbacks.checkpoints.mode=min"
+    )
+    train(cfg)
+    assert writes == ["last.ckpt"] * 3  # one write an epoch
+    checkpoints = Path(cfg.paths.output_dir, "checkpoints")
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    with open(checkpoints.parent / "csv" / "version_0" / "metrics.csv") as file:
+        losses = {int(row["epoch"]): float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")}
+    best_epoch = min(losses, key=losses.get)
+    state = last["callbacks"][next(k for k in last["callbacks"] if k.startswith("EpochCheckpoints"))]
+    assert best["epoch"] == best_epoch == state["best_epoch"]  # best.ckpt holds the best epoch, as last.ckpt records
+    assert state["best_score"] == pytest.approx(losses[best_epoch])
+    same_file = (checkpoints / "best.ckpt").stat().st_ino == (checkpoints / "last.ckpt").stat().st_ino
+    assert same_file == (best_epoch == 2)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one_intact(tmp_path):

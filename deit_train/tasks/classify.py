@@ -91,6 +91,9 @@ class DeiTModule(TrainingModule):
         self.val_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5), "loss": MeanMetric()})
         if is_distilled(student):  # each head on its own; acc1 is their average, the model's prediction
             self.val_metrics.update({"acc1_cls": acc(1), "acc1_dist": acc(1)})
+        # The teacher's predicted classes on each validation batch, computed once (teacher_predictions).
+        self.teacher_val_predictions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.teacher_val_order_changed: torch.Tensor | bool = False
         if teacher is not None:
             # agreement: the student's prediction scored against the teacher's prediction.
             self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
@@ -140,7 +143,31 @@ class DeiTModule(TrainingModule):
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.ema.update(self.student, step=self.global_step)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def teacher_predictions(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_idx: int, dataloader_idx: int
+    ) -> torch.Tensor:
+        """The frozen teacher's predicted classes (the ensemble's, then each member's when there are several) for
+        this validation batch: computed in the first validation that meets the batch and kept, as the teacher's
+        outputs on the fixed validation images never change; every later epoch reads them instead of running the
+        teacher again. The batch's labels are kept beside them and compared at the epoch's end (one host sync), in
+        case a data source served the validation images in another order: then the kept predictions are dropped."""
+        key = (dataloader_idx, batch_idx)
+        kept = self.teacher_val_predictions.get(key)
+        if kept is None or kept[1].shape != labels.shape:
+            teacher = self.teacher(images)
+            predicted = [teacher.logits] + (teacher.member_logits if len(teacher.member_logits) > 1 else [])
+            kept = self.teacher_val_predictions[key] = (torch.stack([p.argmax(dim=1) for p in predicted]), labels)
+        predictions, kept_labels = kept
+        self.teacher_val_order_changed = self.teacher_val_order_changed | (kept_labels != labels).any()
+        return predictions
+
+    def on_validation_epoch_end(self) -> None:
+        if self.teacher is not None and bool(self.teacher_val_order_changed):
+            log.warning("the validation images came in another order: the teacher's kept predictions are dropped")
+            self.teacher_val_predictions.clear()
+        self.teacher_val_order_changed = torch.tensor(False, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         cls_logits, dist_logits = forward_heads(self.student, images)
         logits = average_heads(cls_logits, dist_logits)
@@ -152,12 +179,11 @@ class DeiTModule(TrainingModule):
             metrics["acc1_cls"](cls_logits, labels)
             metrics["acc1_dist"](dist_logits, labels)
         if self.teacher is not None:
-            teacher = self.teacher(images)
-            metrics["teacher_acc1"](teacher.logits, labels)
-            metrics["agreement"](logits, teacher.logits.argmax(dim=1))
-            if len(teacher.member_logits) > 1:
-                for i, member in enumerate(teacher.member_logits):
-                    metrics[f"teacher_acc1_member{i}"](member, labels)
+            teacher, *members = self.teacher_predictions(images, labels, batch_idx, dataloader_idx)
+            metrics["teacher_acc1"](teacher, labels)
+            metrics["agreement"](logits, teacher)
+            for i, member in enumerate(members):
+                metrics[f"teacher_acc1_member{i}"](member, labels)
         for name, metric in metrics.items():
             self.log(f"val/{name}", metric, prog_bar=name == "acc1")
         if self.ema is not None:
