@@ -1,42 +1,109 @@
-"""The `deit-train` console script: a single run's config is composed and checked before Hydra starts, so that a bad
-value ends with exit status 2 and one line naming the key, the value and what is allowed, and nothing is written:
-no run directory, and nothing changed in an existing one (busy, or finished and asked to resume)."""
+"""The `deit-train` console script.
+
+A single run is composed as Hydra composes its job, checked (run.Run.check) and its directory checked, before
+anything is written: a bad value ends with exit status 2 and one line naming the key, the value and what is allowed,
+with no run directory made and nothing changed in an existing one. The checked run is then handed to Hydra's job
+machinery (its run directory, train.log, the config Lightning's DDP re-launch reads) as it is. Sweeps (-m) and
+Hydra's own flags go to Hydra (train.main), each job checked in its job.
+
+`--help` is ours and imports nothing heavy; so does every refusal the schema makes (neither Lightning, timm,
+transformers nor torchvision is imported before the config passed the schema).
+"""
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from omegaconf import open_dict
-from omegaconf.errors import OmegaConfBaseException
-
 from deit_train.errors import DeitTrainError, error_boundary, fail
-from deit_train.run_dir import RunLock, check_writable, finished_metrics, is_launch_leader, refuse_overwrite
-from deit_train.train import CONFIG_DIR, check_config, main
+
+log = logging.getLogger("deit_train")
+
+HELP = """\
+usage: deit-train [group=option ...] [key=value ...]      train one run
+       deit-train -m [group=a,b ...] [key=x,y ...]        a sweep (Hydra multirun), one run per combination
+
+Train data-efficient image transformers (DeiT) with knowledge distillation. Every choice is a config group; pick an
+option with group=option and change any value with group.key=value.
+
+config groups:
+  experiment      the papers' presets: deit_tiny_distilled, deit_small_distilled, deit_base_distilled, deit3_*, demo
+  model           the student: deit_tiny, deit_small, deit_base, deit_*_plain, deit3_*, deit_demo, timm (any timm model)
+  teacher         none, regnety_160 (the paper's), resnet50, bit_r152x2, timm, hf, ensemble
+  loss            ce, bce, hard_distill, soft_distill
+  data            demo (generated, no download), imagefolder (data.root=DIR), hf, webdataset, cifar10, cifar100
+  augment         deit, three_augment, three_augment_src, mim, none
+  optim           adamw, sgd, lamb
+  trainer         default, cpu, gpu, ddp (trainer.devices=N), ddp_spawn, ddp_cpu
+  logger          csv, tensorboard, wandb
+  callbacks       default: last and best checkpoints, LR monitor, progress bar, a metrics line per epoch
+  task            classify, mim (masked image modeling), teacher_cache
+  debug           fdr (one batch through everything), overfit, limit, profiler
+  hparams_search  optuna
+  hydra/launcher  slurm (submitit), local_parallel (joblib)
+
+examples:
+  deit-train experiment=demo                                   a small DeiT on generated data, minutes on a CPU
+  deit-train experiment=deit_small_distilled data.root=/data/imagenet trainer=ddp trainer.devices=8
+  deit-train data.root=/data/my-images model=deit_small trainer.max_epochs=30      any ImageFolder
+  deit-export outputs/<run>/checkpoints/best.ckpt exported/ && deit-eval exported/transformers /data/imagenet
+
+the other commands: deit-eval, deit-predict, deit-export, deit-report, deit-shard (each with --help)
+more: the README and docs/ (configuration.md: every key and where its default comes from; troubleshooting.md)
+  deit-train --cfg job [overrides]    print the composed config without running
+  deit-train --hydra-help             Hydra's own flags
+"""
 
 
-def refuse_bad_command_line(args: list[str]) -> None:
-    """Compose a single run's config as Hydra will and check it, before Hydra creates the run directory. Sweeps
-    (-m, a,b lists) and Hydra's own flags are left to Hydra; each sweep job checks its config itself. A key given
-    two values is refused for runs and sweeps alike."""
+def cli() -> None:
+    """deit-train: our help, a single run checked before Hydra writes anything, or Hydra (sweeps and its flags)."""
+    args = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in args):
+        print(HELP, end="")
+        return
+    if not args:
+        refuse_a_bare_command()
     with error_boundary("deit-train"):
-        if is_launch_leader():  # Lightning starts the other ranks with its own hydra.run.dir=... appended
-            check_repeated_keys(args)
-        if any(arg.startswith("-") for arg in args):
-            return
-        check_command_line(args)
+        args = one_value_per_key(args)
+    sys.argv[1:] = args
+    if any(arg.startswith("-") for arg in args) or is_sweep(args):
+        from deit_train.train import main
+
+        main()
+        return
+    run_single(args)
+
+
+def refuse_a_bare_command() -> None:
+    """`deit-train` alone would start the default config: DeiT-Ti for the paper's 300 epochs at 224 px on the 32 px
+    demo images (about 20 hours on a laptop CPU). A first command should end in minutes: name the three."""
+    fail(
+        "deit-train",
+        "no run given. Try `deit-train experiment=demo` (a small DeiT on generated data, about 2 minutes on a CPU), "
+        "`deit-train data.root=/path/to/images` (an ImageFolder: train/<class>/*, val/<class>/*) or "
+        "`deit-train experiment=deit_small_distilled data.root=/data/imagenet trainer=ddp trainer.devices=8`; "
+        "deit-train --help lists every group",
+        2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the overrides
+def parse(args: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(args)
 
 
 def override_key(arg: str) -> str | None:
     """The key (or group, with its @package) an override sets; None for a flag, a flag's value, a deletion (~key)
     or what Hydra's parser refuses (Hydra says why)."""
+    from hydra.errors import HydraException
+
     if arg.startswith("-") or "=" not in arg:  # Hydra's flags and their values (-cn train, -c job)
         return None
     try:
-        (override,) = OverridesParser.create().parse_overrides([arg])
+        (override,) = parse([arg])
     except HydraException:
         return None
     if override.is_delete():
@@ -44,73 +111,198 @@ def override_key(arg: str) -> str | None:
     return override.key_or_group + (f"@{override.package}" if override.package else "")
 
 
+def is_sweep(args: list[str]) -> bool:
+    from hydra.errors import HydraException
+
+    try:
+        return any(override.is_sweep_override() for override in parse([a for a in args if "=" in a]))
+    except HydraException:
+        return False
+
+
 def layered(args: list[str]) -> list[str]:
-    """A command line that a program builds in layers (a base, then changes): each key's last value, in its place,
-    as Hydra would apply it. For the programs that write deit-train command lines (scripts/demo.py, the tests); a
-    command line as typed takes one value per key (check_repeated_keys)."""
+    """A command line built in layers (a base, then changes): each key's last value, in its place, as Hydra would
+    apply it."""
     keys = [override_key(arg) for arg in args]
     return [arg for i, (arg, key) in enumerate(zip(args, keys, strict=True)) if key is None or key not in keys[i + 1 :]]
 
 
-def check_repeated_keys(args: list[str]) -> None:
-    """One value per key: Hydra applies the overrides in turn and the last silently wins, which is how a shard
-    pattern typed without quotes arrives (the shell expands data.train=s-{0..3}.tar into four overrides). `~key`
-    (delete) beside `+key=...` replaces a node, and a sweep's `key=a,b` is one override: both are fine."""
-    given: dict[str, list[str]] = {}
-    for arg in args:
-        if (key := override_key(arg)) is None:
-            continue
-        if arg.split("=", 1)[1] not in [value.split("=", 1)[1] for value in given.get(key, [])]:
-            given.setdefault(key, []).append(arg)
+def one_value_per_key(args: list[str]) -> list[str]:
+    """A key given twice: the last value wins, as in Hydra, with a line saying so: the common layering of a base
+    command with one key changed after it (`deit-train $BASE trainer.max_epochs=1`). Refused where the values are
+    what the shell made of one pattern typed without quotes (shell_expansion): a shard pattern {000..099} or a
+    glob would silently train on its last file."""
+    from deit_train.run_dir import is_launch_leader
+
+    given: dict[str, list[tuple[int, str]]] = {}
+    for position, arg in enumerate(args):
+        if (key := override_key(arg)) is not None:
+            given.setdefault(key, []).append((position, arg.split("=", 1)[1]))
     for key, values in given.items():
-        if len(values) > 1:
+        distinct = list(dict.fromkeys(value for _, value in values))
+        if len(distinct) < 2:
+            continue
+        if shell_expansion(values):
+            shown = ", ".join(f"{key}={value}" for _, value in values)
             raise DeitTrainError(
-                f"{key} is given {len(values)} values on the command line ({', '.join(values)}): Hydra would keep "
-                f"only the last. Give it once; a value the shell split (a shard pattern such as {{000..099}} or *, "
-                f"a path with spaces) goes in quotes, Hydra's inside the shell's ('{key}=\"...\"'), and a sweep over "
-                f"values is -m {key}=a,b"
+                f"{key} is given {len(values)} values that the shell made of one pattern ({shown}): Hydra would "
+                f"keep only the last. Put the pattern in quotes, Hydra's inside the shell's ('{key}=\"...\"'); a "
+                f"sweep over values is -m {key}=a,b"
             )
+        if is_launch_leader():  # Lightning re-launches the other ranks with the same command line
+            log.warning("%s is given %d values: the last, %s, is used", key, len(values), values[-1][1])
+            print(f"deit-train: {key} is given {len(values)} values: the last, {values[-1][1]}, is used", flush=True)
+    return layered(args)
 
 
-def check_command_line(args: list[str]) -> None:
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-        if any(override.is_sweep_override() for override in overrides):
+def shell_expansion(values: list[tuple[int, str]]) -> bool:
+    """Whether (position, value) pairs look like one word the shell expanded: neighbours on the command line whose
+    values are existing files (a glob), or share a beginning and an end around differing middles (brace expansion:
+    s-{000..003}.tar, {a,b}.tar)."""
+    positions = [position for position, _ in values]
+    if positions != list(range(positions[0], positions[0] + len(positions))):
+        return False
+    texts = [value for _, value in values]
+    if all(Path(text).expanduser().exists() for text in texts):
+        return True
+    prefix = len(_common_prefix(texts))
+    suffix = len(_common_prefix([text[::-1] for text in texts]))
+    middles = [text[prefix : len(text) - suffix] for text in texts]
+    return prefix > 0 and (suffix > 0 or all(middle.isdigit() for middle in middles))
+
+
+def _common_prefix(texts: list[str]) -> str:
+    first, last = min(texts), max(texts)
+    size = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), min(len(first), len(last)))
+    return first[:size]
+
+
+def refuse_bad_command_line(args: list[str]) -> None:
+    """What `deit-train ARGS` checks before anything is written, and nothing else: a refusal ends the process with
+    exit status 2 and one line; sweeps and Hydra's flags are left to each job (the tests, the property tests)."""
+    with error_boundary("deit-train"):
+        args = one_value_per_key(args)
+        if any(arg.startswith("-") for arg in args) or is_sweep(args):
             return
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=args, return_hydra_config=True)
+        checked_run(compose(args)[1])
+
+
+# ------------------------------------------------------------------------------------------------------ a single run
+def run_single(args: list[str]) -> None:
+    """Compose the run's config as Hydra composes a job, check it and its directory (nothing written), then run the
+    same checked Run as Hydra's job."""
+    with error_boundary("deit-train"):
+        hydra_app, hydra_cfg = compose(args)
+        run = checked_run(hydra_cfg)
+    execute(hydra_app, hydra_cfg, run)
+
+
+def compose(args: list[str]):
+    """(Hydra, the run's config with its hydra node), as `@hydra.main` composes a single run."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    import deit_train.cluster  # noqa: F401  (its resolvers: the run directory's name under Slurm)
+    import deit_train.schema  # noqa: F401  (the typed schema every config composes on)
+    from deit_train.config import CONFIG_DIR, register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        search_path = create_config_search_path(CONFIG_DIR)
+        hydra_app = Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
+        cfg = hydra_app.compose_config("train", overrides=args, run_mode=RunMode.RUN, with_log_configuration=True)
         if not str(cfg.hydra.run.dir).strip() or not str(cfg.paths.cache_dir).strip():
             empty = "hydra.run.dir" if not str(cfg.hydra.run.dir).strip() else "paths.cache_dir"
             raise DeitTrainError(f"{empty} is empty: give a folder (an empty path would write into the current one)")
-        run_dir = Path(cfg.hydra.run.dir).absolute()  # as Hydra's runtime.output_dir: the same config as main's
-        with open_dict(cfg):
-            del cfg.hydra
-            cfg.paths.output_dir = str(run_dir)
-        check_config(cfg)
-        if not is_launch_leader():  # a rank the trainer started: the first process checked the directory
-            return
-        check_writable(run_dir)
-        RunLock(run_dir).check_free()
-        refuse_overwrite(cfg, run_dir)
-        if (finished := finished_metrics(cfg, run_dir)) is not None:
+    except (HydraException, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+        if getattr(cause, "full_key", None) == "data.root" and not any(a.startswith("data=") for a in args):
+            # data.root=DIR alone, the first thing people type: a folder of images is data=imagefolder
+            print("deit-train: data.root given without data=: reading it as an ImageFolder (data=imagefolder)")
+            return compose(["data=imagefolder", *args])
+        raise DeitTrainError(one_line(error, args)) from error
+    return hydra_app, cfg
+
+
+def job_config(hydra_cfg):
+    """The config the run sees (no hydra node), its output directory the run directory as Hydra will make it."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.create(OmegaConf.to_container(hydra_cfg, resolve=False))
+    run_dir = Path(str(hydra_cfg.hydra.run.dir)).absolute()
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def checked_run(hydra_cfg):
+    """The run, checked; for the run's first process its directory too. A finished run asked to resume ends here."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from deit_train.run import Run
+
+    cfg = job_config(hydra_cfg)
+    try:
+        run = Run(cfg)
+        run.check()
+    except OmegaConfBaseException as error:
+        raise DeitTrainError(one_line(error)) from error
+    if run.leader:  # a rank the trainer started: the first process checked the directory
+        finished = run.directory.check(cfg)
+        if finished is not None:
             print(
-                f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
-                f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}"
+                f"deit-train: {run.directory.path} has finished its {cfg.trainer.max_epochs} epochs; resume=true "
+                f"leaves it as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}"
             )
             sys.exit(0)
-    except (HydraException, OmegaConfBaseException) as error:
-        fail("deit-train", one_line(error), 2)
+    return run
 
 
-def one_line(error: Exception) -> str:
+def execute(hydra_app, hydra_cfg, run) -> None:
+    """Hydra's job for the checked run: the run directory, train.log and HydraConfig (which Lightning's DDP re-launch
+    reads), then the run's own steps (train.run_job)."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import open_dict
+
+    from deit_train.train import run_job as deit_job
+
+    callbacks = Callbacks(hydra_cfg)
+    with open_dict(hydra_cfg):
+        hydra_cfg.hydra.mode = RunMode.RUN
+    callbacks.on_run_start(config=hydra_cfg, config_name="train")
+    result = run_job(
+        hydra_context=HydraContext(config_loader=hydra_app.config_loader, callbacks=callbacks),
+        task_function=lambda cfg: deit_job(cfg, run),
+        config=hydra_cfg,
+        job_dir_key="hydra.run.dir",
+        job_subdir_key=None,
+        configure_logging=True,
+    )
+    callbacks.on_run_end(config=hydra_cfg, config_name="train", job_return=result)
+    result.return_value  # noqa: B018  (raises what the job raised)
+
+
+def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: ARG001
     """Hydra's and OmegaConf's multi-line messages as one line, naming the key and the value."""
+    from omegaconf.errors import OmegaConfBaseException
+
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
     text = str(cause).split("Config search path:")[0]
     skip = ("object_type=", "reference_type=", "Set the environment")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(skip)]
     if any(line.startswith("Available options") for line in lines):  # an unknown option of a group
         at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
-        lines = [*lines[:at], f"{lines[at]} {', '.join(lines[at + 1 :])}"]
+        options = [option for option in lines[at + 1 :] if not option.endswith("_schema")]
+        lines = [*lines[:at], f"{lines[at]} {', '.join(options)}"]
+    lines = [line.replace("_schema", "") if "In 'train'" in line else line for line in lines]
     full_key = getattr(cause, "full_key", None)
     if full_key and not any(line.startswith("full_key:") for line in lines):
         lines.append(f"full_key: {full_key}")
@@ -124,9 +316,3 @@ def one_line(error: Exception) -> str:
     elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
     return " | ".join(lines)
-
-
-def cli() -> None:
-    """deit-train: check the command line, then run (train.main)."""
-    refuse_bad_command_line(sys.argv[1:])
-    main()

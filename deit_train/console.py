@@ -4,6 +4,7 @@ deprecations, Lightning's srun hint on a machine that merely has Slurm installed
 
 import logging
 import re
+import time
 import warnings
 
 import lightning as L
@@ -59,6 +60,20 @@ def config_summary(cfg: DictConfig) -> str:
         f"config: {chosen} | model {cfg.model.name} at {cfg.model.img_size}px, batch {cfg.data.batch_size} "
         f"(global), lr {cfg.optim.lr}, {cfg.trainer.max_epochs} epochs, seed {cfg.seed} -> {cfg.paths.output_dir}"
     )
+
+
+class StartupTime(L.Callback):
+    """Logs the time from the run's start to its first training step (composing, checking, listing and scanning the
+    data, building the networks, the process group): what every launch, resume and requeue pays before it trains."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.logged = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not self.logged:
+            self.logged = True
+            log.info("first training step %.1f s after the run started", time.monotonic() - self.started)
 
 
 class EpochSummary(L.Callback):

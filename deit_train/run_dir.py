@@ -12,14 +12,13 @@ which changes a resumed run accepts, and the files it writes besides the trainer
 - `resume=true` continues from checkpoints/last.ckpt; on a finished run whose config matches it says so and
   changes nothing. The new config is compared with the checkpoint's: what changes what is trained is refused with
   the list of differences, what may change (RESUMABLE_CHANGES) is applied and logged.
-- A run that fails before it trained anything leaves no directory behind.
+- A run that fails before it trained anything removes what it created there, and nothing else (RunDirectory).
 """
 
 import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -271,8 +270,11 @@ def refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
             f"{output_dir} holds an earlier run ({names}), which a new run would overwrite: "
             f"resume=true continues it, or give this run its own directory (hydra.run.dir=...)"
         )
-    if requeued and all(p.parent.parent.name in ("csv", "tensorboard") for p in held):
-        return  # the logs of this very job's try that Slurm stopped before its first checkpoint: start it again
+    if all(p.parent.parent.name in ("csv", "tensorboard") for p in held):
+        # Logs and no checkpoint: a start stopped (Ctrl-C, SIGKILL, the OOM killer, a requeue, a full disk) before
+        # its first epoch ended. Nothing trained is lost by starting again; the loggers write a new version.
+        log.info("%s holds logs of a start that saved no checkpoint (%s): starting it again", output_dir, names)
+        return
     starting = "resume=true" if cfg.resume else "a new run"
     if own_checkpoints:
         pick = next((p for p in own_checkpoints if p.name == "best.ckpt"), own_checkpoints[-1])
@@ -389,11 +391,65 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
     staging.replace(output_dir / "metrics.json")
 
 
-def discard_if_unused(output_dir: Path) -> None:
-    """Remove the directory of a run that failed before writing anything of its own: nothing in it but Hydra's
-    log file and the lock."""
-    if not output_dir.is_dir():
-        return
-    files = [p for p in output_dir.rglob("*") if p.is_file()]
-    if all(p.suffix == ".log" or p.name == LOCK_NAME for p in files):
-        shutil.rmtree(output_dir, ignore_errors=True)
+class RunDirectory:
+    """The run directory's one owner for a run (the module docstring): asked before anything is written (check),
+    then claimed by the run's first process (claim), written through (config, metrics) and released. What this run
+    created in it is recorded when it is claimed, and a run that fails before training removes that and nothing
+    else: a directory that existed keeps every file it held (a user's notes, the job's own slurm-<id>.log)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock = RunLock(self.path)
+        self.existed: set[Path] | None = None  # what was there when the run claimed it; None: not claimed
+
+    def check(self, cfg: DictConfig) -> dict | None:
+        """Before anything is written (the command line): a finished run's metrics when resume=true has nothing
+        left to do, else None once the directory can take this run (free, nothing of an earlier run overwritten,
+        writable: checked only where something will be written)."""
+        self.record_what_exists()
+        if (finished := finished_metrics(cfg, self.path)) is not None:
+            return finished
+        check_writable(self.path)
+        self.lock.check_free()
+        refuse_overwrite(cfg, self.path)
+        return None
+
+    def claim(self, cfg: DictConfig) -> dict | None:
+        """Take the directory for this run: the lock, and the earlier run's results checked (refuse_overwrite).
+        Returns the metrics of a finished run that resume=true leaves as it is."""
+        if self.existed is None:  # a sweep's job: Hydra made the job's directory and train.log; they stay
+            self.record_what_exists()
+        self.lock.acquire()
+        refuse_overwrite(cfg, self.path)
+        return finished_metrics(cfg, self.path)
+
+    def record_what_exists(self) -> None:
+        """What the directory holds before this run writes anything (or, where it does not exist, which of the
+        folders above it do): what a failed start leaves as it found it."""
+        if self.path.is_dir():
+            self.existed = {self.path, *self.path.rglob("*"), *self.path.parents}
+        else:
+            self.existed = {p for p in self.path.parents if p.exists()}
+
+    def release(self, trained: bool) -> None:
+        """Unlock; a run that failed before it trained removes what it created, and only that."""
+        self.lock.release()
+        if trained or self.existed is None or not self.path.exists():
+            return
+        made = sorted((p for p in {*self.path.rglob("*"), self.path} if p not in self.existed), reverse=True)
+        for path in made:  # deepest first: a folder after what it holds
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        for parent in self.path.parents:  # the folders made to hold it, up to the first that existed
+            if parent in self.existed or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def write_config(self, cfg: DictConfig) -> None:
+        write_config(cfg, self.path)
+
+    def write_metrics(self, metrics: dict[str, float]) -> None:
+        write_metrics(metrics, self.path)

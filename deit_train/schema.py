@@ -242,7 +242,7 @@ TRAINER_RULES = {
     ),
     "gradient_clip_val": Range(0.0, None, "a norm > 0, or null", low_open=True),
     # Not 16-true: fp16 weights and AdamW state, whose updates underflow; every run diverged at its first step.
-    "precision": OneOf("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "precision": OneOf("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 
 NULLABLE_TRAINER_KEYS = ("gradient_clip_val", "check_val_every_n_epoch", "limit_train_batches")  # Lightning's default

@@ -55,6 +55,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.datamodule import PREFETCH_FACTOR
 from deit_train.data.decode import RandomResizedCrop, ResizeShortSide
 from deit_train.data.images import load_image, open_image
+from deit_train.data.sources import build_source
 from deit_train.data.sources.demo import ensure_demo_dataset
 from deit_train.data.transforms import CenterCrop, train_transform
 from deit_train.tools.shard import main as deit_shard
@@ -407,7 +408,8 @@ def end_to_end(source: str, paths: dict[str, Path], img_size: int, batch: int, *
         "data.num_workers=1",
         "data.pin_memory=false",
     )
-    built = instantiate(cfg.task).build(cfg)
+    task = instantiate(cfg.task)
+    built = task.build(cfg, task.datamodule(cfg, build_source(cfg.data)))
     times = {}
 
     class Timer(L.Callback):

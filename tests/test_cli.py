@@ -238,7 +238,7 @@ def test_a_default_run_prints_a_quiet_useful_console(tmp_path, cache_dir):
     print(f"{len(output.splitlines())} console lines")
 
 
-def test_a_key_given_two_values_is_refused_naming_both(tmp_path, cache_dir):
+def test_a_shell_expanded_pattern_is_refused_naming_its_values(tmp_path, cache_dir):
     """What the shell makes of an unquoted shard pattern (data.train=/d/s-{0..1}.tar): two data.train overrides, of
     which Hydra would keep the last. Refused in one line, exit 2, before anything is written."""
     shards = [f"data.train={tmp_path}/s-{i}.tar" for i in range(2)]
@@ -246,52 +246,74 @@ def test_a_key_given_two_values_is_refused_naming_both(tmp_path, cache_dir):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("deit-train: error: data.train is given 2 values on the command line (")
+    assert lines[0].startswith("deit-train: error: data.train is given 2 values that the shell made of one pattern (")
     assert all(shard in lines[0] for shard in shards) and "in quotes" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
-    "args, refused",
+    "args, kept, said",
     [
-        (["data.train=a", "data.train=b"], "data.train is given 2 values"),
-        (["-m", "seed=0,1", "seed=2"], "seed is given 2 values"),  # a sweep too
-        (["model=deit_tiny", "trainer.max_epochs=3", "model=deit_small"], "model is given 2 values"),
-        (["+trainer.x=1", "trainer.x=2"], "trainer.x is given 2 values"),  # added, then changed
-        (["-m", "seed=0,1"], None),  # one sweep override
-        (["~callbacks.lr_monitor", "+callbacks.lr_monitor=null"], None),  # delete, then add: a node replaced
-        (["seed=1", "seed=1"], None),  # the same value twice says one thing
-        (["model=deit_tiny", "model@student=deit_tiny_plain"], None),  # another package
-        (["-cn", "train", "seed=3"], None),  # a flag's value is no override
+        # a base command with one key changed after it: the last value, as Hydra applies it, with a line
+        (["trainer.max_epochs=300", "seed=3", "trainer.max_epochs=1"], ["seed=3", "trainer.max_epochs=1"], True),
+        (["trainer.max_epochs=300", "trainer.max_epochs=1"], ["trainer.max_epochs=1"], True),
+        (
+            ["model=deit_tiny", "trainer.max_epochs=3", "model=deit_small"],
+            ["trainer.max_epochs=3", "model=deit_small"],
+            True,
+        ),
+        (["+trainer.x=1", "trainer.x=2"], ["trainer.x=2"], True),  # added, then changed
+        (["data.root=/data/a", "data.root=/data/b"], ["data.root=/data/b"], True),
+        (["-m", "seed=0,1", "seed=2"], ["-m", "seed=2"], True),  # a sweep too
+        (["-m", "seed=0,1"], ["-m", "seed=0,1"], False),  # one sweep override
+        (["~callbacks.lr_monitor", "+callbacks.lr_monitor=null"], None, False),  # delete, then add: a node replaced
+        (["seed=1", "seed=1"], ["seed=1"], False),  # the same value twice says one thing
+        (["model=deit_tiny", "model@student=deit_tiny_plain"], None, False),  # another package
+        (["-cn", "train", "seed=3"], None, False),  # a flag's value is no override
     ],
 )
-def test_each_key_takes_one_value(args, refused, monkeypatch):
-    from deit_train.cli import check_repeated_keys
+def test_a_key_given_twice_takes_its_last_value_with_a_line(args, kept, said, capsys):
+    from deit_train.cli import one_value_per_key
+
+    assert one_value_per_key(args) == (args if kept is None else kept)
+    assert ("values: the last," in capsys.readouterr().out) == said
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["data.train=/d/s-000.tar", "data.train=/d/s-001.tar", "data.train=/d/s-002.tar"],  # s-{000..002}.tar
+        ["data.train=/d/train-a.tar", "data.train=/d/train-b.tar"],  # train-{a,b}.tar
+        ["data.root=/d/part1", "data.root=/d/part2"],  # part{1,2}
+    ],
+)
+def test_what_the_shell_made_of_one_pattern_is_refused(values):
+    from deit_train.cli import one_value_per_key
     from deit_train.errors import DeitTrainError
 
-    if refused is None:
-        check_repeated_keys(args)
-        return
-    with pytest.raises(DeitTrainError, match=refused):
-        check_repeated_keys(args)
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started appends its own hydra.run.dir=...
-    from deit_train.cli import refuse_bad_command_line
+    with pytest.raises(DeitTrainError, match="that the shell made of one pattern"):
+        one_value_per_key(["seed=0", *values])
 
-    monkeypatch.setattr("deit_train.cli.check_command_line", lambda args: None)
-    refuse_bad_command_line([*args, "-m"])  # not refused there
+
+def test_a_glob_the_shell_expanded_is_refused(tmp_path):
+    from deit_train.cli import one_value_per_key
+    from deit_train.errors import DeitTrainError
+
+    for name in ("x.tar", "y.tar", "z"):
+        (tmp_path / name).touch()
+    with pytest.raises(DeitTrainError, match="that the shell made of one pattern"):
+        one_value_per_key([f"data.train={tmp_path / name}" for name in ("x.tar", "y.tar", "z")])
 
 
 def test_a_run_is_composed_and_checked_once_in_its_process(tmp_path, cache_dir, monkeypatch):
-    """cli.py checks the config before Hydra makes the run directory; train() then meets the same config from Hydra
-    and does not check it again (train.check_config)."""
+    """cli.py checks the config before Hydra makes the run directory, then hands the checked run to Hydra's job,
+    which does not check it again: called once, not remembered (run.Run)."""
     import deit_train.schema
-    import deit_train.train
     from deit_train.cli import cli
 
     calls = []
     real_check = deit_train.schema.check
     monkeypatch.setattr(deit_train.schema, "check", lambda cfg: (calls.append(1), real_check(cfg))[1])
-    monkeypatch.setattr(deit_train.train, "CHECKED", {})
     monkeypatch.chdir(tmp_path)
     args = layered([*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"])
     monkeypatch.setattr(sys, "argv", ["deit-train", *args])

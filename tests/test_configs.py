@@ -342,7 +342,10 @@ def test_cifar_options_point_at_torchvision(option, tmp_path):
 
 @pytest.mark.parametrize("option", ["default", "cpu"])
 def test_trainer_options_instantiate(option, tmp_path):
+    from deit_train.run import choose_precision
+
     cfg = compose_config([f"trainer={option}", "trainer.max_epochs=1"], tmp_path, tmp_path)
+    choose_precision(cfg)  # trainer.precision=auto, as the run decides it
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == 1
 
@@ -353,18 +356,28 @@ def test_gpu_trainer_options_ask_for_gpus(tmp_path):
     assert (ddp.accelerator, ddp.strategy, ddp.devices) == ("gpu", "ddp", 8)
 
 
-@pytest.mark.parametrize("preset", ["deit_small_distilled", "deit3_small", "deit_base_distilled_384_finetune"])
-def test_gpu_runs_train_in_bf16_and_cpu_runs_in_fp32(preset, tmp_path):
-    """The paper and the official code train in mixed precision: the GPU trainers and the ImageNet presets ask for
-    bf16-mixed; trainer=cpu keeps 32-true (the README's 8-GPU command trained in fp32)."""
-    for trainer in ("gpu", "ddp", "ddp_spawn"):
-        assert compose_config([f"trainer={trainer}"], tmp_path, tmp_path).trainer.precision == "bf16-mixed"
-    assert compose_config([f"experiment={preset}"], tmp_path, tmp_path).trainer.precision == "bf16-mixed"
-    ddp = compose_config([f"experiment={preset}", "trainer=ddp", "trainer.devices=8"], tmp_path, tmp_path).trainer
-    assert (ddp.precision, ddp.strategy, ddp.devices) == ("bf16-mixed", "ddp", 8)
-    for trainer in ("cpu", "ddp_cpu", "default"):
-        cfg = compose_config([f"experiment={preset}", f"trainer={trainer}"], tmp_path, tmp_path)
-        assert cfg.trainer.precision == "32-true"
+@pytest.mark.parametrize("preset", [None, "deit_small_distilled", "deit3_small", "deit_base_distilled_384_finetune"])
+def test_precision_follows_the_hardware_whatever_the_trainer(preset, tmp_path, monkeypatch):
+    """The paper and the official code train in mixed precision: on a GPU with bf16 every trainer, the default one
+    (accelerator auto) included, trains in bf16-mixed (the default trainer trained in fp32 there); 16-mixed on a GPU
+    without bf16; the CPU trainers and a machine without a GPU in 32-true; a precision asked for is kept."""
+    from deit_train.run import choose_precision
+
+    def chosen(gpu: bool, bf16: bool, *overrides: str) -> str:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "an old GPU")
+        cfg = compose_config([*([f"experiment={preset}"] if preset else []), *overrides], tmp_path, tmp_path)
+        choose_precision(cfg)
+        return cfg.trainer.precision
+
+    for trainer in ("default", "gpu", "ddp", "ddp_spawn"):
+        assert chosen(True, True, f"trainer={trainer}") == "bf16-mixed"
+        assert chosen(True, False, f"trainer={trainer}") == "16-mixed"
+    for trainer in ("cpu", "ddp_cpu"):
+        assert chosen(True, True, f"trainer={trainer}") == "32-true"
+    assert chosen(False, False, "trainer=default") == "32-true"
+    assert chosen(True, True, "trainer=gpu", "trainer.precision=32-true") == "32-true"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
@@ -379,8 +392,8 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_trainers(tmp_path)
 def test_ddp_strategy_is_set_as_experts_set_it(tmp_path, random_teacher_checkpoint):
     """trainer=ddp: gradients as bucket views, no per-forward broadcast for a ViT student (it has no buffers), and the
     frozen teacher and the divergence flag never broadcast nor reduced; a BatchNorm student keeps the broadcast."""
+    from deit_train.run import build_trainer
     from deit_train.tasks.classify import Classify
-    from deit_train.train import build_trainer
 
     distill = [
         "loss=hard_distill",

@@ -20,6 +20,7 @@ from PIL import Image
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import model_input
+from deit_train.data.sources import build_source
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
 from deit_train.data.sources.webdataset import Shards, ShardSource
@@ -136,8 +137,9 @@ def test_task_teacher_cache_refuses_the_misordered_teacher_its_students_would(ti
     cfg = teacher_config(
         tiny_config, numbered_folders, numeric, "task=teacher_cache", f"teacher.cache={tmp_path / 'cache'}"
     )
+    task = FillTeacherCache()
     with pytest.raises(DeitTrainError, match="top-1 16.7% on 48 validation images"):
-        FillTeacherCache().build(cfg)
+        task.build(cfg, task.datamodule(cfg, build_source(cfg.data)))
 
 
 TINY_DEIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16)

@@ -160,7 +160,7 @@ def receive(module) -> None:  # run in a spawned process: what a ddp_spawn rank 
 def test_the_ema_reaches_spawned_ranks():
     """trainer=ddp_spawn pickles the module to each rank through torch's shared memory; timm's ModelEmaV3 carries a
     torch.Generator that does not survive it ("unable to resize file": the run ended as a bug with any ema.decay)."""
-    from deit_train.tasks.classify import StudentEMA
+    from deit_train.tasks.deit_module import StudentEMA
 
     ema = StudentEMA(build_student(tiny_student_config(), num_classes=5), decay=0.9)
     process = torch.multiprocessing.get_context("spawn").Process(target=receive, args=(ema,))

@@ -26,8 +26,8 @@ class LinearProbe(Task):
         if cfg.loss.distillation_type != "none":
             raise DeitTrainError("a linear probe learns the labels alone: loss=ce")
 
-    def build(self, cfg: DictConfig) -> Built:
-        built = Classify().build(cfg)
+    def build(self, cfg: DictConfig, datamodule) -> Built:
+        built = Classify().build(cfg, datamodule)
         for name, parameter in built.module.student.named_parameters():
             parameter.requires_grad_(name.startswith(("head.", "head_dist.")))
         return built

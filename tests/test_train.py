@@ -98,7 +98,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
 
 
 def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, random_teacher_checkpoint, monkeypatch):
-    from deit_train.tasks import classify as train_module
+    from deit_train import teacher as train_module  # where the task imports build_teacher from, when it builds
 
     calls = []
     original = train_module.build_teacher
@@ -132,7 +132,7 @@ def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
     import timm
     from safetensors.torch import load_file
 
-    from deit_train.tasks import classify as train_module
+    from deit_train import teacher as train_module  # where the task imports build_teacher from, when it builds
 
     calls = []
     original = train_module.build_teacher
@@ -238,8 +238,11 @@ def test_trainer_config_uses_the_atomic_checkpoint_writer(tiny_config):
     from hydra.utils import instantiate
 
     from deit_train.checkpoint_io import AtomicCheckpointIO
+    from deit_train.run import choose_precision
 
-    trainer = instantiate(tiny_config().trainer, logger=False)
+    cfg = tiny_config()
+    choose_precision(cfg)  # trainer.precision=auto, as the run decides it
+    trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

@@ -309,7 +309,7 @@ def test_transformers_teachers_logits_inside_the_step_equal_the_model_run_on_its
     processor says 24 px. In the training step each member's logits equal its model run by hand on the processor's
     output for the same images (the processor resizing and normalising them itself), and the ensemble's their
     combination; the teacher stays frozen, out of the checkpoint, and in the cache's fingerprint by directory."""
-    from deit_train.tasks import classify
+    from deit_train import teacher as classify  # where the task imports build_teacher from, when it builds
     from deit_train.teacher import CacheSettings, ensemble_logits
     from deit_train.teacher.cache import tensor_digest
 

@@ -74,6 +74,24 @@ class DeiTDataModule(L.LightningDataModule):
         )
         return self.data.batch_size // (world_size * accumulate)
 
+    def check_batch_fits(self, world_size: int, accumulate: int) -> None:
+        """Before anything is written: the global batch splits over the devices the config names, and each device
+        draws at least one full batch of training images per epoch (the source knows how many it holds)."""
+        mixes = self.augment.mixup > 0 or self.augment.cutmix > 0
+        check_batch(self.data.batch_size, world_size, accumulate, mixes=mixes)
+        self.setup()
+        per_device = self.data.batch_size // (world_size * accumulate)
+        workers = self.data.num_workers if isinstance(self.data.num_workers, int) else 0
+        if self.source.batches_per_rank(self.train_set, world_size, per_device, workers) == 0:
+            raise self.too_few_images(per_device, math.ceil(len(self.train_set) / world_size))
+
+    def too_few_images(self, per_device: int, per_epoch: int) -> DeitTrainError:
+        return DeitTrainError(
+            f"data.batch_size={self.data.batch_size} puts {per_device} images per device in a batch, but each "
+            f"device draws only {per_epoch} training images per epoch: not one full batch. Lower data.batch_size "
+            f"(it is the global batch)"
+        )
+
     def steps_per_epoch(self) -> int:
         """Optimizer steps in an epoch of each device, counted without making the loader (tasks/module.py)."""
         trainer = self.trainer
@@ -219,12 +237,8 @@ class DeiTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.check_shared_memory()
         loader = self.loader(self.train_set, train=True)
-        if len(loader) == 0:
-            raise DeitTrainError(
-                f"data.batch_size={self.data.batch_size} puts {loader.batch_size} images per device in a batch, but "
-                f"each device draws only {len(loader.sampler)} training images per epoch: not one full batch. Lower "
-                f"data.batch_size (it is the global batch)"
-            )
+        if len(loader) == 0:  # devices=auto: only the trainer knew how many share the data
+            raise self.too_few_images(loader.batch_size, len(loader.sampler))
         if self.trainer is not None:  # small data or limit_train_batches: log (and check for NaN) once an epoch
             batches = limited(len(loader), self.trainer.limit_train_batches)
             self.trainer.log_every_n_steps = max(1, min(self.trainer.log_every_n_steps, batches))

@@ -25,10 +25,9 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from deit_train.data.images import EncodedImage
+from deit_train.data.images import DECODE_MODES, EncodedImage
 from deit_train.errors import DeitTrainError
 
-DECODE_MODES = ("exact", "reduced")
 SCALES = (8, 4, 2)  # libjpeg's DCT scalings, largest first
 
 

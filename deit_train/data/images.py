@@ -22,11 +22,13 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from deit_train.errors import DataError
 
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF (its first frame), common in scraped data
+# torchvision's IMG_EXTENSIONS (tests/test_data.py compares), and GIF (its first frame), common in scraped data; written
+# here so that reading a folder's listing imports no torchvision
+DECODE_MODES = ("exact", "reduced")  # data.decode (data/decode.py)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BACKGROUND = (255, 255, 255)  # what transparent pixels show
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 READ_ERRORS = (

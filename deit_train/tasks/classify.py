@@ -1,196 +1,29 @@
 """task=classify: supervised training of a student with the DeiT loss (losses.py), from an optional frozen teacher
-(teacher/). DeiTModule is its LightningModule; its training step reads like the paper: mix, teacher, both heads,
-loss."""
+(teacher/). Its LightningModule, whose training step reads like the paper (mix, teacher, both heads, loss), is
+DeiTModule (tasks/deit_module.py). This module names the task and its rules; what it builds is imported where it is
+built, so that a config composes without Lightning or timm."""
+
+from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
-from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
-from deit_train.cluster import process_device
-from deit_train.data import DeiTDataModule
-from deit_train.data.mixup import BatchMixer
-from deit_train.data.pixels import model_input
 from deit_train.errors import DeitTrainError
-from deit_train.labels import SAMPLE_IMAGES, order_on_data
-from deit_train.losses import DistillationLoss
-from deit_train.models import (
-    average_heads,
-    build_student,
-    compile_student,
-    describe,
-    forward_heads,
-    is_distilled,
-)
-from deit_train.models.init import check_init_classes
 from deit_train.run_dir import check_writable
-from deit_train.tasks.module import TrainingModule, run_config
 from deit_train.tasks.task import Built, Task
-from deit_train.teacher import (
-    CacheSettings,
-    Teacher,
-    TeacherCacheCallback,
-    build_teacher,
-    ensemble_logits,
-    ensemble_tau,
-)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from deit_train.data.datamodule import DeiTDataModule
+    from deit_train.tasks.deit_module import DeiTModule
+    from deit_train.teacher import Teacher, TeacherCacheCallback
 
 log = logging.getLogger("deit_train")
-
-
-class StudentEMA(ModelEmaV3):
-    """timm's ModelEmaV3 that trainer=ddp_spawn can send to its ranks: its private generator (for the stochastic
-    rounding of a bf16 EMA) does not survive torch's shared-memory pickling ("unable to resize file"), so it is left
-    out and made again, from its seed, on the other side."""
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_sr_generator", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._sr_generator = torch.Generator(device=next(self.module.parameters()).device)
-        self._sr_generator.manual_seed(self.stochastic_rounding_seed)
-
-
-class DeiTModule(TrainingModule):
-    def __init__(
-        self,
-        student: nn.Module,
-        criterion: DistillationLoss,
-        class_names: list[str],
-        optim: DictConfig,
-        augment: DictConfig,
-        global_batch_size: int,
-        teacher: Teacher | None = None,
-        ema_decay: float | None = None,
-        seed: int = 0,
-        config: dict | None = None,
-    ) -> None:
-        super().__init__(optim, global_batch_size, seed, config)
-        self.student = student
-        self.teacher = teacher
-        self.criterion = criterion
-        self.class_names = list(class_names)
-        self.mix = BatchMixer(augment, self.num_classes, seed)
-        # An exponential moving average of the student (timm's ModelEmaV3), updated after every optimizer step,
-        # evaluated as val_ema/* and saved with the checkpoint so that a resumed run continues it.
-        self.ema = StudentEMA(student, decay=ema_decay) if ema_decay is not None else None
-        if self.ema is not None:  # updated by copying, never by gradients: DDP must not wait for its grads
-            self.ema.requires_grad_(False)
-
-        top5 = min(5, self.num_classes)
-        acc = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
-        self.val_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5), "loss": MeanMetric()})
-        if is_distilled(student):  # each head on its own; acc1 is their average, the model's prediction
-            self.val_metrics.update({"acc1_cls": acc(1), "acc1_dist": acc(1)})
-        # The teacher's predicted classes on each validation batch, computed once (teacher_predictions).
-        self.teacher_val_predictions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.teacher_val_order_changed: torch.Tensor | bool = False
-        if teacher is not None:
-            # agreement: the student's prediction scored against the teacher's prediction.
-            self.val_metrics.update({"teacher_acc1": acc(1), "agreement": acc(1)})
-            if len(teacher.members) > 1:  # an ensemble: each network's own top-1 too
-                self.val_metrics.update({f"teacher_acc1_member{i}": acc(1) for i in range(len(teacher.members))})
-        if self.ema is not None:
-            self.val_ema_metrics = nn.ModuleDict({"acc1": acc(1), "acc5": acc(top5)})
-
-    @property
-    def network(self) -> nn.Module:
-        return self.student
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["class_names"] = self.class_names
-        # The teacher's weights come from the teacher config, not from the student's checkpoints.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.teacher is not None:  # strict loading: put the teacher's own weights back
-            teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-            checkpoint["state_dict"] = {**teacher_state, **checkpoint["state_dict"]}
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
-        return average_heads(*forward_heads(self.student, images))
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets, view_keys = batch
-        # Mixup/CutMix; the teacher sees the same mixed images
-        images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if self.teacher is not None else None
-        cls_logits, dist_logits = forward_heads(self.student, images)
-        terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
-        loss = self.criterion.combine(terms)
-        self.track(loss)
-        # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.
-        self.log("train/loss", loss)
-        self.log_dict({f"train/loss_{name}": term.detach() for name, term in terms.items()})
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.ema.update(self.student, step=self.global_step)
-
-    def teacher_predictions(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_idx: int, dataloader_idx: int
-    ) -> torch.Tensor:
-        """The frozen teacher's predicted classes (the ensemble's, then each member's when there are several) for
-        this validation batch: computed in the first validation that meets the batch and kept, as the teacher's
-        outputs on the fixed validation images never change; every later epoch reads them instead of running the
-        teacher again. The batch's labels are kept beside them and compared at the epoch's end (one host sync), in
-        case a data source served the validation images in another order: then the kept predictions are dropped."""
-        key = (dataloader_idx, batch_idx)
-        kept = self.teacher_val_predictions.get(key)
-        if kept is None or kept[1].shape != labels.shape:
-            teacher = self.teacher(images)
-            predicted = [teacher.logits] + (teacher.member_logits if len(teacher.member_logits) > 1 else [])
-            kept = self.teacher_val_predictions[key] = (torch.stack([p.argmax(dim=1) for p in predicted]), labels)
-        predictions, kept_labels = kept
-        self.teacher_val_order_changed = self.teacher_val_order_changed | (kept_labels != labels).any()
-        return predictions
-
-    def on_validation_epoch_end(self) -> None:
-        if self.teacher is not None and bool(self.teacher_val_order_changed):
-            log.warning("the validation images came in another order: the teacher's kept predictions are dropped")
-            self.teacher_val_predictions.clear()
-        self.teacher_val_order_changed = torch.tensor(False, device=self.device)
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        cls_logits, dist_logits = forward_heads(self.student, images)
-        logits = average_heads(cls_logits, dist_logits)
-        metrics = self.val_metrics
-        metrics["acc1"](logits, labels)
-        metrics["acc5"](logits, labels)
-        metrics["loss"](nn.functional.cross_entropy(logits, labels, reduction="none"))  # a mean over images
-        if dist_logits is not None:
-            metrics["acc1_cls"](cls_logits, labels)
-            metrics["acc1_dist"](dist_logits, labels)
-        if self.teacher is not None:
-            teacher, *members = self.teacher_predictions(images, labels, batch_idx, dataloader_idx)
-            metrics["teacher_acc1"](teacher, labels)
-            metrics["agreement"](logits, teacher)
-            for i, member in enumerate(members):
-                metrics[f"teacher_acc1_member{i}"](member, labels)
-        for name, metric in metrics.items():
-            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
-        if self.ema is not None:
-            ema_logits = average_heads(*forward_heads(self.ema.module, images))
-            for name, metric in self.val_ema_metrics.items():
-                metric(ema_logits, labels)
-                self.log(f"val_ema/{name}", metric)
 
 
 @dataclass
@@ -209,8 +42,7 @@ class Classify(Task):
         if cfg.teacher.cache and distillation != "none":  # before the run writes anything
             check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
 
-    def build(self, cfg: DictConfig) -> Built:
-        datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
+    def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
         module = self.build_module(cfg, datamodule.class_names)
         check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
@@ -218,6 +50,12 @@ class Classify(Task):
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
         """Student, teacher and loss on these classes."""
+        from deit_train.losses import DistillationLoss
+        from deit_train.models import build_student, compile_student, describe, is_distilled
+        from deit_train.tasks.deit_module import DeiTModule
+        from deit_train.tasks.module import run_config
+        from deit_train.teacher import build_teacher
+
         criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
         if cfg.teacher.name is not None and not criterion.needs_teacher:
             log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
@@ -260,6 +98,13 @@ def check_label_order(
     """model.init's heads are the data's classes by name (refused otherwise); each teacher network's top-1 on a
     sample of the validation data is logged; a teacher or model.init's heads whose weights name no classes are refused
     when that sample does not show them in the data's order (labels.py: OrderCheck)."""
+    from deit_train.cluster import process_device
+    from deit_train.data.pixels import model_input
+    from deit_train.labels import SAMPLE_IMAGES, order_on_data
+    from deit_train.models import average_heads, forward_heads
+    from deit_train.models.init import check_init_classes
+    from deit_train.teacher import ensemble_logits
+
     class_names = datamodule.class_names
     kept = check_init_classes(student, class_names) if student is not None else None
     checks = []  # (what, network, its prediction, where its weights come from when they name no classes, option)
@@ -313,6 +158,8 @@ def check_label_order(
 
 def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:
     """teacher.cache's callback, when the run has a teacher and a cache."""
+    from deit_train.teacher import CacheSettings, TeacherCacheCallback, ensemble_tau
+
     if teacher is None or not cfg.teacher.cache:
         return []
     tau = ensemble_tau(cfg) if len(teacher.members) > 1 else None

@@ -1,22 +1,28 @@
 """A task: what a run trains. Chosen by conf/task/<name>.yaml (its `task` node names the class with `_target_`): its
-fields are its config, `check` adds its rules to the schema's, and `build` returns the data module, the
-LightningModule and any callbacks it needs. train.py runs whichever task it is given.
+fields are its config, `check` adds its rules to the schema's, `datamodule` serves the run's data source (built once
+by the run, or handed in by a test or the benchmark) as the task needs it, and `build` returns the LightningModule
+and any callbacks it needs on that data. train.py runs whichever task it is given.
 """
 
-from dataclasses import dataclass, field
+from __future__ import annotations
 
-import lightning as L
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
 from omegaconf import DictConfig
 
-from deit_train.data import DeiTDataModule
 from deit_train.schema import OneOf, check_fields, checked, store_schema
+
+if TYPE_CHECKING:
+    from deit_train.data.datamodule import DeiTDataModule
+    from deit_train.data.sources import DataSource
 
 
 @dataclass
 class Built:
     datamodule: DeiTDataModule
-    module: L.LightningModule
-    callbacks: list[L.Callback] = field(default_factory=list)
+    module: Any  # the LightningModule
+    callbacks: list = field(default_factory=list)  # Lightning callbacks the task needs
 
 
 @dataclass
@@ -29,7 +35,13 @@ class Task:
         """The rules of this task's fields (`checked`); subclasses add rules across groups."""
         check_fields(cfg.task, type(self), "task")
 
-    def build(self, cfg: DictConfig) -> Built:
+    def datamodule(self, cfg: DictConfig, source: DataSource) -> DeiTDataModule:
+        """The loaders of `source` for this task (labelled images and DeiT's transforms by default)."""
+        from deit_train.data.datamodule import DeiTDataModule
+
+        return DeiTDataModule(source, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
+
+    def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
         raise NotImplementedError
 
 

@@ -2,43 +2,19 @@
 every training view (Mixup/CutMix included) of every epoch; the cache callback stores its outputs. Nothing is
 validated or saved (conf/task/teacher_cache.yaml)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
-from torch import nn
 
-from deit_train.data import DeiTDataModule
-from deit_train.data.mixup import BatchMixer
-from deit_train.data.views import ViewsOnDevice
 from deit_train.errors import DeitTrainError
 from deit_train.tasks.classify import Classify, cache_callbacks, check_label_order
 from deit_train.tasks.task import Built
-from deit_train.teacher import Teacher, build_teacher
 
-
-class TeacherCacheFiller(ViewsOnDevice, L.LightningModule):
-    """The views of the students' runs through the teacher; no optimizer, no step."""
-
-    def __init__(self, teacher: Teacher, mix: BatchMixer) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.mix = mix
-        self.automatic_optimization = False
-        # DDP wraps the module and refuses one without a trainable parameter; this one is never used.
-        self.placeholder = nn.Parameter(torch.zeros(()))
-
-    def training_step(self, batch, batch_idx: int) -> None:
-        images, targets, view_keys = batch
-        images, _ = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        self.teacher(images, view_keys, batch_idx)
-
-    def setup(self, stage: str) -> None:
-        self.teacher.hold_in(self.trainer.precision)  # as the students' runs hold it (tasks/module.py)
-
-    def configure_optimizers(self) -> None:
-        return None
+if TYPE_CHECKING:
+    from deit_train.data.datamodule import DeiTDataModule
 
 
 @dataclass
@@ -53,9 +29,12 @@ class FillTeacherCache(Classify):
                 "loss=hard_distill or soft_distill, its teacher and teacher.cache=DIR"
             )
 
-    def build(self, cfg: DictConfig) -> Built:
+    def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
+        from deit_train.data.mixup import BatchMixer
+        from deit_train.tasks.cache_filler import TeacherCacheFiller
+        from deit_train.teacher import build_teacher
+
         # The students' data, teacher, mixing and cache: exactly what their runs will look up.
-        datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         teacher = build_teacher(cfg, datamodule.class_names)
         check_label_order(cfg, datamodule, teacher)  # as the students' runs will: a misordered teacher is refused now
         mix = BatchMixer(cfg.augment, datamodule.num_classes, cfg.seed)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from torchvision import datasets
 
 from deit_train.data.sources.base import DataSource
 from deit_train.errors import DeitTrainError
@@ -17,13 +16,19 @@ class CIFAR10Source(DataSource):
     root: str | None = None  # the folder holding (or receiving) cifar-10-batches-py / cifar-100-python
     download: bool = False  # fetch with torchvision (needs network)
 
-    dataset = datasets.CIFAR10  # a class attribute, not a config key
+    dataset_name = "CIFAR10"  # torchvision's class (a class attribute, not a config key)
+
+    @property
+    def dataset(self) -> type[Dataset]:
+        from torchvision import datasets  # here: composing a config imports no torchvision
+
+        return getattr(datasets, self.dataset_name)
 
     def check(self) -> None:
         super().check()
         if not self.root:
             raise DeitTrainError(
-                f"data={self.dataset.__name__.lower()} needs data.root=PATH: where the dataset is (or "
+                f"data={self.dataset_name.lower()} needs data.root=PATH: where the dataset is (or "
                 f"is downloaded to, with data.download=true)"
             )
 
@@ -52,4 +57,4 @@ class CIFAR10Source(DataSource):
 
 @dataclass
 class CIFAR100Source(CIFAR10Source):
-    dataset = datasets.CIFAR100
+    dataset_name = "CIFAR100"

@@ -18,9 +18,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from deit_train.data.decode import DECODE_MODES
 from deit_train.data.extras import require
-from deit_train.data.images import READ_ERRORS, EncodedImage, open_image, read_rgb, reason
+from deit_train.data.images import DECODE_MODES, READ_ERRORS, EncodedImage, open_image, read_rgb, reason
 from deit_train.data.sources.base import DataSource
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
