@@ -80,6 +80,7 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
+        schema.check_augment_policy(cfg.augment)
         from deit_train import tasks  # noqa: F401  (the built-in tasks' classes, which cfg.task names)
 
         try:

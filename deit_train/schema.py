@@ -138,6 +138,9 @@ class TeacherConfig:
     # true: train with a teacher (or member) whose weights name no classes although, on a sample of the validation
     # data, its top-1 is not clearly above chance or fits another class order better (labels.py); false refuses it
     unchecked_order: bool = False
+    # true: with loss=ce, load the teacher only to report val/teacher_acc1 and val/agreement (a teacher the loss
+    # does not use is refused otherwise: it trained without distillation, with a warning)
+    metrics_only: bool = False
     # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
     cache_topk: int | None = checked(None, Range(0, None, "a number of classes >= 0 (0: full logits)"))
 
@@ -309,17 +312,6 @@ def check(cfg: DictConfig) -> None:
         raise refuse("trainer.check_val_every_n_epoch", every, f"at most trainer.max_epochs={cfg.trainer.max_epochs}")
     check_optimizer(cfg.optim)
     check_center_crop(cfg.augment)
-    if cfg.augment.auto_augment:  # timm parses the policy string where it builds the transform: build it here
-        from deit_train.data.transforms import train_transform
-
-        try:
-            train_transform(cfg.augment, 32)
-        except (AssertionError, ValueError, KeyError, IndexError) as error:
-            raise refuse(
-                "augment.auto_augment",
-                cfg.augment.auto_augment,
-                f"a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a) or null; timm says: {error}",
-            ) from error
     scale = list(cfg.augment.scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise refuse("augment.scale", scale, "[low, high] with 0 < low <= high <= 1")
@@ -413,6 +405,23 @@ def devices_per_node(trainer: DictConfig) -> int | None:
     if OmegaConf.is_list(devices):  # device indices, e.g. [0, 1]
         return len(devices)
     return None  # auto / -1: known once the trainer has looked
+
+
+def check_augment_policy(augment: DictConfig) -> None:
+    """augment.auto_augment as timm parses it, where it builds the transform: built here (timm is imported, so this
+    comes after the rules that need no import)."""
+    if not augment.auto_augment:
+        return
+    from deit_train.data.transforms import train_transform
+
+    try:
+        train_transform(augment, 32)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        raise refuse(
+            "augment.auto_augment",
+            augment.auto_augment,
+            f"a timm policy (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a) or null; timm says: {error}",
+        ) from error
 
 
 def check_batch(batch: int, world_size: int, accumulate: int, mixes: bool) -> None:

@@ -8,7 +8,6 @@ import hydra
 from omegaconf import DictConfig
 
 from deit_train.config import CONFIG_DIR
-from deit_train.console import quiet_console
 from deit_train.data.sources import DataSource
 from deit_train.errors import debugging, error_boundary
 from deit_train.run import Run, TrainRun
@@ -25,6 +24,8 @@ def check_config(cfg: DictConfig) -> Task:
 
 def train(cfg: DictConfig, source: DataSource | None = None) -> TrainRun:
     """One run inside a Hydra job (a sweep's, or the tests'): check, then the rest. Raises DeitTrainError."""
+    from deit_train.console import quiet_console
+
     quiet_console()
     run = Run(cfg, source)
     run.check()

@@ -320,3 +320,33 @@ def test_a_run_is_composed_and_checked_once_in_its_process(tmp_path, cache_dir, 
     cli()
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert len(calls) == 1
+
+
+HEAVY = ("lightning", "pytorch_lightning", "transformers", "torchvision.models", "timm", "torchmetrics")
+
+
+@pytest.mark.parametrize(
+    "args, status",
+    [(["--help"], 0), (["data.batch_size=0"], 2), (["--cfg", "job", "model=deit_small"], 0), ([], 2)],
+)
+def test_the_command_line_answers_without_importing_lightning_or_models(args, status, tmp_path):
+    """--help, --cfg job and a refusal the schema makes import neither Lightning, timm, transformers nor
+    torchvision's models (they took seconds before the first answer): read from a fresh interpreter's sys.modules."""
+    probe = (
+        "import sys, runpy\n"
+        f"sys.argv = ['deit-train', *{args!r}]\n"
+        "try:\n"
+        "    runpy.run_module('deit_train', run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    code = end.code or 0\n"
+        "else:\n"
+        "    code = 0\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m.startswith({HEAVY!r}))\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY"))
+    assert line == f"HEAVY [] CODE {status}", result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []  # and nothing written
+    if args == ["--help"]:
+        assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout

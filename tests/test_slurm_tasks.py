@@ -324,3 +324,35 @@ def test_a_filesystem_without_locks_is_refused_in_one_line(tmp_path, monkeypatch
             attempt()
         line, status = describe_failure(refused.value)
         assert status == 2 and "does not support file locks" in line and "hydra.run.dir=" in line
+
+
+WEIGHTS_FETCH = """
+import sys, time, timm
+from deit_train.models.student import create_timm_model
+log = sys.argv[1]
+def fetching(name, **kwargs):  # stands in for timm's download of the hub weights
+    with open(log, "a") as f:
+        f.write(f"start {time.monotonic()}\\n")
+    time.sleep(1.5)
+    with open(log, "a") as f:
+        f.write(f"end {time.monotonic()}\\n")
+    return "model"
+timm.create_model = fetching
+create_timm_model("resnet10t", "teacher", pretrained=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_tasks_of_a_node_fetch_pretrained_weights_one_at_a_time(tmp_path):
+    """8 tasks of a node each downloaded the teacher at once; now the first fetches into the shared cache while the
+    others wait for it (an flock in torch hub's folder), then find the weights there."""
+    env = {**without_launch_variables(), "TORCH_HOME": str(tmp_path / "hub"), "PYTHONPATH": str(REPO)}
+    log = tmp_path / "fetches.log"
+    tasks = [
+        subprocess.Popen([sys.executable, "-c", WEIGHTS_FETCH, str(log)], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    for task in tasks:
+        assert task.wait(timeout=300) == 0, task.stderr.read()
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [kind for kind, _ in events] == ["start", "end"] * 3  # never two fetching at once

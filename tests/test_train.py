@@ -163,6 +163,34 @@ def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
     assert per_epoch == pytest.approx([expected] * 3, abs=1e-6)
 
 
+def test_a_teacher_the_loss_does_not_use_is_refused_or_kept_for_the_metrics_only(
+    tiny_config, random_teacher_checkpoint, monkeypatch
+):
+    """teacher=... with loss=ce trained without distillation, with a warning: now refused in one line naming the
+    distillation losses; teacher.metrics_only=true keeps it for val/teacher_acc1 and val/agreement, never run in
+    training."""
+    from deit_train import teacher as teacher_package
+    from deit_train.errors import DeitTrainError
+    from deit_train.train import check_config
+
+    teacher = ["teacher=timm", "teacher.name=resnet10t", f"teacher.checkpoint={random_teacher_checkpoint}"]
+    with pytest.raises(DeitTrainError, match="uses no teacher: distil with loss=hard_distill or loss=soft_distill"):
+        check_config(tiny_config("loss=ce", *teacher))
+    calls = []
+    original = teacher_package.build_teacher
+
+    def counted_teacher(*args, **kwargs):
+        built = original(*args, **kwargs)
+        built.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return built
+
+    monkeypatch.setattr(teacher_package, "build_teacher", counted_teacher)
+    cfg = tiny_config("loss=ce", *teacher, "teacher.metrics_only=true", "teacher.unchecked_order=true")
+    metrics = train(cfg).metrics
+    assert {"val/teacher_acc1", "val/agreement"} <= set(metrics)
+    assert calls == [40, 16, 16, 8]  # the order check, then validation only (sanity batches kept): no training
+
+
 def test_repeated_augmentation_run_keeps_the_epoch_length(tiny_config):
     cfg = tiny_config(
         "augment.repeated_aug=3", "augment.repeated_aug_single_process=true", "augment.mixup=0.8", "augment.cutmix=1.0"

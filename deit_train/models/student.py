@@ -2,6 +2,7 @@
 
 import types
 from fnmatch import fnmatch
+from pathlib import Path
 
 import timm
 import torch
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
+from deit_train.cluster import once_per_node
 from deit_train.errors import DeitTrainError
 from deit_train.models.init import initialize_from
 
@@ -22,7 +24,12 @@ def create_timm_model(name: str, what: str, **kwargs) -> nn.Module:
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:10]
         raise DeitTrainError(f"unknown timm model {name!r} for the {what}. Similar names: {close}")
     try:
-        return timm.create_model(name, **kwargs)
+        if not kwargs.get("pretrained"):
+            return timm.create_model(name, **kwargs)
+        # every task of a node would download the same weights at once: the first fetches, the others then read
+        # them from the shared download cache (torch hub's folder, beside the Hugging Face cache)
+        with once_per_node(f"weights-{name.replace('/', '_')}", Path(torch.hub.get_dir())):
+            return timm.create_model(name, **kwargs)
     except TypeError as error:  # an argument the architecture does not take (model.kwargs, or a ViT size on a convnet)
         raise DeitTrainError(
             f"timm's {name!r} ({what}) does not take these arguments: {error}. Remove them (model.kwargs, or "

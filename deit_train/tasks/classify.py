@@ -34,6 +34,12 @@ class Classify(Task):
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         distillation = cfg.loss.distillation_type
+        if distillation == "none" and cfg.teacher.name is not None and not cfg.teacher.metrics_only:
+            raise DeitTrainError(
+                f"teacher={cfg.teacher.name} with loss={cfg.loss.get('label_loss', 'ce')}, which uses no teacher: "
+                f"distil with loss=hard_distill or loss=soft_distill, or keep the teacher for val/teacher_acc1 and "
+                f"val/agreement only with teacher.metrics_only=true"
+            )
         if distillation != "none" and cfg.teacher.name is None:
             raise DeitTrainError(
                 f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
@@ -57,11 +63,10 @@ class Classify(Task):
         from deit_train.teacher import build_teacher
 
         criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
-        if cfg.teacher.name is not None and not criterion.needs_teacher:
-            log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
         if cfg.teacher.cache and not criterion.needs_teacher:
-            log.warning("teacher.cache=%s is unused: loss=ce runs no teacher", cfg.teacher.cache)
-        teacher = build_teacher(cfg, class_names) if criterion.needs_teacher else None
+            log.warning("teacher.cache=%s is unused: loss=ce runs no teacher in training", cfg.teacher.cache)
+        wanted = criterion.needs_teacher or (cfg.teacher.name is not None and cfg.teacher.metrics_only)
+        teacher = build_teacher(cfg, class_names) if wanted else None
         student = build_student(cfg.model, len(class_names))
         # A rule on the built student (which of timm's classes a model name gives): it cannot be in the schema.
         if criterion.needs_teacher and criterion.alpha == 1.0 and is_distilled(student):
@@ -160,7 +165,7 @@ def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) 
     """teacher.cache's callback, when the run has a teacher and a cache."""
     from deit_train.teacher import CacheSettings, TeacherCacheCallback, ensemble_tau
 
-    if teacher is None or not cfg.teacher.cache:
+    if teacher is None or not cfg.teacher.cache or cfg.loss.distillation_type == "none":
         return []
     tau = ensemble_tau(cfg) if len(teacher.members) > 1 else None
     return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau), teacher)]

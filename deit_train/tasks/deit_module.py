@@ -105,7 +105,8 @@ class DeiTModule(TrainingModule):
         images, targets, view_keys = batch
         # Mixup/CutMix; the teacher sees the same mixed images
         images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if self.teacher is not None else None
+        distilling = self.teacher is not None and self.criterion.needs_teacher  # teacher.metrics_only: validation
+        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if distilling else None
         cls_logits, dist_logits = forward_heads(self.student, images)
         terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
         loss = self.criterion.combine(terms)
