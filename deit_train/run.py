@@ -80,6 +80,8 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
+        # the rules that build the object with its library (timm), after those that need no import
+        schema.check_optimizer(cfg.optim)
         schema.check_augment_policy(cfg.augment)
         from deit_train import tasks  # noqa: F401  (the built-in tasks' classes, which cfg.task names)
 

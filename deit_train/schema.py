@@ -310,7 +310,6 @@ def check(cfg: DictConfig) -> None:
     every = cfg.trainer.get("check_val_every_n_epoch")
     if isinstance(every, int) and every > cfg.trainer.max_epochs:  # no validation: no metrics, no best.ckpt
         raise refuse("trainer.check_val_every_n_epoch", every, f"at most trainer.max_epochs={cfg.trainer.max_epochs}")
-    check_optimizer(cfg.optim)
     check_center_crop(cfg.augment)
     scale = list(cfg.augment.scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
