@@ -207,15 +207,13 @@ def distill_step(tiny_config, random_teacher_checkpoint):
     """app_step of a soft-distillation run. Soft, not hard: the loss is smooth in the teacher's logits, where the
     argmax of a random teacher's near-tie could flip a target between devices and move a gradient by far more than
     the precision's error."""
-    # Random erasing's noise comes from each device's own generator (data/pixels.py): the devices compare on the same
-    # views without it (test_pixels.py checks the device-side erasing itself).
     teacher = [
         "loss=soft_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
         f"teacher.checkpoint={random_teacher_checkpoint}",
         "teacher.unchecked_order=true",
-        "augment.reprob=0.0",
+        "augment.reprob=1.0",  # every view erased: the device's noise is the CPU's (data/noise.py)
     ]
 
     def make(device: torch.device, *overrides: str, run: str) -> Step:
@@ -361,6 +359,29 @@ def test_the_cached_step_decodes_on_the_device_without_a_host_sync(tmp_path, kin
     assert all(t.device.type == "cpu" for t in stored.values())
 
 
+def test_the_finished_batch_on_the_device_equals_the_cpus_bit_for_bit_without_a_host_sync():
+    """Normalisation and random erasing on the device (data/pixels.py, the noise from data/noise.py): the same bits
+    as the CPU reference, erased rectangles included, and no synchronizing call (a batch-wide pass, not a loop)."""
+    from deit_train.data.pixels import normalize
+
+    from .test_pixels import erased_batch
+
+    batch = erased_batch(64, size=224)
+    batch.erase[::4] = 0  # some views not erased
+    cpu = model_input(batch)
+    assert not torch.equal(cpu, normalize(batch.pixels))  # erased: the check below covers the noise
+    pixels = batch.pixels.to(DEVICE)
+    model_input(ErasableView(pixels, batch.erase))  # the first call copies its constants there once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_device = model_input(ErasableView(pixels, batch.erase))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert on_device.device.type == DEVICE.type
+    assert torch.equal(on_device.cpu(), cpu)
+
+
 @pytest.fixture
 def teacher_calls(monkeypatch):
     """How often the teacher networks ran on training batches."""
@@ -402,9 +423,7 @@ def test_teacher_cache_filled_on_the_gpu_holds_the_cpu_teachers_outputs_and_is_r
     loader = datamodule.train_dataloader()
     loader.sampler.set_epoch(0)
     with torch.no_grad():  # not a training batch: teacher_calls leaves it out
-        # the views made on the device as the run made them (random erasing's noise is the device's), then the CPU
-        on_device = lambda view: model_input(ErasableView(view.pixels.to(DEVICE), view.erase)).cpu()  # noqa: E731
-        expected = [cpu_teacher(on_device(view)).logits for view, _, _ in loader]
+        expected = [cpu_teacher(model_input(view)).logits for view, _, _ in loader]  # the CPU's views: the same
     if loss == "hard_distill":
         agreement = (stored["labels"].long() == torch.stack([z.argmax(dim=1) for z in expected])).float().mean()
         assert agreement >= 0.95  # near-ties of a random teacher may flip under TF32
@@ -501,7 +520,7 @@ def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
         if DEVICE.type == "cuda"
         else ["trainer=ddp_cpu", "trainer.devices=2"]
     )
-    same_views = "augment.reprob=0.0"  # random erasing's noise is each device's own (data/pixels.py)
+    same_views = "augment.reprob=1.0"  # every view erased: the device's noise is the CPU's (data/noise.py)
     output = run_ok(*gpu, "data.pin_memory=true", same_views, run_dir=tmp_path / "gpu", cache_dir=cache_dir)
     assert f"distributed_backend={'nccl' if DEVICE.type == 'cuda' else 'gloo'}" in output, output[-2000:]
     run_ok("trainer=ddp_cpu", "trainer.devices=2", same_views, run_dir=tmp_path / "cpu", cache_dir=cache_dir)
