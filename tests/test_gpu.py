@@ -25,6 +25,7 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import ErasableView, model_input
@@ -76,10 +77,16 @@ def restore_backend_flags():
 
 @pytest.fixture
 def exact_fp32(monkeypatch):
-    """fp32 as the CPU computes it: no TF32 in matmuls or convolutions, whatever train() asks."""
+    """fp32 as the CPU computes it: no TF32 in matmuls or convolutions, whatever train() asks. The module's setup
+    turns TF32 on (tasks/module.py: fast_cuda_math, which sets the flags itself): it keeps only cuDNN's autotuner."""
+    import deit_train.tasks.module as module
+
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    monkeypatch.setattr(module, "fast_cuda_math", lambda: setattr(torch.backends.cudnn, "benchmark", True))
     torch.backends.cuda.matmul.allow_tf32 = False
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32  # kept to the end
 
 
 class CaptureSteps(L.Callback):
@@ -90,6 +97,19 @@ class CaptureSteps(L.Callback):
         self.break_gradients_at = break_gradients_at  # an inf in one gradient at this step (an fp16 overflow)
         self.losses, self.grads, self.before, self.after, self.ema, self.scales = [], [], [], [], [], []
         self.hyper: list[dict[str, dict]] = []  # per step and parameter: lr, weight_decay, eps of its group
+        self.dtypes: dict[str, set[torch.dtype]] = {"student": set(), "teacher": set()}  # of their layers' outputs
+
+    def on_train_start(self, trainer, pl_module):
+        """Record the dtype each Linear of the student and each Conv2d of the teacher computes in (under autocast
+        a half type: the mixed-precision steps are checked to be mixed, not fp32 within the tolerance)."""
+        networks = {
+            "student": (pl_module.student, nn.Linear),
+            "teacher": (getattr(pl_module, "teacher", None), nn.Conv2d),
+        }
+        for name, (network, kind) in networks.items():
+            for layer in network.modules() if network is not None else []:
+                if isinstance(layer, kind):
+                    layer.register_forward_hook(lambda m, i, out, name=name: self.dtypes[name].add(out.dtype))
 
     @staticmethod
     def weights(module) -> dict[str, torch.Tensor]:
@@ -248,6 +268,9 @@ def test_train_turns_on_tf32_and_cudnn_benchmark_and_the_step_stays_within_tf32_
 def test_mixed_precision_step_matches_the_cpu_fp32_step(distill_step, precision):
     cpu = distill_step(torch.device("cpu"), run="cpu")
     ours = distill_step(DEVICE, f"trainer.precision={precision}", run="gpu")
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    assert ours.capture.dtypes == {"student": {half}, "teacher": {half}}  # autocast on, the teacher under it too
+    assert cpu.capture.dtypes == {"student": {torch.float32}, "teacher": {torch.float32}}
     if precision == "16-mixed":  # the GradScaler's first scale, 2**16
         assert ours.capture.scales[0] == 2.0**16
     assert_step_matches(ours, cpu, TOLERANCE[precision])
@@ -286,8 +309,17 @@ def test_16_mixed_with_gradient_clipping_trains_unfused_and_matches_the_cpu(dist
 
 
 def test_compiled_student_gives_the_eager_loss_and_gradients(distill_step):
+    """compile=true compiles: dynamo captured the student's graph and AOTAutograd its backward (a compile that did
+    nothing would pass the comparison), in one graph without breaks; and the step equals the eager one."""
+    from torch._dynamo.utils import counters
+
     eager = distill_step(DEVICE, run="eager")
+    torch._dynamo.reset()
+    counters.clear()
     compiled = distill_step(DEVICE, "compile=true", run="compiled")
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["aot_autograd"]["total"] >= 1, dict(counters["aot_autograd"])
     assert_step_matches(compiled, eager, TOLERANCE["32-true"])
 
 
