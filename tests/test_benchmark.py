@@ -56,24 +56,30 @@ def test_gpu_check_dry_run_skips_every_gpu_test_and_writes_every_figure(tmp_path
     assert "a dry run" in output
 
     report = json.loads((tmp_path / "gpu_check.json").read_text())
+    real_run = json.loads((tmp_path / "real_run.json").read_text())
     # Every GPU test was collected and skipped, none passed without a GPU; each skip says why.
     counts = report["gpu_tests"]
     assert counts["skipped"] >= 19 and counts["passed"] == counts["failed"] == 0, counts
     assert "needs CUDA" in (tmp_path / "pytest.txt").read_text()
 
-    # Every figure of every row, finite; throughputs positive.
+    # Every figure of every row but the CPU's pipeline row (scripts/benchmark_data.py's), finite; throughputs
+    # positive; the real run's in its own report.
     (student,) = report["students"]
-    figures = {**report["students"][student], **report["shared"]}
-    expected = set(benchmark.FIGURES) - {"peak_train_memory_kib_per_image"}  # per image: a GPU's figure only
+    figures = {**report["students"][student], **report["shared"], **real_run["shared"]}
+    pipeline = importlib.import_module("bench.pipeline_rows").FIGURES
+    expected = set(benchmark.FIGURES) - {"peak_train_memory_kib_per_image"} - set(pipeline)  # per image: a GPU's
     assert expected <= set(figures), expected - set(figures)
     assert all(math.isfinite(value) for value in figures.values()), figures
     assert all(value > 0 for key, value in figures.items() if "_ips_" in key)
-    assert set(report["seconds"]) == {f"{student}/{row}" for row in benchmark.STUDENT_ROWS} | set(benchmark.SHARED_ROWS)
+    rows = {f"{student}/{row}" for row in benchmark.STUDENT_ROWS} | set(benchmark.SHARED_ROWS) - {"pipeline"}
+    assert set(report["seconds"]) | set(real_run["seconds"]) == rows
+    assert real_run["shared"]["run_checkpoint_writes_per_epoch"] >= 1 and real_run["shared"]["run_val_s_per_epoch"] > 0
 
     table = (tmp_path / "gpu_check.md").read_text()
     assert f"| figure | {student} |" in table and "--preset dry" in table
     for key in figures:
         assert benchmark.FIGURES[key][0] in table
+    assert "s in all; tests exit 0, benchmark exit 0, real run exit 0" in output
 
 
 STAND_IN_NVIDIA_SMI = """#!/bin/sh
