@@ -8,10 +8,11 @@ differs by the CPU's instruction set, CUDA's is Philox with a launch grid that f
   [16 21f0aaad 15 735a2d97 15] (Wellons, github.com/skeeto/hash-prospector; the splitmix32 finaliser), on uint32
   values held in int64 tensors. Both multipliers are below 2^31, so a 32-bit value times one stays below 2^63: no
   overflow, exact on every device.
-- **Normal.** Box-Muller, z = sqrt(-2 ln u1) cos(2 pi u2), as torch's normal_ computes it, with 24-bit uniforms
-  (u1 in (0, 1]: |z| <= 5.77). ln and cos are not correctly rounded functions (CUDA's, glibc's and SLEEF's differ in
-  the last bit), so they are computed here from frexp and polynomials, in float64, with +, -, *, / and sqrt alone,
-  each a separate op (IEEE-754 rounds each the same everywhere), to about 1e-12; then rounded to float32.
+- **Normal.** Box-Muller, (z, z') = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2), as torch's normal_ computes it:
+  two numbers from two words, with 24-bit uniforms (u1 in (0, 1]: |z| <= 5.77). ln, cos and sin are not correctly
+  rounded functions (CUDA's, glibc's and SLEEF's differ in the last bit), so they are computed here from frexp and
+  polynomials, in float64, with +, -, *, / and sqrt alone, each a separate op (IEEE-754 rounds each the same
+  everywhere), to about 1e-12; then rounded to float32.
 
 Every function is a fixed sequence of tensor ops, whatever the number of streams or numbers asked for.
 """
@@ -56,15 +57,15 @@ def words(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return mix(mix((keys[..., 0] + counters * GOLDEN) & MASK) ^ keys[..., 1])
 
 
-def standard_normal(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Number `counters` (below MAX_COUNTER / 2; a 3x224x224 image has 150,528) of the standard normal streams
-    `keys`, float32: Box-Muller on the stream's words 2n and 2n + 1."""
-    pair = counters.unsqueeze(-1) * 2 + torch.arange(2, device=counters.device)
-    bits = words(keys.unsqueeze(-2), pair) >> 8  # 24 bits: the uniforms below are exact in float64 and float32
-    scale = 2.0**-24
+def standard_normal_pairs(keys: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Numbers 2n and 2n + 1, n = `pairs` (below MAX_COUNTER / 2), of the standard normal streams `keys`, as
+    (..., 2) float32: Box-Muller on the stream's words 2n and 2n + 1, (r cos theta, r sin theta) as torch's normal_
+    pairs them."""
+    counters = pairs.unsqueeze(-1) * 2 + torch.arange(2, device=pairs.device)
+    bits = words(keys.unsqueeze(-2), counters) >> 8  # 24 bits: the uniforms below are exact in float64 and float32
     log_u1 = _log_of_integer((bits[..., 0] + 1).to(torch.float64)) - 24 * _LN2  # u1 = (bits + 1) 2^-24, in (0, 1]
     radius = torch.sqrt(log_u1 * -2.0)
-    return (radius * _cos_two_pi(bits[..., 1].to(torch.float64) * scale)).to(torch.float32)
+    return (radius.unsqueeze(-1) * _cos_sin_two_pi(bits[..., 1].to(torch.float64) * 2.0**-24)).to(torch.float32)
 
 
 @functools.cache
@@ -94,12 +95,16 @@ def _log_of_integer(a: torch.Tensor) -> torch.Tensor:
     return exponent * _LN2 + f * 2.0 * _horner(_ATANH_SERIES, f * f)
 
 
-def _cos_two_pi(u: torch.Tensor) -> torch.Tensor:
-    """cos(2 pi u) for u in [0, 1): u = q/4 + t with |t| <= 1/8 (exact), then cos or sin of x = 2 pi t by quadrant."""
+def _cos_sin_two_pi(u: torch.Tensor) -> torch.Tensor:
+    """(cos 2 pi u, sin 2 pi u) in the last dimension, for u in [0, 1): u = q/4 + t with |t| <= 1/8 (exact); cos x
+    and sin x of x = 2 pi t by their series, then turned by the quadrant q: by q pi / 2."""
     quarter = torch.round(u * 4.0)
     x = (u - quarter * 0.25) * (2 * math.pi)
-    s = x * x
-    quadrant = quarter.to(torch.int64) & 3  # cos(x + q pi / 2): cos x, -sin x, -cos x, sin x
-    cos, sin_over_x = _horner(_cos_sin_coefficients(u.device), s)
-    value = torch.where((quadrant & 1).bool(), sin_over_x * x, cos)
-    return torch.where((quadrant == 1) | (quadrant == 2), -value, value)
+    cos, sin_over_x = _horner(_cos_sin_coefficients(u.device), x * x)
+    turned = torch.stack([cos, sin_over_x * x], dim=-1)
+    quadrant = (quarter.to(torch.int64) & 3).unsqueeze(-1)  # q odd: (cos, sin) -> (-sin, cos) up to the signs
+    turned = torch.where((quadrant & 1).bool(), turned.flip(-1), turned)
+    # signs of (cos, sin) of x + q pi / 2 over (cos x, sin x), swapped where q is odd: q 0 (+, +), 1 (-, +),
+    # 2 (-, -), 3 (+, -)
+    negative = torch.cat([(quadrant == 1) | (quadrant == 2), quadrant >= 2], dim=-1)
+    return torch.where(negative, -turned, turned)

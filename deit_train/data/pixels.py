@@ -107,25 +107,31 @@ def erase_(images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
     top, left, h, w, seed = erase[index].unbind(1)
     channels, height, width = images.shape[1:]
     area = h * w
-    counts = area * channels
-    total = int(counts.sum())
+    counts = area * channels  # the rectangles' elements; their noise comes in Box-Muller pairs
+    pairs = (counts + 1) // 2
+    total, total_pairs = int(counts.sum()), int(pairs.sum())
     if total == 0:
         return images
     keys = noise.stream_keys(seed)
     first = index * (channels * height * width) + top * width + left  # flat index of the rectangle's first pixel
-    rows = (counts.cumsum(0) - counts, area, w, first, keys[:, 0], keys[:, 1], counts)
-    table = torch.stack(rows)  # (7, erased images): each row contiguous
+    rows = (counts.cumsum(0) - counts, area, w, first, pairs.cumsum(0) - pairs, keys[:, 0], keys[:, 1], counts, pairs)
+    table = torch.stack(rows)  # (9, erased images): each row contiguous
     if images.device.type == "cuda":
         table = table.pin_memory()  # a non-blocking copy from pageable memory may wait for the stream
     table = table.to(images.device, non_blocking=True)
-    owner = torch.repeat_interleave(table[6], output_size=total)  # output_size: no device sync
-    its_start, its_area, its_width, its_first, k0, k1, _ = table[:, owner]  # each element's rectangle
-    offset = torch.arange(total, device=images.device) - its_start  # in its rectangle, (c, y, x) row-major
+    # the noise: each rectangle's pairs 0 .. pairs - 1 (output_size: no device sync)
+    pair_owner = torch.repeat_interleave(table[8], output_size=total_pairs)
+    pair_start, k0, k1 = table[4:7, pair_owner]
+    pair = torch.arange(total_pairs, device=images.device) - pair_start
+    values = noise.standard_normal_pairs(torch.stack([k0, k1], 1), pair).flatten()
+    # where each element goes: element k of a rectangle, (c, y, x) row-major, takes its number k
+    owner = torch.repeat_interleave(table[7], output_size=total)
+    its_start, its_area, its_width, its_first, its_pairs = table[:5, owner]
+    offset = torch.arange(total, device=images.device) - its_start
     channel, within = offset // its_area, offset % its_area
     row, column = within // its_width, within % its_width
     target = its_first + channel * (height * width) + row * width + column
-    noise_values = noise.standard_normal(torch.stack([k0, k1], 1), offset)
-    return images.put_(target, noise_values.to(images.dtype))
+    return images.put_(target, values[its_pairs * 2 + offset].to(images.dtype))
 
 
 def model_input(images) -> torch.Tensor:
