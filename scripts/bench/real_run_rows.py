@@ -131,7 +131,7 @@ class RunProbe(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.setup_time = time.perf_counter()
-        self.memory = PeakMemory(pl_module.device if pl_module.device.type == "cuda" else torch.device("cpu"))
+        self.memory = PeakMemory(trainer.strategy.root_device)  # the module may not be on it yet
         self.memory.reset()
         save = trainer.save_checkpoint
 
