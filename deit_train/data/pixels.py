@@ -101,7 +101,8 @@ def erase_(images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
     noise, per pixel and channel in timm's (C, h, w) order, element k of the rectangle being number k of the stream
     keyed by the draw's noise seed (data/noise.py). One batch-wide pass over the erased pixels only: a table of the
     erased images (a row each, built on the host, so the device is never asked for a count), then each erased
-    element's image, position and noise, written with one put_."""
+    element's image, position and noise, written with one index_put_."""
+    images = images.contiguous()  # written through its flat view (a collated batch is contiguous already)
     erase = erase.to("cpu")
     index = (erase[:, 2] > 0).nonzero().squeeze(1)
     top, left, h, w, seed = erase[index].unbind(1)
@@ -131,7 +132,9 @@ def erase_(images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
     channel, within = offset // its_area, offset % its_area
     row, column = within // its_width, within % its_width
     target = its_first + channel * (height * width) + row * width + column
-    return images.put_(target, values[its_pairs * 2 + offset].to(images.dtype))
+    # index_put_, not put_: under trainer.deterministic CUDA refuses put_ and has a deterministic index_put_
+    images.view(-1).index_put_((target,), values[its_pairs * 2 + offset].to(images.dtype))
+    return images
 
 
 def model_input(images) -> torch.Tensor:
