@@ -178,7 +178,7 @@ def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark, part
             "deit_small": {"train_ips_deit_train": 1234.56, "framework_overhead": 0.031},
             "deit_base": {"train_ips_deit_train": 345.6, "cached_over_online": 5.25},
         },
-        "shared": {"ips_per_worker_loader_hf": 210.0},
+        "shared": {"ips_per_worker_loader_hf": 210.0, "run_loader_wait_ms": 3.14159, "run_cuda_syncs_per_step": 1.0},
         "seconds": {"deit_small/train": 10.0, "deit_base/train": 5.0},
         "gpu_tests": {"passed": 18, "skipped": 1, "failed": 0},
     }
@@ -188,6 +188,8 @@ def test_markdown_has_a_column_per_student_and_formats_each_unit(benchmark, part
     assert "| framework overhead, 1 - deit-train / bare | 3.1 % |  |" in table
     assert "| teacher.cache speed-up, cached / online |  | 5.25x |" in table
     assert "| input images/s per worker, deit-train, HF Arrow (save_to_disk) | 210.0 |" in table
+    assert "| real run: host ms between steps (loader wait, copy, input finish), per step | 3.1 |" in table
+    assert "| real run: CUDA synchronizing calls per step (profiler, whole steps) | 1 |" in table
     assert "18 passed, 1 skipped, 0 failed" in table and "Measured in 15 s" in table
 
 
