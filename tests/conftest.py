@@ -109,8 +109,8 @@ def on_device(view) -> torch.Tensor:
 
 def finished(view) -> tuple[torch.Tensor, torch.Tensor]:
     """A view as the device finishes it (on_device) and the mask of the pixels outside its erased rectangle. Inside
-    it both pipelines put normal noise, from other generators (the draw's own seed on the device;
-    tests/test_pixels.py shows it equal to timm's with the generator in that state)."""
+    it both pipelines put standard normal noise, from other generators (on the device the view's own counter-based
+    stream, data/noise.py; tests/test_pixels.py)."""
     image = on_device(view)
     top, left, h, w, _ = view.erase.tolist() if isinstance(view, ErasableView) else (0, 0, 0, 0, 0)
     outside = torch.ones(image.shape[-2:], dtype=torch.bool)

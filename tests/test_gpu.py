@@ -25,6 +25,7 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import ErasableView, model_input
@@ -76,10 +77,16 @@ def restore_backend_flags():
 
 @pytest.fixture
 def exact_fp32(monkeypatch):
-    """fp32 as the CPU computes it: no TF32 in matmuls or convolutions, whatever train() asks."""
+    """fp32 as the CPU computes it: no TF32 in matmuls or convolutions, whatever train() asks. The module's setup
+    turns TF32 on (tasks/module.py: fast_cuda_math, which sets the flags itself): it keeps only cuDNN's autotuner."""
+    import deit_train.tasks.module as module
+
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    monkeypatch.setattr(module, "fast_cuda_math", lambda: setattr(torch.backends.cudnn, "benchmark", True))
     torch.backends.cuda.matmul.allow_tf32 = False
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32  # kept to the end
 
 
 class CaptureSteps(L.Callback):
@@ -90,6 +97,19 @@ class CaptureSteps(L.Callback):
         self.break_gradients_at = break_gradients_at  # an inf in one gradient at this step (an fp16 overflow)
         self.losses, self.grads, self.before, self.after, self.ema, self.scales = [], [], [], [], [], []
         self.hyper: list[dict[str, dict]] = []  # per step and parameter: lr, weight_decay, eps of its group
+        self.dtypes: dict[str, set[torch.dtype]] = {"student": set(), "teacher": set()}  # of their layers' outputs
+
+    def on_train_start(self, trainer, pl_module):
+        """Record the dtype each Linear of the student and each Conv2d of the teacher computes in (under autocast
+        a half type: the mixed-precision steps are checked to be mixed, not fp32 within the tolerance)."""
+        networks = {
+            "student": (pl_module.student, nn.Linear),
+            "teacher": (getattr(pl_module, "teacher", None), nn.Conv2d),
+        }
+        for name, (network, kind) in networks.items():
+            for layer in network.modules() if network is not None else []:
+                if isinstance(layer, kind):
+                    layer.register_forward_hook(lambda m, i, out, name=name: self.dtypes[name].add(out.dtype))
 
     @staticmethod
     def weights(module) -> dict[str, torch.Tensor]:
@@ -207,15 +227,13 @@ def distill_step(tiny_config, random_teacher_checkpoint):
     """app_step of a soft-distillation run. Soft, not hard: the loss is smooth in the teacher's logits, where the
     argmax of a random teacher's near-tie could flip a target between devices and move a gradient by far more than
     the precision's error."""
-    # Random erasing's noise comes from each device's own generator (data/pixels.py): the devices compare on the same
-    # views without it (test_pixels.py checks the device-side erasing itself).
     teacher = [
         "loss=soft_distill",
         "teacher=timm",
         "teacher.name=resnet10t",
         f"teacher.checkpoint={random_teacher_checkpoint}",
         "teacher.unchecked_order=true",
-        "augment.reprob=0.0",
+        "augment.reprob=1.0",  # every view erased: the device's noise is the CPU's (data/noise.py)
     ]
 
     def make(device: torch.device, *overrides: str, run: str) -> Step:
@@ -250,6 +268,9 @@ def test_train_turns_on_tf32_and_cudnn_benchmark_and_the_step_stays_within_tf32_
 def test_mixed_precision_step_matches_the_cpu_fp32_step(distill_step, precision):
     cpu = distill_step(torch.device("cpu"), run="cpu")
     ours = distill_step(DEVICE, f"trainer.precision={precision}", run="gpu")
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    assert ours.capture.dtypes == {"student": {half}, "teacher": {half}}  # autocast on, the teacher under it too
+    assert cpu.capture.dtypes == {"student": {torch.float32}, "teacher": {torch.float32}}
     if precision == "16-mixed":  # the GradScaler's first scale, 2**16
         assert ours.capture.scales[0] == 2.0**16
     assert_step_matches(ours, cpu, TOLERANCE[precision])
@@ -288,8 +309,17 @@ def test_16_mixed_with_gradient_clipping_trains_unfused_and_matches_the_cpu(dist
 
 
 def test_compiled_student_gives_the_eager_loss_and_gradients(distill_step):
+    """compile=true compiles: dynamo captured the student's graph and AOTAutograd its backward (a compile that did
+    nothing would pass the comparison), in one graph without breaks; and the step equals the eager one."""
+    from torch._dynamo.utils import counters
+
     eager = distill_step(DEVICE, run="eager")
+    torch._dynamo.reset()
+    counters.clear()
     compiled = distill_step(DEVICE, "compile=true", run="compiled")
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["aot_autograd"]["total"] >= 1, dict(counters["aot_autograd"])
     assert_step_matches(compiled, eager, TOLERANCE["32-true"])
 
 
@@ -361,6 +391,29 @@ def test_the_cached_step_decodes_on_the_device_without_a_host_sync(tmp_path, kin
     assert all(t.device.type == "cpu" for t in stored.values())
 
 
+def test_the_finished_batch_on_the_device_equals_the_cpus_bit_for_bit_without_a_host_sync():
+    """Normalisation and random erasing on the device (data/pixels.py, the noise from data/noise.py): the same bits
+    as the CPU reference, erased rectangles included, and no synchronizing call (a batch-wide pass, not a loop)."""
+    from deit_train.data.pixels import normalize
+
+    from .test_pixels import erased_batch
+
+    batch = erased_batch(64, size=224)
+    batch.erase[::4] = 0  # some views not erased
+    cpu = model_input(batch)
+    assert not torch.equal(cpu, normalize(batch.pixels))  # erased: the check below covers the noise
+    pixels = batch.pixels.to(DEVICE)
+    model_input(ErasableView(pixels, batch.erase))  # the first call copies its constants there once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_device = model_input(ErasableView(pixels, batch.erase))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert on_device.device.type == DEVICE.type
+    assert torch.equal(on_device.cpu(), cpu)
+
+
 @pytest.fixture
 def teacher_calls(monkeypatch):
     """How often the teacher networks ran on training batches."""
@@ -402,9 +455,7 @@ def test_teacher_cache_filled_on_the_gpu_holds_the_cpu_teachers_outputs_and_is_r
     loader = datamodule.train_dataloader()
     loader.sampler.set_epoch(0)
     with torch.no_grad():  # not a training batch: teacher_calls leaves it out
-        # the views made on the device as the run made them (random erasing's noise is the device's), then the CPU
-        on_device = lambda view: model_input(ErasableView(view.pixels.to(DEVICE), view.erase)).cpu()  # noqa: E731
-        expected = [cpu_teacher(on_device(view)).logits for view, _, _ in loader]
+        expected = [cpu_teacher(model_input(view)).logits for view, _, _ in loader]  # the CPU's views: the same
     if loss == "hard_distill":
         agreement = (stored["labels"].long() == torch.stack([z.argmax(dim=1) for z in expected])).float().mean()
         assert agreement >= 0.95  # near-ties of a random teacher may flip under TF32
@@ -501,7 +552,7 @@ def test_two_gpu_nccl_ddp_trains_as_two_cpu_processes(tmp_path, cache_dir):
         if DEVICE.type == "cuda"
         else ["trainer=ddp_cpu", "trainer.devices=2"]
     )
-    same_views = "augment.reprob=0.0"  # random erasing's noise is each device's own (data/pixels.py)
+    same_views = "augment.reprob=1.0"  # every view erased: the device's noise is the CPU's (data/noise.py)
     output = run_ok(*gpu, "data.pin_memory=true", same_views, run_dir=tmp_path / "gpu", cache_dir=cache_dir)
     assert f"distributed_backend={'nccl' if DEVICE.type == 'cuda' else 'gloo'}" in output, output[-2000:]
     run_ok("trainer=ddp_cpu", "trainer.devices=2", same_views, run_dir=tmp_path / "cpu", cache_dir=cache_dir)

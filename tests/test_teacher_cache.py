@@ -1,6 +1,8 @@
 """Reproducible views and the teacher cache (teacher.cache=DIR): a run reading the cache trains exactly as one
 running the teacher, and nothing stale or broken is ever served."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -385,16 +387,15 @@ def test_a_run_limited_to_fewer_batches_keeps_the_full_epochs_files(distill, tmp
     assert names == ["epoch0000-rank0-batches2.safetensors", "epoch0000-rank0-batches5.safetensors"]
 
 
-def test_the_erasing_noises_device_is_part_of_the_fingerprint():
-    """The erased rectangles' noise is drawn on the device from each view's seed by a kernel whose numbers depend on
-    the device (data/pixels.py: noise_signature): with erasing on, another one is another cache; with it off, not."""
-    from deit_train.data.pixels import noise_signature
+def test_the_erasing_noises_generator_not_the_device_is_part_of_the_fingerprint():
+    """The erased rectangles' noise is a function of each view's seed, the same bits on every device
+    (data/noise.py; tests/test_pixels.py): with erasing on, the fingerprint names the generator, so another generator
+    is another cache; it names no device, so a cache filled on one GPU model or CPU serves another."""
+    from deit_train.data import noise
     from deit_train.teacher.cache import fingerprint_inputs
 
     teacher = torch.nn.Linear(2, 2)
-    here = noise_signature(torch.device("cpu"))
-    assert here == f"cpu:{torch.backends.cpu.get_cpu_capability()}"
-    for reprob, differs in ((0.25, True), (0.0, False)):
-        settings = {"augment": {"reprob": reprob}}
-        inputs = [fingerprint_inputs(settings, 1, "data", teacher, noise) for noise in (here, "cpu:DEFAULT")]
-        assert (inputs[0] != inputs[1]) is differs, reprob
+    for reprob, named in ((0.25, True), (0.0, False)):
+        inputs = fingerprint_inputs({"augment": {"reprob": reprob}}, 1, "data", teacher)
+        assert (inputs["erasing_noise"] == noise.GENERATOR) is named, reprob
+        assert torch.backends.cpu.get_cpu_capability() not in json.dumps(inputs)

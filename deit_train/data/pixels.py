@@ -6,10 +6,11 @@ erasing's random draws as a few integers beside them (ErasableView). The device 
 (model_input): float, ImageNet mean/std, and the erased rectangle filled with normal noise.
 
 The draws are made in the worker under the view's seed (data/views.py) with the calls, in the order, of timm's
-RandomErasing (mode pixel, one rectangle), so a view erases what the worker-side timm pipeline would erase; the
-noise is drawn on the device from a seed drawn with them, so it is a function of the view alone (not of the batch,
-the worker or the order of the steps). On the CPU, the device-side result equals timm's ToTensor, Normalize and
-RandomErasing with the noise generator in the same state, bit for bit (tests/test_pixels.py).
+RandomErasing (mode pixel, one rectangle), so a view erases the rectangle the worker-side timm pipeline would erase.
+The noise is timm's distribution (standard normal per pixel and channel, in normalised space) drawn from a
+counter-based generator (data/noise.py) keyed by a seed drawn with the rectangle: a function of the view alone (not
+of the batch, the worker, the order of the steps or the device: CPU and CUDA give the same bits), and made for the
+whole batch in a fixed number of ops, however many images are erased (tests/test_pixels.py).
 """
 
 import functools
@@ -18,6 +19,8 @@ import random
 from typing import NamedTuple
 
 import torch
+
+from deit_train.data import noise
 
 # ImageNet's channel mean and std (timm's IMAGENET_DEFAULT_MEAN/STD): the student's, teacher's, MIM pictures' and
 # exported preprocessors' normalisation. The one place they are written.
@@ -58,7 +61,7 @@ class DrawErasing:
             if w < width and h < height:
                 top = random.randint(0, height - h)
                 left = random.randint(0, width - w)
-                return [top, left, h, w, random.getrandbits(63)]
+                return [top, left, h, w, random.getrandbits(63)]  # the noise's seed (data/noise.py: stream_keys)
         return [0] * ERASE_FIELDS
 
     def __call__(self, pixels: torch.Tensor) -> ErasableView:
@@ -93,38 +96,52 @@ def full_scale(device: torch.device) -> torch.Tensor:
         return torch.tensor(255.0, dtype=torch.float32, device=device)
 
 
-def noise_signature(device: torch.device) -> str:
-    """What decides the erased rectangles' noise for a seed besides the seed: the device's generator and its kernel.
-    CPU: the vector instructions torch dispatches to (the normal_ kernel differs by them); CUDA: the GPU model and
-    its size (normal_'s launch grid, hence which numbers each element gets, follows the multiprocessor count)."""
-    if device.type == "cpu":
-        return f"cpu:{torch.backends.cpu.get_cpu_capability()}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"cuda:{props.name}:{props.multi_processor_count}x{props.max_threads_per_multi_processor}"
-    return device.type
-
-
-def erase_(images: torch.Tensor, erase: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill each image's drawn rectangle (ErasableView.erase, on the host: no device sync) with standard normal
-    noise, per pixel and channel, from a generator on the images' device seeded with the view's noise seed: as
-    timm's RandomErasing fills it (torch.empty((C, h, w)).normal_()) from a generator in that state."""
-    if generator is None:
-        generator = torch.Generator(device=images.device)
-    for index, (top, left, h, w, seed) in enumerate(erase.tolist()):
-        if h == 0:
-            continue
-        generator.manual_seed(seed)
-        noise = torch.empty((images.shape[1], h, w), dtype=images.dtype, device=images.device)
-        images[index, :, top : top + h, left : left + w] = noise.normal_(generator=generator)
+def erase_(images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
+    """Fill each image's drawn rectangle (ErasableView.erase, (N, ERASE_FIELDS) on the host) with standard normal
+    noise, per pixel and channel in timm's (C, h, w) order, element k of the rectangle being number k of the stream
+    keyed by the draw's noise seed (data/noise.py). One batch-wide pass over the erased pixels only: a table of the
+    erased images (a row each, built on the host, so the device is never asked for a count), then each erased
+    element's image, position and noise, written with one index_put_."""
+    images = images.contiguous()  # written through its flat view (a collated batch is contiguous already)
+    erase = erase.to("cpu")
+    index = (erase[:, 2] > 0).nonzero().squeeze(1)
+    top, left, h, w, seed = erase[index].unbind(1)
+    channels, height, width = images.shape[1:]
+    area = h * w
+    counts = area * channels  # the rectangles' elements; their noise comes in Box-Muller pairs
+    pairs = (counts + 1) // 2
+    total, total_pairs = int(counts.sum()), int(pairs.sum())
+    if total == 0:
+        return images
+    keys = noise.stream_keys(seed)
+    first = index * (channels * height * width) + top * width + left  # flat index of the rectangle's first pixel
+    rows = (counts.cumsum(0) - counts, area, w, first, pairs.cumsum(0) - pairs, keys[:, 0], keys[:, 1], counts, pairs)
+    table = torch.stack(rows)  # (9, erased images): each row contiguous
+    if images.device.type == "cuda":
+        table = table.pin_memory()  # a non-blocking copy from pageable memory may wait for the stream
+    table = table.to(images.device, non_blocking=True)
+    # the noise: each rectangle's pairs 0 .. pairs - 1 (output_size: no device sync)
+    pair_owner = torch.repeat_interleave(table[8], output_size=total_pairs)
+    pair_start, k0, k1 = table[4:7, pair_owner]
+    pair = torch.arange(total_pairs, device=images.device) - pair_start
+    values = noise.standard_normal_pairs(torch.stack([k0, k1], 1), pair).flatten()
+    # where each element goes: element k of a rectangle, (c, y, x) row-major, takes its number k
+    owner = torch.repeat_interleave(table[7], output_size=total)
+    its_start, its_area, its_width, its_first, its_pairs = table[:5, owner]
+    offset = torch.arange(total, device=images.device) - its_start
+    channel, within = offset // its_area, offset % its_area
+    row, column = within // its_width, within % its_width
+    target = its_first + channel * (height * width) + row * width + column
+    # index_put_, not put_: under trainer.deterministic CUDA refuses put_ and has a deterministic index_put_
+    images.view(-1).index_put_((target,), values[its_pairs * 2 + offset].to(images.dtype))
     return images
 
 
-def model_input(images, generator: torch.Generator | None = None) -> torch.Tensor:
+def model_input(images) -> torch.Tensor:
     """What the networks read, from what the loader gives: an ErasableView batch is normalised and erased, uint8
     pixels normalised; float images (made elsewhere, already normalised) pass unchanged."""
     if isinstance(images, ErasableView):
-        return erase_(normalize(images.pixels), images.erase, generator)
+        return erase_(normalize(images.pixels), images.erase)
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
         return normalize(images)
     return images

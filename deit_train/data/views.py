@@ -122,17 +122,9 @@ class ViewsOnDevice:
             return batch
         images = batch[0]
         if isinstance(images, ErasableView) or (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
-            generator = self.noise_generator(images.pixels) if isinstance(images, ErasableView) else None
-            images = model_input(images, generator)
+            images = model_input(images)
             trainer = getattr(self, "_trainer", None)
             if trainer is not None:
                 images = trainer.precision_plugin.convert_input(images)
             batch = (images, *batch[1:])
         return batch
-
-    def noise_generator(self, pixels: torch.Tensor) -> torch.Generator:
-        """One generator on the pixels' device for the erased rectangles' noise, re-seeded per view."""
-        generator = getattr(self, "_noise_generator", None)
-        if generator is None or generator.device != pixels.device:
-            generator = self._noise_generator = torch.Generator(device=pixels.device)
-        return generator

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from deit_train.data.pixels import noise_signature
+from deit_train.data import noise
 from deit_train.errors import DeitTrainError, StorageError
 from deit_train.teacher.network import member_img_sizes, teacher_members
 
@@ -133,16 +133,15 @@ def teacher_digest(members: nn.Module) -> str:
     return f"{tensor_digest(tensors)}:{architecture}:{sizes}"
 
 
-def fingerprint_inputs(settings: dict, world_size: int, data: str, teacher: nn.Module, noise: str) -> dict:
+def fingerprint_inputs(settings: dict, world_size: int, data: str, teacher: nn.Module) -> dict:
     """Everything that decides the teacher's input (the views) and output on each training batch. Random erasing's
-    noise is drawn on the device from the view's seed (data/pixels.py), by a kernel whose numbers depend on the
-    device (CPU or CUDA, the CPU's vector instructions, the GPU model): with erasing on, `noise`
-    (pixels.noise_signature) is part of the views."""
+    noise is a function of the view's seed, the same on every device (data/noise.py): with erasing on, the
+    generator's name is part of the views, the device is not."""
     erasing = bool(settings.get("augment", {}).get("reprob"))
     return {
         "format": CACHE_FORMAT,
         **settings,  # augment, image size, seed, batch, accumulation, precision, teacher name, encoding
-        "erasing_noise": noise if erasing else None,
+        "erasing_noise": noise.GENERATOR if erasing else None,
         "world_size": world_size,
         "data": data,
         "teacher_networks": teacher_digest(teacher),
@@ -306,11 +305,11 @@ class CacheSettings:
         }
         return cls(cfg.teacher.cache, encoding, config)
 
-    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast, noise: str) -> TeacherCache:
+    def open(self, world_size: int, rank: int, data: str, networks: nn.Module, broadcast) -> TeacherCache:
         """The cache of this run: the configuration plus world size, training data, the teacher networks' weights
-        and the erasing noise's device (fingerprint_inputs). Rank 0 hashes the data's identity and the teacher;
+        (fingerprint_inputs). Rank 0 hashes the data's identity and the teacher;
         `broadcast` gives the others its result."""
-        inputs = fingerprint_inputs(self.config, world_size, data, networks, noise) if rank == 0 else None
+        inputs = fingerprint_inputs(self.config, world_size, data, networks) if rank == 0 else None
         cache = TeacherCache(self.directory, broadcast(inputs, src=0), self.encoding, rank)
         log.info("teacher cache: %s", cache.root)
         return cache
@@ -337,7 +336,6 @@ class TeacherCacheCallback(L.Callback):
             data,
             self.teacher.members,
             trainer.strategy.broadcast,
-            noise_signature(pl_module.device),
         )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

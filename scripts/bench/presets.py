@@ -19,6 +19,10 @@ class Preset:
     repeats: int  # interleaved repeats of each measurement; the best counts
     eval_batches: int
     jpegs: int  # images of the pipeline row
+    # the real_run row: training steps per epoch and rank (1 warm-up, the timed ones, then the profiler's window)
+    run_steps: int = 12
+    run_window: int = 3
+    run_compile: bool = False
     model_overrides: tuple[str, ...] = ()
     compile_backend: str | None = None  # None: torch.compile's own (inductor)
     skip: dict[str, tuple[str, ...]] = field(default_factory=dict)  # student -> rows it leaves out
@@ -43,7 +47,8 @@ PRESETS = {
     ),
     # The paper's sizes (Touvron et al. 2021: global batch 1024 on 224 px, hard distillation from RegNetY-16GF);
     # per GPU as the official README's commands: DeiT-S 4 GPUs x 256, DeiT-B 2 nodes x 8 GPUs x 64. bf16 autocast.
-    # Budget: scripts/gpu_check.sh's 5 minutes on one GPU, tests included.
+    # scripts/gpu_check.sh runs DeiT-S only (--students deit_small), without the CPU's pipeline row, to hold its 5
+    # minutes on one GPU.
     "gpu": Preset(
         students={"deit_small": 256, "deit_base": 64},
         skip={"deit_base": ("compile",)},  # a second minute of compilation would not fit the 5 minutes
@@ -57,6 +62,7 @@ PRESETS = {
         repeats=1,
         eval_batches=10,
         jpegs=256,
+        run_compile=True,
     ),
     # The gpu preset's rows at tiny sizes: the dry run that proves the script on any machine. The student and
     # the teacher are the test suite's (tests/tiny.py). aot_eager: dynamo and AOTAutograd capture the student
@@ -73,6 +79,8 @@ PRESETS = {
         repeats=1,
         eval_batches=2,
         jpegs=32,
+        run_steps=5,
+        run_window=2,
         model_overrides=tuple(TINY_VIT),
         compile_backend="aot_eager",
     ),

@@ -19,6 +19,8 @@ def format_value(value: float, unit: str) -> str:
         "kib": f"{value:.1f}",
         "s": f"{value:.1f}",
         "bytes": f"{value:,.0f}",
+        "ms": f"{value:.1f}",
+        "count": f"{value:.4g}",
     }.get(unit, f"{value:.4g}")
 
 

@@ -14,7 +14,15 @@ import lightning as L
 import timm
 import torch
 
-from bench import cache_rows, compile_rows, eval_rows, pipeline_rows, teacher_layout_rows, train_rows
+from bench import (
+    cache_rows,
+    compile_rows,
+    eval_rows,
+    pipeline_rows,
+    real_run_rows,
+    teacher_layout_rows,
+    train_rows,
+)
 from bench.presets import Preset
 from bench.setting import Bench, make_batches
 from bench.timing import free_memory
@@ -30,11 +38,12 @@ STUDENT_ROWS: dict[str, Row] = {
 SHARED_ROWS: dict[str, Row] = {
     "teacher_layout": teacher_layout_rows.teacher_layout_rows,
     "pipeline": pipeline_rows.pipeline_rows,
+    "real_run": real_run_rows.real_run_rows,
 }
 # figure -> (label in the Markdown table, unit), in the rows' order
 FIGURES: dict[str, tuple[str, str]] = {
     key: label
-    for module in (train_rows, eval_rows, cache_rows, compile_rows, teacher_layout_rows, pipeline_rows)
+    for module in (train_rows, eval_rows, cache_rows, compile_rows, teacher_layout_rows, pipeline_rows, real_run_rows)
     for key, label in module.FIGURES.items()
 }
 

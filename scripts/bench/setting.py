@@ -40,12 +40,13 @@ class Bench:
         """One epoch: warm-up, timed steps, and the step whose start ends the timing."""
         return self.batches[: self.preset.warmup + self.preset.steps + 1]
 
-    def teacher_checkpoint(self, name: str) -> Path:
-        """A random `name` on the preset's classes as .safetensors, written once."""
-        path = self.tmp / f"teacher-{name}.safetensors"
+    def teacher_checkpoint(self, name: str, num_classes: int | None = None) -> Path:
+        """A random `name` on `num_classes` classes (default: the preset's) as .safetensors, written once."""
+        num_classes = num_classes or self.preset.num_classes
+        path = self.tmp / f"teacher-{name}-{num_classes}.safetensors"
         if not path.exists():
             torch.manual_seed(0)
-            network = timm.create_model(name, num_classes=self.preset.num_classes)
+            network = timm.create_model(name, num_classes=num_classes)
             save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
         return path
 

@@ -19,7 +19,7 @@ from bench.setting import Bench
 from bench.timing import Run, StepTimer, autocast, free_memory, synchronize
 from deit_train.models import build_student, forward_heads
 from deit_train.models.student import VIT_ARCHITECTURE_FIELDS
-from deit_train.teacher import build_teacher_network
+from deit_train.teacher import Teacher, build_teacher_network
 
 # figure -> (label in the Markdown table, unit: ips | share | ratio | mib | kib | s)
 FIGURES = {
@@ -65,13 +65,16 @@ def train_rows(bench: Bench) -> dict[str, float]:
 
 
 def bare_train(bench: Bench, cfg: DictConfig) -> tuple[Run, float]:
-    """The same step written by hand with the app's builders and optimizer, no sync inside the timed steps; then the
-    teacher's forward alone on the same batches. Returns (run, teacher seconds / step seconds)."""
+    """The same step written by hand with the app's builders, teacher precision and optimizer, no sync inside the
+    timed steps; then the teacher's forward alone on the same batches. Returns (run, teacher seconds / step seconds)."""
     preset, device = bench.preset, bench.device
     free_memory(device)
     torch.manual_seed(0)
     student = build_student(cfg.model, preset.num_classes).to(device).train()
     teacher = build_teacher_network(cfg.teacher, bench.class_names).to(device).eval()
+    # held in the precision deit-train holds it in (tasks/module.py's setup: bf16 weights under bf16-mixed), so
+    # that the overhead compares the same teacher forward
+    Teacher(teacher).hold_in(preset.precision)
     fused = {"fused": True} if device.type == "cuda" else {}  # as tasks/module.py's configure_optimizers
     optimizer = create_optimizer_v2(student, opt="adamw", lr=5e-4, weight_decay=0.05, **fused)
     timer = StepTimer(preset.warmup, preset.steps, device)
