@@ -3,7 +3,6 @@ value ends with exit status 2 and one line naming the key, the value and what is
 no run directory, and nothing changed in an existing one (busy, or finished and asked to resume)."""
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from deit_train.errors import DeitTrainError, error_boundary, fail
+from deit_train.results import format_metrics
 from deit_train.run_dir import RunLock, check_writable, finished_metrics, is_launch_leader, refuse_overwrite
 from deit_train.train import CONFIG_DIR, check_config, main
 
@@ -95,7 +95,7 @@ def check_command_line(args: list[str]) -> None:
         if (finished := finished_metrics(cfg, run_dir)) is not None:
             print(
                 f"deit-train: {run_dir} has finished its {cfg.trainer.max_epochs} epochs; resume=true leaves it "
-                f"as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}"
+                f"as it is (raise trainer.max_epochs to train on). Its metrics: {format_metrics(finished)}"
             )
             sys.exit(0)
     except (HydraException, OmegaConfBaseException) as error:

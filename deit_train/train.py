@@ -29,6 +29,7 @@ from deit_train.console import config_summary, quiet_console
 from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError, debugging, error_boundary
 from deit_train.models.checkpoints import read_run_checkpoint
+from deit_train.results import format_metrics, metrics_record
 from deit_train.run_dir import (
     RunLock,
     check_resume,
@@ -153,8 +154,8 @@ def train(cfg: DictConfig) -> TrainRun:
                 run_logger.experiment.finish()  # the next run of a sweep in this process starts its own W&B run
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         if trainer.is_global_zero:
-            write_metrics(metrics, output_dir)
-            log.info("final metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+            write_metrics(metrics_record(metrics, trainer), output_dir)
+            log.info("final metrics: %s", format_metrics(metrics))
     except BaseException:
         if leader and not started:
             lock.release()

@@ -140,7 +140,8 @@ class DeiTModule(TrainingModule):
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.ema.update(self.student, step=self.global_step)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Returns the prediction's logits, which the per-class results count (class_results.py)."""
         images, labels = batch
         cls_logits, dist_logits = forward_heads(self.student, images)
         logits = average_heads(cls_logits, dist_logits)
@@ -165,6 +166,7 @@ class DeiTModule(TrainingModule):
             for name, metric in self.val_ema_metrics.items():
                 metric(ema_logits, labels)
                 self.log(f"val_ema/{name}", metric)
+        return logits
 
 
 @dataclass
