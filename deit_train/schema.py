@@ -17,6 +17,7 @@ from typing import Any, get_args
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from deit_train.callbacks import check_callbacks
 from deit_train.errors import DeitTrainError
 
 
@@ -328,6 +329,7 @@ def check(cfg: DictConfig) -> None:
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
         raise refuse("model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}")
     check_teacher(cfg)
+    check_callbacks(cfg.callbacks)
     if cfg.loss.label_loss == "bce" and cfg.loss.bce_target_threshold is not None and cfg.augment.smoothing > 0:
         # Smoothing puts smoothing / classes on every class: above the threshold every target becomes 1, below it
         # the binarised targets are those without smoothing. Wrong or a no-op, never what was asked for.

@@ -18,6 +18,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
 from deit_train.errors import DeitTrainError
+from deit_train.flops import count_cpu_attention
 from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss
 from deit_train.models import (
@@ -119,7 +120,11 @@ class DeiTModule(TrainingModule):
             checkpoint["state_dict"] = {**teacher_state, **checkpoint["state_dict"]}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
+        """The model's prediction: the average of the class and distillation heads (DeiT section 4). In eval mode
+        through the student's own call (timm's forward averages the heads there), whose module hooks the model
+        summary reads for its per-layer sizes and FLOPs."""
+        if not self.training:
+            return self.student(images)
         return average_heads(*forward_heads(self.student, images))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -188,6 +193,9 @@ class Classify(Task):
     def build(self, cfg: DictConfig) -> Built:
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         module = self.build_module(cfg, datamodule.class_names)
+        # one image at the student's size: Lightning's model summary counts a prediction's FLOPs on it (flops.py)
+        module.example_input_array = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size)
+        count_cpu_attention()
         check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
 
