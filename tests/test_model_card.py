@@ -3,6 +3,7 @@ numbers against deit-eval's on best.ckpt, and a push received by a Hub on 127.0.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,33 @@ def test_help_offers_the_hub_push(capsys):
         main(["--help"])
     shown = capsys.readouterr().out
     assert exit_status.value.code == 0 and "--push-to-hub OWNER/NAME" in shown and "--private" in shown
+
+
+def cached_hub_repo(cache: Path, repo_id: str, folder: Path) -> Path:
+    """`folder` as huggingface_hub's cache holds a downloaded repo (models--OWNER--NAME/refs/main, snapshots/SHA)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_id_is_taken_where_a_checkpoint_path_is(run_dir, tmp_path, monkeypatch):
+    """model.init / teacher.checkpoint=OWNER/NAME: huggingface_hub's snapshot of the repo (here its cache, offline);
+    a deit-export repo gives its transformers/ folder. One not in the cache while offline: one line."""
+    from huggingface_hub import constants
+
+    from deit_train.errors import DeitTrainError
+    from deit_train.models.checkpoints import load_weights
+
+    exported = export(run_dir / "checkpoints" / "best.ckpt", tmp_path / "exported")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = cached_hub_repo(tmp_path / "hub", "me/deit-tiny", exported)
+    from_hub, local = load_weights("me/deit-tiny", "model.init"), load_weights(exported / "transformers")
+    assert from_hub.class_names == local.class_names and from_hub.state.keys() == local.state.keys()
+    assert all(from_hub.state[k].equal(local.state[k]) for k in local.state)
+    assert (snapshot / "transformers" / "config.json").is_file()
+    with pytest.raises(DeitTrainError, match=r"^model.init=me/absent: no such local path, and .* HF_HUB_OFFLINE"):
+        load_weights("me/absent", "model.init")
