@@ -193,9 +193,11 @@ class Classify(Task):
     def build(self, cfg: DictConfig) -> Built:
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         module = self.build_module(cfg, datamodule.class_names)
-        # one image at the student's size: Lightning's model summary counts a prediction's FLOPs on it (flops.py)
-        module.example_input_array = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size)
-        count_cpu_attention()
+        # one image at the student's size: Lightning's model summary counts a prediction's FLOPs on it (flops.py);
+        # not for a compiled student, which would compile again for it (the summary's FLOPs then read 0)
+        if not cfg.compile:
+            module.example_input_array = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size)
+            count_cpu_attention()
         check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
 
