@@ -2,6 +2,7 @@
 distillation x EMA x teacher cache x bf16 together, per-rank randomness, exact distributed validation, and
 two single-device launches acting as two nodes."""
 
+import csv
 import os
 import shutil
 import socket
@@ -237,6 +238,12 @@ def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo
     with torch.no_grad():
         loss = F.cross_entropy(trained.model(torch.stack(images)), torch.tensor(labels))
     assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # best.ckpt's per-class results, counted over both ranks: what one process counts for best.ckpt
+    best = load_trained_model(run_dir / "checkpoints" / "best.ckpt")
+    per_best = evaluate(best, open_eval_folder(data, "val", best), batch_size=7, num_workers=0)["per_class"]
+    with (run_dir / "per_class.csv").open() as file:
+        counted = {row["class"]: (int(row["images"]), int(row["correct"])) for row in csv.DictReader(file)}
+    assert counted == {r["class"]: (r["images"], r["correct"]) for r in per_best}
     print(
         f"2-process val/acc1 {metrics['val/acc1_percent']:.4f}% val/loss {metrics['val/loss']:.6f}; one process "
         f"acc1 {single_acc1:.4f}% loss {loss.item():.6f}"
