@@ -102,3 +102,21 @@ def test_deit_report_draws_a_run_that_logged_to_wandb_only(tmp_path, cache_dir):
     written = report(wandb_only, tmp_path / "out")
     assert written["figure"].stat().st_size > 10_000
     assert [epoch for epoch, _, _ in written["runs"][0].history["val/acc1"]] == [0, 1]
+
+
+def test_beyond_fifty_classes_the_figure_lists_the_worst_ones(tmp_path):
+    """60 classes: class k has 10 images, k % 11 of them right. The figure shows the 50 with the lowest accuracy,
+    worst at the top; the CSV keeps all 60."""
+    from deit_train.class_results import class_results, confusion_figure, write_class_results
+
+    names = [f"class{k:02d}" for k in range(60)]
+    confusion = torch.zeros(60, 60, dtype=torch.long)
+    for k in range(60):
+        confusion[k, k] = k % 11
+        confusion[k, (k + 1) % 60] = 10 - k % 11
+    write_class_results(confusion, names, tmp_path)
+    assert len(read_csv(tmp_path / "per_class.csv")) == 61 and (tmp_path / "confusion.png").is_file()
+    (axes,) = confusion_figure(confusion, class_results(confusion, names)).axes
+    shown = [label.get_text() for label in axes.get_yticklabels()][::-1]  # barh draws bottom-up
+    expected = sorted(names, key=lambda name: (int(name[5:]) % 11, int(name[5:])))[:50]
+    assert shown == expected
