@@ -11,7 +11,6 @@ transformers nor torchvision is imported before the config passed the schema).
 """
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -256,9 +255,11 @@ def checked_run(hydra_cfg):
     if run.leader:  # a rank the trainer started: the first process checked the directory
         finished = run.directory.check(cfg)
         if finished is not None:
+            from deit_train.results import format_metrics
+
             print(
                 f"deit-train: {run.directory.path} has finished its {cfg.trainer.max_epochs} epochs; resume=true "
-                f"leaves it as it is (raise trainer.max_epochs to train on). Its metrics: {json.dumps(finished)}"
+                f"leaves it as it is (raise trainer.max_epochs to train on). Its metrics: {format_metrics(finished)}"
             )
             sys.exit(0)
     return run

@@ -11,6 +11,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from deit_train.results import format_metrics
+
 log = logging.getLogger("deit_train")
 
 # Lightning's info lines and warnings that are noise here, each with why.
@@ -82,6 +84,9 @@ class EpochSummary(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if "/" in k and v.numel() == 1}
-        shown = [f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("train/loss_") and "step" not in k]
-        log.info("epoch %d: %s", trainer.current_epoch, ", ".join(shown))
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if "/" in k and v.numel() == 1 and not k.startswith("train/loss_") and "step" not in k
+        }
+        log.info("epoch %d: %s", trainer.current_epoch, format_metrics(metrics))

@@ -77,13 +77,15 @@ class Run:
         """Every refusal that needs no training, before anything is written. Raises DeitTrainError."""
         cfg = self.cfg
         schema.check(cfg)
+        from deit_train import tasks  # noqa: F401  (the built-in tasks' classes, which cfg.task names)
+        from deit_train.callbacks import check_callbacks
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
-        # the rules that build the object with its library (timm), after those that need no import
+        # the rules that build the object with its library (timm, Lightning), after those that need no import
         schema.check_optimizer(cfg.optim)
         schema.check_augment_policy(cfg.augment)
-        from deit_train import tasks  # noqa: F401  (the built-in tasks' classes, which cfg.task names)
+        check_callbacks(cfg.callbacks)
 
         try:
             self.task = instantiate(cfg.task)
@@ -155,10 +157,13 @@ class Run:
 
     # ----------------------------------------------------------------------------------------------------- record
     def record(self) -> dict[str, float]:
+        """metrics.json: the last epoch's and best.ckpt's (results.py); the last epoch's are returned."""
+        from deit_train.results import format_metrics, metrics_record
+
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
         if self.trainer.is_global_zero:
-            self.directory.write_metrics(metrics)
-            log.info("final metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+            self.directory.write_metrics(metrics_record(metrics, self.trainer))
+            log.info("final metrics: %s", format_metrics(metrics))
         return metrics
 
     # ------------------------------------------------------------------------------------------------------- all

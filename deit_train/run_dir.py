@@ -320,7 +320,9 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
     if stored.epoch is None or stored.epoch + 1 < cfg.trainer.max_epochs:
         return None
     check_resume(cfg, stored.config, None, None, log_changes=False)
-    return json.loads(metrics.read_text())
+    from deit_train.results import last_epoch_metrics
+
+    return last_epoch_metrics(json.loads(metrics.read_text()))
 
 
 def flatten(node: object, prefix: str = "") -> dict[str, object]:
@@ -384,7 +386,8 @@ def write_config(cfg: DictConfig, output_dir: Path) -> None:
         staging.replace(hydra_dir / name)
 
 
-def write_metrics(metrics: dict[str, float], output_dir: Path) -> None:
+def write_metrics(metrics: dict, output_dir: Path) -> None:
+    """metrics.json (results.py: metrics_record)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / ".metrics.json.tmp"
     staging.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -61,7 +61,7 @@ def test_outputs_are_checked_before_the_work_and_never_overwrite_other_files(che
     exported = tmp_path / "exported"
     assert tool("export", checkpoint, exported, "--onnx").returncode == 0
     assert tool("export", checkpoint, exported).returncode == 0  # replaces it, the earlier model.onnx included
-    assert sorted(p.name for p in exported.iterdir()) == ["timm", "transformers"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "timm", "transformers"]
     assert not list(tmp_path.glob(".exported.export-*"))  # the staging folder is gone
     assert_refused(tool("report", checkpoint.parents[1], "--out", tmp_path / "r.json"), 2, "--out", "is a file")
 

@@ -2,7 +2,7 @@
 distillation x EMA x teacher cache x bf16 together, per-rank randomness, exact distributed validation, and
 two single-device launches acting as two nodes."""
 
-import json
+import csv
 import os
 import shutil
 import socket
@@ -18,7 +18,7 @@ from deit_train.cli import layered
 from deit_train.models.trained_model import load_trained_model
 from deit_train.tools.evaluate import evaluate, open_eval_folder
 
-from .conftest import TINY, TINY_RUN, TINY_VIT, assert_metrics_reproduce
+from .conftest import TINY, TINY_RUN, TINY_VIT, assert_metrics_reproduce, last_epoch
 from .test_presets import PAPER, shrink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +142,8 @@ def test_distillation_with_ema_teacher_cache_and_bf16_on_two_processes(
     assert_ranks_agree(tmp_path / "ranks")
     for rank in (0, 1):  # the cache was filled by both ranks in the first epoch
         assert f"epoch 0, rank {rank}: 0 batches read, 5 computed" in output
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert {"val/acc1", "val_ema/acc1", "val/teacher_acc1"} <= set(metrics)
+    metrics = last_epoch(tmp_path / "run")
+    assert {"val/acc1_percent", "val_ema/acc1_percent", "val/teacher_acc1_percent"} <= set(metrics)
     assert sorted(p.name for p in tmp_path.glob("cache/*/epoch*")) == [
         f"epoch000{e}-rank{r}-batches5.safetensors" for e in (0, 1) for r in (0, 1)
     ]
@@ -227,20 +227,26 @@ def test_distributed_validation_counts_each_image_once(tmp_path, cache_dir, demo
         cache_dir=cache_dir,
         base=[*TINY_RUN, *TINY_VIT],
     )
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = last_epoch(run_dir)
     # The same checkpoint in one process: deit-eval's accuracy and the loss over all 39 images.
     trained = load_trained_model(run_dir / "checkpoints" / "last.ckpt")
     dataset = open_eval_folder(data, "val", trained)
     single = evaluate(trained, dataset, batch_size=7, num_workers=0)
-    single_acc1 = single["heads"]["average"]["top1"] / 100
-    assert metrics["val/acc1"] == pytest.approx(single_acc1, abs=1e-7)  # k / 39 for the same k
+    single_acc1 = single["heads"]["average"]["top1"]
+    assert metrics["val/acc1_percent"] == pytest.approx(single_acc1, abs=1e-5)  # 100 k / 39 for the same k
     images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     with torch.no_grad():
         loss = F.cross_entropy(trained.model(torch.stack(images)), torch.tensor(labels))
     assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # best.ckpt's per-class results, counted over both ranks: what one process counts for best.ckpt
+    best = load_trained_model(run_dir / "checkpoints" / "best.ckpt")
+    per_best = evaluate(best, open_eval_folder(data, "val", best), batch_size=7, num_workers=0)["per_class"]
+    with (run_dir / "per_class.csv").open() as file:
+        counted = {row["class"]: (int(row["images"]), int(row["correct"])) for row in csv.DictReader(file)}
+    assert counted == {r["class"]: (r["images"], r["correct"]) for r in per_best}
     print(
-        f"2-process val/acc1 {metrics['val/acc1']:.6f} val/loss {metrics['val/loss']:.6f}; one process "
-        f"acc1 {single_acc1:.6f} loss {loss.item():.6f}"
+        f"2-process val/acc1 {metrics['val/acc1_percent']:.4f}% val/loss {metrics['val/loss']:.6f}; one process "
+        f"acc1 {single_acc1:.4f}% loss {loss.item():.6f}"
     )
 
 
@@ -275,7 +281,7 @@ def test_two_single_device_launches_train_as_one_two_device_node(tmp_path, cache
     one, two = student_state(tmp_path / "one_node"), student_state(tmp_path / "two_nodes")
     for key in one:  # gloo may sum the gradients in another order across "nodes": fp32 rounding apart, equal
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6, msg=key)
-    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one_node", "two_nodes")]
+    metrics = [last_epoch(tmp_path / d) for d in ("one_node", "two_nodes")]
     assert metrics[0].keys() == metrics[1].keys()
     for key, value in metrics[0].items():  # the same predictions; the mean loss of those weights to fp32 rounding
         assert metrics[1][key] == (pytest.approx(value, rel=1e-6) if key == "val/loss" else value), key

@@ -25,6 +25,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from deit_train.errors import DeitTrainError
+from deit_train.models.hub import local_path
 from deit_train.models.transformers_format import is_transformers_state, transformers_to_timm
 
 StateDict = dict[str, torch.Tensor]
@@ -203,8 +204,9 @@ class Weights:
 
 
 def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
-    """Model weights from any accepted file or export directory, under timm's names, wrappers removed."""
-    path = Path(path).expanduser()
+    """Model weights from any accepted file or export directory (or a Hub model id: models/hub.py), under timm's
+    names, wrappers removed."""
+    path = local_path(path, flag)
     weights = load_export_directory(path, flag) if path.is_dir() else load_weights_file(path, flag)
     if is_transformers_state(weights.state):
         try:

@@ -49,7 +49,16 @@ class Classify(Task):
             check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
 
     def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
+        import torch
+
+        from deit_train.flops import count_cpu_attention
+
         module = self.build_module(cfg, datamodule.class_names)
+        # one image at the student's size: Lightning's model summary counts a prediction's FLOPs on it (flops.py);
+        # not for a compiled student, which would compile again for it (the summary's FLOPs then read 0)
+        if not cfg.compile:
+            module.example_input_array = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size)
+            count_cpu_attention()
         check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
 

@@ -98,7 +98,11 @@ class DeiTModule(TrainingModule):
             checkpoint["state_dict"] = {**teacher_state, **checkpoint["state_dict"]}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's prediction: the average of the class and distillation heads (DeiT section 4)."""
+        """The model's prediction: the average of the class and distillation heads (DeiT section 4). In eval mode
+        through the student's own call (timm's forward averages the heads there), whose module hooks the model
+        summary reads for its per-layer sizes and FLOPs."""
+        if not self.training:
+            return self.student(images)
         return average_heads(*forward_heads(self.student, images))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -144,7 +148,8 @@ class DeiTModule(TrainingModule):
             self.teacher_val_predictions.clear()
         self.teacher_val_order_changed = torch.tensor(False, device=self.device)
 
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Returns the prediction's logits, which the per-class results count (class_results.py)."""
         images, labels = batch
         cls_logits, dist_logits = forward_heads(self.student, images)
         logits = average_heads(cls_logits, dist_logits)
@@ -168,3 +173,4 @@ class DeiTModule(TrainingModule):
             for name, metric in self.val_ema_metrics.items():
                 metric(ema_logits, labels)
                 self.log(f"val_ema/{name}", metric)
+        return logits

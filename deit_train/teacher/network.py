@@ -1,8 +1,6 @@
 """The teacher's network, frozen: any timm classifier, with weights from a checkpoint or the timm hub, or a
 transformers image classifier directory (library=transformers, teacher=hf)."""
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -10,6 +8,7 @@ from torch import nn
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
+from deit_train.models.hub import local_path
 from deit_train.models.student import create_timm_model
 from deit_train.models.transformers_format import require_transformers
 
@@ -108,7 +107,7 @@ def build_transformers_classifier(directory: str, class_names: list[str]) -> Tra
     """AutoModelForImageClassification and AutoImageProcessor from `directory` (local files only), its id2label
     checked against the data's classes by name."""
     transformers = require_transformers("teacher=hf")
-    path, flag = Path(directory).expanduser(), f"teacher.name={directory}"
+    path, flag = local_path(directory, "teacher.name"), f"teacher.name={directory}"
     for needed in ("config.json", "preprocessor_config.json"):
         if not (path / needed).is_file():
             raise DeitTrainError(

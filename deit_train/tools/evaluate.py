@@ -1,9 +1,12 @@
-"""`deit-eval MODEL DATA`: top-1/top-5 of the class head, the distillation head and their average, and images/s.
+"""`deit-eval MODEL DATA`: top-1/top-5 of the class head, the distillation head and their average, per-class
+accuracy and the confusion matrix, and images/s.
 
 MODEL is a deit-train .ckpt or a deit-export directory; DATA an ImageFolder (one sub-folder per class), or a
 folder holding one as val/ (the training layout), or a local Hugging Face dataset (--split, default its
 validation split; data/sources/hf.py). Class folders are matched to the model's classes by name, so
-a subset of the classes may be evaluated. Results are printed as a table and, with --json, written as JSON.
+a subset of the classes may be evaluated. Results are printed as a table with the worst classes; --json writes
+them as JSON, --out DIR writes results.json with the per-class files (class_results.py: per_class.csv,
+confusion.csv, confusion.png).
 """
 
 import json
@@ -12,15 +15,16 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from deit_train.class_results import ClassResult, class_results, describe, worst_classes, write_class_results
 from deit_train.data.sources.hf import is_hf_dataset, open_hf_eval
 from deit_train.data.sources.imagefolder import ImageFolder
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.labels import normalisation_hint, shortened
 from deit_train.models import average_heads, forward_heads
 from deit_train.models.trained_model import TrainedModel, load_trained_model
-from deit_train.tools.arguments import ArgumentParser, at_least, writable_file, write_text
+from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir, writable_file, write_text
 
 
 def open_eval_folder(
@@ -64,6 +68,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
         name: {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, top5)}
         for name in ("class", "distillation", "average")
     }
+    confusion = MulticlassConfusionMatrix(num_classes).to(device)  # of the prediction (the average)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     model_seconds, images_seen, non_finite = 0.0, 0, 0
     for images, labels in loader:
@@ -84,6 +89,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
             if logits is not None:
                 for metric in metrics[name].values():
                     metric(logits, labels)
+        confusion(outputs["average"], labels)
     if images_seen == 0:
         raise DeitTrainError("the evaluation folder holds no images")
     if non_finite:
@@ -93,6 +99,7 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
         )
     if dist_logits is None:  # a single-head student: its one head is the prediction
         del metrics["class"], metrics["distillation"]
+    classes = class_results(confusion.compute(), trained.class_names)
     return {
         "images": images_seen,
         "images_per_second": images_seen / model_seconds,
@@ -101,6 +108,12 @@ def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: 
             name: {f"top{k}": 100 * metric.compute().item() for k, metric in head.items()}
             for name, head in metrics.items()
         },
+        "per_class": [  # the classes DATA has images of
+            {"class": r.name, "images": r.images, "correct": r.correct, "accuracy_percent": r.accuracy_percent}
+            for r in classes
+            if r.images
+        ],
+        "confusion": confusion.compute().cpu(),  # rows: true class, columns: predicted, the model's class order
     }
 
 
@@ -112,6 +125,9 @@ def format_table(result: dict) -> str:
     lines.append(
         f"{result['images']} images, {result['images_per_second']:.1f} images/s (model only, {result['device']})"
     )
+    if len(result["per_class"]) > 1:
+        seen = [ClassResult(r["class"], r["images"], r["correct"]) for r in result["per_class"]]
+        lines.append(f"worst classes (top-1 of the prediction): {describe(worst_classes(seen, 5))}")
     return "\n".join(lines)
 
 
@@ -130,10 +146,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=at_least(0), default=2)
     parser.add_argument("--ema", action="store_true", help="use a checkpoint's EMA weights")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="a new or empty folder: results.json, per_class.csv, confusion.csv (class names on both axes) and "
+        "confusion.png",
+    )
     args = parser.parse_args(argv)
     with error_boundary("deit-eval"):
-        if args.json:
-            writable_file(args.json, "--json")  # before the evaluation, not after it
+        if args.json:  # before the evaluation, not after it
+            writable_file(args.json, "--json")
+        if args.out:
+            new_output_dir(args.out, "--out")
         trained = load_trained_model(args.model, ema=args.ema)
         dataset = open_eval_folder(args.data, args.split, trained, args.image_column, args.label_column)
         result = {
@@ -141,9 +165,15 @@ def main(argv: list[str] | None = None) -> None:
             "data": dataset.root,
             **evaluate(trained, dataset, args.batch_size, args.num_workers),
         }
+        confusion = result.pop("confusion")
         print(format_table(result))
+        text = json.dumps(result, indent=2, default=str) + "\n"
         if args.json:
-            write_text(args.json, json.dumps(result, indent=2) + "\n")
+            write_text(args.json, text)
+        if args.out:
+            for path in write_class_results(confusion, trained.class_names, args.out.expanduser()):
+                print(f"written: {path}")
+            write_text(args.out / "results.json", text)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ OUT_DIR/transformers  the transformers class for what the checkpoint is (docs/in
 OUT_DIR/timm          timm.create_model("local-dir:OUT_DIR/timm", pretrained=True) loads it (a task=mim run: its
                       encoder), or the named architecture with pretrained_cfg_overlay=dict(file=.../model.safetensors).
 OUT_DIR/model.onnx    with --onnx: images (N, 3, H, W) -> logits (N, classes), the average of both heads.
+OUT_DIR/README.md     the model card (tools/model_card.py): the Hub's YAML header, the run's numbers, teacher, recipe,
+                      how to load it, the class names. --push-to-hub OWNER/NAME uploads OUT_DIR to the Hub.
 """
 
 import json
@@ -27,7 +29,7 @@ from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
 from deit_train.models import is_distilled
-from deit_train.models.checkpoints import non_finite
+from deit_train.models.checkpoints import non_finite, read_run_checkpoint
 from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.models.transformers_format import (
     CLASSIFIER_HEAD,
@@ -39,6 +41,7 @@ from deit_train.models.transformers_format import (
     why_no_transformers_class,
 )
 from deit_train.tools.arguments import ArgumentParser
+from deit_train.tools.model_card import CardFacts, check_repo_id, model_card, push_to_hub, run_facts
 
 log = logging.getLogger("deit_train")
 
@@ -149,6 +152,13 @@ def export_timm(trained: TrainedModel, directory: Path) -> None:
             "std": IMAGENET_STD,
         },
     )
+    # timm writes the architecture's pretrained_cfg, whose tag (fb_in1k), license and origin name the published
+    # ImageNet weights: these are not those. What describes the input (size, crop, mean, std) stays.
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("tag", "license", "hf_hub_id", "origin_url", "paper_ids", "paper_name", "notes", "source"):
+        config["pretrained_cfg"].pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def export_onnx(trained: TrainedModel, path: Path) -> None:
@@ -168,11 +178,36 @@ def export_onnx(trained: TrainedModel, path: Path) -> None:
     )
 
 
+def card_facts(source: str | Path, trained: TrainedModel, architecture: str | None, ema: bool, onnx: bool) -> CardFacts:
+    """What the model card says about `source`: a deit-train checkpoint's config and its run's results."""
+    facts = CardFacts(
+        trained.class_names,
+        trained.img_size,
+        "transformers" if architecture else "timm",
+        architecture,
+        ema=ema,
+        onnx=onnx,
+    )
+    path = Path(source).expanduser()
+    if path.is_file():
+        run = read_run_checkpoint(path, "CHECKPOINT")
+        facts.config = run.config or {}
+        for key, value in run_facts(path, run.epoch, ema).items():
+            setattr(facts, key, value)
+    return facts
+
+
 def export(
-    source: str | Path, out_dir: str | Path, ema: bool = False, onnx: bool = False, kind: str | None = None
+    source: str | Path,
+    out_dir: str | Path,
+    ema: bool = False,
+    onnx: bool = False,
+    kind: str | None = None,
+    repo_id: str | None = None,
+    license: str = "unknown",
 ) -> Path:
-    """Write `source` to OUT_DIR/transformers (as `kind`, else what it is), OUT_DIR/timm and, with `onnx`,
-    OUT_DIR/model.onnx."""
+    """Write `source` to OUT_DIR/transformers (as `kind`, else what it is), OUT_DIR/timm, OUT_DIR/README.md (the
+    model card, its snippets loading from the Hub repo `repo_id` when given) and, with `onnx`, OUT_DIR/model.onnx."""
     trained = load_trained_model(source, ema=ema, classifier=False)
     # every refusal before anything is written
     diverged = non_finite(trained.model.state_dict())
@@ -199,6 +234,8 @@ def export(
         export_timm(trained, staging / "timm")
         if onnx:
             export_onnx(trained, staging / "model.onnx")
+        card = model_card(card_facts(source, trained, architecture, ema, onnx), str(out_dir), repo_id, license)
+        card.save(staging / "README.md")
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in EXPORT_ENTRIES:  # an earlier export's files go, also those this one does not write
             target, staged = out_dir / name, staging / name
@@ -211,7 +248,8 @@ def export(
     return out_dir
 
 
-EXPORT_ENTRIES = {"transformers", "timm", "model.onnx"}
+EXPORT_ENTRIES = {"transformers", "timm", "model.onnx", "README.md"}
+EXPORT_FILES = {"model.onnx", "README.md"}
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -219,7 +257,7 @@ def check_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DeitTrainError(f"OUT_DIR {out_dir} is a file: give a folder to write the export into")
     entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
-    others = sorted(p.name for p in entries if p.name not in EXPORT_ENTRIES or p.is_dir() != (p.name != "model.onnx"))
+    others = sorted(p.name for p in entries if p.name not in EXPORT_ENTRIES or p.is_dir() == (p.name in EXPORT_FILES))
     if others:
         raise DeitTrainError(
             f"OUT_DIR {out_dir} holds other files ({', '.join(others[:3])}): give a new or empty "
@@ -240,11 +278,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema.decay)")
     parser.add_argument("--onnx", action="store_true", help="also write OUT_DIR/model.onnx")
+    hub = parser.add_argument_group("the Hugging Face Hub")
+    hub.add_argument(
+        "--push-to-hub",
+        metavar="OWNER/NAME",
+        help="upload OUT_DIR (model card included) to this Hub model repo, created if needed; the token from "
+        "`hf auth login` or HF_TOKEN",
+    )
+    hub.add_argument("--private", action="store_true", help="create the Hub repo private")
+    hub.add_argument(
+        "--license", default="unknown", help="the model card's license id (default: unknown), e.g. apache-2.0"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with error_boundary("deit-export"):
         check_output_dir(Path(args.out_dir).expanduser())  # before the checkpoint is read
-        out_dir = export(args.checkpoint, args.out_dir, ema=args.ema, onnx=args.onnx, kind=args.kind)
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
+        out_dir = export(
+            args.checkpoint,
+            args.out_dir,
+            ema=args.ema,
+            onnx=args.onnx,
+            kind=args.kind,
+            repo_id=args.push_to_hub,
+            license=args.license,
+        )
+        if args.push_to_hub:
+            print(f"pushed:       {push_to_hub(out_dir, args.push_to_hub, args.private)}")
     if (out_dir / "transformers").is_dir():
         hf_dir = out_dir / "transformers"
         architecture = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
@@ -253,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"timm:         timm.create_model('local-dir:{out_dir / 'timm'}', pretrained=True)")
     if args.onnx:
         print(f"onnx:         {out_dir / 'model.onnx'}")
+    print(f"model card:   {out_dir / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """`deit-report PATH [--out DIR]`: see a run, compare a sweep, with seeds aggregated.
 
-PATH is a run directory (what `deit-train` writes: `.hydra/`, `metrics.json`, `csv/` or `tensorboard/` logs) or a
-directory of runs (a `-m` sweep, local, Slurm or Optuna, or any folder of runs such as the demo's). For one run it
-draws its curves; for several it prints a Markdown table with one row per configuration (the overrides that differ
-between runs, `seed` aside): mean, standard deviation and number of seeds of each final metric, the best row
-marked, runs without `metrics.json` listed as failed; and draws every configuration's validation curve with its
-seeds as a band. A sweep's jobs that failed (their failed.json) are listed with their message, and those its
-multirun.yaml asked for that never ran as missing. Nothing but the files the runs already wrote is read.
+PATH is a run directory (what `deit-train` writes: `.hydra/`, `metrics.json`, `csv/`, `tensorboard/` or W&B logs
+under `wandb/`) or a directory of runs (a `-m` sweep, local, Slurm or Optuna, or any folder of runs such as the
+demo's). For one run it draws its curves and lists its worst classes (per_class.csv); for several it prints a
+Markdown table with one row per configuration (the overrides that differ between runs, `seed` aside): mean,
+standard deviation and number of seeds of each final metric (accuracies in %), the best row marked, runs without
+`metrics.json` listed as failed; and draws every configuration's validation curve with its seeds as a band. A
+sweep's jobs that failed (their failed.json) are listed with their message, and those its multirun.yaml asked for
+that never ran as missing. Nothing but the files the runs already wrote is read.
 """
 
 import csv
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from deit_train.class_results import ClassResult, describe, read_class_results, worst_classes
 from deit_train.errors import DeitTrainError, error_boundary
+from deit_train.results import BEST, LAST, in_percent, reported_name
 from deit_train.sweep_jobs import FAILED_NAME, Failure, expected_jobs, read_failure
 from deit_train.tools.arguments import ArgumentParser
 
@@ -31,17 +34,27 @@ VAL_CURVES = {  # metric -> legend label, in drawing order
     "val/teacher_acc1": "teacher",
     "val/agreement": "student-teacher agreement",
 }
-TABLE_METRICS = ("val/acc1", "val/acc1_cls", "val/acc1_dist", "val_ema/acc1", "val/acc5", "val/loss")
+# metrics.json's names (results.py): accuracies in percent
+TABLE_METRICS = (
+    "val/acc1_percent",
+    "val/acc1_cls_percent",
+    "val/acc1_dist_percent",
+    "val_ema/acc1_percent",
+    "val/acc5_percent",
+    "val/loss",
+)
 
 
 @dataclass
 class Run:
     directory: Path
     overrides: list[str]
-    metrics: dict[str, float] | None  # metrics.json; None: the run failed or is still running
+    metrics: dict[str, float] | None  # metrics.json's last epoch (accuracies in %); None: failed or still running
     failure: Failure | None = None  # a sweep job's failed.json
     optimized: tuple[str, str] = ("val/acc1", "max")  # task.optimized_metric, task.optimized_mode
     history: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # name -> (epoch, step, value)
+    best: dict | None = None  # metrics.json's best_checkpoint: its epoch and metrics
+    classes: list[ClassResult] | None = None  # per_class.csv: the best.ckpt epoch's per-class results
 
     def configuration(self, common: set[str] = frozenset()) -> str:
         """The overrides that make this run's configuration: those not shared by all runs, seed aside."""
@@ -95,16 +108,14 @@ def read_run(directory: Path) -> Run:
             lambda v: v is None or (isinstance(v, list) and all(isinstance(o, str) for o in v)),
         )
         overrides = overrides or []
+    best = None
     if (path := directory / "metrics.json").is_file():
-        metrics = read_file(
-            path,
-            json.loads,
-            "deit-train's metrics.json (an object of numbers)",
-            lambda v: (
-                isinstance(v, dict) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v.values())
-            ),
-        )
-    run = Run(directory, overrides, metrics, read_failure(directory))
+        record = read_file(path, json.loads, "deit-train's metrics.json (last_epoch: its metrics)", is_metrics_record)
+        if LAST not in record:  # written before metrics.json said its units: the last epoch's fractions
+            record = {LAST: in_percent(record)}
+        metrics = {k: v for k, v in record[LAST].items() if k != "epoch"}
+        best = record.get(BEST)
+    run = Run(directory, overrides, metrics, read_failure(directory), best=best, classes=read_class_results(directory))
     if run.failure is not None and not overrides:
         run.overrides = run.failure.overrides
     config_file = directory / ".hydra" / "config.yaml"
@@ -116,9 +127,28 @@ def read_run(directory: Path) -> Run:
     return run
 
 
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_metrics_record(value: object) -> bool:
+    """metrics.json as results.py writes it ({"last_epoch": {...}, "best_checkpoint": {...}}), or as earlier
+    versions did (one object of numbers)."""
+    if not isinstance(value, dict):
+        return False
+    if LAST not in value:
+        return all(is_number(x) for x in value.values())
+    parts = [value[LAST], *([value[BEST]] if BEST in value else [])]
+    return all(
+        isinstance(part, dict) and all(is_number(x) for k, x in part.items() if k not in ("path", "monitor"))
+        for part in parts
+    )
+
+
 def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
     """Every logged scalar of the run over all its launches (a resumed run writes version_1, ...): CSV logger
-    files, or TensorBoard event files when that is what the run used. Later launches replace repeated steps."""
+    files, else TensorBoard event files, else W&B run files, whichever the run used. Later launches replace
+    repeated steps."""
     history: dict[str, dict[int, tuple[int, int, float]]] = defaultdict(dict)
     versions = sorted(
         (p for p in directory.glob("csv/version_*/metrics.csv") if p.parent.name[8:].isdigit()),
@@ -140,6 +170,11 @@ def read_history(directory: Path) -> dict[str, list[tuple[int, int, float]]]:
     if not versions:
         for event_file in sorted(directory.glob("tensorboard/version_*/events.out.tfevents.*")):
             read_tensorboard(event_file, history)
+    if not history:  # offline runs (offline-run-<time>-<id>) and synced ones (run-<time>-<id>), in time order
+        for run_file in sorted(
+            directory.glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name.split("run-")[1]
+        ):
+            read_wandb(run_file, history)
     return {name: [points[k] for k in sorted(points)] for name, points in history.items()}
 
 
@@ -159,6 +194,17 @@ def read_tensorboard(event_file: Path, history: dict) -> None:
             epoch = epochs.get(event.step, 0)
             key = epoch if tag.startswith("val") else event.step
             history[tag][key] = (epoch, event.step, float(event.value))
+
+
+def read_wandb(run_file: Path, history: dict) -> None:
+    """The rows Lightning's WandbLogger logged: each carries trainer/global_step, and epoch where it was logged."""
+    from deit_train.tools.wandb_records import history_rows
+
+    for row in history_rows(run_file):
+        step, epoch = int(row.pop("trainer/global_step", 0)), int(row.pop("epoch", 0))
+        for name, value in row.items():
+            key = epoch if name.startswith("val") else step  # one validation per epoch
+            history[name][key] = (epoch, step, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +270,7 @@ def sweep_rows(runs: list[Run]) -> list[Row]:
         names = [m for m in TABLE_METRICS if finished and all(m in metrics for metrics in finished)]
         stats = {name: mean_std([metrics[name] for metrics in finished]) for name in names}
         rows.append(Row(configuration, members, stats))
-    metric, mode = runs[0].optimized
+    metric, mode = reported_name(runs[0].optimized[0]), runs[0].optimized[1]
     scored = [row for row in rows if metric in row.stats]
     if scored:
         best = (max if mode == "max" else min)(scored, key=lambda row: row.stats[metric][0])
@@ -244,8 +290,7 @@ def markdown_table(rows: list[Row], optimized: str) -> str:
                 cells.append("-")
                 continue
             mean, std, _ = row.stats[metric]
-            scale = 1 if metric.endswith("loss") else 100  # accuracies in %
-            cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
+            cells.append(f"{mean:.2f} ± {std:.2f}")
         failed = [run.directory.name for run in row.runs if run.metrics is None]
         cells.append(", ".join(failed) or "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -363,7 +408,8 @@ def report(path: Path, out: Path | None = None) -> dict:
             )
         if not run.history:
             raise DeitTrainError(
-                f"{run.directory} has no logs to draw: no csv/version_*/metrics.csv or tensorboard/ event files "
+                f"{run.directory} has no logs to draw: no csv/version_*/metrics.csv, tensorboard/ event files "
+                f"or wandb/*run-*/run-*.wandb "
                 f"(was it run with logger=null, or has it not finished an epoch yet?)"
             )
         figure_path = out / "report.png"
@@ -383,6 +429,23 @@ def report(path: Path, out: Path | None = None) -> dict:
     return {"runs": runs, "rows": rows, "table": table, "figure": figure_path, "missing": missing}
 
 
+def run_summary(run: Run, worst: int = 5) -> str:
+    """A run's last epoch, best.ckpt's epoch and its worst classes, as lines."""
+    shown = lambda metrics: ", ".join(  # noqa: E731
+        f"{k.removesuffix('_percent')} {v:.2f}%" if k.endswith("_percent") else f"{k} {v:.4g}"
+        for k, v in sorted(metrics.items(), key=lambda item: item[0].removesuffix("_percent"))
+        if is_number(v) and k != "epoch" and not math.isnan(v)
+    )
+    if run.metrics is None:
+        return f"{run.directory}: no metrics.json yet"
+    lines = [f"{run.directory}: last epoch: {shown(run.metrics)}"]
+    if run.best:
+        lines.append(f"best.ckpt (epoch {run.best.get('epoch')}): {shown(run.best)}")
+    if run.classes:
+        lines.append(f"worst classes (best.ckpt): {describe(worst_classes(run.classes, worst))}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="deit-report", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run directory or a directory of runs (a sweep)")
@@ -397,9 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     if "table" in written:
         print(written["table"])
     else:
-        run = written["runs"][0]
-        final = {k: round(v, 4) for k, v in (run.metrics or {}).items() if not math.isnan(v)}
-        print(f"{run.directory}: {final or 'no metrics.json yet'}")
+        print(run_summary(written["runs"][0]))
     print(f"figure: {written['figure']}")
 
 
