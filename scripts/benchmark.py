@@ -3,7 +3,7 @@
 Every row uses the same student, teacher, batch, image size, precision and in-memory batches (on the device, so
 that no row pays for a host-to-device copy). Per student:
   train    images/s of deit-train: the task's module (Classify.build_module), the trainer, callbacks and loggers
-           the app builds from the config groups (train.build_trainer, into a temporary run directory), the
+           the app builds from the config groups (run.build_trainer, into a temporary run directory), the
            teacher cache's callback; hard distillation. Against (a) the same math as a bare PyTorch loop (the
            app's student and teacher builders, the loss inline, the app's AdamW; framework_overhead =
            1 - deit-train / bare) and (b) the official DeiT training step written the official way (timm models,

@@ -4,6 +4,8 @@ outside the data sources asking which source it has."""
 import ast
 from pathlib import Path
 
+import pytest
+
 import deit_train
 
 PACKAGE = Path(deit_train.__file__).parent
@@ -65,3 +67,25 @@ def test_no_module_imports_itself_back_through_others():
     known = modules()
     graph = {name: imports(path, set(known)) - {name} for name, path in known.items()}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+@pytest.mark.slow  # about 80 interpreters, each importing torch
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """A user's script imports any module first (import deit_train.tasks.mim, say): each does, in a fresh interpreter,
+    with the package __init__ files it runs on the way. The cycle test above cannot see a cycle through an __init__
+    (deit_train.mim.task failed: tasks/__init__ imported it, and it imported tasks.module)."""
+    import subprocess
+    import sys
+
+    names = sorted(name for name in modules() if name != "deit_train.__main__")
+    script = (
+        "import importlib, subprocess, sys\n"
+        "failed = []\n"
+        f"for name in {names!r}:\n"
+        "    done = subprocess.run([sys.executable, '-c', f'import {name}'], capture_output=True, text=True)\n"
+        "    if done.returncode:\n"
+        "        failed.append((name, done.stderr.strip().splitlines()[-1]))\n"
+        "print(failed)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1500)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
