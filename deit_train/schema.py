@@ -88,8 +88,11 @@ class ModelConfig:
     pretrained: bool = False  # timm hub weights (needs network)
     # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, an export directory
     init: str | None = None
-    # true: keep model.init's heads although its weights name no classes and, on a sample of the validation data, its
-    # top-1 is not clearly above chance or fits another class order better (labels.py); false refuses such heads
+    # model.init's heads are kept where its classes are the data's (rows picked by name), else start fresh:
+    # {name in the weights: name in the data, ...} keeps them for classes that correspond under other names
+    init_class_map: dict[str, str] | None = None
+    # true: keep the heads of model.init weights that name no classes although, on a sample of the validation data,
+    # their outputs fit another class order (labels.py); false starts them fresh
     init_unchecked_order: bool = False
     img_size: int = checked(224, IMAGE_SIZE)  # the training and eval resolution
     # ViT architecture: set for DeiT models, null for other timm models (their architecture's own)
@@ -136,7 +139,7 @@ class TeacherConfig:
     img_size: int | None = checked(None, TEACHER_IMAGE_SIZE)  # the resolution the teacher sees; null: the student's
     cache: str | None = None  # DIR: the teacher's outputs on the training views, stored once and read after
     # true: train with a teacher (or member) whose weights name no classes although, on a sample of the validation
-    # data, its top-1 is not clearly above chance or fits another class order better (labels.py); false refuses it
+    # data, its outputs fit another class order (labels.py); false refuses it
     unchecked_order: bool = False
     # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
     cache_topk: int | None = checked(None, Range(0, None, "a number of classes >= 0 (0: full logits)"))
