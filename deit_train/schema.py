@@ -88,9 +88,10 @@ class ModelConfig:
     pretrained: bool = False  # timm hub weights (needs network)
     # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, an export directory
     init: str | None = None
-    # model.init's heads are kept where its classes are the data's (rows picked by name), else start fresh:
-    # {name in the weights: name in the data, ...} keeps them for classes that correspond under other names
-    init_class_map: dict[str, str] | None = None
+    # model.init's heads are kept where its classes are the data's (rows picked by name), else start fresh. Classes
+    # that correspond under other names: {name_in_weights: name_in_data, ...}, or [[name in weights, name in data],
+    # ...] for names Hydra cannot write as keys (spaces, quotes)
+    init_class_map: Any = None
     # true: keep the heads of model.init weights that name no classes although, on a sample of the validation data,
     # their outputs fit another class order (labels.py); false starts them fresh
     init_unchecked_order: bool = False

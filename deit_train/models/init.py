@@ -15,6 +15,7 @@ decided once the data's classes are known (settle_heads; build_student does not 
 
 import logging
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +94,11 @@ def initialize_from(student: nn.Module, source: str) -> None:
     load_into(student, state, f"model.init={source}", "student")
 
 
-def settle_heads(student: nn.Module, class_names: list[str], class_map: dict | None = None) -> KeptHeads | None:
+def settle_heads(student: nn.Module, class_names: list[str], class_map: object = None) -> KeptHeads | None:
     """model.init's heads on the data's classes: by name where the weights name their classes (each data class takes
     the row of its name, after `class_map`: {the weights' name: the data's}; none for some: both heads fresh, one
     line), else returned for the check on the data (tasks/classify.py). Refuses a class map that does not fit."""
+    class_map = pairs(class_map)
     kept = getattr(student, "kept_heads", None)
     if kept is None:
         if class_map:
@@ -133,6 +135,21 @@ def settle_heads(student: nn.Module, class_names: list[str], class_map: dict | N
             len(kept.class_names),
         )
     return None
+
+
+def pairs(class_map: object) -> dict[str, str]:
+    """model.init_class_map as {name in the weights: name in the data}: from a mapping, or from [[name, name], ...]."""
+    if class_map is None:
+        return {}
+    if isinstance(class_map, Mapping):
+        return {str(theirs): str(ours) for theirs, ours in class_map.items()}
+    is_pair = lambda pair: isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2  # noqa: E731
+    if isinstance(class_map, Sequence) and not isinstance(class_map, str) and all(map(is_pair, class_map)):
+        return {str(theirs): str(ours) for theirs, ours in class_map}
+    raise DeitTrainError(
+        f"model.init_class_map={class_map!r}: give {{name_in_weights: name_in_data, ...}}, or "
+        f"[[name in weights, name in data], ...] for names with spaces"
+    )
 
 
 def rows_by_name(kept: KeptHeads, class_names: list[str], class_map: dict) -> tuple[list[int], list[str]]:
