@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deit_train.data import DeiTDataModule
 from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
+from deit_train.data.sources import DataSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import order_on_data, sample_size
 from deit_train.losses import DistillationLoss
@@ -187,7 +188,7 @@ class Classify(Task):
         datamodule = DeiTDataModule(cfg.data, cfg.augment, img_size=cfg.model.img_size, seed=cfg.seed)
         module = self.build_module(cfg, datamodule.class_names)
         check_label_order(cfg, datamodule, module.teacher, module.student)
-        return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
+        return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes, datamodule.source))
 
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
@@ -309,9 +310,11 @@ def check_label_order(
             )
 
 
-def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:
+def cache_callbacks(
+    cfg: DictConfig, teacher: Teacher | None, num_classes: int, source: DataSource
+) -> list[TeacherCacheCallback]:
     """teacher.cache's callback, when the run has a teacher and a cache."""
     if teacher is None or not cfg.teacher.cache:
         return []
     tau = ensemble_tau(cfg) if len(teacher.members) > 1 else None
-    return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau), teacher)]
+    return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau, source), teacher)]
