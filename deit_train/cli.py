@@ -129,4 +129,5 @@ def one_line(error: Exception) -> str:
 def cli() -> None:
     """deit-train: check the command line, then run (train.main)."""
     refuse_bad_command_line(sys.argv[1:])
-    main()
+    with error_boundary("deit-train"):  # what escapes Hydra: a Ctrl-C of a launcher in this process (joblib's)
+        main()
