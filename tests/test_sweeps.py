@@ -255,7 +255,8 @@ def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(
 @pytest.mark.slow
 def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache_dir):
     """Each failed trial is recorded and told to the study as the worst value: the search runs all its trials and
-    ends with the summary line, not Optuna's "No trials are completed yet" traceback."""
+    ends with the summary line, not Optuna's "No trials are completed yet" traceback, and leaves no best
+    parameters."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
         "hparams_search=optuna",
@@ -268,7 +269,11 @@ def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output
-    assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 ("), last
+    # no best parameters: Optuna's would be a failed trial's, best_value -inf
+    assert "None finished, so the search has no best parameters (optimization_results.yaml" in last, last
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
     for job in ("0", "1"):
         assert "loss.alpha=1.5" in json.loads((tmp_path / "sweep" / job / "failed.json").read_text())["message"]
 
