@@ -4,6 +4,7 @@ no run directory, and nothing changed in an existing one (busy, or finished and 
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -123,6 +124,13 @@ def one_line(error: Exception) -> str:
         lines.append(f"{full_key.rsplit('.', 1)[0]} takes: {keys}")
     elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
+    tilde = re.search(r"([\w.+/@-]+)=(~\S*)", text) if "LexerNoViableAltException" in text else None
+    if tilde:  # data.root=~/data: the shell expands ~ only after the = of a plain name, not of a dotted key
+        key, value = tilde.groups()
+        lines.append(
+            f"the shell left ~ unexpanded and Hydra's grammar refuses it: write {key}=$HOME{value[1:]} or an "
+            f"absolute path, or quote it for Hydra: \"{key}='{value}'\""
+        )
     return " | ".join(lines)
 
 
