@@ -112,7 +112,7 @@ def settle_heads(student: nn.Module, class_names: list[str], class_map: object =
                 f"with its class names (a deit-train checkpoint or export names them), or drop the map"
             )
         return kept
-    rows, missing = rows_by_name(kept, class_names, class_map or {})
+    rows, missing = rows_by_name(kept, class_names, class_map)
     if missing and class_map:
         raise DeitTrainError(
             f"model.init_class_map: the data's classes {shortened(missing)} have no row in model.init={kept.source}'s "

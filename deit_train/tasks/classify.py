@@ -4,6 +4,7 @@ loss."""
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,10 +238,10 @@ class OrderSubject:
 
     what: str
     network: nn.Module
-    predict: object
+    predict: Callable[[torch.Tensor], torch.Tensor]
     unnamed: str | None = None
     option: str | None = None
-    instead: object = None
+    instead: Callable[[str], None] | None = None
 
 
 def check_label_order(
