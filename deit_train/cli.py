@@ -12,6 +12,7 @@ transformers nor torchvision is imported before the config passed the schema).
 
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def cli() -> None:
     if any(arg.startswith("-") for arg in args) or is_sweep(args):
         from deit_train.train import main
 
-        main()
+        with error_boundary("deit-train"):  # what escapes Hydra: a Ctrl-C of a launcher in this process (joblib's)
+            main()
         return
     run_single(args)
 
@@ -316,4 +318,11 @@ def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: A
         lines.append(f"{full_key.rsplit('.', 1)[0]} takes: {keys}")
     elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
+    tilde = re.search(r"([\w.+/@-]+)=(~\S*)", text) if "LexerNoViableAltException" in text else None
+    if tilde:  # data.root=~/data: the shell expands ~ only after the = of a plain name, not of a dotted key
+        key, value = tilde.groups()
+        lines.append(
+            f"the shell left ~ unexpanded and Hydra's grammar refuses it: write {key}=$HOME{value[1:]} or an "
+            f"absolute path, or quote it for Hydra: \"{key}='{value}'\""
+        )
     return " | ".join(lines)

@@ -107,7 +107,10 @@ def end_child_processes() -> None:
         # torch's DataLoader handler would raise "worker killed by signal" for the workers this kills
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
-        child.kill()
+        try:
+            child.kill()
+        except AttributeError:  # loky's processes (joblib's launcher, the sweep's workers) can only terminate()
+            child.terminate()
         child.join(timeout=5)
 
 

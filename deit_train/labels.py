@@ -8,8 +8,9 @@ positions that differ) and why it likely happened: names that differ only by Uni
 spell "é" as one code point or two, and macOS file names come in NFD), or the same names in numeric rather than
 string order (0, 1, 2, ..., 10 against 0, 1, 10, 11, 2, ...: timm and torchvision sort class folders as strings).
 
-`order_on_data` scores a network without class names (a plain state dict, a transformers `LABEL_k` config) on a
-sample of the validation data: the only check left for its class order.
+`order_on_data` checks a network without class names (a plain state dict, a transformers `LABEL_k` config) on a
+stratified sample of the validation data, the only check left for its class order: the best one-to-one reading of
+its outputs as the data's classes, refused where it differs from the data's order with evidence (OrderCheck).
 """
 
 import logging
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deit_train.errors import DeitTrainError
@@ -104,12 +106,39 @@ def check_same_classes(
 
 # ---- on the data: a network without class names ------------------------------------------------------------------
 
-SAMPLE_IMAGES = 256  # a few batches of the validation set: enough to tell a teacher from chance (see OrderCheck)
-SIGNIFICANCE = 1e-3  # the chance of refusing a network whose order is right, or of passing one at chance
+SIGNIFICANCE = 1e-3  # the chance of refusing a network whose outputs are in the data's order
+
+
+def sample_size(num_classes: int) -> int:
+    """Validation images the order check reads (all of a smaller split): 16 per class, at least 512, at most 2048.
+    What these sizes can show: docs/troubleshooting.md ("class order")."""
+    return min(max(16 * num_classes, 512), 2048)
+
+
+def stratified_indices(targets: Sequence[int], images: int, seed: int) -> list[int]:
+    """Up to `images` positions of a split whose labels are `targets`, covering its classes evenly: a seeded random
+    image of each class in turn (a class out of images drops out), the class order itself drawn anew each round.
+    Validation sets are often stored class by class: their first images would be a few classes."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for position, label in enumerate(targets):
+        by_class.setdefault(int(label), []).append(position)
+    queues = [
+        [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        for _, members in sorted(by_class.items())
+    ]
+    chosen: list[int] = []
+    for round_ in range(max(map(len, queues), default=0)):
+        for queue in (queues[i] for i in torch.randperm(len(queues), generator=generator).tolist()):
+            if round_ < len(queue):
+                chosen.append(queue[round_])
+        if len(chosen) >= images:
+            break
+    return chosen[:images]
 
 
 def binomial_tail(successes: int, trials: int, p: float) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, p), exactly (trials is at most a few hundred)."""
+    """P(X >= successes) for X ~ Binomial(trials, p), exactly (trials is at most a few thousand)."""
     if successes <= 0:
         return 1.0
     p = min(max(p, 1e-12), 1 - 1e-12)
@@ -121,47 +150,139 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
         + (trials - k) * math.log1p(-p)
         for k in range(successes, trials + 1)
     ]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+    top = max(log_terms, default=-math.inf)
+    return 0.0 if top == -math.inf else min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def best_reading(confusion: np.ndarray) -> np.ndarray:
+    """The one-to-one reading of a network's outputs as the data's classes that gets the most images right:
+    reading[o] = the class output o is read as, from confusion[o, c] = images of class c the network labels o
+    (scipy's linear_sum_assignment). Ties go to the data's order, then to the reading that moves fewest outputs: a
+    bonus of 1/(2K) per output left in place is less than one image in all."""
+    from scipy.optimize import linear_sum_assignment  # here: scipy takes a while to import, and few runs need it
+
+    classes = len(confusion)
+    bonus = np.eye(classes) / (2 * classes)
+    outputs, read_as = linear_sum_assignment(confusion + bonus, maximize=True)
+    return read_as[np.argsort(outputs)]
+
+
+def cycles(reading: np.ndarray) -> list[list[int]]:
+    """The moved outputs of a reading, by cycle (o -> reading[o] -> ...): each cycle can be undone alone."""
+    seen, found = set(), []
+    for start in np.flatnonzero(reading != np.arange(len(reading))).tolist():
+        cycle, output = [], start
+        while output not in seen:
+            seen.add(output)
+            cycle.append(output)
+            output = int(reading[output])
+        if cycle:
+            found.append(cycle)
+    return found
+
+
+def sign_test(confusion: np.ndarray, reading: np.ndarray, outputs: list[int]) -> float:
+    """P-value that `reading` of `outputs` gets more images right than the data's order: of the images these outputs
+    label, those right under one reading only are wins (confusion[o, reading[o]]) or losses (confusion[o, o]); under
+    the data's order each is a win with probability at most 1/2, so P(Binomial(wins + losses, 1/2) >= wins)."""
+    wins = int(sum(confusion[o, reading[o]] for o in outputs))
+    losses = int(sum(confusion[o, o] for o in outputs))
+    return binomial_tail(wins, wins + losses, 0.5)
+
+
+def evidence(reading: np.ndarray, confusion: np.ndarray) -> float:
+    """P-value, on a sample `reading` was not chosen on, that it beats the data's order: the smallest sign test of
+    all its moves together and of each of its cycles, times their number (Bonferroni)."""
+    groups = cycles(reading)
+    if len(groups) > 1:
+        groups.append([o for cycle in groups for o in cycle])
+    if not groups:
+        return 1.0
+    return min(1.0, len(groups) * min(sign_test(confusion, reading, outputs) for outputs in groups))
+
+
+@dataclass
+class Move:
+    """An output that fits another class: what the network calls `output` is class `read_as` on the data, with the
+    sample's images right read so (`right_moved`) and as it stands (`right_as_is`)."""
+
+    output: int
+    read_as: int
+    right_moved: int
+    right_as_is: int
 
 
 @dataclass
 class OrderCheck:
-    """A network's top-1 on a sample of labelled validation images, against what a network whose outputs are unrelated
-    to the labels would score.
+    """Whether a network's outputs are in the data's class order, estimated on a labelled validation sample.
 
-    Chance: a label-blind network that predicts class k as often as this one does is right with probability
-    p0 = sum_k f_label(k) f_predicted(k) (the agreement expected by chance, as in Cohen's kappa), 1/K for balanced
-    labels; it accounts for a sample that holds few classes (validation sets stored class by class) and for a
-    network that predicts one class always. Its correct count is then Binomial(n, p0); the network is "clearly above
-    chance" when scoring at least as many correct that way has probability below SIGNIFICANCE (0.1%).
+    The confusion C[o, c] counts the sample's images of class c the network labels o. The best one-to-one reading
+    of outputs as classes (best_reading) is the data's order itself for a network whose outputs are in it, up to
+    noise; a network trained with its classes in another order fits the order it was trained in. The test, so that
+    noise alone refuses with probability at most SIGNIFICANCE (0.1%):
 
-    Another order: a network trained with its classes in numeric order (0, 1, 2, ..., 10) read in string order (0, 1,
-    10, ...) still scores above chance on the classes whose index both orders share (15.3% instead of 63.9% on 12
-    classes). Its top-1 is therefore also read under the other usual orders of the data's names; an order that wins
-    on clearly more images (an exact sign test on the images where the two readings disagree, at SIGNIFICANCE) is
-    named."""
+    - H0: the outputs are in the data's order: an image the network labels o is at least as likely to be of class
+      o as of any other class (what "output o means class o" promises of any network better than a label-blind one).
+    - The sample is split in two halves, stratified (alternate images of each class). The best reading is chosen on
+      one half and tested on the other with sign_test (evidence: all its moves together, and each cycle of them,
+      Bonferroni), then the other way round; p = 2 x the smaller (Bonferroni). Choosing and testing on the same
+      images would find a "better" order for any network near chance.
+    - Refused when p < SIGNIFICANCE; the refusal names the moves of the best reading on the whole sample, each with
+      its images right moved against as it stands.
+
+    What it cannot tell: a move shows only where the moved classes have images in both halves and the network labels
+    them mostly right, so a swap of two classes needs about 12 images of them, right in order, in each half (p =
+    4 x 2^-w for w wins and no losses: w >= 12); weaker networks need more. A network at chance, a sample without
+    some classes or a network that confuses two classes as often as it tells them apart is accepted: nothing shows it
+    to be misordered. Chance (logged, and warned of when the top-1 is not clearly above it): a label-blind network
+    that predicts class k as often as this one does is right with probability p0 = sum_k f_label(k) f_predicted(k)
+    (Cohen's kappa's chance agreement), which holds for any class imbalance of the sample."""
 
     images: int
-    correct: int
+    correct: int  # right with the outputs in the data's order
     chance: float
-    p_value: float
-    better_order: tuple[str, int] | None = None  # (which order, correct under it)
+    p_value: float  # that a reading other than the data's order is better
+    moves: list[Move]  # the best reading on the whole sample
+    class_names: list[str]
+
+    @property
+    def refused(self) -> bool:
+        return self.p_value < SIGNIFICANCE
+
+    @property
+    def above_chance(self) -> bool:
+        return binomial_tail(self.correct, self.images, self.chance) < SIGNIFICANCE
+
+    def describe(self) -> str:
+        text = f"top-1 {100 * self.accuracy:.1f}% on {self.images} validation images (chance: {100 * self.chance:.1f}%)"
+        if not self.refused:
+            return text
+        best = self.correct + sum(move.right_moved - move.right_as_is for move in self.moves)
+        name = lambda k: ascii(self.class_names[k])  # noqa: E731
+        shown = ", ".join(
+            f"{name(m.output)} as {name(m.read_as)} ({m.right_moved} images against {m.right_as_is})"
+            for m in self.moves[:SHOWN]
+        )
+        more = f", and {len(self.moves) - SHOWN} more" if len(self.moves) > SHOWN else ""
+        order = self.usual_order()
+        return (
+            f"{text}; {100 * best / self.images:.1f}% with its outputs read in another order{order}, which moves "
+            f"{len(self.moves)} of {len(self.class_names)} classes: {shown}{more} (p = {self.p_value:.1g})"
+        )
 
     @property
     def accuracy(self) -> float:
         return self.correct / max(1, self.images)
 
-    @property
-    def passed(self) -> bool:
-        return self.p_value < SIGNIFICANCE and self.better_order is None
-
-    def describe(self) -> str:
-        text = f"top-1 {100 * self.accuracy:.1f}% on {self.images} validation images (chance: {100 * self.chance:.1f}%)"
-        if self.better_order is not None:
-            order, correct = self.better_order
-            text += f", {100 * correct / self.images:.1f}% if its outputs are read in {order}"
-        return text
+    def usual_order(self) -> str:
+        """ " (the data's names in numeric order)" where the best reading is one of the usual orders, else ""."""
+        reading = list(range(len(self.class_names)))
+        for move in self.moves:
+            reading[move.output] = move.read_as
+        for what, mapping in other_orders(self.class_names).items():
+            if mapping == reading:
+                return f" (the data's names in {what})"
+        return ""
 
 
 def other_orders(class_names: Sequence[str]) -> dict[str, list[int]]:
@@ -176,33 +297,48 @@ def other_orders(class_names: Sequence[str]) -> dict[str, list[int]]:
     return {what: [index[n] for n in order] for what, order in orders.items() if order != names}
 
 
+def order_check(predicted: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> OrderCheck:
+    """OrderCheck of a network's top-1 `predicted` against the `labels` of the same images (labelled: >= 0)."""
+    classes = len(class_names)
+    predicted, labels = predicted.clamp(0, classes - 1).numpy(), labels.numpy()
+    n = len(labels)
+    if n == 0:
+        return OrderCheck(0, 0, 1.0, 1.0, [], list(class_names))
+    # halves: alternate images of each class
+    rank_in_class = np.zeros(n, dtype=int)
+    seen = Counter()
+    for i, label in enumerate(labels.tolist()):
+        rank_in_class[i], seen[label] = seen[label], seen[label] + 1
+    half = rank_in_class % 2 == 1
+
+    def confusion(rows: np.ndarray) -> np.ndarray:
+        counts = np.zeros((classes, classes), dtype=np.int64)
+        np.add.at(counts, (predicted[rows], labels[rows]), 1)
+        return counts
+
+    first, second, whole = confusion(~half), confusion(half), confusion(np.ones(n, dtype=bool))
+    p_value = min(1.0, 2 * min(evidence(best_reading(first), second), evidence(best_reading(second), first)))
+    reading = best_reading(whole)
+    moves = [
+        Move(o, int(reading[o]), int(whole[o, reading[o]]), int(whole[o, o]))
+        for o in np.flatnonzero(reading != np.arange(classes)).tolist()
+    ]
+    correct = int(np.trace(whole))
+    label_freq, predicted_freq = whole.sum(axis=0) / n, whole.sum(axis=1) / n
+    chance = float((label_freq * predicted_freq).sum())
+    return OrderCheck(n, correct, chance, p_value, moves, list(class_names))
+
+
 def order_on_data(
     predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, class_names: Sequence[str]
 ) -> OrderCheck:
-    """OrderCheck of `predict` (images -> logits) on `batches` of (images, labels); unlabelled rows (-1) left out."""
-    labels, predicted = [], []
+    """OrderCheck of `predict` (images -> logits) on `batches` of (images, labels); unlabelled rows (-1) left out.
+    The one check of every network whose weights name no classes: teachers, ensemble members and model.init."""
+    labels, predicted = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     with torch.inference_mode():
         for images, targets in batches:
             keep = targets >= 0
             if keep.any():
-                labels.append(targets[keep])
+                labels.append(targets[keep].long())
                 predicted.append(predict(images[keep]).argmax(dim=1).cpu())
-    if not labels:
-        return OrderCheck(0, 0, 1.0, 1.0)
-    labels, predicted = torch.cat(labels), torch.cat(predicted)
-    n, classes = len(labels), len(class_names)
-    correct = int((predicted == labels).sum())
-    label_freq = torch.bincount(labels, minlength=classes).double() / n
-    predicted_freq = torch.bincount(predicted.clamp(0, classes - 1), minlength=classes).double() / n
-    chance = float((label_freq * predicted_freq).sum())
-    check = OrderCheck(n, correct, chance, binomial_tail(correct, n, chance))
-    for what, mapping in other_orders(class_names).items():
-        mapped = torch.tensor(mapping)[predicted.clamp(0, classes - 1)]
-        wins, losses = (
-            int(((mapped == labels) & (predicted != labels)).sum()),
-            int(((predicted == labels) & (mapped != labels)).sum()),
-        )
-        significant = wins > losses and binomial_tail(wins, wins + losses, 0.5) < SIGNIFICANCE
-        if significant and (check.better_order is None or wins - losses > check.better_order[1] - correct):
-            check.better_order = (what, correct - losses + wins)
-    return check
+    return order_check(torch.cat(predicted), torch.cat(labels), class_names)

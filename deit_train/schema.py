@@ -88,8 +88,12 @@ class ModelConfig:
     pretrained: bool = False  # timm hub weights (needs network)
     # fine-tune from: a deit-train .ckpt, a timm / official DeiT .pth, .safetensors, an export directory
     init: str | None = None
-    # true: keep model.init's heads although its weights name no classes and, on a sample of the validation data, its
-    # top-1 is not clearly above chance or fits another class order better (labels.py); false refuses such heads
+    # model.init's heads are kept where its classes are the data's (rows picked by name), else start fresh. Classes
+    # that correspond under other names: {name_in_weights: name_in_data, ...}, or [[name in weights, name in data],
+    # ...] for names Hydra cannot write as keys (spaces, quotes)
+    init_class_map: Any = None
+    # true: keep the heads of model.init weights that name no classes although, on a sample of the validation data,
+    # their outputs fit another class order (labels.py); false starts them fresh
     init_unchecked_order: bool = False
     img_size: int = checked(224, IMAGE_SIZE)  # the training and eval resolution
     # ViT architecture: set for DeiT models, null for other timm models (their architecture's own)
@@ -136,7 +140,7 @@ class TeacherConfig:
     img_size: int | None = checked(None, TEACHER_IMAGE_SIZE)  # the resolution the teacher sees; null: the student's
     cache: str | None = None  # DIR: the teacher's outputs on the training views, stored once and read after
     # true: train with a teacher (or member) whose weights name no classes although, on a sample of the validation
-    # data, its top-1 is not clearly above chance or fits another class order better (labels.py); false refuses it
+    # data, its outputs fit another class order (labels.py); false refuses it
     unchecked_order: bool = False
     # true: with loss=ce, load the teacher only to report val/teacher_acc1 and val/agreement (a teacher the loss
     # does not use is refused otherwise: it trained without distillation, with a warning)

@@ -5,7 +5,8 @@
   line, and the sweep goes on with the next job (record_failure). A failed job writes no metrics.json, so it never
   looks finished. A Ctrl-C or SIGTERM still ends the sweep.
 - At the end, one line says how many jobs failed and which (by their overrides), and the sweep exits with the first
-  failed job's status (SweepSummary.on_multirun_end; Hydra's callbacks are in conf/hydra/default.yaml).
+  failed job's status (SweepSummary.on_multirun_end; Hydra's callbacks are in conf/hydra/default.yaml). A search
+  none of whose trials finished leaves no best parameters (Optuna's would be a failed trial's).
 - A sweep into a directory that holds an earlier sweep (its multirun.yaml, a job's results or failed.json) is
   refused before anything is written there, unless it resumes (resume=true): Hydra would replace its multirun.yaml
   and each job would refuse its own directory (SweepSummary.on_multirun_start).
@@ -31,6 +32,7 @@ from deit_train.run_dir import earlier_results
 log = logging.getLogger("deit_train")
 
 FAILED_NAME = "failed.json"
+OPTUNA_RESULTS = "optimization_results.yaml"  # hydra-optuna-sweeper's best parameters and value
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -192,8 +194,21 @@ class SweepSummary(Callback):
             f", exit {f.exit_status})"
             for f in failed
         )
+        others = "The others finished"
+        if len(failed) >= total:
+            others = "None finished" + no_best_parameters(sweep_dir)
         end_sweep(
-            f"{len(failed)} of {total} sweep jobs failed: {listed}. The others finished; each failed job's "
+            f"{len(failed)} of {total} sweep jobs failed: {listed}. {others}; each failed job's "
             f"failed.json holds its error (deit-report {sweep_dir} lists them)",
             failed[0].exit_status,
         )
+
+
+def no_best_parameters(sweep_dir: Path) -> str:
+    """A search none of whose trials finished has no best parameters: Optuna's optimization_results.yaml would name
+    a failed trial's (the worst value record_failure told it, best_value: -inf) and is removed; says so, else ""."""
+    results = sweep_dir / OPTUNA_RESULTS
+    if not results.is_file():
+        return ""
+    results.unlink()
+    return f", so the search has no best parameters ({OPTUNA_RESULTS}, which named a failed trial's, removed)"

@@ -1,5 +1,6 @@
 """`deit-train` from the shell: bad input ends early with one clear message and a non-zero exit."""
 
+import os
 import subprocess
 import sys
 
@@ -349,3 +350,19 @@ def test_the_command_line_answers_without_importing_lightning_or_models(args, st
     assert list(tmp_path.iterdir()) == []  # and nothing written
     if args == ["--help"]:
         assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
+
+
+def test_a_tilde_path_hydra_cannot_read_names_the_fix(capsys, tmp_path):
+    """data.root=~/data: bash expands ~ after the = of a plain name only, so Hydra gets the ~ and its lexer refuses
+    it. The line names the two ways that work; the quoted one reaches the source, which expands it."""
+    from deit_train.cli import refuse_bad_command_line
+
+    with pytest.raises(SystemExit) as exited:
+        refuse_bad_command_line(["data=imagefolder", "data.root=~/data"])
+    line = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and "\n" not in line
+    assert "write data.root=$HOME/data or an absolute path, or quote it for Hydra: \"data.root='~/data'\"" in line
+    environment = {**os.environ, "HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "deit_train", "data=imagefolder", "data.root='~/data'"]
+    quoted = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=environment)
+    assert f"data.root={tmp_path}/data does not exist" in quoted.stderr.strip().splitlines()[-1], quoted.stderr

@@ -647,3 +647,21 @@ def test_the_overrides_deit_shard_prints_run_as_typed(demo_data, tmp_path, capsy
     cfg = compose_config(["data=webdataset", *overrides], tmp_path / "run", tmp_path / "cache")
     assert cfg.data.train == f"{out}/train-{{000000..000004}}.tar"
     assert cfg.data.val == f"{out}/val-{{000000..000002}}.tar"
+
+
+def test_the_order_check_s_sample_of_class_ordered_shards_covers_every_class(shards, demo_data, tmp_path):
+    """deit-shard keeps the class order: the first 20 validation samples of the stream are 5 of the 10 classes. The
+    sample the checks before training read (labels.py) has 2 of each, the images those of their labels."""
+    cfg = compose_config(shard_overrides(shards, "data.num_workers=0"), tmp_path / "run", demo_data.parent)
+    datamodule = DeiTDataModule(cfg.data, cfg.augment, cfg.model.img_size, seed=0)
+    batches = datamodule.validation_sample(20, batch_size=8)
+    labels = torch.cat([labels for _, labels in batches])
+    assert sorted(labels.tolist()) == sorted(list(range(10)) * 2)
+    # each image is its label's: nearest to an ImageFolder image of that class (the shards' are re-encoded)
+    folder_cfg = compose_config(["data=imagefolder", f"data.root={demo_data}"], tmp_path / "f", demo_data.parent)
+    folder = DeiTDataModule(folder_cfg.data, cfg.augment, cfg.model.img_size, seed=0)
+    reference = folder.validation_sample(40)
+    images, targets = torch.cat([b[0] for b in reference]).float(), torch.cat([b[1] for b in reference])
+    for sampled, labels in batches:
+        nearest = torch.cdist(sampled.float().flatten(1), images.flatten(1)).argmin(dim=1)
+        assert torch.equal(targets[nearest], labels)

@@ -1,5 +1,7 @@
 """model.init: fine-tuning from trained weights on new classes and a new resolution."""
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
+from deit_train.models.init import settle_heads
 from deit_train.schema import ModelConfig
 from deit_train.train import train
 
@@ -118,3 +121,76 @@ def test_fine_tune_a_trained_checkpoint_at_a_higher_resolution_on_new_classes(ti
     checkpoint = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["student.pos_embed"].shape == (1, 36 + 2, 32)
     assert checkpoint["class_names"] == sorted(p.name for p in (data / "train").iterdir())
+
+
+# ---- the heads on the data's classes: by name, mapped, or fresh -----------------------------------------------------
+
+
+def save_export(directory: Path, names: list[str]) -> dict:
+    """A deit-export-style directory of a tiny DeiT trained on classes `names` (its config names them)."""
+    directory.mkdir()
+    state = save_source(directory / "model.safetensors", num_classes=len(names))
+    config = {"architecture": "deit_tiny_distilled_patch16_224", "num_classes": len(names), "label_names": names}
+    (directory / "config.json").write_text(json.dumps(config))
+    return state
+
+
+def settled(init: Path, class_names: list[str], class_map: dict | None = None) -> tuple[dict, dict]:
+    """The student's state after model.init and settle_heads on `class_names`, and that of the same student without
+    model.init (its fresh heads: same seed)."""
+    torch.manual_seed(0)
+    fresh = build_student(student_config(), num_classes=len(class_names)).state_dict()
+    torch.manual_seed(0)
+    student = build_student(student_config(init=str(init)), num_classes=len(class_names))
+    settle_heads(student, class_names, class_map)
+    return student.state_dict(), fresh
+
+
+def test_new_classes_under_other_names_start_both_heads_fresh_keeping_the_backbone(tmp_path, caplog):
+    """Fine-tuning onto new classes, as many as the weights': their heads would predict the wrong names."""
+    source = save_export(tmp_path / "export", ["ant", "bee", "cat"])
+    with caplog.at_level(logging.WARNING):
+        state, fresh = settled(tmp_path / "export", ["dog", "eel", "fox"])
+    for key in state:
+        expected = fresh[key] if key.startswith("head") else source[key]
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=0)
+    lines = [r.getMessage() for r in caplog.records if "both heads start fresh" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "its classes are not the data's (other names at 3 of 3 positions" in lines[0]
+    assert "model.init_class_map={its_name: data_name, ...} keeps its heads" in lines[0]
+
+
+def test_the_data_s_classes_take_the_rows_of_their_names_mapped_or_a_subset(tmp_path):
+    source = save_export(tmp_path / "export", ["ant", "bee", "cat", "dog", "eel"])
+    cases = [
+        (["dog", "bee"], None, [3, 1]),  # a subset, in the data's order
+        (["x", "y", "z"], {"cat": "x", "ant": "y", "eel": "z"}, [2, 0, 4]),  # other names, mapped
+        (["bee", "y"], {"ant": "y"}, [1, 0]),  # a map for the names that differ; the rest by name
+        (["the eel", "bee"], [["eel", "the eel"]], [4, 1]),  # pairs: names Hydra cannot write as keys
+    ]
+    for class_names, class_map, rows in cases:
+        state, _ = settled(tmp_path / "export", class_names, class_map)
+        for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+            torch.testing.assert_close(state[key], source[key][rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "class_map,message",
+    [
+        ({"ant": "x"}, r"the data's classes \['y'\] have no row in model.init=.*export's heads"),
+        ({"ant": "x", "bat": "y"}, r"\['bat'\] are not classes of model.init=.*\(its classes: \['ant', 'bee'\]"),
+        ({"ant": "x", "bee": "w"}, r"\['w'\] are not classes of the data"),
+        (3, r"model.init_class_map=3: give \{name_in_weights: name_in_data, ...\}, or \[\[name in weights"),
+    ],
+)
+def test_a_class_map_that_does_not_fit_is_refused_in_one_line(tmp_path, class_map, message):
+    save_export(tmp_path / "export", ["ant", "bee"])
+    with pytest.raises(DeitTrainError, match=message) as refused:
+        settled(tmp_path / "export", ["x", "y"], class_map)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_class_map_for_weights_without_names_is_refused(tmp_path):
+    save_source(tmp_path / "s.pth", num_classes=2)
+    with pytest.raises(DeitTrainError, match=r"model.init_class_map: model.init=.*s.pth names no classes"):
+        settled(tmp_path / "s.pth", ["x", "y"], {"a": "x"})

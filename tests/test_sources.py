@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
 from deit_train.data.images import load_image, unreadable
 from deit_train.data.sources import DataSource, register
 from deit_train.errors import DeitTrainError
+from deit_train.tasks.classify import Classify
 from deit_train.train import check_config, train
 
 from .test_data_sources import folder_split
@@ -107,3 +109,25 @@ def test_a_new_source_checks_its_own_keys(tiny_config):
         check_config(tiny_config("data=csv_schema"))
     with pytest.raises(DeitTrainError, match=r"data.scan=sometimes: expected one of header, full, off"):
         check_config(tiny_config("data=csv_schema", "data.folder=/x", "data.scan=sometimes"))
+
+
+def test_a_source_whose_yaml_lists_only_its_own_keys_keys_the_teacher_cache_by_the_source(
+    tiny_config, demo_data, random_teacher_checkpoint, tmp_path
+):
+    """conf/data/<name>.yaml with `_target_` and the keys the user sets (docs/data.md): the keys every source has
+    (skip_corrupt, ...) come from its class, and the teacher cache asks the source for them, not the config."""
+    table = write_csv(demo_data, tmp_path / "table")
+    cfg = tiny_config(
+        "loss=hard_distill",
+        "teacher=timm",
+        "teacher.name=resnet10t",
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+        f"teacher.cache={tmp_path / 'cache'}",
+    )
+    yaml = {"_target_": f"{CSVSource.__module__}.CSVSource", "folder": str(table), "batch_size": 16, "num_workers": 0}
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(yaml)
+    assert "skip_corrupt" not in cfg.data
+    [callback] = Classify().build(cfg).callbacks
+    assert callback.settings.config["skip_corrupt"] is False and callback.settings.config["global_batch"] == 16

@@ -255,7 +255,8 @@ def test_a_resumed_sweep_continues_its_jobs_and_a_refused_job_keeps_its_results(
 @pytest.mark.slow
 def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache_dir):
     """Each failed trial is recorded and told to the study as the worst value: the search runs all its trials and
-    ends with the summary line, not Optuna's "No trials are completed yet" traceback."""
+    ends with the summary line, not Optuna's "No trials are completed yet" traceback, and leaves no best
+    parameters."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
         "hparams_search=optuna",
@@ -268,7 +269,11 @@ def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output
-    assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 (")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("deit-train: error: 2 of 2 sweep jobs failed: 0 ("), last
+    # no best parameters: Optuna's would be a failed trial's, best_value -inf
+    assert "None finished, so the search has no best parameters (optimization_results.yaml" in last, last
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
     for job in ("0", "1"):
         assert "loss.alpha=1.5" in json.loads((tmp_path / "sweep" / job / "failed.json").read_text())["message"]
 
@@ -286,3 +291,34 @@ def test_what_an_earlier_sweep_left_is_named(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     assert earlier_sweep(tmp_path) == ["multirun.yaml", "a run's metrics.json", "3"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_joblib_sweep_ends_in_one_line(tmp_path, cache_dir):
+    """SIGINT to the terminal's process group while joblib's workers train: Parallel raises KeyboardInterrupt in the
+    sweep's own process, outside Hydra's job; it ends with one line and status 130, not joblib's traceback."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import signal
+    import time
+
+    overrides = [*TINY_RUN, *TINY_DEMO, *TINY_STUDENT, f"paths.cache_dir={cache_dir}"]
+    overrides += [f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1", "trainer.max_epochs=500"]
+    overrides += ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "deit_train", "--multirun", *layered(overrides)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        start_new_session=True,  # its own process group, as a terminal's
+    )
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "sweep").glob("*/.hydra"))) < 2 and time.monotonic() < deadline:  # both jobs started
+        time.sleep(0.5)
+    time.sleep(5)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and stderr.strip().splitlines()[-1] == "deit-train: error: interrupted", stderr
+    assert "Traceback" not in stderr, stderr

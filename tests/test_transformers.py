@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
+from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError
 from deit_train.mim.masking import MaskGenerator
 from deit_train.models import build_student, forward_heads
@@ -355,7 +356,7 @@ def test_transformers_teachers_logits_inside_the_step_equal_the_model_run_on_its
     assert max(differences) < FP32
     stored = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any(key.startswith("teacher.") for key in stored)
-    settings = CacheSettings.from_config(cfg, num_classes=10, ensemble_tau=cfg.loss.tau)
+    settings = CacheSettings.from_config(cfg, 10, cfg.loss.tau, build_source(cfg.data))
     assert settings.config["teacher"] == ["resnet10t", str(same_size), str(larger)]
     digest = tensor_digest(teacher.members.state_dict())
     with torch.no_grad():

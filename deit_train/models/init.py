@@ -1,12 +1,21 @@
 """Start a student from trained weights (model.init=PATH): fine-tuning on new data or a new resolution.
 
-A new number of classes resets both heads; a new resolution resamples the patch position embeddings
-(bicubic, class and distillation tokens kept as they are, DeiT section 6.3 / FixRes). Any other difference
-is an error that names the tensor. Heads kept (the same number of classes) are only trained on when they are the
-data's classes: by name where the weights name them (check_init_classes), else on the data (tasks/classify.py).
+A new resolution resamples the patch position embeddings (bicubic, class and distillation tokens kept as they are,
+DeiT section 6.3 / FixRes). Any other difference in the backbone is an error that names the tensor. The heads are
+decided once the data's classes are known (settle_heads; build_student does not know them):
+
+- weights that name their classes: each of the data's classes takes the heads' row of its name (the same names in
+  another order, or a subset of them: the rows are picked by name); model.init_class_map renames the weights'
+  classes to the data's where they correspond under other names. Classes the weights do not have: both heads start
+  fresh (fine-tuning onto new classes, docs/recipes.md), with one line saying so; the backbone is kept.
+- weights that name none (a plain state dict): kept when their number of classes is the data's and, on the data,
+  their outputs are not shown to be in another order (labels.py: OrderCheck, in tasks/classify.py); else both heads
+  start fresh with one line (model.init_unchecked_order=true keeps them).
 """
 
 import logging
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from deit_train.errors import DeitTrainError
-from deit_train.labels import check_same_classes
+from deit_train.labels import class_difference, shortened
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite
 
 log = logging.getLogger(__name__)
@@ -22,11 +31,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KeptHeads:
-    """The classification heads model.init kept: where from, and the classes they were trained on (None: the weights
-    do not name them, e.g. a plain state dict)."""
+    """model.init's classification heads until the data's classes decide them: where from, the classes they were
+    trained on (None: the weights do not name them, e.g. a plain state dict), their tensors, and the student's own
+    initial heads (a fresh start)."""
 
     source: str
     class_names: list[str] | None
+    weights: dict[str, torch.Tensor]
+    fresh: dict[str, torch.Tensor]
+
+    def start_fresh(self, student: nn.Module, why: str) -> None:
+        """Both heads back to the student's initial ones, the backbone kept, with one line saying why."""
+        set_heads(student, self.fresh, self.source)
+        log.warning("model.init=%s: %s: both heads start fresh, the rest of its weights is kept", self.source, why)
 
 
 def initialize_from(student: nn.Module, source: str) -> None:
@@ -54,7 +71,7 @@ def initialize_from(student: nn.Module, source: str) -> None:
         log.warning("model.init: %s has one head: the distillation head starts as a copy of it", source)
         state.update({key: state[key.replace("head_dist", "head")] for key in heads if "head_dist" in key})
     resized = [key for key in heads if key in state and state[key].shape != expected[key].shape]
-    if resized:
+    if resized and not weights.class_names:
         log.warning(
             "model.init: %d classes in %s, %d here: both heads start fresh",
             state[resized[0]].shape[0],
@@ -62,34 +79,110 @@ def initialize_from(student: nn.Module, source: str) -> None:
             expected[resized[0]].shape[0],
         )
         state.update({key: expected[key] for key in heads})
-    elif had_heads:
-        # read by check_init_classes once the data's classes are known (build_student does not know them)
-        student.kept_heads = KeptHeads(source, list(weights.class_names) if weights.class_names else None)
+    elif had_heads and all(key in state for key in heads):
+        # decided by settle_heads once the data's classes are known (build_student does not know them)
+        student.kept_heads = KeptHeads(
+            source,
+            list(weights.class_names) if weights.class_names else None,
+            {key: state[key] for key in heads},
+            {key: expected[key].clone() for key in heads},
+        )
+        state.update({key: expected[key] for key in resized})  # loaded by settle_heads, row by row
     if "pos_embed" in expected and "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         state["pos_embed"] = resample_position_embeddings(student, state["pos_embed"], source)
     # Anything else that differs is an error naming the tensor.
     load_into(student, state, f"model.init={source}", "student")
 
 
-def check_init_classes(student: nn.Module, class_names: list[str]) -> KeptHeads | None:
-    """The heads model.init kept, checked against the data's classes by name and order (refused otherwise); returns
-    them when the weights name no classes, for a check on the data, else None."""
+def settle_heads(student: nn.Module, class_names: list[str], class_map: object = None) -> KeptHeads | None:
+    """model.init's heads on the data's classes: by name where the weights name their classes (each data class takes
+    the row of its name, after `class_map`: {the weights' name: the data's}; none for some: both heads fresh, one
+    line), else returned for the check on the data (tasks/classify.py). Refuses a class map that does not fit."""
+    class_map = pairs(class_map)
     kept = getattr(student, "kept_heads", None)
     if kept is None:
+        if class_map:
+            log.warning("model.init_class_map is unused: model.init's heads are not kept (see the line above)")
         return None
+    del student.kept_heads  # decided once
     if kept.class_names is None:
+        if class_map:
+            raise DeitTrainError(
+                f"model.init_class_map: model.init={kept.source} names no classes, so none can be mapped: save it "
+                f"with its class names (a deit-train checkpoint or export names them), or drop the map"
+            )
         return kept
-    heads = ", ".join(sorted({key.rsplit(".", 1)[0] + ".*" for key in classifier_keys(student)}))
-    check_same_classes(
-        kept.class_names,
-        class_names,
-        f"model.init={kept.source}",
-        "its heads",
-        "the data",
-        f"Its heads would predict the wrong labels. Give the data its classes in the same order, or, to start the "
-        f"heads fresh, pass its weights without the head tensors ({heads}: an encoder-only state dict)",
-    )
+    rows, missing = rows_by_name(kept, class_names, class_map)
+    if missing and class_map:
+        raise DeitTrainError(
+            f"model.init_class_map: the data's classes {shortened(missing)} have no row in model.init={kept.source}'s "
+            f"heads (its classes: {shortened(kept.class_names)}): map a class of the weights to each of them, or "
+            f"drop the map to start both heads fresh"
+        )
+    if missing:
+        difference = class_difference(kept.class_names, class_names, "its heads", "the data")
+        kept.start_fresh(
+            student,
+            f"its classes are not the data's ({difference}); model.init_class_map={{its_name: data_name, ...}} keeps "
+            f"its heads where the classes correspond",
+        )
+        return None
+    set_heads(student, {key: tensor[rows] for key, tensor in kept.weights.items()}, kept.source)
+    if rows != list(range(len(kept.class_names))):
+        log.warning(
+            "model.init: its heads' rows taken by class name (%d of its %d classes, in the data's order)",
+            len(rows),
+            len(kept.class_names),
+        )
     return None
+
+
+def pairs(class_map: object) -> dict[str, str]:
+    """model.init_class_map as {name in the weights: name in the data}: from a mapping, or from [[name, name], ...]."""
+    if class_map is None:
+        return {}
+    if isinstance(class_map, Mapping):
+        return {str(theirs): str(ours) for theirs, ours in class_map.items()}
+    is_pair = lambda pair: isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2  # noqa: E731
+    if isinstance(class_map, Sequence) and not isinstance(class_map, str) and all(map(is_pair, class_map)):
+        return {str(theirs): str(ours) for theirs, ours in class_map}
+    raise DeitTrainError(
+        f"model.init_class_map={class_map!r}: give {{name_in_weights: name_in_data, ...}}, or "
+        f"[[name in weights, name in data], ...] for names with spaces"
+    )
+
+
+def rows_by_name(kept: KeptHeads, class_names: list[str], class_map: dict) -> tuple[list[int], list[str]]:
+    """The weights' row for each of the data's classes, by name (after `class_map`, names compared in Unicode NFC),
+    and the data's classes without one. Refuses a map that names classes neither side has."""
+    unknown = [name for name in class_map if name not in kept.class_names]
+    strays = [name for name in class_map.values() if name not in class_names]
+    if unknown or strays:
+        what = f"{shortened(unknown)} are not classes of model.init={kept.source}" if unknown else ""
+        what += "; " if unknown and strays else ""
+        what += f"{shortened(strays)} are not classes of the data" if strays else ""
+        raise DeitTrainError(
+            f"model.init_class_map: {what} (its classes: {shortened(kept.class_names)}; the data's: "
+            f"{shortened(class_names)}): write it as {{name in the weights: name in the data}}"
+        )
+    nfc = lambda name: unicodedata.normalize("NFC", str(name))  # noqa: E731
+    row = {}
+    for index, name in enumerate(kept.class_names):
+        row.setdefault(nfc(class_map.get(name, name)), index)
+    rows = [row.get(nfc(name)) for name in class_names]
+    return [r for r in rows if r is not None], [name for name, r in zip(class_names, rows, strict=True) if r is None]
+
+
+def set_heads(student: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            parameter = student.get_parameter(key)
+            if parameter.shape != tensor.shape:
+                raise DeitTrainError(
+                    f"model.init={source}: tensor {key} has shape {tuple(tensor.shape)} but the student expects "
+                    f"{tuple(parameter.shape)}"
+                )
+            parameter.copy_(tensor)
 
 
 def check_distillation_token(state: dict, expected: dict, source: str) -> None:

@@ -6,6 +6,7 @@ built, so that a config composes without Lightning or timm."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,9 +18,11 @@ from deit_train.run_dir import check_writable
 from deit_train.tasks.task import Built, Task
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from deit_train.data.datamodule import DeiTDataModule
+    from deit_train.data.sources import DataSource
     from deit_train.tasks.deit_module import DeiTModule
     from deit_train.teacher import Teacher, TeacherCacheCallback
 
@@ -60,7 +63,7 @@ class Classify(Task):
             module.example_input_array = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size)
             count_cpu_attention()
         check_label_order(cfg, datamodule, module.teacher, module.student)
-        return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes))
+        return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes, datamodule.source))
 
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
@@ -106,75 +109,101 @@ class Classify(Task):
         )
 
 
+@dataclass
+class OrderSubject:
+    """A network checked on the data: its name in the log, the module to move to the device, its prediction, where
+    its weights come from when they name no classes (None: named, or combined: logged only), the option that keeps
+    it anyway, and what a refusal does when not an error (model.init: its heads start fresh)."""
+
+    what: str
+    network: nn.Module
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    unnamed: str | None = None
+    option: str | None = None
+    instead: Callable[[str], None] | None = None
+
+
 def check_label_order(
     cfg: DictConfig, datamodule: DeiTDataModule, teacher: Teacher | None, student: nn.Module | None = None
 ) -> None:
-    """model.init's heads are the data's classes by name (refused otherwise); each teacher network's top-1 on a
-    sample of the validation data is logged; a teacher or model.init's heads whose weights name no classes are refused
-    when that sample does not show them in the data's order (labels.py: OrderCheck)."""
+    """model.init's heads settled on the data's classes by name (models/init.py); each teacher network's top-1 on a
+    stratified sample of the validation data logged; a teacher whose weights name no classes refused, and
+    model.init's nameless heads started fresh, when that sample shows its outputs in another class order
+    (labels.py: OrderCheck)."""
     from deit_train.cluster import process_device
     from deit_train.data.pixels import model_input
-    from deit_train.labels import SAMPLE_IMAGES, order_on_data
+    from deit_train.labels import order_on_data, sample_size
     from deit_train.models import average_heads, forward_heads
-    from deit_train.models.init import check_init_classes
+    from deit_train.models.init import settle_heads
     from deit_train.teacher import ensemble_logits
 
     class_names = datamodule.class_names
-    kept = check_init_classes(student, class_names) if student is not None else None
-    checks = []  # (what, network, its prediction, where its weights come from when they name no classes, option)
+    kept = settle_heads(student, class_names, cfg.model.init_class_map) if student is not None else None
+    subjects = []
     if teacher is not None:
         members = cfg.teacher.members or [cfg.teacher]
         for member, network in zip(members, teacher.members, strict=True):
             unnamed = getattr(network.network, "unnamed", None)
-            checks.append((f"teacher {member.name}", network, network, unnamed, "teacher.unchecked_order"))
+            option = "teacher.unchecked_order"
+            subjects.append(OrderSubject(f"teacher {member.name}", network, network, unnamed, option))
         if len(members) > 1:
             combined = lambda images: ensemble_logits([m(images) for m in teacher.members], teacher.tau)  # noqa: E731
-            checks.append(("teacher ensemble", teacher, combined, None, None))
+            subjects.append(OrderSubject("teacher ensemble", teacher, combined))
     if kept is not None:
-        checks.append(
-            (
+        subjects.append(
+            OrderSubject(
                 "model.init",
                 student,
                 lambda images: average_heads(*forward_heads(student, images)),
                 f"model.init={kept.source} (weights without class names)",
                 "model.init_unchecked_order",
+                instead=lambda why: kept.start_fresh(student, why),
             )
         )
-    if not checks:
+    if not subjects:
         return
-    batches = datamodule.validation_sample(SAMPLE_IMAGES)
+    batches = datamodule.validation_sample(sample_size(len(class_names)))
     device = process_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this task's GPU, as the trainer's
-    for what, network, predict, unnamed, option in checks:
-        was_training = network.training
-        network.eval().to(device)
+    for subject in subjects:
+        was_training = subject.network.training
+        subject.network.eval().to(device)
         try:
             check = order_on_data(
-                lambda images, predict=predict: predict(model_input(images.to(device))), batches, class_names
+                lambda images, predict=subject.predict: predict(model_input(images.to(device))), batches, class_names
             )
         finally:
-            network.train(was_training).to("cpu")
-        log.info("%s: %s", what, check.describe())
-        if unnamed is None or check.passed:
+            subject.network.train(was_training).to("cpu")
+        log.info("%s: %s", subject.what, check.describe())
+        if not check.refused:
+            if not check.above_chance and check.images:
+                log.warning("%s: top-1 not clearly above chance on the data: was it trained on it?", subject.what)
+            continue
+        if subject.unnamed is None:
             continue
         verdict = (
-            f"{unnamed} cannot be checked by name, and on the data it scores {check.describe()}: its "
-            f"outputs are likely in another class order than the data's (class folders sort as strings: 0, 1, "
-            f"10, 2, ...) or it was not trained on this data"
+            f"{subject.unnamed} cannot be checked by name, and on the data its outputs fit another class order "
+            f"than the data's: {check.describe()}"
         )
-        if OmegaConf.select(cfg, option):
-            log.warning("%s; %s=true: training with it anyway", verdict, option)
-            continue
-        raise DeitTrainError(
-            f"{verdict}. Save it with the data's class names in the data's order (a deit-train "
-            f"checkpoint or export names them), or set {option}=true to train with it anyway"
-        )
+        if OmegaConf.select(cfg, subject.option):
+            log.warning("%s; %s=true: training with it anyway", verdict, subject.option)
+        elif subject.instead is not None:
+            subject.instead(f"{verdict}; {subject.option}=true keeps them")
+        else:
+            raise DeitTrainError(
+                f"{verdict}. It was likely trained with its classes in another order (class folders sort as "
+                f"strings: 0, 1, 10, 2, ...) or on other data: save it with the data's class names in the data's "
+                f"order (a deit-train checkpoint or export names them), or set {subject.option}=true to train with "
+                f"it anyway"
+            )
 
 
-def cache_callbacks(cfg: DictConfig, teacher: Teacher | None, num_classes: int) -> list[TeacherCacheCallback]:
+def cache_callbacks(
+    cfg: DictConfig, teacher: Teacher | None, num_classes: int, source: DataSource
+) -> list[TeacherCacheCallback]:
     """teacher.cache's callback, when the run has a teacher and a cache."""
     from deit_train.teacher import CacheSettings, TeacherCacheCallback, ensemble_tau
 
     if teacher is None or not cfg.teacher.cache or cfg.loss.distillation_type == "none":
         return []
     tau = ensemble_tau(cfg) if len(teacher.members) > 1 else None
-    return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau), teacher)]
+    return [TeacherCacheCallback(CacheSettings.from_config(cfg, num_classes, tau, source), teacher)]

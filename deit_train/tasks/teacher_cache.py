@@ -38,6 +38,5 @@ class FillTeacherCache(Classify):
         teacher = build_teacher(cfg, datamodule.class_names)
         check_label_order(cfg, datamodule, teacher)  # as the students' runs will: a misordered teacher is refused now
         mix = BatchMixer(cfg.augment, datamodule.num_classes, cfg.seed)
-        return Built(
-            datamodule, TeacherCacheFiller(teacher, mix), cache_callbacks(cfg, teacher, datamodule.num_classes)
-        )
+        callbacks = cache_callbacks(cfg, teacher, datamodule.num_classes, datamodule.source)
+        return Built(datamodule, TeacherCacheFiller(teacher, mix), callbacks)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deit_train.data import noise
+from deit_train.data.sources.base import DataSource
 from deit_train.errors import DeitTrainError, StorageError
 from deit_train.teacher.network import member_img_sizes, teacher_members
 
@@ -286,18 +287,21 @@ class CacheSettings:
     config: dict  # the configuration's share of the fingerprint (from_config)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None) -> "CacheSettings":
+    def from_config(
+        cls, cfg: DictConfig, num_classes: int, ensemble_tau: float | None, source: DataSource
+    ) -> "CacheSettings":
         """Everything in the run config that decides the training views and the teacher's stored outputs;
-        ensemble_tau: the temperature at which an ensemble averages its members (teacher.py), None for one."""
+        ensemble_tau: the temperature at which an ensemble averages its members (teacher.py), None for one. The data
+        keys are the source's (a user's source need not list them in its yaml: its class has them)."""
         encoding = Encoding.choose(cfg.loss.distillation_type, num_classes, cfg.teacher.cache_topk, cfg.loss.tau)
         config = {
             "augment": OmegaConf.to_container(cfg.augment, resolve=True),
             "image_size": cfg.model.img_size,
             "seed": cfg.seed,
-            "global_batch": cfg.data.batch_size,
+            "global_batch": source.batch_size,
             "accumulate": cfg.trainer.accumulate_grad_batches,
             "precision": str(cfg.trainer.precision),
-            "skip_corrupt": cfg.data.skip_corrupt,
+            "skip_corrupt": source.skip_corrupt,
             "teacher": [member.name for member in teacher_members(cfg.teacher)],
             "teacher_img_size": member_img_sizes(cfg.teacher),
             "ensemble_tau": ensemble_tau,

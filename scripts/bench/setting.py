@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from bench.presets import Preset
 from bench.timing import Run, StepTimer, TimerCallback, free_memory
+from deit_train.data.sources import build_source
 from deit_train.tasks.classify import cache_callbacks
 from deit_train.run import build_trainer
 from deit_train.train import CONFIG_DIR, check_config
@@ -103,7 +104,8 @@ class Bench:
         torch.manual_seed(0)
         module = task.build_module(cfg, self.class_names)
         timer = StepTimer(self.preset.warmup, self.preset.steps, self.device)
-        callbacks = cache_callbacks(cfg, module.teacher, module.num_classes) + [TimerCallback(timer)]
+        callbacks = cache_callbacks(cfg, module.teacher, module.num_classes, build_source(cfg.data))
+        callbacks.append(TimerCallback(timer))
         output_dir = Path(cfg.paths.output_dir)
         trainer = build_trainer(cfg, output_dir, callbacks, module)
         try:

@@ -31,6 +31,7 @@ from deit_train.cluster import data_worker_init
 from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
 from deit_train.data.views import SeededViews
 from deit_train.errors import DataError, DeitTrainError
+from deit_train.labels import stratified_indices
 from deit_train.schema import AutoOr, OneOf, Range, check_fields, checked, store_schema
 
 
@@ -129,9 +130,14 @@ class DataSource:
 
     def first_batches(self, dataset: Dataset, images: int, batch_size: int, seed: int) -> Iterable:
         """Batches of up to `images` images of a split, for the checks before training (labels.py): a seeded random
-        subset (a map-style set stores its images class by class)."""
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        return DataLoader(Subset(dataset, order[:images].tolist()), batch_size=batch_size)
+        subset, stratified where the split lists its labels (`targets`: torchvision's, Hugging Face's), covering
+        every class evenly (a map-style set stores its images class by class)."""
+        targets = getattr(dataset, "targets", None)
+        if targets is not None and len(targets) == len(dataset):
+            chosen = stratified_indices(targets, images, seed)
+        else:
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+        return DataLoader(Subset(dataset, chosen), batch_size=batch_size)
 
 
 def register(name: str, source: type[DataSource]) -> None:

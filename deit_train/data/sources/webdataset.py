@@ -40,7 +40,7 @@ from deit_train.data.images import READ_ERRORS, read_rgb, reason
 from deit_train.data.sources.base import DataSource, LoaderPlan
 from deit_train.data.views import seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
-from deit_train.labels import check_same_classes
+from deit_train.labels import check_same_classes, stratified_indices
 from deit_train.schema import Range, checked
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,9 @@ class ShardSource(DataSource):
         )
 
     def first_batches(self, shards: "Shards", images: int, batch_size: int, seed: int):
-        """The first images of the stream (streamed shards have no random access)."""
-        return ShardLoader(shards.stream(1, 0, batch_size, 0, seed, 1), epoch=lambda: 0, batch_size=batch_size)
+        """Up to `images` validation samples for the checks before training (labels.py), stratified by their labels
+        (ShardSample): shards are often written class by class, and the stream's first images are a few classes."""
+        return DataLoader(ShardSample(shards, images, seed), batch_size=batch_size)
 
 
 def wds():
@@ -398,6 +399,40 @@ class ShardStream(IterableDataset):
                 f"shards' {INFO_FILE}: rewrite the shard, or correct {INFO_FILE}"
             )
         return image, label
+
+
+class ShardSample(IterableDataset):
+    """A stratified sample of validation shards without random access: the shards in a seeded order, each sample's
+    .cls read without decoding its image, the first ceil(images / classes) of each class kept until every class has
+    them or 8 x `images` samples were read (a bound on what is read); then labels.stratified_indices picks `images`
+    of them, every class in turn, and only those are decoded."""
+
+    def __init__(self, shards: Shards, images: int, seed: int) -> None:
+        self.shards, self.images, self.seed = shards, images, seed
+
+    def __iter__(self) -> Iterator[tuple]:
+        urls = list(self.shards.urls)
+        random.Random(self.seed).shuffle(urls)
+        share, classes = -(-self.images // self.shards.num_classes), self.shards.num_classes
+        kept: dict[int, list[dict]] = {}
+        for read, sample in enumerate(samples(urls), start=1):
+            try:
+                label = int(sample.get("cls", b""))
+            except ValueError:
+                label = -1  # decode names the problem
+            bucket = kept.setdefault(label, [])
+            if len(bucket) < share:
+                bucket.append(sample)
+            full = len(kept) >= classes and all(len(bucket) >= share for bucket in kept.values())
+            if full or read >= 8 * self.images:
+                break
+        found = [sample for bucket in kept.values() for sample in bucket]
+        labels = [label for label, bucket in kept.items() for _ in bucket]
+        decoder = ShardStream(self.shards, 1, 0, 1, 0, self.seed, 1)
+        for index in stratified_indices(labels, self.images, self.seed):
+            decoded = decoder.decode(found[index])
+            if decoded is not None:
+                yield self.shards.transform(decoded[0]), decoded[1]
 
 
 class ShardLoader(DataLoader):
