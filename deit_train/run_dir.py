@@ -33,18 +33,28 @@ log = logging.getLogger("deit_train")
 
 LOCK_NAME = ".deit-train.lock"
 
-# Keys a resumed run may change; they are applied (the optimizer's hyper-parameters and the schedule are rebuilt
-# from the new values, tasks/module.py) and logged. Any other difference changes what is trained (architecture,
-# classes, data, loss, augmentation, seed, the optimizer itself) and is refused. A key ending in "." is a prefix.
-RESUMABLE_CHANGES = (
-    "trainer.max_epochs",  # train longer (or stop sooner)
+# The config's keys sorted once by what a change does to a run that resumes (check_resume). A key ending in "." is a
+# prefix. Any key in neither tuple changes what is trained (architecture, classes, data content, views, loss, seed,
+# the optimizer itself, the EMA) and is refused on resume, with the list of differences.
+#
+# | kind                         | on resume            | keys                                                     |
+# |------------------------------|----------------------|----------------------------------------------------------|
+# | the schedule and optimizer's | applied, logged      | max_epochs, lr, lr_batch_ref, weight_decay, warm-up,     |
+# | hyper-parameters             | (tasks/module.py)    | min_lr, gradient clipping                                |
+# | how the run runs             | accepted             | devices, precision, workers, logging, checks' switches,  |
+# |                              |                      | limits (max_image_pixels), paths, starting weights       |
+# | what is trained              | refused              | everything else                                          |
+APPLIED_ON_RESUME = (
+    "trainer.max_epochs",  # train longer (or stop sooner): the schedule is the new one's (logged)
     "optim.lr",
     "optim.lr_batch_ref",
     "optim.weight_decay",
     "optim.warmup_epochs",
     "optim.warmup_lr",
     "optim.min_lr",
-    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_val",  # the advice after a divergence
+)
+HOW_IT_RUNS = (
     "trainer.precision",  # the advice after a divergence
     "trainer.devices",
     "trainer.num_nodes",
@@ -67,9 +77,14 @@ RESUMABLE_CHANGES = (
     "data.skip_corrupt",
     "data.cache_dir",
     "data.scan",
-    "model.init",
+    "data.max_image_pixels",  # a limit against decompression bombs: the fix its refusal names
+    "model.init",  # starting weights: a resumed run has its own
+    "model.init_unchecked_order",
+    "model.init_class_map",
     "model.pretrained",
-    "teacher.pretrained",  # starting weights: a resumed run has its own
+    "teacher.pretrained",
+    "teacher.unchecked_order",  # a check's switch
+    "teacher.metrics_only",
     "teacher.cache",
     "compile",
     "logger.",
@@ -80,6 +95,7 @@ RESUMABLE_CHANGES = (
     "ckpt_path",
     "required",
 )
+RESUMABLE_CHANGES = APPLIED_ON_RESUME + HOW_IT_RUNS
 
 
 def is_launch_leader() -> bool:
@@ -365,7 +381,7 @@ def check_resume(
             f"weight decay, clipping, precision, devices, workers, loggers and callbacks"
         )
     for key in resumable if log_changes else []:
-        if key.split(".")[0] not in ("paths", "resume", "ckpt_path", "callbacks", "logger", "hydra"):
+        if key.startswith(APPLIED_ON_RESUME) or key.startswith(("trainer.precision", "trainer.devices", "data.")):
             log.info("resume: %s changed %s -> %s (applied)", key, old.get(key, "(unset)"), new.get(key, "(unset)"))
 
 

@@ -109,6 +109,7 @@ def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
     output = resumed.stdout + resumed.stderr
     assert "resume: optim.lr changed 0.002 -> 1e-05 (applied)" in output
     assert "resume: trainer.max_epochs changed 1 -> 2 (applied)" in output
+    assert "resume: at step 5 the learning rate is the new schedule's" in output  # what max_epochs did to it
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1
     # the schedule the second epoch ran: base lr 1e-5 x 16 / 512 (the linear scaling rule), over 2 epochs
@@ -116,6 +117,25 @@ def test_resume_applies_a_new_learning_rate_and_max_epochs(tmp_path, cache_dir):
     assert schedule["base_values"] == [pytest.approx(1e-5 * 16 / 512)] * len(schedule["base_values"])
     assert schedule["t_initial"] == 2 * 5  # 2 epochs of 5 steps
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["optim"]["lr"] == 1e-5
+
+
+@pytest.mark.slow
+def test_resume_accepts_what_only_changes_how_the_run_runs(tmp_path, cache_dir):
+    """A raised data.max_image_pixels (the fix the decompression-bomb refusal names), a check's switch and a change of
+    workers were refused as changes to what the run trains: they change how it runs, and are accepted."""
+    run_dir = tmp_path / "run"
+    assert deit_train("trainer.max_epochs=1", run_dir=run_dir, cache_dir=cache_dir).returncode == 0
+    resumed = deit_train(
+        "trainer.max_epochs=2",
+        "data.max_image_pixels=200000000",
+        "teacher.unchecked_order=true",
+        "data.num_workers=1",
+        "resume=true",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
 @pytest.mark.parametrize(

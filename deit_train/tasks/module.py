@@ -2,6 +2,9 @@
 drawn from (seed, epoch, rank), a guard that stops a diverged run before it can replace the last good
 checkpoint, and the run config and metadata inside every checkpoint."""
 
+import logging
+import math
+
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +16,8 @@ from deit_train.cluster import preemption_agreement
 from deit_train.console import quiet_console
 from deit_train.data.views import MODEL_STREAM, ViewsOnDevice, view_seed
 from deit_train.errors import TrainingDiverged
+
+log = logging.getLogger("deit_train")
 
 CHECKPOINT_FORMAT = 1  # checkpoint["deit_train"]["format"]: how a deit-train checkpoint is laid out
 
@@ -140,8 +145,18 @@ class TrainingModule(ViewsOnDevice, L.LightningModule):
         for group, fresh in zip(optimizer.param_groups, groups, strict=True):
             group.update(fresh)
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        before = scheduler._get_lr(self.global_step)[0]  # the stored schedule's rate at this step (timm's)
         scheduler.load_state_dict(schedule)
         scheduler.step_update(num_updates=self.global_step)  # the rate of the next step, as without a stop
+        after = scheduler._get_lr(self.global_step)[0]
+        if not math.isclose(before, after, rel_tol=1e-6):
+            log.info(
+                "resume: at step %d the learning rate is the new schedule's, %.3g (the stored schedule had %.3g): "
+                "trainer.max_epochs and optim.* as given now shape the rest of the run",
+                self.global_step,
+                after,
+                before,
+            )
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)

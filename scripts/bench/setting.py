@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from bench.presets import Preset
 from bench.timing import Run, StepTimer, TimerCallback, free_memory
 from deit_train.data.sources import build_source
-from deit_train.tasks.classify import cache_callbacks
 from deit_train.run import build_trainer
+from deit_train.tasks.classify import cache_callbacks
 from deit_train.train import CONFIG_DIR, check_config
 
 
