@@ -280,6 +280,8 @@ def build_trainer(
 
     from deit_train.cluster import PreemptionAgreement, acknowledge_warning_signals, cluster_environment
 
+    if str(cfg.trainer.precision) == "auto":  # a trainer built from a config the run did not check (benchmarks)
+        choose_precision(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + task_callbacks
     loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
     plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + [cluster_environment()]

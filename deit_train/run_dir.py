@@ -84,7 +84,7 @@ HOW_IT_RUNS = (
     "model.pretrained",
     "teacher.pretrained",
     "teacher.unchecked_order",  # a check's switch
-    "teacher.metrics_only",
+    "teacher.keep_for_metrics",
     "teacher.cache",
     "compile",
     "logger.",

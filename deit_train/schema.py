@@ -144,7 +144,7 @@ class TeacherConfig:
     unchecked_order: bool = False
     # true: with loss=ce, load the teacher only to report val/teacher_acc1 and val/agreement (a teacher the loss
     # does not use is refused otherwise: it trained without distillation, with a warning)
-    metrics_only: bool = False
+    keep_for_metrics: bool = False
     # soft: null keeps full logits up to 100 classes, else the top 10; 0: full
     cache_topk: int | None = checked(None, Range(0, None, "a number of classes >= 0 (0: full logits)"))
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
+from deit_train.checkpoint_io import EpochCheckpoints
 from deit_train.console import EpochSummary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def test_the_deit_train_row_runs_the_trainer_callbacks_and_loggers_the_app_build
     bench = setting.Bench(preset, "deit_small", 8, device, tmp_path, batches)
     run = bench.deit_train(bench.config(cache=True))
     (trainer,) = built
-    kinds = (ModelCheckpoint, LearningRateMonitor, ProgressBar, EpochSummary, parts.timing.TimerCallback)
+    kinds = (EpochCheckpoints, LearningRateMonitor, ProgressBar, EpochSummary, parts.timing.TimerCallback)
     assert all(any(isinstance(c, kind) for c in trainer.callbacks) for kind in kinds), trainer.callbacks
     assert any(type(c).__name__ == "TeacherCacheCallback" for c in trainer.callbacks)  # the task's own
     assert any(isinstance(logger, CSVLogger) for logger in trainer.loggers)

@@ -166,11 +166,11 @@ def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
     assert per_epoch == pytest.approx([expected] * 3, abs=1e-6)
 
 
-def test_a_teacher_the_loss_does_not_use_is_refused_or_kept_for_the_metrics_only(
+def test_a_teacher_the_loss_does_not_use_is_refused_or_kept_for_the_metrics(
     tiny_config, random_teacher_checkpoint, monkeypatch
 ):
     """teacher=... with loss=ce trained without distillation, with a warning: now refused in one line naming the
-    distillation losses; teacher.metrics_only=true keeps it for val/teacher_acc1 and val/agreement, never run in
+    distillation losses; teacher.keep_for_metrics=true keeps it for val/teacher_acc1 and val/agreement, never run in
     training."""
     from deit_train import teacher as teacher_package
     from deit_train.errors import DeitTrainError
@@ -188,7 +188,7 @@ def test_a_teacher_the_loss_does_not_use_is_refused_or_kept_for_the_metrics_only
         return built
 
     monkeypatch.setattr(teacher_package, "build_teacher", counted_teacher)
-    cfg = tiny_config("loss=ce", *teacher, "teacher.metrics_only=true", "teacher.unchecked_order=true")
+    cfg = tiny_config("loss=ce", *teacher, "teacher.keep_for_metrics=true", "teacher.unchecked_order=true")
     metrics = train(cfg).metrics
     assert {"val/teacher_acc1", "val/agreement"} <= set(metrics)
     assert calls == [40, 16, 16, 8]  # the order check, then validation only (sanity batches kept): no training

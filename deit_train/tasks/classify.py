@@ -37,11 +37,11 @@ class Classify(Task):
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         distillation = cfg.loss.distillation_type
-        if distillation == "none" and cfg.teacher.name is not None and not cfg.teacher.metrics_only:
+        if distillation == "none" and cfg.teacher.name is not None and not cfg.teacher.keep_for_metrics:
             raise DeitTrainError(
                 f"teacher={cfg.teacher.name} with loss={cfg.loss.get('label_loss', 'ce')}, which uses no teacher: "
                 f"distil with loss=hard_distill or loss=soft_distill, or keep the teacher for val/teacher_acc1 and "
-                f"val/agreement only with teacher.metrics_only=true"
+                f"val/agreement only with teacher.keep_for_metrics=true"
             )
         if distillation != "none" and cfg.teacher.name is None:
             raise DeitTrainError(
@@ -77,7 +77,7 @@ class Classify(Task):
         criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
         if cfg.teacher.cache and not criterion.needs_teacher:
             log.warning("teacher.cache=%s is unused: loss=ce runs no teacher in training", cfg.teacher.cache)
-        wanted = criterion.needs_teacher or (cfg.teacher.name is not None and cfg.teacher.metrics_only)
+        wanted = criterion.needs_teacher or (cfg.teacher.name is not None and cfg.teacher.keep_for_metrics)
         teacher = build_teacher(cfg, class_names) if wanted else None
         student = build_student(cfg.model, len(class_names))
         # A rule on the built student (which of timm's classes a model name gives): it cannot be in the schema.

@@ -109,7 +109,7 @@ class DeiTModule(TrainingModule):
         images, targets, view_keys = batch
         # Mixup/CutMix; the teacher sees the same mixed images
         images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        distilling = self.teacher is not None and self.criterion.needs_teacher  # teacher.metrics_only: validation
+        distilling = self.teacher is not None and self.criterion.needs_teacher  # teacher.keep_for_metrics: validation
         teacher_logits = self.teacher(images, view_keys, batch_idx).logits if distilling else None
         cls_logits, dist_logits = forward_heads(self.student, images)
         terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
