@@ -8,6 +8,7 @@ import pytest
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from deit_train.errors import error_boundary
+from deit_train.run import Run
 from deit_train.train import check_config, train
 
 from .tiny import TINY_VIT_SIZES
@@ -37,7 +38,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(tiny_config):
         "callbacks.early_stopping.min_delta=1.0",
         "trainer.max_epochs=5",
     )
-    assert cfg.callbacks.early_stopping.monitor == "val/acc1" and "best_checkpoint" in cfg.callbacks
+    assert cfg.callbacks.early_stopping.monitor == "val/acc1" and "checkpoints" in cfg.callbacks
     train(cfg)
     record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert record["last_epoch"]["epoch"] == 1
@@ -47,7 +48,8 @@ def test_the_model_summary_counts_a_vit_predictions_flops(tiny_config):
     """FLOPs = 2 x multiply-adds (torch's counter) of one 16x16 image through the tiny distilled DeiT: patch
     embedding, per block qkv, attention (QK^T and AV), projection and MLP, then both heads."""
     cfg = tiny_config()
-    module = check_config(cfg).build(cfg).module
+    run = Run(cfg)
+    module = run.check().build(cfg, run.datamodule).module
     summary = ModelSummary(module, max_depth=1)
     patch, dim, depth = TINY_VIT_SIZES["patch_size"], TINY_VIT_SIZES["embed_dim"], TINY_VIT_SIZES["depth"]
     patches = (16 // patch) ** 2
