@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
@@ -18,6 +19,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
 from deit_train.errors import DeitTrainError
+from deit_train.features import TAP_KEYS, FeatureTap, attach_feature_loss
 from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss
 from deit_train.models import (
@@ -26,6 +28,7 @@ from deit_train.models import (
     compile_student,
     describe,
     forward_heads,
+    heads_on,
     is_distilled,
 )
 from deit_train.models.init import check_init_classes
@@ -39,6 +42,7 @@ from deit_train.teacher import (
     build_teacher,
     ensemble_logits,
     ensemble_tau,
+    teacher_members,
 )
 
 log = logging.getLogger("deit_train")
@@ -73,9 +77,11 @@ class DeiTModule(TrainingModule):
         ema_decay: float | None = None,
         seed: int = 0,
         config: dict | None = None,
+        feature_tap: FeatureTap | None = None,
     ) -> None:
         super().__init__(optim, global_batch_size, seed, config)
         self.student = student
+        self.feature_tap = feature_tap  # where the feature term reads the student (loss.feature_weight > 0)
         self.teacher = teacher
         self.criterion = criterion
         self.class_names = list(class_names)
@@ -101,7 +107,12 @@ class DeiTModule(TrainingModule):
 
     @property
     def network(self) -> nn.Module:
-        return self.student
+        """The student, and the feature term's projection P where it has one: both train (timm's pair, which gives
+        the optimizer the student's no-weight-decay names under its prefix)."""
+        feature = self.criterion.feature
+        if feature is None or feature.projection is None:
+            return self.student
+        return FeatureDistillationTrainableModule(self.student, feature.projection)
 
     @property
     def num_classes(self) -> int:
@@ -126,9 +137,21 @@ class DeiTModule(TrainingModule):
         images, targets, view_keys = batch
         # Mixup/CutMix; the teacher sees the same mixed images
         images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if self.teacher is not None else None
-        cls_logits, dist_logits = forward_heads(self.student, images)
-        terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
+        teacher = self.teacher(images, view_keys, batch_idx) if self.teacher is not None else None
+        if self.feature_tap is None:
+            cls_logits, dist_logits = forward_heads(self.student, images)
+            student_features = None
+        else:  # one pass gives the heads their input and the feature term its features
+            tokens, student_features = self.feature_tap(self.student, images)
+            cls_logits, dist_logits = heads_on(self.student, tokens)
+        terms = self.criterion.terms(
+            cls_logits,
+            dist_logits,
+            targets,
+            teacher.logits if teacher is not None else None,
+            student_features,
+            teacher.features if teacher is not None else None,
+        )
         loss = self.criterion.combine(terms)
         self.track(loss)
         # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.
@@ -175,10 +198,17 @@ class Classify(Task):
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         distillation = cfg.loss.distillation_type
-        if distillation != "none" and cfg.teacher.name is None:
+        if (distillation != "none" or cfg.loss.feature_weight > 0) and cfg.teacher.name is None:
+            what = f"loss={distillation}_distill" if distillation != "none" else "loss.feature_weight>0"
             raise DeitTrainError(
-                f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
+                f"{what} needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
                 f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
+            )
+        if cfg.teacher.cache and cfg.loss.feature_weight > 0:
+            raise DeitTrainError(
+                f"teacher.cache={cfg.teacher.cache} stores the teacher's logits, not the features that "
+                f"loss.feature_weight={cfg.loss.feature_weight} matches: drop one (teacher.cache=null, or "
+                f"loss.feature_weight=0)"
             )
         if cfg.teacher.cache and distillation != "none":  # before the run writes anything
             check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
@@ -192,7 +222,8 @@ class Classify(Task):
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
         """Student, teacher and loss on these classes."""
-        criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
+        formula = {key: value for key, value in cfg.loss.items() if key not in TAP_KEYS}
+        criterion = DistillationLoss(**formula, label_smoothing=cfg.augment.smoothing)
         if cfg.teacher.name is not None and not criterion.needs_teacher:
             log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
         if cfg.teacher.cache and not criterion.needs_teacher:
@@ -206,6 +237,10 @@ class Classify(Task):
                 f"yet its predictions are averaged with the distillation head's. Take a single-head student for pure "
                 f"distillation (function matching), e.g. model=deit_small_plain, or set loss.alpha below 1."
             )
+        feature_tap = None
+        if criterion.feature_weight > 0:
+            names = [member.name for member in teacher_members(cfg.teacher)]
+            feature_tap = attach_feature_loss(cfg.loss, names, criterion, student, teacher)
         if cfg.compile:
             compile_student(student)
         log.info(
@@ -225,6 +260,7 @@ class Classify(Task):
             ema_decay=cfg.ema.decay,
             seed=cfg.seed,
             config=run_config(cfg),
+            feature_tap=feature_tap,
         )
 
 
