@@ -212,6 +212,17 @@ PAPER["function_matching"] = {
     "ema.decay": None,
 }
 
+# The DeiT recipe with ViTKD's mimicking on top (Yang et al. 2022, arXiv 2209.02432: shallow blocks, weight 3e-5 on
+# the summed squared error), here from RegNetY-16GF's stage 2: not in either paper.
+FEATURE_TERM = {
+    "loss.feature_weight": 3e-5,
+    "loss.feature_target": "tokens",
+    "loss.feature_block": 1,
+    "loss.feature_teacher_layer": 2,
+}
+for size in ("tiny", "small"):
+    PAPER[f"deit_{size}_feature_distilled"] = {**PAPER[f"deit_{size}_distilled"], **FEATURE_TERM}
+
 
 @pytest.mark.parametrize("preset", list(PAPER))
 def test_preset_carries_the_published_values(preset, tmp_path):
