@@ -220,8 +220,9 @@ FEATURE_TERM = {
     "loss.feature_block": 1,
     "loss.feature_teacher_layer": 2,
 }
-for size in ("tiny", "small"):
-    PAPER[f"deit_{size}_feature_distilled"] = {**PAPER[f"deit_{size}_distilled"], **FEATURE_TERM}
+FEATURE_PRESETS = {f"deit_{size}_feature_distilled": size for size in ("tiny", "small")}
+for preset, size in FEATURE_PRESETS.items():
+    PAPER[preset] = {**PAPER[f"deit_{size}_distilled"], **FEATURE_TERM}
 
 
 @pytest.mark.parametrize("preset", list(PAPER))
@@ -287,7 +288,11 @@ def shrink(preset: str, path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("preset", list(PAPER))
+# The feature presets' step is the distilled presets' plus the feature term, which the slow end-to-end runs of
+# test_feature_distill.py cover: slow here too (about 10 s each).
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.slow) if p in FEATURE_PRESETS else p for p in PAPER]
+)
 def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
     overrides = [
         f"experiment={preset}",
