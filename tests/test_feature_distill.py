@@ -233,3 +233,26 @@ def test_a_tiny_distilled_run_trains_logs_and_saves_the_feature_term(target, tin
     optimized = sum(len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"])
     assert optimized == len(list(trained.model.parameters())) + 2  # the student's and the projection's
     assert set(trained.model.state_dict()) == set(student)  # export and eval load the student alone
+
+
+@pytest.mark.slow
+def test_the_feature_term_trains_alike_on_two_processes_in_bf16(tmp_path, cache_dir, random_teacher_checkpoint):
+    """trainer=ddp_cpu with 2 processes, bf16-mixed, an EMA: every rank ends with the same student and projection
+    (DDP reduces the projection's gradients; the teacher stays ignored)."""
+    from .test_ddp import DDP, assert_ranks_agree, run_ok
+
+    overrides = [
+        *DDP,
+        *TEACHER,
+        f"teacher.checkpoint={random_teacher_checkpoint}",
+        "loss.feature_weight=1",
+        "loss.feature_target=tokens",
+        "ema.decay=0.9",
+        "trainer.precision=bf16-mixed",
+        "+callbacks.probe._target_=tests.probes.RankStates",
+        f"+callbacks.probe.path={tmp_path / 'ranks'}",
+    ]
+    run_ok(*overrides, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    assert_ranks_agree(tmp_path / "ranks")
+    state = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)["state"]
+    assert "criterion.feature.projection.weight" in state
