@@ -12,7 +12,7 @@ from timm.task.distillation import FeatureDistillationTask
 from torch import nn
 
 from deit_train.errors import DeitTrainError
-from deit_train.features import attach_feature_loss
+from deit_train.features import FeatureTap, attach_feature_loss
 from deit_train.losses import DistillationLoss
 from deit_train.models.trained_model import load_trained_model
 from deit_train.tasks.classify import Classify
@@ -191,6 +191,19 @@ def test_a_feature_term_it_cannot_run_is_refused_in_one_line(overrides, message,
         Classify().check(cfg)
         Classify.build_module(cfg, [str(i) for i in range(CLASSES)])
     assert "\n" not in str(refusal.value)
+
+
+def test_a_teacher_without_timms_feature_entry_points_is_refused_in_one_line():
+    """A transformers classifier (teacher=hf) has no forward_head or forward_intermediates to read features from."""
+    with pytest.raises(DeitTrainError, match="lacks: take a timm teacher") as refusal:
+        FeatureTap("pre_logits").width(nn.Linear(3, 10), "teacher")
+    assert "\n" not in str(refusal.value)
+
+
+def test_masked_image_pretraining_refuses_a_feature_term(tiny_config):
+    cfg = tiny_config("task=mim", "task.mask_patch_size=4", "loss.feature_weight=1")
+    with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
+        train(cfg)
 
 
 def test_at_weight_zero_the_run_has_no_feature_term(tiny_config, random_teacher_checkpoint):
