@@ -231,7 +231,7 @@ class Classify(Task):
         teacher = build_teacher(cfg, class_names) if criterion.needs_teacher else None
         student = build_student(cfg.model, len(class_names))
         # A rule on the built student (which of timm's classes a model name gives): it cannot be in the schema.
-        if criterion.needs_teacher and criterion.alpha == 1.0 and is_distilled(student):
+        if criterion.distillation_type != "none" and criterion.alpha == 1.0 and is_distilled(student):
             raise DeitTrainError(
                 f"loss.alpha=1.0 gives the class head of the distilled student {cfg.model.name} no training signal, "
                 f"yet its predictions are averaged with the distillation head's. Take a single-head student for pure "
