@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from timm.task.distillation import FeatureDistillationTask
 from torch import nn
 
@@ -68,21 +67,18 @@ def member_index(member: str | None, names: list[str]) -> int:
     )
 
 
-# The loss keys that say where the features are read, not how the loss weighs them (DistillationLoss takes the rest).
-TAP_KEYS = ("feature_target", "feature_block", "feature_teacher_layer", "feature_member")
-
-
 def attach_feature_loss(
-    loss: DictConfig, member_names: list[str], criterion: DistillationLoss, student: nn.Module, teacher: "Teacher"
+    criterion: DistillationLoss, member_names: list[str], student: nn.Module, teacher: "Teacher"
 ) -> FeatureTap:
-    """The feature term of a run: criterion.feature on the widths of the student's and the teacher's features, the
-    teacher asked for them (Teacher.read_features); returns where the student's are read."""
-    student_tap = FeatureTap(loss.feature_target, loss.feature_block)
-    teacher_layer = loss.feature_teacher_layer if loss.feature_teacher_layer is not None else loss.feature_block
-    teacher_tap = FeatureTap(loss.feature_target, teacher_layer)
-    member = member_index(loss.feature_member, member_names)
+    """The feature term of a run, as criterion's feature_* settings say: criterion.feature on the widths of the
+    student's and the teacher's features, the teacher asked for them (Teacher.read_features); returns where the
+    student's are read."""
+    target = criterion.feature_target
+    student_tap = FeatureTap(target, criterion.feature_block)
+    teacher_tap = FeatureTap(target, criterion.feature_teacher_layer)
+    member = member_index(criterion.feature_member, member_names)
     network = teacher.members[member].network
     widths = student_tap.width(student, "student"), teacher_tap.width(network, "teacher")
-    criterion.feature = FeatureLoss(loss.feature_target, *widths)
+    criterion.feature = FeatureLoss(target, *widths)
     teacher.read_features(member, teacher_tap)
     return student_tap

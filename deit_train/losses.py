@@ -31,6 +31,7 @@ DistillationType = Literal["none", "soft", "hard"]
 #   issue #61); numerically the batchmean value divided by the number of classes.
 KLReduction = Literal["batchmean", "deit_official"]
 LabelLoss = Literal["ce", "bce"]
+FeatureTarget = Literal["pre_logits", "tokens"]  # FeatureLoss
 
 
 class DistillationLoss(nn.Module):
@@ -44,11 +45,20 @@ class DistillationLoss(nn.Module):
         label_loss: LabelLoss = "ce",
         bce_target_threshold: float | None = 0.0,
         feature_weight: float = 0.0,
+        feature_target: FeatureTarget = "pre_logits",
+        feature_block: int = 1,
+        feature_teacher_layer: int | None = None,
+        feature_member: str | None = None,
     ) -> None:
         """Values as the schema checked them (schema.py, LossConfig). A feature_weight > 0 needs `feature`, the
-        FeatureLoss on the run's student and teacher widths (tasks/classify.py sets it)."""
+        FeatureLoss on the run's student and teacher widths, which features.attach_feature_loss sets from the
+        feature_* settings (where the features are read)."""
         super().__init__()
         self.feature_weight = feature_weight
+        self.feature_target = feature_target
+        self.feature_block = feature_block
+        self.feature_teacher_layer = feature_teacher_layer if feature_teacher_layer is not None else feature_block
+        self.feature_member = feature_member
         self.feature: FeatureLoss | None = None
         self.distillation_type = distillation_type
         self.alpha = alpha
@@ -149,9 +159,6 @@ class DistillationLoss(nn.Module):
     ) -> torch.Tensor:
         """cls_logits: Z_s; dist_logits: Z_dist (None for a single-head student); targets: y."""
         return self.combine(self.terms(cls_logits, dist_logits, targets, teacher_logits))
-
-
-FeatureTarget = Literal["pre_logits", "tokens"]
 
 
 class FeatureLoss(nn.Module):

@@ -42,20 +42,17 @@ def tiny_teacher(name: str = TINY_TEACHER) -> nn.Module:
 def feature_criterion(student, teacher_network, target, block=1, layer=None, distillation="none", member=None):
     """DistillationLoss with a feature term, wired as tasks/classify.py wires it; returns it, the student's tap and
     the Teacher."""
-    from omegaconf import OmegaConf
-
     teacher = Teacher(teacher_network if isinstance(teacher_network, list) else [teacher_network])
-    loss = OmegaConf.create(
-        {
-            "feature_target": target,
-            "feature_block": block,
-            "feature_teacher_layer": layer,
-            "feature_member": member,
-        }
+    criterion = DistillationLoss(
+        distillation,
+        feature_weight=W,
+        feature_target=target,
+        feature_block=block,
+        feature_teacher_layer=layer,
+        feature_member=member,
     )
-    criterion = DistillationLoss(distillation, feature_weight=W)
     names = [f"net{i}" for i in range(len(teacher.members))]
-    tap = attach_feature_loss(loss, names, criterion, student, teacher)
+    tap = attach_feature_loss(criterion, names, student, teacher)
     return criterion, tap, teacher
 
 

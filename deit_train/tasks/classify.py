@@ -19,7 +19,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.mixup import BatchMixer
 from deit_train.data.pixels import model_input
 from deit_train.errors import DeitTrainError
-from deit_train.features import TAP_KEYS, FeatureTap, attach_feature_loss
+from deit_train.features import FeatureTap, attach_feature_loss
 from deit_train.labels import SAMPLE_IMAGES, order_on_data
 from deit_train.losses import DistillationLoss
 from deit_train.models import (
@@ -222,8 +222,7 @@ class Classify(Task):
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
         """Student, teacher and loss on these classes."""
-        formula = {key: value for key, value in cfg.loss.items() if key not in TAP_KEYS}
-        criterion = DistillationLoss(**formula, label_smoothing=cfg.augment.smoothing)
+        criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
         if cfg.teacher.name is not None and not criterion.needs_teacher:
             log.warning("loss=ce ignores teacher=%s: no teacher is loaded or run.", cfg.teacher.name)
         if cfg.teacher.cache and not criterion.needs_teacher:
@@ -240,7 +239,7 @@ class Classify(Task):
         feature_tap = None
         if criterion.feature_weight > 0:
             names = [member.name for member in teacher_members(cfg.teacher)]
-            feature_tap = attach_feature_loss(cfg.loss, names, criterion, student, teacher)
+            feature_tap = attach_feature_loss(criterion, names, student, teacher)
         if cfg.compile:
             compile_student(student)
         log.info(
