@@ -45,9 +45,9 @@ def main() -> None:
         run("teacher", args.out, ["model=timm", f"model.name={TEACHER}", "loss=ce", "optim.lr=8e-3", *common])
         teacher = args.out / "teacher" / "checkpoints" / "best.ckpt"
     teacher_overrides = ["teacher=timm", f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher}"]
-    for name, overrides in STUDENTS.items():
-        with_teacher = teacher_overrides if name != "ce" else []
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed: a run stopped early still compares the three at the seeds it finished
+        for name, overrides in STUDENTS.items():
+            with_teacher = teacher_overrides if name != "ce" else []
             run(f"{name}/seed{seed}", args.out / "students", [*overrides, *with_teacher, f"seed={seed}", *common])
     written = report(args.out / "students")
     print(f"\n{written['table']}\nreport: {args.out / 'students' / 'report.md'}")
