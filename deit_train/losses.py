@@ -14,6 +14,8 @@ label_loss=bce (DeiT III, Touvron et al. 2022, section 3.1; official main.py --b
 the binary cross-entropy of each class, mean over batch x classes, on targets binarised as y > threshold (0: each
 class Mixup/CutMix put in the image is a positive, as the official engine.py's targets.gt(0.0)); timm's
 BinaryCrossEntropy. The distillation term stays as above.
+
+loss.feature_weight=W > 0 adds a feature term to any of these: ... + W d(P(F_s), F_t) (FeatureLoss below).
 """
 
 from typing import Literal
@@ -29,6 +31,7 @@ DistillationType = Literal["none", "soft", "hard"]
 #   issue #61); numerically the batchmean value divided by the number of classes.
 KLReduction = Literal["batchmean", "deit_official"]
 LabelLoss = Literal["ce", "bce"]
+FeatureTarget = Literal["pre_logits", "tokens"]  # FeatureLoss
 
 
 class DistillationLoss(nn.Module):
@@ -41,9 +44,22 @@ class DistillationLoss(nn.Module):
         label_smoothing: float = 0.0,
         label_loss: LabelLoss = "ce",
         bce_target_threshold: float | None = 0.0,
+        feature_weight: float = 0.0,
+        feature_target: FeatureTarget = "pre_logits",
+        feature_block: int = 1,
+        feature_teacher_layer: int | None = None,
+        feature_member: str | None = None,
     ) -> None:
-        """Values as the schema checked them (schema.py, LossConfig)."""
+        """Values as the schema checked them (schema.py, LossConfig). A feature_weight > 0 needs `feature`, the
+        FeatureLoss on the run's student and teacher widths, which features.attach_feature_loss sets from the
+        feature_* settings (where the features are read)."""
         super().__init__()
+        self.feature_weight = feature_weight
+        self.feature_target = feature_target
+        self.feature_block = feature_block
+        self.feature_teacher_layer = feature_teacher_layer if feature_teacher_layer is not None else feature_block
+        self.feature_member = feature_member
+        self.feature: FeatureLoss | None = None
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
@@ -57,7 +73,7 @@ class DistillationLoss(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.distillation_type != "none"
+        return self.distillation_type != "none" or self.feature_weight > 0
 
     def label_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """CE(Z, y) or BCE(Z, y): y as class indices (smoothed here) or as soft targets (already smoothed by
@@ -73,9 +89,24 @@ class DistillationLoss(nn.Module):
         dist_logits: torch.Tensor | None,
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
+        student_features: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The objective's parts before weighting: `cls` = CE(Z_s, y); `dist` = the distillation head's term
-        (CE(Z_dist, argmax Z_t), tau^2 KL(...), or CE(Z_dist, y) without a teacher); `kl` = the KL alone (soft)."""
+        (CE(Z_dist, argmax Z_t), tau^2 KL(...), or CE(Z_dist, y) without a teacher); `kl` = the KL alone (soft);
+        `feature` = d(P(F_s), F_t) when feature_weight > 0."""
+        terms = self.logit_terms(cls_logits, dist_logits, targets, teacher_logits)
+        if self.feature is not None:
+            terms["feature"] = self.feature(student_features, teacher_features)
+        return terms
+
+    def logit_terms(
+        self,
+        cls_logits: torch.Tensor,
+        dist_logits: torch.Tensor | None,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
         if self.distillation_type == "none":
             if dist_logits is None:
                 return {"cls": self.label_loss(cls_logits, targets)}
@@ -107,6 +138,11 @@ class DistillationLoss(nn.Module):
         return kl_sum / denominator
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logit terms' combination, plus W x the feature term."""
+        loss = self.combine_logit_terms(terms)
+        return loss + self.feature_weight * terms["feature"] if "feature" in terms else loss
+
+    def combine_logit_terms(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """(1 - alpha) cls + alpha dist; without a teacher, the mean of the heads' label losses."""
         if "dist" not in terms:
             return terms["cls"]
@@ -123,3 +159,39 @@ class DistillationLoss(nn.Module):
     ) -> torch.Tensor:
         """cls_logits: Z_s; dist_logits: Z_dist (None for a single-head student); targets: y."""
         return self.combine(self.terms(cls_logits, dist_logits, targets, teacher_logits))
+
+
+class FeatureLoss(nn.Module):
+    """d(P(F_s), F_t): the student's features F_s, mapped by P, against the teacher's F_t (features.py reads them).
+
+    pre_logits: F_s, F_t the pooled pre-logits (B x D); d the mean squared error over batch x channels, as timm's
+        FeatureDistillationTask (timm.task.distillation, its kd_loss).
+    tokens: ViTKD's mimicking (Yang et al. 2022, "ViTKD: Practical Guidelines for ViT feature knowledge
+        distillation", arXiv 2209.02432; official code yzd-v/cls_KD, ViTKDLoss): F_s the student's N patch tokens at
+        a block, F_t the teacher's tokens or a convnet's stage, resampled (bilinear, antialiased) to the student's
+        patch grid; d = 1/B sum over tokens and channels of (P(F_s) - F_t)^2, the paper's summed MSE over the batch
+        (it weighs each mimicked block alpha = 3e-5).
+    P: a learned linear map C_s -> C_t, per token, where the widths differ (else the identity), as both do. It
+    trains with the student, is saved in the run's checkpoints (criterion.feature.*) and never exported.
+    """
+
+    def __init__(self, target: FeatureTarget, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.target = target
+        self.projection = nn.Linear(student_width, teacher_width) if student_width != teacher_width else None
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        if self.target == "tokens":  # (B, C, H, W) maps -> (B, N, C) tokens on the student's grid
+            grid = student_features.shape[-2:]
+            if teacher_features.shape[-2:] != grid:
+                teacher_features = F.interpolate(
+                    teacher_features.float(), size=grid, mode="bilinear", align_corners=False, antialias=True
+                )
+            student_features = student_features.flatten(2).transpose(1, 2)
+            teacher_features = teacher_features.flatten(2).transpose(1, 2)
+        if self.projection is not None:
+            student_features = self.projection(student_features)
+        student_features, teacher_features = student_features.float(), teacher_features.float()
+        if self.target == "pre_logits":
+            return F.mse_loss(student_features, teacher_features)
+        return (student_features - teacher_features).pow(2).sum() / student_features.shape[0]

@@ -162,6 +162,19 @@ class LossConfig:
     bce_target_threshold: float | None = checked(
         0.0, Range(0.0, 1.0, "a threshold in [0, 1), or null (soft targets)", high_open=True)
     )
+    # Feature distillation (losses.py, FeatureLoss): + feature_weight x d(P(F_s), F_t) on top of the loss; 0: off,
+    # the run is today's. Needs a teacher (loss=ce included). Paper values: docs/recipes.md
+    feature_weight: float = checked(0.0, Range(0.0, None, "a weight >= 0 (0: no feature term)"))
+    # pre_logits: the pooled pre-logits, mean squared error (timm's FeatureDistillationTask); tokens: the student's
+    # patch tokens at feature_block against the teacher's tokens or spatial map (ViTKD's mimicking)
+    feature_target: str = checked("pre_logits", OneOf("pre_logits", "tokens"))
+    # tokens: the student's block, as timm's forward_intermediates counts (ViTKD mimics the shallow blocks 0 and 1)
+    feature_block: int = 1
+    # tokens: the teacher's forward_intermediates index: a ViT's block, a convnet's stage as its feature_info lists
+    # them (RegNetY: 0 stem, 1-4 stages; 3 is stride 16, DeiT's patch grid); null: feature_block
+    feature_teacher_layer: int | None = None
+    # teacher=ensemble: the member whose features are matched, by name or index; null: the first
+    feature_member: str | None = None
 
 
 @dataclass

@@ -116,15 +116,16 @@ class PoisonBatch(L.Callback):
 
 
 class RankStates(L.Callback):
-    """Saves each rank's student and EMA weights at the end of training, and how DDP wrapped the module (broadcast
-    buffers, bucket views, what it ignores), to PATH/rank<R>.pt."""
+    """Saves each rank's student and EMA weights (and a feature term's projection) at the end of training, and how
+    DDP wrapped the module (broadcast buffers, bucket views, what it ignores), to PATH/rank<R>.pt."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module) -> None:
         wrapped = trainer.strategy.model
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items() if k.startswith(("student.", "ema."))}
+        kept = ("student.", "ema.", "criterion.")
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items() if k.startswith(kept)}
         ddp = {name: getattr(wrapped, name, None) for name in ("broadcast_buffers", "gradient_as_bucket_view")}
         ddp["ignored"] = sorted(getattr(wrapped, "parameters_to_ignore", []))
         self.path.mkdir(parents=True, exist_ok=True)

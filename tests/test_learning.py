@@ -42,6 +42,9 @@ TASKS = {
     "classify": ["loss=ce"],
     "hard_distill": ["loss=hard_distill"],
     "soft_distill": ["loss=soft_distill"],
+    # hard distillation plus the feature term: the student's features learn the teacher's (losses.py FeatureLoss)
+    "feature_pre_logits": ["loss=hard_distill", "loss.feature_weight=1", "loss.feature_target=pre_logits"],
+    "feature_tokens": ["loss=hard_distill", "loss.feature_weight=0.01", "loss.feature_target=tokens"],
     "mim": ["task=mim", "task.mask_patch_size=4", "task.pictures=0"],
 }
 # A frozen resnet10t with random weights: its answers are a fixed function of the image, which the student's
@@ -81,7 +84,7 @@ def assert_loss_falls(losses: list[float], window: int = WINDOW, falls_to: float
 def train_toy(tiny_config, task: str, rates: list[str], teacher_checkpoint: Path) -> Path:
     """Trains `task` on the toy set at `rates`; returns the run directory."""
     overrides = [*LEARNABLE, *TASKS[task], *rates]
-    if task.endswith("distill"):
+    if TASKS[task][0].endswith("distill"):
         overrides += [*TEACHER, f"teacher.checkpoint={teacher_checkpoint}"]
     cfg = tiny_config(*overrides, data=TOY_DATA)
     train(cfg)
@@ -96,6 +99,8 @@ def test_the_loss_falls(task, tiny_config, random_teacher_checkpoint):
     assert_loss_falls(losses)
     if task.endswith("distill"):  # the distillation head learns the teacher's answers, not only the labels
         assert_loss_falls(logged_losses(run_dir, "train/loss_dist"))
+    if task.startswith("feature"):  # and the student's features the teacher's
+        assert_loss_falls(logged_losses(run_dir, "train/loss_feature"))
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -212,6 +212,18 @@ PAPER["function_matching"] = {
     "ema.decay": None,
 }
 
+# The DeiT recipe with ViTKD's mimicking on top (Yang et al. 2022, arXiv 2209.02432: shallow blocks, weight 3e-5 on
+# the summed squared error), here from RegNetY-16GF's stage 2: not in either paper.
+FEATURE_TERM = {
+    "loss.feature_weight": 3e-5,
+    "loss.feature_target": "tokens",
+    "loss.feature_block": 1,
+    "loss.feature_teacher_layer": 2,
+}
+FEATURE_PRESETS = {f"deit_{size}_feature_distilled": size for size in ("tiny", "small")}
+for preset, size in FEATURE_PRESETS.items():
+    PAPER[preset] = {**PAPER[f"deit_{size}_distilled"], **FEATURE_TERM}
+
 
 @pytest.mark.parametrize("preset", list(PAPER))
 def test_preset_carries_the_published_values(preset, tmp_path):
@@ -276,7 +288,11 @@ def shrink(preset: str, path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("preset", list(PAPER))
+# The feature presets' step is the distilled presets' plus the feature term, which the slow end-to-end runs of
+# test_feature_distill.py cover: slow here too (about 10 s each).
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.slow) if p in FEATURE_PRESETS else p for p in PAPER]
+)
 def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
     overrides = [
         f"experiment={preset}",

@@ -6,6 +6,7 @@ from deit_train.models.student import (
     compile_student,
     describe,
     forward_heads,
+    heads_on,
     is_distilled,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "compile_student",
     "describe",
     "forward_heads",
+    "heads_on",
     "is_distilled",
 ]

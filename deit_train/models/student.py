@@ -99,8 +99,14 @@ def forward_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     single-head model. timm's own forward averages the two heads outside distilled training."""
     if not is_distilled(model):
         return model(images), None
-    tokens = model.forward_features(images)
-    cls_token, dist_token = model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])
+    return heads_on(model, model.forward_features(images))
+
+
+def heads_on(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """forward_heads from the output of forward_features (or of forward_intermediates, the same tensor)."""
+    if not is_distilled(model):
+        return model.forward_head(features), None
+    cls_token, dist_token = model.head_drop(features[:, 0]), model.head_drop(features[:, 1])
     return model.head(cls_token), model.head_dist(dist_token)
 
 

@@ -37,16 +37,24 @@ class Classify(Task):
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         distillation = cfg.loss.distillation_type
-        if distillation == "none" and cfg.teacher.name is not None and not cfg.teacher.keep_for_metrics:
+        uses_teacher = distillation != "none" or cfg.loss.feature_weight > 0
+        if not uses_teacher and cfg.teacher.name is not None and not cfg.teacher.keep_for_metrics:
             raise DeitTrainError(
                 f"teacher={cfg.teacher.name} with loss={cfg.loss.get('label_loss', 'ce')}, which uses no teacher: "
                 f"distil with loss=hard_distill or loss=soft_distill, or keep the teacher for val/teacher_acc1 and "
                 f"val/agreement only with teacher.keep_for_metrics=true"
             )
-        if distillation != "none" and cfg.teacher.name is None:
+        if uses_teacher and cfg.teacher.name is None:
+            what = f"loss={distillation}_distill" if distillation != "none" else "loss.feature_weight>0"
             raise DeitTrainError(
-                f"loss={distillation}_distill needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
+                f"{what} needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
                 f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
+            )
+        if cfg.teacher.cache and cfg.loss.feature_weight > 0:
+            raise DeitTrainError(
+                f"teacher.cache={cfg.teacher.cache} stores the teacher's logits, not the features that "
+                f"loss.feature_weight={cfg.loss.feature_weight} matches: drop one (teacher.cache=null, or "
+                f"loss.feature_weight=0)"
             )
         if cfg.teacher.cache and distillation != "none":  # before the run writes anything
             check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
@@ -68,11 +76,12 @@ class Classify(Task):
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:
         """Student, teacher and loss on these classes."""
+        from deit_train.features import attach_feature_loss
         from deit_train.losses import DistillationLoss
         from deit_train.models import build_student, compile_student, describe, is_distilled
         from deit_train.tasks.deit_module import DeiTModule
         from deit_train.tasks.module import run_config
-        from deit_train.teacher import build_teacher
+        from deit_train.teacher import build_teacher, teacher_members
 
         criterion = DistillationLoss(**cfg.loss, label_smoothing=cfg.augment.smoothing)
         if cfg.teacher.cache and not criterion.needs_teacher:
@@ -81,12 +90,16 @@ class Classify(Task):
         teacher = build_teacher(cfg, class_names) if wanted else None
         student = build_student(cfg.model, len(class_names))
         # A rule on the built student (which of timm's classes a model name gives): it cannot be in the schema.
-        if criterion.needs_teacher and criterion.alpha == 1.0 and is_distilled(student):
+        if criterion.distillation_type != "none" and criterion.alpha == 1.0 and is_distilled(student):
             raise DeitTrainError(
                 f"loss.alpha=1.0 gives the class head of the distilled student {cfg.model.name} no training signal, "
                 f"yet its predictions are averaged with the distillation head's. Take a single-head student for pure "
                 f"distillation (function matching), e.g. model=deit_small_plain, or set loss.alpha below 1."
             )
+        feature_tap = None
+        if criterion.feature_weight > 0:
+            names = [member.name for member in teacher_members(cfg.teacher)]
+            feature_tap = attach_feature_loss(criterion, names, student, teacher)
         if cfg.compile:
             compile_student(student)
         log.info(
@@ -106,6 +119,7 @@ class Classify(Task):
             ema_decay=cfg.ema.decay,
             seed=cfg.seed,
             config=run_config(cfg),
+            feature_tap=feature_tap,
         )
 
 

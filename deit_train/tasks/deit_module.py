@@ -6,14 +6,16 @@ import logging
 
 import torch
 from omegaconf import DictConfig
+from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from deit_train.data.mixup import BatchMixer
+from deit_train.features import FeatureTap
 from deit_train.losses import DistillationLoss
-from deit_train.models import average_heads, forward_heads, is_distilled
+from deit_train.models import average_heads, forward_heads, heads_on, is_distilled
 from deit_train.tasks.module import TrainingModule
 from deit_train.teacher import Teacher
 
@@ -49,9 +51,11 @@ class DeiTModule(TrainingModule):
         ema_decay: float | None = None,
         seed: int = 0,
         config: dict | None = None,
+        feature_tap: FeatureTap | None = None,
     ) -> None:
         super().__init__(optim, global_batch_size, seed, config)
         self.student = student
+        self.feature_tap = feature_tap  # where the feature term reads the student (loss.feature_weight > 0)
         self.teacher = teacher
         self.criterion = criterion
         self.class_names = list(class_names)
@@ -80,7 +84,12 @@ class DeiTModule(TrainingModule):
 
     @property
     def network(self) -> nn.Module:
-        return self.student
+        """The student, and the feature term's projection P where it has one: both train (timm's pair, which gives
+        the optimizer the student's no-weight-decay names under its prefix)."""
+        feature = self.criterion.feature
+        if feature is None or feature.projection is None:
+            return self.student
+        return FeatureDistillationTrainableModule(self.student, feature.projection)
 
     @property
     def num_classes(self) -> int:
@@ -110,9 +119,21 @@ class DeiTModule(TrainingModule):
         # Mixup/CutMix; the teacher sees the same mixed images
         images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
         distilling = self.teacher is not None and self.criterion.needs_teacher  # teacher.keep_for_metrics: validation
-        teacher_logits = self.teacher(images, view_keys, batch_idx).logits if distilling else None
-        cls_logits, dist_logits = forward_heads(self.student, images)
-        terms = self.criterion.terms(cls_logits, dist_logits, targets, teacher_logits)
+        teacher = self.teacher(images, view_keys, batch_idx) if distilling else None
+        if self.feature_tap is None:
+            cls_logits, dist_logits = forward_heads(self.student, images)
+            student_features = None
+        else:  # one pass gives the heads their input and the feature term its features
+            tokens, student_features = self.feature_tap(self.student, images)
+            cls_logits, dist_logits = heads_on(self.student, tokens)
+        terms = self.criterion.terms(
+            cls_logits,
+            dist_logits,
+            targets,
+            teacher.logits if teacher is not None else None,
+            student_features,
+            teacher.features if teacher is not None else None,
+        )
         loss = self.criterion.combine(terms)
         self.track(loss)
         # Logged and checked every log_every_n_steps, without a host-device sync in the other steps.

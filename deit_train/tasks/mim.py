@@ -36,7 +36,7 @@ class MaskedImageModeling(Task):
         import timm
 
         super().check(cfg)
-        if cfg.loss.distillation_type != "none" or cfg.teacher.name is not None:
+        if cfg.loss.distillation_type != "none" or cfg.loss.feature_weight > 0 or cfg.teacher.name is not None:
             raise DeitTrainError(
                 "task=mim pre-trains without labels or teacher: drop loss=/teacher= here and distil when "
                 "fine-tuning from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill "

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
+from deit_train.features import FeatureTap
 from deit_train.teacher.cache import TeacherCache
 from deit_train.teacher.network import build_teacher_network, member_img_sizes, teacher_members
 
@@ -49,13 +50,21 @@ class TeacherNetwork(nn.Module):
         self.register_buffer("input_shift", (to_column(data_mean) - to_column(mean)) / to_column(std), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(self.own_input(images))
+
+    def logits_and_features(self, images: torch.Tensor, tap: FeatureTap) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its logits and the features `tap` reads, in one pass."""
+        final, features = tap(self.network, self.own_input(images))
+        return self.network.forward_head(final), features
+
+    def own_input(self, images: torch.Tensor) -> torch.Tensor:
         size = self.img_size
         if size is not None and images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         if self.renormalize:
             images = images * self.input_scale + self.input_shift
         # channels_last: the faster layout for convnets
-        return self.network(images.contiguous(memory_format=torch.channels_last))
+        return images.contiguous(memory_format=torch.channels_last)
 
 
 def ensemble_logits(member_logits: list[torch.Tensor], tau: float = 1.0) -> torch.Tensor:
@@ -70,10 +79,11 @@ def ensemble_logits(member_logits: list[torch.Tensor], tau: float = 1.0) -> torc
 @dataclass
 class TeacherOutput:
     """What the teacher gives a batch: `logits`, which the loss reads (an ensemble's combined), and each network's
-    own `member_logits` (empty when the logits were read from the cache)."""
+    own `member_logits` (empty when the logits were read from the cache), and the features the feature term reads."""
 
     logits: torch.Tensor
     member_logits: list[torch.Tensor]
+    features: torch.Tensor | None = None  # what `features` asked of its member (Teacher.read_features)
 
 
 class Teacher(nn.Module):
@@ -103,7 +113,12 @@ class Teacher(nn.Module):
         )
         self.tau = tau
         self.cache: TeacherCache | None = None
+        self.features: tuple[int, FeatureTap] | None = None  # (member, where): read_features
         self.train(False)
+
+    def read_features(self, member: int, tap: FeatureTap) -> None:
+        """Every run of the networks also gives the features `tap` reads from `member` (the feature term's)."""
+        self.features = (member, tap)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # frozen: BatchNorm statistics and dropout stay as loaded
@@ -132,14 +147,21 @@ class Teacher(nn.Module):
 
     def run_networks(self, images: torch.Tensor) -> TeacherOutput:
         """Each network's logits, in one forward pass each without autograd, and their combination."""
+        tapped, tap = self.features if self.features is not None else (None, None)
+        member_logits, features = [], None
         with torch.inference_mode():
-            member_logits = [member(images) for member in self.members]
-        member_logits = [
-            logits.to(torch.float32, copy=True) for logits in member_logits
-        ]  # normal fp32 tensors the loss may save
+            for i, member in enumerate(self.members):
+                if i == tapped:
+                    logits, features = member.logits_and_features(images, tap)
+                else:
+                    logits = member(images)
+                member_logits.append(logits)
+        # normal fp32 tensors the loss may save
+        member_logits = [logits.to(torch.float32, copy=True) for logits in member_logits]
+        features = features.to(torch.float32, copy=True) if features is not None else None
         if len(member_logits) == 1:
-            return TeacherOutput(member_logits[0], member_logits)
-        return TeacherOutput(ensemble_logits(member_logits, self.tau), member_logits)
+            return TeacherOutput(member_logits[0], member_logits, features)
+        return TeacherOutput(ensemble_logits(member_logits, self.tau), member_logits, features)
 
 
 def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
