@@ -30,6 +30,23 @@ def evaluate(model: torch.nn.Module, cfg) -> tuple[float, torch.Tensor]:
     return (logits.argmax(dim=1) == labels).float().mean().item(), logits
 
 
+def teacher_forwards(monkeypatch) -> list[int]:
+    """The batch sizes the (first) teacher network is run on, from here on: build_teacher wrapped where the task
+    imports it from when it builds (deit_train.teacher)."""
+    from deit_train import teacher as teacher_package
+
+    calls: list[int] = []
+    original = teacher_package.build_teacher
+
+    def counted_teacher(*args, **kwargs):
+        teacher = original(*args, **kwargs)
+        teacher.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return teacher
+
+    monkeypatch.setattr(teacher_package, "build_teacher", counted_teacher)
+    return calls
+
+
 def test_tiny_run_writes_metrics_and_checkpoints_that_reproduce_them(tiny_config):
     cfg = tiny_config()
     metrics = train(cfg).metrics
@@ -101,17 +118,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
 
 
 def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, random_teacher_checkpoint, monkeypatch):
-    from deit_train import teacher as train_module  # where the task imports build_teacher from, when it builds
-
-    calls = []
-    original = train_module.build_teacher
-
-    def counted_teacher(*args, **kwargs):
-        teacher = original(*args, **kwargs)
-        teacher.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-        return teacher
-
-    monkeypatch.setattr(train_module, "build_teacher", counted_teacher)
+    calls = teacher_forwards(monkeypatch)
     cfg = tiny_config(
         "loss=hard_distill",
         "teacher=timm",
@@ -135,17 +142,7 @@ def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
     import timm
     from safetensors.torch import load_file
 
-    from deit_train import teacher as train_module  # where the task imports build_teacher from, when it builds
-
-    calls = []
-    original = train_module.build_teacher
-
-    def counted_teacher(*args, **kwargs):
-        teacher = original(*args, **kwargs)
-        teacher.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-        return teacher
-
-    monkeypatch.setattr(train_module, "build_teacher", counted_teacher)
+    calls = teacher_forwards(monkeypatch)
     cfg = tiny_config(
         "loss=hard_distill",
         "teacher=timm",
@@ -172,22 +169,13 @@ def test_a_teacher_the_loss_does_not_use_is_refused_or_kept_for_the_metrics(
     """teacher=... with loss=ce trained without distillation, with a warning: now refused in one line naming the
     distillation losses; teacher.keep_for_metrics=true keeps it for val/teacher_acc1 and val/agreement, never run in
     training."""
-    from deit_train import teacher as teacher_package
     from deit_train.errors import DeitTrainError
     from deit_train.train import check_config
 
     teacher = ["teacher=timm", "teacher.name=resnet10t", f"teacher.checkpoint={random_teacher_checkpoint}"]
     with pytest.raises(DeitTrainError, match="uses no teacher: distil with loss=hard_distill or loss=soft_distill"):
         check_config(tiny_config("loss=ce", *teacher))
-    calls = []
-    original = teacher_package.build_teacher
-
-    def counted_teacher(*args, **kwargs):
-        built = original(*args, **kwargs)
-        built.members[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-        return built
-
-    monkeypatch.setattr(teacher_package, "build_teacher", counted_teacher)
+    calls = teacher_forwards(monkeypatch)
     cfg = tiny_config("loss=ce", *teacher, "teacher.keep_for_metrics=true", "teacher.unchecked_order=true")
     metrics = train(cfg).metrics
     assert {"val/teacher_acc1", "val/agreement"} <= set(metrics)
