@@ -643,7 +643,8 @@ def test_the_overrides_deit_shard_prints_run_as_typed(demo_data, tmp_path, capsy
     printed = [line.split("shards: ", 1)[1] for line in lines if "shards: " in line]
     overrides = [word for line in printed for word in shlex.split(line)]
     assert [o.split("=", 1)[0] for o in overrides] == ["data.train", "data.val"]
-    refuse_bad_command_line(["experiment=demo", "data=webdataset", *overrides])  # composes and checks
+    # composes and checks, the batch against the shards included (80 images: a batch of 16 fits)
+    refuse_bad_command_line(["experiment=demo", "data=webdataset", "data.batch_size=16", *overrides])
     cfg = compose_config(["data=webdataset", *overrides], tmp_path / "run", tmp_path / "cache")
     assert cfg.data.train == f"{out}/train-{{000000..000004}}.tar"
     assert cfg.data.val == f"{out}/val-{{000000..000002}}.tar"

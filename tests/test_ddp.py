@@ -19,7 +19,7 @@ from deit_train.models.trained_model import load_trained_model
 from deit_train.tools.evaluate import evaluate, open_eval_folder
 
 from .conftest import TINY, TINY_RUN, TINY_VIT, assert_metrics_reproduce, last_epoch
-from .test_presets import PAPER, shrink
+from .test_presets import PAPER, distills, shrink
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,14 +76,14 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
     for two more."""
     data = ["data=imagefolder"] if preset == "deit_transfer" else []
     tiny = [o for o in shrink(preset, tmp_path) if "limit_train" not in o and "max_epochs" not in o]
+    teacher = [f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]
     overrides = [
         f"experiment={preset}",
         *tiny,
         *DDP,
         *data,
         f"data.root={demo_data}",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *(teacher if distills(preset, tmp_path) else []),
         "+trainer.limit_train_batches=2",
         "resume=true",
     ]

@@ -40,6 +40,12 @@ NUMERIC = [str(i) for i in range(12)]  # the order a network trained on labels 0
 AS_STRINGS = sorted(NUMERIC)  # the order the class folders sort in: 0, 1, 10, 11, 2, ...
 
 
+def build_classify(cfg):
+    """task=classify's module, built on the config's own data source, as a run builds it (run.Run.build)."""
+    task = Classify()
+    return task.build(cfg, task.datamodule(cfg, build_source(cfg.data)))
+
+
 @pytest.fixture(scope="module")
 def numbered_folders(tmp_path_factory) -> Path:
     """An ImageFolder of 12 classes named 0..11, each a colour of its own (with noise), 16 px, 4 images per class
@@ -107,7 +113,7 @@ def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(
     base = teacher_config(tiny_config, numbered_folders, "unused")
     numeric = fitted_resnet(base, NUMERIC, tmp_path)
     with pytest.raises(DeitTrainError) as refused:
-        Classify().build(teacher_config(tiny_config, numbered_folders, numeric))
+        build_classify(teacher_config(tiny_config, numbered_folders, numeric))
     message = str(refused.value)
     # classes 0 and 1 sit at the same index in both orders: 8 of the 48 images right, 100% in numeric order, which
     # moves the other 10 classes: what it calls '10' (the data's third class) is class '2', ...
@@ -121,12 +127,12 @@ def test_a_teacher_without_names_in_another_order_is_refused_with_its_accuracy(
     # the same weights with their outputs in the folders' order: accepted, and the accuracy logged
     right = fitted_resnet(base, AS_STRINGS, tmp_path)
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        Classify().build(teacher_config(tiny_config, numbered_folders, right))
+        build_classify(teacher_config(tiny_config, numbered_folders, right))
     assert "teacher resnet10t: top-1 100.0% on 48 validation images (chance: 8.3%)" in caplog.text
     # teacher.unchecked_order=true: trained with anyway, with a warning
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        Classify().build(teacher_config(tiny_config, numbered_folders, numeric, "teacher.unchecked_order=true"))
+        build_classify(teacher_config(tiny_config, numbered_folders, numeric, "teacher.unchecked_order=true"))
     assert "teacher.unchecked_order=true: training with it anyway" in caplog.text
 
 
@@ -196,12 +202,12 @@ def test_model_init_with_named_classes_in_another_order_takes_its_rows_by_name(
         config = {"architecture": "deit_tiny_distilled_patch16_224", "num_classes": 12, "label_names": order}
         (export / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        built = Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "numeric"))
+        built = build_classify(init_config(tiny_config, numbered_folders, tmp_path / "numeric"))
     assert "its heads' rows taken by class name (12 of its 12 classes, in the data's order)" in caplog.text
     rows = [NUMERIC.index(name) for name in AS_STRINGS]
     torch.testing.assert_close(built.module.student.head.weight, student.head.weight[rows], rtol=0, atol=0)
     assert validation_top1(built.module.student, cfg) == 1.0
-    built = Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "strings"))
+    built = build_classify(init_config(tiny_config, numbered_folders, tmp_path / "strings"))
     torch.testing.assert_close(built.module.student.head.weight, student.head.weight, rtol=0, atol=0)
 
 
@@ -214,7 +220,7 @@ def test_model_init_without_names_in_another_order_starts_the_heads_fresh(
     numeric = fitted_student(cfg, NUMERIC)
     torch.save(numeric.state_dict(), tmp_path / "numeric.pth")
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        built = Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "numeric.pth"))
+        built = build_classify(init_config(tiny_config, numbered_folders, tmp_path / "numeric.pth"))
     fresh = [r.getMessage() for r in caplog.records if "both heads start fresh" in r.getMessage()]
     assert len(fresh) == 1 and "\n" not in fresh[0]
     assert (
@@ -226,14 +232,14 @@ def test_model_init_without_names_in_another_order_starts_the_heads_fresh(
     student = built.module.student
     assert not torch.equal(student.head.weight, numeric.head.weight)
     torch.testing.assert_close(student.blocks[0].attn.qkv.weight, numeric.blocks[0].attn.qkv.weight, rtol=0, atol=0)
-    kept = Classify().build(
+    kept = build_classify(
         init_config(tiny_config, numbered_folders, tmp_path / "numeric.pth", "model.init_unchecked_order=true")
     )
     torch.testing.assert_close(kept.module.student.head.weight, numeric.head.weight, rtol=0, atol=0)
     torch.save(fitted_student(cfg, AS_STRINGS).state_dict(), tmp_path / "strings.pth")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        built = Classify().build(init_config(tiny_config, numbered_folders, tmp_path / "strings.pth"))
+        built = build_classify(init_config(tiny_config, numbered_folders, tmp_path / "strings.pth"))
     assert "model.init: top-1 100.0% on 48 validation images (chance: 8.3%)" in caplog.text
     assert validation_top1(built.module.student, cfg) == 1.0
 
@@ -397,7 +403,7 @@ def test_a_transformers_teacher_with_placeholder_labels_is_checked_on_the_data(t
 
     directory = transformers_classifier(tmp_path / "hf", [f"LABEL_{i}" for i in range(10)], size=16)
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        Classify().build(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}"))
+        build_classify(tiny_config("loss=hard_distill", "teacher=hf", f"teacher.name={directory}"))
     assert "hf: top-1 not clearly above chance on the data: was it trained on it?" in caplog.text
 
 
@@ -413,9 +419,9 @@ def test_an_ensemble_member_in_another_order_is_refused_by_its_checkpoint(
         match=rf"teacher.checkpoint={numeric} \(weights without class names\) cannot be "
         r"checked by name.*100.0% with its outputs read in another order \(the data's names in numeric order",
     ):
-        Classify().build(tiny_config(*overrides, data=[]))
+        build_classify(tiny_config(*overrides, data=[]))
     with caplog.at_level(logging.INFO, logger="deit_train"):
-        Classify().build(tiny_config(*overrides, "teacher.unchecked_order=true", data=[]))
+        build_classify(tiny_config(*overrides, "teacher.unchecked_order=true", data=[]))
     assert "teacher resnet10t: top-1 100.0% on 48 validation images" in caplog.text
     assert "teacher resnet10t: top-1 16.7% on 48 validation images" in caplog.text
     assert "teacher ensemble: top-1 " in caplog.text

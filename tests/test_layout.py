@@ -21,10 +21,13 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """The package's modules `path` imports anywhere in it (top level or inside a function): `from a.b import c` is
-    a.b.c where c is a module, else a.b."""
+    """The package's modules `path` imports anywhere in it (top level or inside a function, not under `if
+    TYPE_CHECKING:`): `from a.b import c` is a.b.c where c is a module, else a.b."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+        block.body = []  # names for annotations only: never imported when the program runs
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in known:

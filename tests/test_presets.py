@@ -254,10 +254,15 @@ SHRINK = [
     "+trainer.limit_train_batches=1",
     "+trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
-    "teacher=timm",
-    "teacher.name=resnet10t",
-    "teacher.pretrained=false",
 ]
+# A distilling preset's teacher at CPU size (a preset without distillation keeps its teacher=none: a teacher its
+# loss does not use is refused)
+TINY_TEACHER_OVERRIDES = ["teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=false"]
+
+
+def distills(preset: str, path) -> bool:
+    loss = compose_config([f"experiment={preset}"], path, path).loss
+    return loss.distillation_type != "none" or loss.get("feature_weight", 0) > 0
 
 
 def official_checkpoint(preset: str, path):
@@ -273,16 +278,19 @@ def official_checkpoint(preset: str, path):
 
 
 def shrink(preset: str, path) -> list[str]:
-    """The preset at CPU size, starting from a tiny official-style checkpoint (a ViT), or a tiny convnet."""
+    """The preset at CPU size, starting from a tiny official-style checkpoint (a ViT), or a tiny convnet; a
+    distilling preset's teacher a tiny convnet."""
     model = compose_config([f"experiment={preset}"], path, path).model
+    teacher = TINY_TEACHER_OVERRIDES if distills(preset, path) else []
     if model.patch_size is None:
         vit_sizes = ("model.patch_size", "model.depth", "model.embed_dim", "model.num_heads")
         convnet = ["model.name=resnet10t", "model.pretrained=false"]
         convnet += ["model.trainable=[fc.*]"] if model.trainable else []  # resnet10t's classifier
-        return [*convnet, *[o for o in SHRINK if not o.startswith(vit_sizes)]]
+        return [*convnet, *[o for o in SHRINK if not o.startswith(vit_sizes)], *teacher]
     # random weights, at chance on the data
     return [
         *SHRINK,
+        *teacher,
         f"model.init={official_checkpoint(preset, path / 'student.pth')}",
         "model.init_unchecked_order=true",
     ]
@@ -294,12 +302,9 @@ def shrink(preset: str, path) -> list[str]:
     "preset", [pytest.param(p, marks=pytest.mark.slow) if p in FEATURE_PRESETS else p for p in PAPER]
 )
 def test_preset_runs_one_tiny_step(preset, tmp_path, demo_data, random_teacher_checkpoint):
-    overrides = [
-        f"experiment={preset}",
-        *shrink(preset, tmp_path),
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
-    ]
+    overrides = [f"experiment={preset}", *shrink(preset, tmp_path)]
+    if distills(preset, tmp_path):
+        overrides += [f"teacher.checkpoint={random_teacher_checkpoint}", "teacher.unchecked_order=true"]
     overrides += (
         [f"data.root={demo_data}"] if preset != "deit_transfer" else ["data=imagefolder", f"data.root={demo_data}"]
     )
@@ -316,6 +321,7 @@ def test_function_matching_refuses_a_two_head_student(tmp_path, demo_data, rando
         "experiment=function_matching",
         "model=deit_tiny",
         *SHRINK,
+        *TINY_TEACHER_OVERRIDES,
         f"data.root={demo_data}",
         f"teacher.checkpoint={random_teacher_checkpoint}",
         "teacher.unchecked_order=true",

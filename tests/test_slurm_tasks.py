@@ -67,12 +67,17 @@ def slurm_task(monkeypatch):
 
 
 @pytest.mark.parametrize("rank", [0, 3, 7])
-def test_each_slurm_task_takes_the_device_of_its_local_rank_as_the_trainer_does(slurm_task, rank):
+def test_each_slurm_task_takes_the_device_of_its_local_rank_as_the_trainer_does(slurm_task, rank, monkeypatch):
     """Slurm sets SLURM_LOCALID, not LOCAL_RANK: every task of a node put its checks on GPU 0. The local rank is the
     trainer's own (a Lightning Trainer built on the same environment), and its GPU Lightning's parallel device."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     slurm_task(rank)
     environment = cluster_environment()
     assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+    # the trainer sets the process's rank for Lightning's rank-zero-only logging: put it back after the test
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # SLURMEnvironment writes it into the environment
     trainer = L.Trainer(
         accelerator="cpu", devices=8, strategy="ddp", plugins=[environment], logger=False, enable_progress_bar=False
     )

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
 from deit_train.data.images import load_image, unreadable
-from deit_train.data.sources import DataSource, register
+from deit_train.data.sources import DataSource, build_source, register
 from deit_train.errors import DeitTrainError
 from deit_train.tasks.classify import Classify
 from deit_train.train import check_config, train
@@ -129,5 +129,6 @@ def test_a_source_whose_yaml_lists_only_its_own_keys_keys_the_teacher_cache_by_t
     with open_dict(cfg):
         cfg.data = OmegaConf.create(yaml)
     assert "skip_corrupt" not in cfg.data
-    [callback] = Classify().build(cfg).callbacks
+    task = Classify()
+    [callback] = task.build(cfg, task.datamodule(cfg, build_source(cfg.data))).callbacks
     assert callback.settings.config["skip_corrupt"] is False and callback.settings.config["global_batch"] == 16

@@ -83,13 +83,14 @@ class DeiTDataModule(L.LightningDataModule):
         per_device = self.data.batch_size // (world_size * accumulate)
         workers = self.data.num_workers if isinstance(self.data.num_workers, int) else 0
         if self.source.batches_per_rank(self.train_set, world_size, per_device, workers) == 0:
-            raise self.too_few_images(per_device, math.ceil(len(self.train_set) / world_size))
+            sized = hasattr(self.train_set, "__len__")  # a stream of shards counts batches, not images
+            raise self.too_few_images(per_device, math.ceil(len(self.train_set) / world_size) if sized else None)
 
-    def too_few_images(self, per_device: int, per_epoch: int) -> DeitTrainError:
+    def too_few_images(self, per_device: int, per_epoch: int | None) -> DeitTrainError:
+        drawn = f"only {per_epoch} training images" if per_epoch is not None else "fewer training images"
         return DeitTrainError(
             f"data.batch_size={self.data.batch_size} puts {per_device} images per device in a batch, but each "
-            f"device draws only {per_epoch} training images per epoch: not one full batch. Lower data.batch_size "
-            f"(it is the global batch)"
+            f"device draws {drawn} per epoch: not one full batch. Lower data.batch_size (it is the global batch)"
         )
 
     def steps_per_epoch(self) -> int:
