@@ -9,11 +9,16 @@ Files (in a run directory, or deit-eval's --out):
                     chart of the MAX_DRAWN worst classes' accuracy
 """
 
+from __future__ import annotations
+
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # deit-report reads these files without torch
+    import torch
+
 
 PER_CLASS_NAME, CONFUSION_NAME, FIGURE_NAME = "per_class.csv", "confusion.csv", "confusion.png"
 MAX_DRAWN = 50  # classes in a confusion matrix one can still read at a glance

@@ -260,7 +260,7 @@ def checked_run(hydra_cfg):
     if run.leader:  # a rank the trainer started: the first process checked the directory
         finished = run.directory.check(cfg)
         if finished is not None:
-            from deit_train.results import format_metrics
+            from deit_train.metric_units import format_metrics
 
             print(
                 f"deit-train: {run.directory.path} has finished its {cfg.trainer.max_epochs} epochs; resume=true "

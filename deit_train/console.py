@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from deit_train.results import format_metrics
+from deit_train.metric_units import format_metrics
 
 log = logging.getLogger("deit_train")
 

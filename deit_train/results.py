@@ -19,48 +19,9 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from deit_train.class_results import PER_CLASS_NAME, class_results, describe, worst_classes, write_class_results
+from deit_train.metric_units import BEST, LAST, in_percent
 
 log = logging.getLogger("deit_train")
-
-PERCENT_SUFFIX = "_percent"
-LAST, BEST = "last_epoch", "best_checkpoint"
-
-
-def is_fraction(name: str) -> bool:
-    """An accuracy-like metric Lightning logs as a fraction: val/acc1, val/acc5_cls, val/teacher_acc1, val/agreement."""
-    return name.rsplit("/", 1)[-1].startswith(("acc", "teacher_acc", "agreement"))
-
-
-def in_percent(metrics: dict[str, float]) -> dict[str, float]:
-    """Logged metrics under the names a person reads: fractions as percent, with the unit in the key."""
-    return {reported_name(name): 100 * value if is_fraction(name) else value for name, value in metrics.items()}
-
-
-def reported_name(name: str) -> str:
-    """A logged metric's name in metrics.json (val/acc1 -> val/acc1_percent)."""
-    return f"{name}{PERCENT_SUFFIX}" if is_fraction(name) else name
-
-
-def as_logged(metrics: dict[str, float]) -> dict[str, float]:
-    """in_percent's inverse: the names and fractions Lightning logged (a sweep's objective is one of them)."""
-    return {
-        name.removesuffix(PERCENT_SUFFIX): value / 100 if name.endswith(PERCENT_SUFFIX) else value
-        for name, value in metrics.items()
-        if name != "epoch"
-    }
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """Logged metrics on one console line: accuracies in percent (`val/acc1 56.83%`), others as they are."""
-    return ", ".join(
-        f"{name} {100 * value:.2f}%" if is_fraction(name) else f"{name} {value:.4g}"
-        for name, value in sorted(metrics.items())
-    )
-
-
-def last_epoch_metrics(record: dict) -> dict[str, float]:
-    """A metrics.json's last epoch, as Lightning logged it (train() returns these)."""
-    return as_logged(record.get(LAST, {}))
 
 
 class BestEpoch(L.Callback):

@@ -158,7 +158,8 @@ class Run:
     # ----------------------------------------------------------------------------------------------------- record
     def record(self) -> dict[str, float]:
         """metrics.json: the last epoch's and best.ckpt's (results.py); the last epoch's are returned."""
-        from deit_train.results import format_metrics, metrics_record
+        from deit_train.metric_units import format_metrics
+        from deit_train.results import metrics_record
 
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
         if self.trainer.is_global_zero:

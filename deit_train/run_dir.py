@@ -336,7 +336,7 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
     if stored.epoch is None or stored.epoch + 1 < cfg.trainer.max_epochs:
         return None
     check_resume(cfg, stored.config, None, None, log_changes=False)
-    from deit_train.results import last_epoch_metrics
+    from deit_train.metric_units import last_epoch_metrics
 
     return last_epoch_metrics(json.loads(metrics.read_text()))
 

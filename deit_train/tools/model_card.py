@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deit_train.class_results import describe, read_class_results, worst_classes
 from deit_train.errors import DeitTrainError
-from deit_train.results import BEST, LAST
+from deit_train.metric_units import BEST, LAST
 
 # (metrics.json name, what the card calls it); the EMA's under val_ema/ when the EMA weights are exported
 CARD_METRICS = (

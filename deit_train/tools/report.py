@@ -22,7 +22,7 @@ import yaml
 
 from deit_train.class_results import ClassResult, describe, read_class_results, worst_classes
 from deit_train.errors import DeitTrainError, error_boundary
-from deit_train.results import BEST, LAST, in_percent, reported_name
+from deit_train.metric_units import BEST, LAST, in_percent, reported_name
 from deit_train.sweep_jobs import FAILED_NAME, Failure, expected_jobs, read_failure
 from deit_train.tools.arguments import ArgumentParser
 
