@@ -234,7 +234,10 @@ class PreemptionAgreement:
         """Take over Lightning's two per-step broadcasts on this trainer; the handlers are registered by fit."""
         connector = self.trainer._signal_connector
         connector._sigterm_notifier_fn = self.notice
-        self.trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+        self.trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self.skip_broadcast
+
+    def skip_broadcast(self) -> None:
+        """Stands in for the per-step broadcast (a method, not a lambda: ddp_spawn pickles the trainer)."""
 
     def notice(self, signum, frame) -> None:
         log.info("received SIGTERM: the ranks stop together at the next log step")

@@ -100,7 +100,7 @@ def test_each_preset_runs_under_ddp_and_resumes(preset, tmp_path, demo_data, ran
 
     config = OmegaConf.create(second["hyper_parameters"]["config"])
     if config.ema.decay is not None:
-        assert "val_ema/acc1" in metrics and any(k.startswith("ema.module.") for k in second["state_dict"])
+        assert "val_ema/acc1_percent" in metrics and any(k.startswith("ema.module.") for k in second["state_dict"])
 
 
 def assert_ranks_agree(path: Path) -> None:

@@ -328,15 +328,20 @@ def test_wandb_logger_works_offline_and_keeps_its_run_id_on_resume(tiny_config, 
     train(cfg)
     runs = sorted(Path(cfg.paths.output_dir, "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    run_id = runs[0].name.rsplit("-", 1)[-1]
+    # Each offline run's folder holds run-<id>.wandb (its folder's name may carry a suffix after the id: wandb adds
+    # "-1" when a second run starts within the same second).
+    (record_file,) = runs[0].glob("run-*.wandb")
+    run_id = record_file.stem.removeprefix("run-")
     # The offline run's record holds the hyperparameters, the validation metrics, the project and the tag.
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    record = record_file.read_bytes()
     for expected in (b"distillation_type", b"val/acc1", b"deit-tests", b"tiny"):
         assert expected in record, expected
 
     cfg = tiny_config(*overrides, "trainer.max_epochs=2")  # resume=true in the same directory
     train(cfg)
-    run_ids = {p.name.rsplit("-", 1)[-1] for p in Path(cfg.paths.output_dir, "wandb").glob("offline-run-*")}
+    run_ids = {
+        p.stem.removeprefix("run-") for p in Path(cfg.paths.output_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    }
     assert run_ids == {run_id}
 
 
