@@ -12,5 +12,6 @@ def register_schemas() -> None:
     """The typed schemas the config groups compose on (Hydra's ConfigStore): the run's (schema.py), each data
     source's and each task's, registered by importing their modules, which import nothing heavy."""
     import deit_train.data.sources  # noqa: F401
+    import deit_train.mim.task  # noqa: F401
     import deit_train.schema  # noqa: F401
     import deit_train.tasks  # noqa: F401

@@ -77,7 +77,6 @@ class Run:
         """Every refusal that needs no training, before anything is written. Raises DeitTrainError."""
         cfg = self.cfg
         schema.check(cfg)
-        from deit_train import tasks  # noqa: F401  (the built-in tasks' classes, which cfg.task names)
         from deit_train.callbacks import check_callbacks
         from deit_train.data.sources import build_source
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from deit_train.config import CONFIG_DIR
+from deit_train.config import CONFIG_DIR, register_schemas
 from deit_train.data.sources import DataSource
 from deit_train.errors import debugging, error_boundary
 from deit_train.run import Run, TrainRun
 from deit_train.sweep_jobs import clear_failure, in_sweep, record_failure
 from deit_train.tasks.task import Task
+
+register_schemas()  # the typed schemas @hydra.main and the tests' compose use
 
 __all__ = ["CONFIG_DIR", "Run", "TrainRun", "check_config", "main", "run_job", "train"]
 

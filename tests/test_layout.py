@@ -74,7 +74,7 @@ def test_no_module_imports_itself_back_through_others():
 
 @pytest.mark.slow  # about 80 interpreters, each importing torch
 def test_every_module_imports_first_in_a_fresh_interpreter():
-    """A user's script imports any module first (import deit_train.tasks.mim, say): each does, in a fresh interpreter,
+    """A user's script imports any module first (import deit_train.mim.task, say): each does, in a fresh interpreter,
     with the package __init__ files it runs on the way. The cycle test above cannot see a cycle through an __init__
     (deit_train.mim.task failed: tasks/__init__ imported it, and it imported tasks.module)."""
     import subprocess

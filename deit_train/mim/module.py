@@ -1,4 +1,4 @@
-"""The LightningModule of task=mim (tasks/mim.py): the encoder reconstructs the masked blocks; validation draws a few
+"""The LightningModule of task=mim (mim/task.py): the encoder reconstructs the masked blocks; validation draws a few
 reconstructions."""
 
 import logging

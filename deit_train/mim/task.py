@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from deit_train.errors import DeitTrainError
 from deit_train.schema import Range, checked, refuse
-from deit_train.tasks.task import Built, Task
+from deit_train.tasks.task import Built, Task, register
 
 if TYPE_CHECKING:
     from deit_train.data.sources import DataSource
@@ -118,3 +118,6 @@ def continue_pretraining(model: MaskedImageModel, source: str) -> None:
     if rest:
         model.load_state_dict({**model.state_dict(), **rest})
         log.info("model.init: mask token and decoder from %s", source)
+
+
+register("mim", MaskedImageModeling)
