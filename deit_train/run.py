@@ -81,11 +81,6 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
-        # the rules that build the object with its library (timm, Lightning), after those that need no import
-        schema.check_optimizer(cfg.optim)
-        schema.check_augment_policy(cfg.augment)
-        check_callbacks(cfg.callbacks)
-
         try:
             self.task = instantiate(cfg.task)
         except Exception as error:  # a task._target_ that does not import, or a field it does not take
@@ -99,6 +94,10 @@ class Run:
                 "would not find the job's directory. Use trainer=ddp_spawn (or trainer.strategy=ddp_spawn) in "
                 "sweeps, or the SLURM launcher (hydra/launcher=slurm), where the ranks are SLURM tasks."
             )
+        # the rules that build the object with its library (timm, Lightning), after all those that need no import
+        schema.check_optimizer(cfg.optim)
+        schema.check_augment_policy(cfg.augment)
+        check_callbacks(cfg.callbacks)
         choose_precision(cfg)
         self.datamodule = self.task.datamodule(cfg, self.source)
         self.datamodule.check_batch_fits(named_world_size(cfg), cfg.trainer.accumulate_grad_batches)

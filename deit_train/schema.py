@@ -387,12 +387,21 @@ def check_teacher(cfg: DictConfig) -> None:
         raise refuse("teacher.name", None, "a transformers image classifier's directory with teacher=hf")
     networks = [(f"teacher.members.{i}", m) for i, m in enumerate(teacher.members)] or [("teacher", teacher)]
     for key, network in networks:
+        if network.library == "timm" and network.name is not None and not network.checkpoint and not network.pretrained:
+            raise teacher_without_weights(network.name)
         if network.library == "transformers" and network.checkpoint:
             raise refuse(
                 f"{key}.checkpoint",
                 network.checkpoint,
                 f"null with {key}.library=transformers: the weights are in the directory {key}.name names",
             )
+
+
+def teacher_without_weights(name: str) -> DeitTrainError:
+    return DeitTrainError(
+        f"the teacher {name} has no weights: a random teacher would teach noise. Pass "
+        f"teacher.checkpoint=PATH (deit-train .ckpt, .pth or .safetensors) or teacher.pretrained=true."
+    )
 
 
 def check_optimizer(optim: DictConfig) -> None:

@@ -327,11 +327,20 @@ HEAVY = ("lightning", "pytorch_lightning", "transformers", "torchvision.models",
 
 @pytest.mark.parametrize(
     "args, status",
-    [(["--help"], 0), (["data.batch_size=0"], 2), (["--cfg", "job", "model=deit_small"], 0), ([], 2)],
+    [
+        (["--help"], 0),
+        (["data.batch_size=0"], 2),
+        (["--cfg", "job", "model=deit_small"], 0),
+        ([], 2),
+        # the task's and the teacher's rules on the config, before those that build with timm or Lightning
+        (["loss=hard_distill", "teacher=none"], 2),
+        (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t"], 2),
+        (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
+    ],
 )
 def test_the_command_line_answers_without_importing_lightning_or_models(args, status, tmp_path):
-    """--help, --cfg job and a refusal the schema makes import neither Lightning, timm, transformers nor
-    torchvision's models (they took seconds before the first answer): read from a fresh interpreter's sys.modules."""
+    """--help, --cfg job and a refusal the config alone decides (the schema's, the task's) import neither Lightning,
+    timm, transformers nor torchvision's models (they took seconds before the first answer): read from a fresh interpreter's sys.modules."""
     probe = (
         "import sys, runpy\n"
         f"sys.argv = ['deit-train', *{args!r}]\n"

@@ -345,6 +345,34 @@ def test_wandb_logger_works_offline_and_keeps_its_run_id_on_resume(tiny_config, 
     assert run_ids == {run_id}
 
 
+def test_a_deit_train_run_teaches_as_the_network_its_checkpoint_records(tiny_config):
+    """A distilled DeiT of custom sizes trained by deit-train, as the teacher of another run: built from the model
+    config its checkpoint records (timm's deit_tiny by name alone has other sizes), at its image size, teaching with
+    the average of its heads: the teacher scores what the first run scored. Another name or size is refused naming
+    both; before, the weights went into teacher.name's network ("missing tensors")."""
+    from deit_train.errors import DeitTrainError
+
+    first_cfg = tiny_config(run="first")
+    first = train(first_cfg).metrics
+    best = f"{first_cfg.paths.output_dir}/checkpoints/best.ckpt"
+    name, size = first_cfg.model.name, first_cfg.model.img_size
+    teacher = ["loss=hard_distill", "teacher=timm", f"teacher.checkpoint={best}", "trainer.max_epochs=1"]
+
+    recorded = f"teacher.checkpoint={best} is a deit-train run of {name} at {size} px"
+    with pytest.raises(DeitTrainError) as refused:
+        train(tiny_config(*teacher, run="other_name"))  # teacher=timm's own name, resnet50
+    assert str(refused.value) == f"{recorded}, not teacher.name=resnet50: set teacher.name={name}"
+    with pytest.raises(DeitTrainError) as refused:
+        train(tiny_config(*teacher, f"teacher.name={name}", f"teacher.img_size={size + 8}", run="other_size"))
+    assert (
+        str(refused.value) == f"{recorded}, but would see {size + 8} px views: set teacher.img_size={size} (a "
+        "teacher.members entry: its img_size)"
+    )
+
+    metrics = train(tiny_config(*teacher, f"teacher.name={name}", run="second")).metrics
+    assert metrics["val/teacher_acc1"] == pytest.approx(first["val/acc1"], abs=1e-6)
+
+
 def test_loss_terms_are_logged_and_add_up_to_the_loss(tiny_config, random_teacher_checkpoint):
     """train/loss_cls, train/loss_dist and the KL of soft distillation beside train/loss, at every log step:
     loss = (1 - alpha) cls + alpha dist and dist = tau^2 KL (losses.py)."""

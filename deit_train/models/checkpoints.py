@@ -201,6 +201,7 @@ def read_run_checkpoint(path: str | Path, flag: str) -> RunCheckpoint:
 class Weights:
     state: StateDict
     class_names: list[str] | None = None  # known for deit-train checkpoints and exports
+    model: dict | None = None  # a deit-train run's checkpoint: the model config that built these weights
 
 
 def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
@@ -239,7 +240,7 @@ def load_weights_file(path: Path, flag: str) -> Weights:
                 f"named after that program's modules. Save the model's own state_dict() and pass "
                 f"that file"
             )
-        return Weights(run.part(run.student_prefix), run.class_names)
+        return Weights(run.part(run.student_prefix), run.class_names, run.config["model"])
     for wrapper in ("model", "state_dict", "model_state", "module"):
         if isinstance(stored.get(wrapper), dict):
             stored = stored[wrapper]

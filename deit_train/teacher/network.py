@@ -11,20 +11,25 @@ from deit_train.models.checkpoints import classifier_keys, load_into, load_weigh
 from deit_train.models.hub import local_path
 from deit_train.models.student import create_timm_model
 from deit_train.models.transformers_format import require_transformers
+from deit_train.schema import teacher_without_weights
 
 
-def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
-    """A teacher whose classes are the data's, frozen and in eval mode. Refuses a teacher without weights, and one
-    whose class names are not the data's. `unnamed` on the network says where its weights came from when they name
-    no classes (their order is then checked on the data: tasks/classify.py), else None."""
+def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int | None = None) -> nn.Module:
+    """A teacher whose classes are the data's, frozen and in eval mode, seeing img_size px views (None: a tool that
+    builds it without views, at the size its weights were trained at where they say). Refuses a teacher
+    without weights, and one whose class names are not the data's. `unnamed` on the network says where its weights
+    came from when they name no classes (their order is then checked on the data: tasks/classify.py), else None."""
     num_classes = len(class_names)
     unnamed = None
     if cfg.library == "transformers":
         teacher = build_transformers_classifier(cfg.name, class_names)
         unnamed = None if teacher.named else f"teacher.name={cfg.name} (its id2label says LABEL_0, LABEL_1, ...)"
     elif cfg.checkpoint:
-        teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
         weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
+        if weights.model is not None:
+            teacher = trained_network(cfg, weights.model, num_classes, img_size)
+        else:
+            teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
         check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
         load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
         if weights.class_names is None:
@@ -40,14 +45,35 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str]) -> nn.Module:
             )
         unnamed = f"the pretrained {cfg.name} (timm hub weights)"
     else:
-        raise DeitTrainError(
-            f"the teacher {cfg.name} has no weights: a random teacher would teach noise. Pass "
-            f"teacher.checkpoint=PATH (deit-train .ckpt, .pth or .safetensors) or teacher.pretrained=true."
-        )
+        raise teacher_without_weights(cfg.name)  # schema.check_teacher refuses it before a run starts
     teacher.requires_grad_(False)
     teacher.unnamed = unnamed
     # channels_last: the faster convolution layout on GPUs and on CPUs with oneDNN; no effect on ViT teachers.
     return teacher.eval().to(memory_format=torch.channels_last)
+
+
+def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: int | None) -> nn.Module:
+    """The network a deit-train run trained, as its checkpoint records it (sizes, patch, kwargs: a timm name alone
+    would not rebuild a custom DeiT), seeing the views at the resolution it was trained at. A teacher.name or image
+    size other than the recorded ones is refused naming both: its weights were loaded into another network."""
+    from omegaconf import OmegaConf
+
+    from deit_train.models import build_student
+    from deit_train.schema import ModelConfig
+
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
+    recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
+    if cfg.name != model.name:
+        raise DeitTrainError(f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}")
+    if img_size not in (None, model.img_size):
+        raise DeitTrainError(
+            f"{recorded}, but would see {img_size} px views: set teacher.img_size={model.img_size} (a "
+            f"teacher.members entry: its img_size)"
+        )
+    network = build_student(model, num_classes)
+    if hasattr(network, "set_distilled_training"):
+        network.set_distilled_training(False)  # a distilled DeiT teaches with the average of its two heads
+    return network
 
 
 def teacher_members(teacher: DictConfig) -> list[DictConfig]:

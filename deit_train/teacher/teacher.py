@@ -166,8 +166,12 @@ class Teacher(nn.Module):
 
 def build_teacher(cfg: DictConfig, class_names: list[str]) -> Teacher:
     """The run's teacher (cfg.teacher, or each of teacher.members for teacher=ensemble) on the data's classes."""
-    networks = [build_teacher_network(member, class_names) for member in teacher_members(cfg.teacher)]
-    return Teacher(networks, tau=ensemble_tau(cfg), img_sizes=member_img_sizes(cfg.teacher))
+    img_sizes = member_img_sizes(cfg.teacher)
+    networks = [
+        build_teacher_network(member, class_names, size or cfg.model.img_size)
+        for member, size in zip(teacher_members(cfg.teacher), img_sizes, strict=True)
+    ]
+    return Teacher(networks, tau=ensemble_tau(cfg), img_sizes=img_sizes)
 
 
 def ensemble_tau(cfg: DictConfig) -> float:
