@@ -13,6 +13,8 @@ stratified sample of the validation data, the only check left for its class orde
 its outputs as the data's classes, refused where it differs from the data's order with evidence (OrderCheck).
 """
 
+from __future__ import annotations
+
 import logging
 import math
 import re
@@ -20,11 +22,14 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from deit_train.errors import DeitTrainError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,8 @@ def stratified_indices(targets: Sequence[int], images: int, seed: int) -> list[i
     """Up to `images` positions of a split whose labels are `targets`, covering its classes evenly: a seeded random
     image of each class in turn (a class out of images drops out), the class order itself drawn anew each round.
     Validation sets are often stored class by class: their first images would be a few classes."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for position, label in enumerate(targets):
@@ -334,6 +341,8 @@ def order_on_data(
 ) -> OrderCheck:
     """OrderCheck of `predict` (images -> logits) on `batches` of (images, labels); unlabelled rows (-1) left out.
     The one check of every network whose weights name no classes: teachers, ensemble members and model.init."""
+    import torch
+
     labels, predicted = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     with torch.inference_mode():
         for images, targets in batches:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -94,13 +93,16 @@ class Run:
                 "would not find the job's directory. Use trainer=ddp_spawn (or trainer.strategy=ddp_spawn) in "
                 "sweeps, or the SLURM launcher (hydra/launcher=slurm), where the ranks are SLURM tasks."
             )
-        # the rules that build the object with its library (timm, Lightning), after all those that need no import
-        schema.check_optimizer(cfg.optim)
-        schema.check_augment_policy(cfg.augment)
-        check_callbacks(cfg.callbacks)
+        # Then, cheapest first, each step importing what it needs (a refusal imports nothing after it): the
+        # hardware (torch), the data's own rules (it exists, its classes, the batch against its size; its views'
+        # policy first, which the data module builds), the rules that build an object with its library (timm,
+        # Lightning).
         choose_precision(cfg)
+        schema.check_augment_policy(cfg.augment)
         self.datamodule = self.task.datamodule(cfg, self.source)
         self.datamodule.check_batch_fits(named_world_size(cfg), cfg.trainer.accumulate_grad_batches)
+        schema.check_optimizer(cfg.optim)
+        check_callbacks(cfg.callbacks)
         return self.task
 
     # ------------------------------------------------------------------------------------------------------ claim
@@ -225,6 +227,8 @@ def choose_precision(cfg: DictConfig) -> None:
     (as the paper and the official code train), 32-true on a CPU; a GPU without bf16 (before Ampere) trains in
     16-mixed with the loss scaler instead, said once. The choice is recorded in the run's config. A GPU trainer on a
     machine without one is refused here, naming the CPU trainers."""
+    import torch
+
     accelerator = str(cfg.trainer.accelerator)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if str(cfg.trainer.precision) == "auto":

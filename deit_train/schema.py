@@ -273,10 +273,12 @@ def store_schema(group: str, name: str, cls: type) -> None:
     (a task, a data source), typed, and its `_target_`, so that the yaml names what runs and Hydra refuses keys the
     class does not take."""
     import sys
+    from typing import get_type_hints
 
     target = f"{cls.__module__}.{cls.__qualname__}"
+    hints = get_type_hints(cls)  # the types, where a module's annotations are strings (from __future__ import ...)
     fields = [("_target_", str, field(default=target))]
-    fields += [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(cls)]
+    fields += [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(cls)]
     schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
     schema.__module__ = cls.__module__  # importable by name: configs are pickled (ddp_spawn, sweeps)
     setattr(sys.modules[cls.__module__], schema.__name__, schema)

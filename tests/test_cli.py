@@ -322,7 +322,7 @@ def test_a_run_is_composed_and_checked_once_in_its_process(tmp_path, cache_dir, 
     assert len(calls) == 1
 
 
-HEAVY = ("lightning", "pytorch_lightning", "transformers", "torchvision.models", "timm", "torchmetrics")
+HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision", "timm", "torchmetrics")
 
 
 @pytest.mark.parametrize(
@@ -338,9 +338,10 @@ HEAVY = ("lightning", "pytorch_lightning", "transformers", "torchvision.models",
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
     ],
 )
-def test_the_command_line_answers_without_importing_lightning_or_models(args, status, tmp_path):
-    """--help, --cfg job and a refusal the config alone decides (the schema's, the task's) import neither Lightning,
-    timm, transformers nor torchvision's models (they took seconds before the first answer): read from a fresh interpreter's sys.modules."""
+def test_the_command_line_answers_without_importing_torch(args, status, tmp_path):
+    """--help, --cfg job and a refusal the config alone decides (the schema's, the task's, the teacher's) import
+    neither torch nor Lightning, timm, transformers or torchvision (they took seconds before the first answer; the
+    data sources and labels.py import torch where a split is opened): read from a fresh interpreter's sys.modules."""
     probe = (
         "import sys, runpy\n"
         f"sys.argv = ['deit-train', *{args!r}]\n"

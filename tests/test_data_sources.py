@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
+from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
-from deit_train.data.sources.webdataset import Shards
 from deit_train.errors import DeitTrainError
 from deit_train.models.trained_model import load_trained_model
 from deit_train.tools.evaluate import evaluate, open_eval_folder
@@ -113,7 +113,8 @@ def test_hf_columns_splits_and_classes_come_from_the_features(tiny_config, hf_co
 
 
 def test_hf_images_decode_as_the_files_do_and_a_corrupt_row_is_named(tiny_config, hf_copies, demo_data, tmp_path):
-    from deit_train.data.sources.hf import HFImages, open_splits
+    from deit_train.data.hf_images import HFImages
+    from deit_train.data.sources.hf import open_splits
 
     table = open_splits(str(hf_copies["disk"]))["validation"]
     images = HFImages(table, "image", "label", "demo[validation]")
@@ -268,7 +269,7 @@ def test_a_shard_epoch_is_fixed_reproducible_and_each_view_keyed_by_its_sample(e
 def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_order(even_shards):
     """The training loader's workers persist (no restart and re-import per epoch) and still read each epoch's own
     shard order: the keys of epochs 0 and 1 equal the streams read directly for those epochs."""
-    from deit_train.data.sources.webdataset import ShardLoader
+    from deit_train.data.shards import ShardLoader
     from deit_train.data.transforms import train_transform
     from tests.conftest import compose_config
 

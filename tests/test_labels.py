@@ -20,10 +20,11 @@ from PIL import Image
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import model_input
+from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
-from deit_train.data.sources.webdataset import Shards, ShardSource
+from deit_train.data.sources.webdataset import ShardSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import natural_key
 from deit_train.models.init import initialize_from, settle_heads

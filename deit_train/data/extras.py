@@ -11,3 +11,8 @@ def require(module: str, extra: str, needed_by: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise DeitTrainError(f"{needed_by} needs the {module} package: pip install 'deit-train[{extra}]'") from error
+
+
+def datasets_module() -> ModuleType:
+    """Hugging Face `datasets` (data=hf, deit-shard from a Hub dataset)."""
+    return require("datasets", "hf", "data=hf")

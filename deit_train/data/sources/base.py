@@ -16,23 +16,24 @@ and, where the source is not a map-style dataset (WebDataset shards stream), its
 the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a test).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from deit_train.cluster import data_worker_init
-from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
-from deit_train.data.views import SeededViews
-from deit_train.errors import DataError, DeitTrainError
-from deit_train.labels import stratified_indices
+from deit_train.errors import DeitTrainError
 from deit_train.schema import AutoOr, OneOf, Range, check_fields, checked, store_schema
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader, Dataset
+
+# torch, the loaders and the datasets are imported where a split is opened or loaded: composing a config, and every
+# refusal the config alone decides, imports no torch (the command line answers in a fraction of a second).
 
 
 @dataclass
@@ -77,6 +78,8 @@ class DataSource:
 
     def images_only(self, split: str, transform) -> Dataset:
         """The split's images without their labels (task=mim)."""
+        from deit_train.data.wrappers import WithoutLabels
+
         return WithoutLabels(self.split(split, transform))
 
     def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
@@ -91,6 +94,8 @@ class DataSource:
 
     def skipping(self, dataset: Dataset) -> Dataset:
         """data.skip_corrupt for a map-style split: a corrupt image replaced by the next readable one."""
+        from deit_train.data.wrappers import SkipCorrupt
+
         return SkipCorrupt(dataset) if self.skip_corrupt else dataset
 
     # Map-style loading: a source whose splits are indexable datasets keeps these.
@@ -100,6 +105,13 @@ class DataSource:
         return math.ceil(len(dataset) / world_size) // batch_size
 
     def loader(self, dataset: Dataset, plan: LoaderPlan) -> DataLoader:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from deit_train.cluster import data_worker_init
+        from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
+        from deit_train.data.views import SeededViews
+
         sampler = None
         if plan.train:
             # Training views are reproducible (data/views.py): the sampler yields (index, epoch, repeat) keys, the
@@ -132,6 +144,11 @@ class DataSource:
         """Batches of up to `images` images of a split, for the checks before training (labels.py): a seeded random
         subset, stratified where the split lists its labels (`targets`: torchvision's, Hugging Face's), covering
         every class evenly (a map-style set stores its images class by class)."""
+        import torch
+        from torch.utils.data import DataLoader, Subset
+
+        from deit_train.labels import stratified_indices
+
         targets = getattr(dataset, "targets", None)
         if targets is not None and len(targets) == len(dataset):
             chosen = stratified_indices(targets, images, seed)
@@ -169,47 +186,3 @@ def build_source(data: DictConfig) -> DataSource:
         )
     source.check()
     return source
-
-
-class SkipCorrupt(Dataset):
-    """Opt-in (data.skip_corrupt=true): a corrupt image is replaced by the next readable one, with a warning
-    that names it and counts the skips so far in this process."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.skipped = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):  # classes, samples, targets, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int):
-        for offset in range(len(self.dataset)):
-            try:
-                return self.dataset[(index + offset) % len(self.dataset)]
-            except DataError as error:
-                self.skipped += 1
-                warnings.warn(f"skipped {error} ({self.skipped} skipped so far in this process)", stacklevel=2)
-        raise DataError(f"no readable image in {getattr(self.dataset, 'root', 'the data')}")
-
-
-class WithoutLabels(Dataset):
-    """A labelled split's images alone (task=mim)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):  # samples, root, ... of the wrapped dataset (data.scan)
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int):
-        return self.dataset[index][0]

@@ -1,14 +1,18 @@
 """data=cifar10, data=cifar100: torchvision's CIFAR, held in memory; data.download=true fetches it (needs network)."""
 
+from __future__ import annotations
+
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from deit_train.data.sources.base import DataSource
 from deit_train.errors import DeitTrainError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 
 @dataclass

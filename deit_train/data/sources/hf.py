@@ -9,21 +9,25 @@ The image column is read undecoded (its bytes, or the file it names) and decoded
 DataError naming the split and row. Class names come from the label column's ClassLabel feature.
 """
 
-import io
+from __future__ import annotations
+
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
-from torch.utils.data import Dataset
-
-from deit_train.data.extras import require
-from deit_train.data.images import DECODE_MODES, READ_ERRORS, EncodedImage, open_image, read_rgb, reason
+from deit_train.data.extras import datasets_module
+from deit_train.data.images import DECODE_MODES
 from deit_train.data.sources.base import DataSource
-from deit_train.errors import DataError, DeitTrainError
+from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
 from deit_train.schema import OneOf, checked
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from deit_train.data.hf_images import HFImages
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,6 @@ class HFSource(DataSource):
 
     def identity(self, dataset: Dataset, workers: int) -> str:
         return f"{dataset.fingerprint()}\t{self.decode}"
-
-
-def datasets_module():
-    return require("datasets", "hf", "data=hf")
 
 
 @lru_cache(maxsize=4)
@@ -210,78 +210,7 @@ def label_names(table, label_column: str) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-class HFImages(Dataset):
-    """One split as (transform(image), label) by row; `table` is the datasets.Dataset, its image column undecoded."""
-
-    def __init__(
-        self,
-        table,
-        image_column: str,
-        label_column: str,
-        name: str,
-        transform=None,
-        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-        decode: str = "exact",
-    ) -> None:
-        datasets = datasets_module()
-        table = table.select_columns([image_column, label_column])
-        if isinstance(table.features[image_column], datasets.Image):
-            table = table.cast_column(image_column, datasets.Image(decode=False))  # its bytes: we decode
-        self.table, self.image_column, self.label_column = table, image_column, label_column
-        self.root = name  # how messages name it (SkipCorrupt, deit-eval)
-        self.transform, self.max_pixels, self.reduced = transform, max_pixels, decode == "reduced"
-        self.label_map: dict[int, int] | None = None  # deit-eval: the dataset's labels to the model's
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def source(self, stored) -> io.BytesIO | str:
-        """The stored image as a file: its bytes, or the path the column holds where it has no bytes."""
-        if isinstance(stored, dict):
-            return io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
-        return io.BytesIO(stored)
-
-    def decode(self, stored, index: int) -> Image.Image | EncodedImage:
-        """The row's image decoded, or for data.decode=reduced read and checked, decoded by the transform."""
-        try:
-            if stored is None:
-                raise ValueError("no image in this row")
-            if self.reduced:
-                return open_image(self.source(stored), self.max_pixels, name=f"{self.root}[{index}]")
-            return read_rgb(self.source(stored), self.max_pixels)
-        except READ_ERRORS as error:
-            raise DataError(
-                f"corrupt image {self.root}[{index}]: {reason(error)}. Replace it in the dataset, or set "
-                f"data.skip_corrupt=true to skip such images with a warning."
-            ) from error
-
-    def __getitem__(self, index: int):
-        row = self.table[index]
-        image, label = self.decode(row[self.image_column], index), int(row[self.label_column])
-        if self.label_map is not None:
-            label = self.label_map[label]
-        return (self.transform(image) if self.transform is not None else image), label
-
-    @property
-    def targets(self) -> list[int]:
-        return list(self.table[self.label_column])
-
-    def fingerprint(self) -> str:
-        """datasets' own fingerprint of the table (its files and every transform applied), for the teacher cache."""
-        return f"hf\t{self.table._fingerprint}\t{len(self)}\t{self.image_column}\t{self.label_column}"
-
-    def unreadable(self, full: bool, max_pixels: int | None) -> list[tuple[str, str]]:
-        """data.scan for images stored in the dataset: (row, problem) of each that cannot be read."""
-        problems = []
-        for index, stored in enumerate(self.table[self.image_column]):
-            try:
-                read_rgb(self.source(stored), max_pixels, decode=full)
-            except READ_ERRORS as error:
-                problems.append((f"{self.root}[{index}]", reason(error)))
-        return problems
-
-
-def open_table(cfg: "HFSource", split: str):
+def open_table(cfg: HFSource, split: str):
     """(split name, datasets.Dataset) for split 'train' or 'val' of data=hf."""
     splits = open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
     if split == "train":
@@ -289,7 +218,7 @@ def open_table(cfg: "HFSource", split: str):
     return pick_split(splits, cfg.val_split, "data.val_split", cfg.dataset)
 
 
-def hf_class_names(cfg: "HFSource") -> list[str]:
+def hf_class_names(cfg: HFSource) -> list[str]:
     """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both (classes
     without a training row named in a warning)."""
     names, labels = [], []
@@ -346,7 +275,7 @@ def integer_class_names(where: str, train_labels, val_labels, column: str) -> li
     return [str(i) for i in range(largest + 1)]
 
 
-def open_hf_split(cfg: "HFSource", split: str, transform) -> HFImages:
+def open_hf_split(cfg: HFSource, split: str, transform) -> HFImages:
     name, table = open_table(cfg, split)
     where = f"{cfg.dataset}[{name}]"
     image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)
@@ -358,6 +287,8 @@ def open_hf_split(cfg: "HFSource", split: str, transform) -> HFImages:
     table = labelled_rows(
         table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:], "data.unlabelled=skip"
     )
+    from deit_train.data.hf_images import HFImages
+
     return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels, cfg.decode)
 
 
@@ -394,6 +325,8 @@ def open_hf_eval(
         f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
     ) + ", or get its predictions with deit-predict"
     table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
+    from deit_train.data.hf_images import HFImages
+
     dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
     names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
     present = (

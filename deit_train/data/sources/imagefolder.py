@@ -3,11 +3,12 @@
 generated. task=mim reads any folder of images below root, with or without train/ and val/.
 """
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from deit_train.data.images import (
     DECODE_MODES,
@@ -20,6 +21,10 @@ from deit_train.data.sources.base import DataSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes
 from deit_train.schema import OneOf, checked
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
 
 HOLDOUT_EVERY = 20  # task=mim on a folder without val/ keeps every 20th image (5 %) for validation
 
