@@ -129,6 +129,7 @@ def test_gpu_check_fails_in_one_line_when_nvidia_smi_lists_a_gpu_torch_cannot_se
     assert not (tmp_path / "out" / "pytest.txt").exists()  # no section ran
 
 
+@pytest.mark.slow  # waits out a section's time limit: the whole suite runs it, the quick loop does not
 def test_gpu_check_fails_a_section_that_runs_past_its_limit(tmp_path):
     """Each section runs under its own limit; past it, the check fails (timeout's 124), saying which."""
     limits = {f"GPU_CHECK_{name}_S": "1" for name in ("TESTS", "BENCH", "RUN")}

@@ -207,6 +207,7 @@ def test_preset_with_an_unset_required_value_says_which(tmp_path, cache_dir, dem
     assert_clear_failure(result, "needs model.init=...")
 
 
+@pytest.mark.slow  # a whole run in a subprocess: the whole suite runs it, the quick loop does not
 def test_a_default_run_prints_a_quiet_useful_console(tmp_path, cache_dir):
     """The config summary, a line of metrics per epoch and the final metrics; none of Lightning's tips, the frozen
     teacher's eval-mode notice, the CPU pin_memory warning, the logging-interval warning or deprecations."""

@@ -157,6 +157,7 @@ def receive(module) -> None:  # run in a spawned process: what a ddp_spawn rank 
     assert sum(p.numel() for p in module.parameters()) > 0
 
 
+@pytest.mark.slow  # spawns 2 processes: the whole suite runs it, the quick loop does not
 def test_the_ema_reaches_spawned_ranks():
     """trainer=ddp_spawn pickles the module to each rank through torch's shared memory; timm's ModelEmaV3 carries a
     torch.Generator that does not survive it ("unable to resize file": the run ended as a bug with any ema.decay)."""

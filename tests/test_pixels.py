@@ -271,6 +271,7 @@ def test_the_finish_makes_a_fixed_number_of_ops_however_many_images_are_erased()
     assert counts[1] < 180, counts
 
 
+@pytest.mark.slow  # a process per instruction set: the whole suite runs it, the quick loop does not
 def test_the_noise_is_the_same_whatever_the_cpus_vector_instructions():
     """torch's normal_ fills differently with and without AVX2 (ATEN_CPU_CAPABILITY); the counter-based stream is
     integer arithmetic and IEEE-754's basic operations, each rounded the same on every device."""

@@ -76,6 +76,7 @@ def test_ddp_inside_a_multirun_spawns_and_keeps_each_job_in_its_directory(tmp_pa
         ]
 
 
+@pytest.mark.slow  # a multirun in a subprocess: the whole suite runs it, the quick loop does not
 def test_relaunching_ddp_inside_a_local_multirun_is_refused(tmp_path, cache_dir):
     result = run_sweep("model.depth=1", "trainer=ddp_cpu", tmp_path=tmp_path, cache_dir=cache_dir)
     output = result.stdout + result.stderr
