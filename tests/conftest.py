@@ -38,6 +38,18 @@ def random_teacher_checkpoint(tmp_path) -> Path:
     return path
 
 
+def hard_distill_from(teacher_checkpoint) -> list[str]:
+    """Hard distillation from TINY_TEACHER's weights at teacher_checkpoint (random_teacher_checkpoint): random
+    weights fit no class order, so the order check is switched off."""
+    return [
+        "loss=hard_distill",
+        "teacher=timm",
+        f"teacher.name={TINY_TEACHER}",
+        f"teacher.checkpoint={teacher_checkpoint}",
+        "teacher.unchecked_order=true",
+    ]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The tiny demo ImageFolder (train/ and val/) that TINY_DEMO selects."""

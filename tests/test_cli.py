@@ -337,6 +337,8 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         (["loss=hard_distill", "teacher=none"], 2),
         (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t"], 2),
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
+        # the source's own rule: its folder is there
+        (["data.root=/nonexistent/imagenet"], 2),
     ],
 )
 def test_the_command_line_answers_without_importing_torch(args, status, tmp_path):

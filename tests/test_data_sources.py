@@ -20,7 +20,7 @@ from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.tools.shard import main as deit_shard
 from deit_train.train import train
 
-from .conftest import compose_config, last_epoch, same
+from .conftest import compose_config, hard_distill_from, last_epoch, same
 from .test_ddp import DDP, run_ok
 from .test_teacher_cache import assert_same_weights, student_weights, teacher_calls  # noqa: F401 (a fixture)
 
@@ -429,11 +429,7 @@ def test_the_teacher_cache_fills_and_serves_runs_on_hf_data_and_shards(
         else ["data=hf", f"data.dataset={hf_copies['disk']}"]
     )
     distill = [
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         f"teacher.cache={tmp_path / 'cache'}",
         "trainer.max_epochs=2",
         *data,

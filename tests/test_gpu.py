@@ -34,7 +34,7 @@ from deit_train.teacher import Encoding, Teacher, TeacherCache, build_teacher
 from deit_train.tools.evaluate import evaluate, open_eval_folder
 from deit_train.train import train
 
-from .conftest import same
+from .conftest import hard_distill_from, same
 
 DEVICE = torch.device(os.environ.get("DEIT_TRAIN_GPU_TEST_DEVICE", "cuda"))
 NO_CUDA = "needs CUDA: torch.cuda.is_available() is False on this machine (scripts/gpu_check.sh runs these on a GPU)"
@@ -210,11 +210,7 @@ def distill(tiny_config, random_teacher_checkpoint):
 
     def make(*overrides: str, run: str):
         return tiny_config(
-            "loss=hard_distill",
-            "teacher=timm",
-            "teacher.name=resnet10t",
-            f"teacher.checkpoint={random_teacher_checkpoint}",
-            "teacher.unchecked_order=true",
+            *hard_distill_from(random_teacher_checkpoint),
             *overrides,
             run=run,
         )
@@ -578,11 +574,7 @@ def test_two_gpu_distilled_preset_with_ema_mixup_and_the_cache_keeps_every_rank_
     )
     overrides = [
         *devices,
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         f"teacher.cache={tmp_path / 'cache'}",
         "ema.decay=0.9",
         "augment.mixup=0.8",

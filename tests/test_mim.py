@@ -20,7 +20,7 @@ from deit_train.models.transformers_format import transformers_to_timm
 from deit_train.schema import ModelConfig
 from deit_train.train import train
 
-from .conftest import assert_metrics_reproduce
+from .conftest import assert_metrics_reproduce, hard_distill_from
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -153,11 +153,7 @@ def test_pretrain_then_fine_tune_with_hard_distillation(tiny_config, random_teac
 
     finetune = tiny_config(
         f"model.init={checkpoint}",
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         run="finetune",
     )
     student = build_student(finetune.model, num_classes=10)
@@ -173,11 +169,7 @@ def test_mim_refuses_a_teacher(tiny_config, random_teacher_checkpoint):
     cfg = tiny_config(
         "task=mim",
         "task.mask_patch_size=8",
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
     )
     with pytest.raises(DeitTrainError, match="task=mim pre-trains without labels or teacher"):
         train(cfg)

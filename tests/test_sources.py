@@ -16,6 +16,7 @@ from deit_train.errors import DeitTrainError
 from deit_train.tasks.classify import Classify
 from deit_train.train import check_config, train
 
+from .conftest import hard_distill_from
 from .test_data_sources import folder_split
 from .test_teacher_cache import assert_same_weights, student_weights
 
@@ -84,11 +85,7 @@ def test_a_new_source_defined_in_a_test_trains_as_the_same_images_in_an_imagefol
     the ImageFolder's: the data module, the cache and the checks asked the source, not its name."""
     table = write_csv(demo_data, tmp_path / "table")
     distilled = [
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         f"teacher.cache={tmp_path / 'cache'}",
         "augment.reprob=0.25",
         "trainer.max_epochs=2",
@@ -118,11 +115,7 @@ def test_a_source_whose_yaml_lists_only_its_own_keys_keys_the_teacher_cache_by_t
     (skip_corrupt, ...) come from its class, and the teacher cache asks the source for them, not the config."""
     table = write_csv(demo_data, tmp_path / "table")
     cfg = tiny_config(
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         f"teacher.cache={tmp_path / 'cache'}",
     )
     yaml = {"_target_": f"{CSVSource.__module__}.CSVSource", "folder": str(table), "batch_size": 16, "num_workers": 0}

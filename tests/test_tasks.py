@@ -14,7 +14,7 @@ from deit_train.tasks.classify import Classify
 from deit_train.tasks.task import Built, Task
 from deit_train.train import check_config, train
 
-from .conftest import assert_metrics_reproduce
+from .conftest import assert_metrics_reproduce, hard_distill_from
 
 
 @dataclass
@@ -52,11 +52,7 @@ def test_a_new_task_defined_in_a_test_runs_end_to_end(tiny_config, demo_data):
 
 def test_a_task_checks_its_own_rules(tiny_config, random_teacher_checkpoint):
     cfg = tiny_config(
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
     )
     with pytest.raises(DeitTrainError, match="a linear probe learns the labels alone"):
         check_config(with_task(cfg, f"{__name__}.LinearProbe"))

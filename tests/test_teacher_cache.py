@@ -14,7 +14,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.teacher import Encoding, Teacher
 from deit_train.train import train
 
-from .conftest import same, save_safetensors
+from .conftest import hard_distill_from, same, save_safetensors
 
 
 def student_weights(cfg) -> dict[str, torch.Tensor]:
@@ -184,11 +184,7 @@ def test_two_ranks_fill_the_cache_and_two_ranks_read_it(tmp_path, cache_dir, ran
     from .test_cli import run_cli
 
     distill = [
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         "augment.mixup=0.8",
         "augment.cutmix=1.0",
         f"teacher.cache={tmp_path / 'cache'}",

@@ -15,7 +15,7 @@ from deit_train.models import build_student
 from deit_train.models.checkpoints import load_weights
 from deit_train.train import train
 
-from .conftest import save_safetensors
+from .conftest import hard_distill_from, save_safetensors
 
 TEACHER = ["model=timm", "model.name=resnet10t", "loss=ce"]
 
@@ -120,11 +120,7 @@ def test_distillation_from_a_frozen_teacher_leaves_it_unchanged(tiny_config, tmp
 def test_teacher_runs_once_per_batch_in_training_and_validation(tiny_config, random_teacher_checkpoint, monkeypatch):
     calls = teacher_forwards(monkeypatch)
     cfg = tiny_config(
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         "+trainer.num_sanity_val_steps=0",
     )
     train(cfg)
@@ -144,11 +140,7 @@ def test_the_teachers_validation_outputs_are_computed_once_for_every_epoch(
 
     calls = teacher_forwards(monkeypatch)
     cfg = tiny_config(
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={random_teacher_checkpoint}",
-        "teacher.unchecked_order=true",
+        *hard_distill_from(random_teacher_checkpoint),
         "trainer.max_epochs=3",
     )
     train(cfg)

@@ -107,6 +107,7 @@ class ImageFolderSource(FolderSource):
                 "data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
                 "per class (task=mim: any folder of images)"
             )
+        self.images_folder()  # a folder, whatever the task reads in it: refused before the data module is imported
 
     def images_folder(self) -> Path:
         return given_root(self.root, "data=imagefolder", "a folder of images (or with train/ and val/)")
