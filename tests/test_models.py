@@ -129,6 +129,50 @@ def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
         build_teacher_network(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
 
 
+def save_run_checkpoint(path, network, model: dict, class_names) -> None:
+    """A deit-train run checkpoint as Lightning writes it: the student's weights, the run's config, the classes
+    (none: a task=mim run)."""
+    config = {"model": model, "loss": {"distillation_type": "none"}}
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in network.state_dict().items()},
+            "class_names": class_names,
+            "pytorch-lightning_version": "2.6",
+            "hyper_parameters": {"config": config},
+        },
+        path,
+    )
+
+
+def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(tmp_path):
+    """A convnet run's checkpoint teaches at any image size and under a name with a weights tag (resnet10t.a1_in1k
+    is resnet10t); a ViT run's fixes its patch grid, so other views are refused naming both; another architecture
+    is refused naming the recorded one; a task=mim run's encoder (no classes, no heads) names the fine-tuning."""
+    convnet = timm.create_model("resnet10t", num_classes=2).eval()
+    save_run_checkpoint(tmp_path / "cnn.ckpt", convnet, {"name": "resnet10t", "img_size": 16}, ["a", "b"])
+    cnn = str(tmp_path / "cnn.ckpt")
+    teacher = build_teacher_network(teacher_config(name="resnet10t.a1_in1k", checkpoint=cnn), ["a", "b"], 32)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(images), convnet(images))
+    with pytest.raises(DeitTrainError, match=r"run of resnet10t at 16 px, not teacher.name=resnet18: set teacher"):
+        build_teacher_network(teacher_config(name="resnet18", checkpoint=cnn), ["a", "b"], 16)
+
+    vit = {"name": "deit_tiny_distilled_patch16_224", **TINY_VIT}
+    student = build_student(OmegaConf.merge(OmegaConf.structured(ModelConfig), vit), num_classes=2)
+    save_run_checkpoint(tmp_path / "vit.ckpt", student, vit, ["a", "b"])
+    named = teacher_config(name=vit["name"], checkpoint=str(tmp_path / "vit.ckpt"))
+    teacher = build_teacher_network(named, ["a", "b"], 16)
+    student.eval().set_distilled_training(False)
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(teacher(images), student(images))  # the average of its two heads
+    with pytest.raises(DeitTrainError, match=r"would see 32 px views: set teacher.img_size=16"):
+        build_teacher_network(named, ["a", "b"], 32)
+
+    save_run_checkpoint(tmp_path / "mim.ckpt", student, vit, None)
+    with pytest.raises(DeitTrainError, match=r"is a deit-train task=mim run: an encoder without classifier heads"):
+        build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "mim.ckpt")), ["a", "b"])
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     save_teacher(tmp_path / "t.pth", 2)
     data = (tmp_path / "t.pth").read_bytes()

@@ -353,7 +353,9 @@ def test_a_deit_train_run_teaches_as_the_network_its_checkpoint_records(tiny_con
     recorded = f"teacher.checkpoint={best} is a deit-train run of {name} at {size} px"
     with pytest.raises(DeitTrainError) as refused:
         train(tiny_config(*teacher, run="other_name"))  # teacher=timm's own name, resnet50
-    assert str(refused.value) == f"{recorded}, not teacher.name=resnet50: set teacher.name={name}"
+    assert str(refused.value) == (
+        f"{recorded}, not teacher.name=resnet50: set teacher.name={name} (a teacher.members entry: its name)"
+    )
     with pytest.raises(DeitTrainError) as refused:
         train(tiny_config(*teacher, f"teacher.name={name}", f"teacher.img_size={size + 8}", run="other_size"))
     assert (

@@ -133,8 +133,8 @@ EXPECTED = {
     "resume=true": "a deit-train run checkpoint (<run>/checkpoints/last.ckpt)",
     "model.init": "a deit-train .ckpt, a timm or official DeiT .pth/.pt state dict, .safetensors, or a "
     "transformers / deit-export directory",
-    "teacher.checkpoint": "a classifier's weights: a deit-train .ckpt (trained with model=timm), a .pth/.pt state "
-    "dict, .safetensors, or a timm export directory",
+    "teacher.checkpoint": "a classifier's weights: a deit-train .ckpt, a .pth/.pt state dict, .safetensors, or a "
+    "timm export directory",
     "MODEL": "a deit-train .ckpt or a deit-export directory",
 }
 EXPECTED["ckpt_path"] = EXPECTED["resume=true"] + "; to start from weights instead, use model.init"

@@ -27,6 +27,12 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
     elif cfg.checkpoint:
         weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
         if weights.model is not None:
+            if weights.class_names is None:  # a task=mim run: the encoder, without classifier heads
+                raise DeitTrainError(
+                    f"teacher.checkpoint={cfg.checkpoint} is a deit-train task=mim run: an encoder without classifier "
+                    f"heads. Fine-tune it first (deit-train model.init={cfg.checkpoint} ...) and teach with that "
+                    f"run's checkpoint"
+                )
             teacher = trained_network(cfg, weights.model, num_classes, img_size)
         else:
             teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
@@ -54,8 +60,9 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
 
 def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: int | None) -> nn.Module:
     """The network a deit-train run trained, as its checkpoint records it (sizes, patch, kwargs: a timm name alone
-    would not rebuild a custom DeiT), seeing the views at the resolution it was trained at. A teacher.name or image
-    size other than the recorded ones is refused naming both: its weights were loaded into another network."""
+    would not rebuild a custom DeiT). A teacher.name of another architecture is refused naming both (a tag such as
+    resnet50.a1_in1k names weights, not another network), and so are views of another size where the network fixes
+    its input size (a ViT's patch grid; a convnet takes any)."""
     from omegaconf import OmegaConf
 
     from deit_train.models import build_student
@@ -63,14 +70,19 @@ def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: in
 
     model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
     recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
-    if cfg.name != model.name:
-        raise DeitTrainError(f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}")
-    if img_size not in (None, model.img_size):
+    entry = " (a teacher.members entry: its {})"
+    if cfg.name.split(".")[0] != model.name.split(".")[0]:
         raise DeitTrainError(
-            f"{recorded}, but would see {img_size} px views: set teacher.img_size={model.img_size} (a "
-            f"teacher.members entry: its img_size)"
+            f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}{entry.format('name')}"
         )
     network = build_student(model, num_classes)
+    patches = getattr(network, "patch_embed", None)
+    fixed = patches is not None and getattr(patches, "strict_img_size", False)
+    if fixed and img_size not in (None, model.img_size):
+        raise DeitTrainError(
+            f"{recorded}, but would see {img_size} px views: set teacher.img_size={model.img_size}"
+            f"{entry.format('img_size')}"
+        )
     if hasattr(network, "set_distilled_training"):
         network.set_distilled_training(False)  # a distilled DeiT teaches with the average of its two heads
     return network
