@@ -64,6 +64,7 @@ def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: in
     resnet50.a1_in1k names weights, not another network), and so are views of another size where the network fixes
     its input size (a ViT's patch grid; a convnet takes any)."""
     from omegaconf import OmegaConf
+    from timm.models import split_model_name_tag
 
     from deit_train.models import build_student
     from deit_train.schema import ModelConfig
@@ -71,7 +72,7 @@ def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: in
     model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
     recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
     entry = " (a teacher.members entry: its {})"
-    if cfg.name.split(".")[0] != model.name.split(".")[0]:
+    if split_model_name_tag(cfg.name)[0] != split_model_name_tag(model.name)[0]:  # timm's name.tag
         raise DeitTrainError(
             f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}{entry.format('name')}"
         )
