@@ -283,7 +283,7 @@ def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_
     read, pids = {}, []
     for now in (0, 1):
         epoch["now"] = now
-        read[now] = [int(k) for _, _, keys in iter(loader) for k in keys[:, 0]]
+        read[now] = [int(k) for batch in iter(loader) for k in batch.view_keys[:, 0]]  # TrainingViews, as map-style
         pids.append([worker.pid for worker in loader._iterator._workers])
     assert pids[0] == pids[1]  # the same worker processes
     for now in (0, 1):  # each worker's batches in turn, as the loader takes them

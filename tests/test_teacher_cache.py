@@ -81,7 +81,7 @@ def test_training_batches_are_bit_identical_whatever_the_number_of_workers(disti
         for a, b in zip(ours, theirs, strict=True):
             assert same(a, b)
     # and each view key (index, repeat) appears once: the two copies of an image are two different views
-    keys = torch.cat([batch[2] for batch in batches[0]])
+    keys = torch.cat([batch.view_keys for batch in batches[0]])  # data/views.py TrainingViews
     assert len({tuple(k.tolist()) for k in keys}) == len(keys)
 
 

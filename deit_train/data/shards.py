@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
-from deit_train.data.views import seeded, view_key, view_seed
+from deit_train.data.views import TrainingViews, seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
 from deit_train.labels import check_same_classes, stratified_indices
 
@@ -291,7 +291,7 @@ class ShardStream(IterableDataset):
                     continue
                 image = self.shards.transform(decoded[0])
             produced += 1
-            yield image, decoded[1], view_key(key, repeat, image)
+            yield TrainingViews(image, decoded[1], view_key(key, repeat, image))
 
     def decode(self, sample: dict):
         """(RGB image, label), or None for a corrupt image under data.skip_corrupt (with a counted warning)."""

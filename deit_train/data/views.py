@@ -13,6 +13,7 @@ import random
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,9 +48,19 @@ def seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(states[2])
 
 
+class TrainingViews(NamedTuple):
+    """A training sample, as SeededViews (map-style data) or the shard stream (data/shards.py) yields it, and, once
+    collated (torch's default_collate and pin_memory keep a NamedTuple's type, Lightning's copy too), a training
+    batch. Validation batches are (images, labels) or, for task=mim, (images, masks) pairs."""
+
+    images: torch.Tensor | ErasableView  # uint8 pixels, (C, H, W) or (N, C, H, W), with their erasing draw
+    targets: torch.Tensor  # class labels; task=mim: the masks (mim/masking.py)
+    view_keys: torch.Tensor  # view_key(): which view each image is, for the teacher cache; stays on the host
+
+
 class SeededViews(Dataset):
-    """Indexed by the sampler's (index, epoch, repeat) keys; returns the wrapped dataset's sample drawn under
-    that key's seed, followed by its view_key."""
+    """Indexed by the sampler's (index, epoch, repeat) keys; returns the wrapped dataset's (image, target) drawn
+    under that key's seed, as TrainingViews."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
@@ -68,9 +79,8 @@ class SeededViews(Dataset):
         # one): the same first view of each image every epoch, which is what overfitting a few batches asks for.
         index, epoch, repeat = (key, 0, 0) if isinstance(key, int) else key
         with seeded(view_seed(self.seed, epoch, index, repeat)):
-            sample = self.dataset[index]
-        sample = sample if isinstance(sample, tuple) else (sample,)  # (image, label) or (image, mask)
-        return (*sample, view_key(index, repeat, sample[0]))
+            image, target = self.dataset[index]  # (image, label) or task=mim's (image, mask)
+        return TrainingViews(image, target, view_key(index, repeat, image))
 
 
 def view_key(sample_id: int, repeat: int, image: torch.Tensor | ErasableView) -> torch.Tensor:
@@ -97,22 +107,13 @@ class ViewsOnDevice:
     pinned loader's copy is non-blocking: Lightning's move_data_to_device)."""
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if not isinstance(batch, list | tuple):
+        if not isinstance(batch, TrainingViews):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        keys = len(batch) - 1 if self.trainer.training and len(batch) == 3 else None
-        to_device = [
-            part.pixels if isinstance(part, ErasableView) else part for i, part in enumerate(batch) if i != keys
-        ]
-        moved = iter(super().transfer_batch_to_device(tuple(to_device), device, dataloader_idx))
-        parts = []
-        for i, part in enumerate(batch):
-            if i == keys:
-                parts.append(part)
-            elif isinstance(part, ErasableView):
-                parts.append(ErasableView(next(moved), part.erase))
-            else:
-                parts.append(next(moved))
-        return tuple(parts)
+        images = batch.images
+        pixels = images.pixels if isinstance(images, ErasableView) else images
+        pixels, targets = super().transfer_batch_to_device((pixels, batch.targets), device, dataloader_idx)
+        images = ErasableView(pixels, images.erase) if isinstance(images, ErasableView) else pixels
+        return TrainingViews(images, targets, batch.view_keys)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """The images (a batch's first part) as the networks read them, in the dtype the trainer's precision gives
@@ -126,5 +127,5 @@ class ViewsOnDevice:
             trainer = getattr(self, "_trainer", None)
             if trainer is not None:
                 images = trainer.precision_plugin.convert_input(images)
-            batch = (images, *batch[1:])
+            batch = batch._replace(images=images) if isinstance(batch, TrainingViews) else (images, *batch[1:])
         return batch

@@ -47,8 +47,7 @@ class MIMModule(TrainingModule):
         return masked_reconstruction_loss(images, reconstruction, masks, self.model.patch_size)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, masks, _view_keys = batch
-        loss = self.reconstruction_loss(images, masks)
+        loss = self.reconstruction_loss(batch.images, batch.targets)  # data/views.py TrainingViews: masks as targets
         self.track(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss

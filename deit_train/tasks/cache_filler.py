@@ -21,9 +21,8 @@ class TeacherCacheFiller(ViewsOnDevice, L.LightningModule):
         self.placeholder = nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, batch_idx: int) -> None:
-        images, targets, view_keys = batch
-        images, _ = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
-        self.teacher(images, view_keys, batch_idx)
+        images, _ = self.mix(batch.images, batch.targets, self.current_epoch, batch_idx, self.global_rank)
+        self.teacher(images, batch.view_keys, batch_idx)
 
     def setup(self, stage: str) -> None:
         self.teacher.hold_in(self.trainer.precision)  # as the students' runs hold it (tasks/module.py)

@@ -115,11 +115,10 @@ class DeiTModule(TrainingModule):
         return average_heads(*forward_heads(self.student, images))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets, view_keys = batch
-        # Mixup/CutMix; the teacher sees the same mixed images
-        images, targets = self.mix(images, targets, self.current_epoch, batch_idx, self.global_rank)
+        # Mixup/CutMix (batch: data/views.py TrainingViews); the teacher sees the same mixed images
+        images, targets = self.mix(batch.images, batch.targets, self.current_epoch, batch_idx, self.global_rank)
         distilling = self.teacher is not None and self.criterion.needs_teacher  # teacher.keep_for_metrics: validation
-        teacher = self.teacher(images, view_keys, batch_idx) if distilling else None
+        teacher = self.teacher(images, batch.view_keys, batch_idx) if distilling else None
         if self.feature_tap is None:
             cls_logits, dist_logits = forward_heads(self.student, images)
             student_features = None

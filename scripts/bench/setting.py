@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from bench.presets import Preset
 from bench.timing import Run, StepTimer, TimerCallback, free_memory
 from deit_train.data.sources import build_source
+from deit_train.data.views import TrainingViews
 from deit_train.run import build_trainer
 from deit_train.tasks.classify import cache_callbacks
 from deit_train.train import CONFIG_DIR, check_config
@@ -116,9 +117,9 @@ class Bench:
 
 
 def make_batches(preset: Preset, batch: int, device: torch.device, count: int) -> list:
-    """`count` batches (images and labels on the device, view keys on the host as the app's loader gives them); the
-    images cycle through 4 distinct tensors to bound memory, the labels and view keys are each step's own (the
-    teacher cache keys batches by them)."""
+    """`count` training batches (data/views.py TrainingViews: images and labels on the device, view keys on the host
+    as the app's loader gives them); the images cycle through 4 distinct tensors to bound memory, the labels and view
+    keys are each step's own (the teacher cache keys batches by them)."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, 3, preset.img_size, preset.img_size)
     images = [torch.randn(shape, generator=generator).to(device) for _ in range(min(4, count))]
@@ -128,5 +129,5 @@ def make_batches(preset: Preset, batch: int, device: torch.device, count: int) -
         ids = torch.arange(batch) + step * batch
         # on the host, as the app's loader gives them
         view_keys = torch.stack([ids, torch.zeros_like(ids), ids % len(images)], 1)
-        batches.append((images[step % len(images)], labels, view_keys))
+        batches.append(TrainingViews(images[step % len(images)], labels, view_keys))
     return batches
