@@ -256,19 +256,17 @@ def checked_run(hydra_cfg):
     cfg = job_config(hydra_cfg)
     try:
         run = Run(cfg)
-        run.check()
+        run.check(directory=True)  # the directory by the first process only: a rank the trainer started follows it
     except OmegaConfBaseException as error:
         raise DeitTrainError(one_line(error)) from error
-    if run.leader:  # a rank the trainer started: the first process checked the directory
-        finished = run.directory.check(cfg)
-        if finished is not None:
-            from deit_train.metric_units import format_metrics
+    if run.finished is not None:
+        from deit_train.metric_units import format_metrics
 
-            print(
-                f"deit-train: {run.directory.path} has finished its {cfg.trainer.max_epochs} epochs; resume=true "
-                f"leaves it as it is (raise trainer.max_epochs to train on). Its metrics: {format_metrics(finished)}"
-            )
-            sys.exit(0)
+        print(
+            f"deit-train: {run.directory.path} has finished its {cfg.trainer.max_epochs} epochs; resume=true "
+            f"leaves it as it is (raise trainer.max_epochs to train on). Its metrics: {format_metrics(run.finished)}"
+        )
+        sys.exit(0)
     return run
 
 

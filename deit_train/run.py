@@ -72,8 +72,10 @@ class Run:
         self.started = time.monotonic()
 
     # ------------------------------------------------------------------------------------------------------ check
-    def check(self) -> Task:
-        """Every refusal that needs no training, before anything is written. Raises DeitTrainError."""
+    def check(self, directory: bool = False) -> Task:
+        """Every refusal that needs no training, before anything is written. Raises DeitTrainError. `directory`
+        (the command line's first process): the run directory too (RunDirectory.check), after the config's own
+        rules; a finished run that resume=true leaves as it is (self.finished) then needs no other check."""
         cfg = self.cfg
         schema.check(cfg)
         from deit_train.callbacks import check_callbacks
@@ -93,10 +95,15 @@ class Run:
                 "would not find the job's directory. Use trainer=ddp_spawn (or trainer.strategy=ddp_spawn) in "
                 "sweeps, or the SLURM launcher (hydra/launcher=slurm), where the ranks are SLURM tasks."
             )
-        # Then, cheapest first, each step importing what it needs (a refusal imports nothing after it): the
-        # hardware (torch), the data's own rules (it exists, its classes, the batch against its size; its views'
-        # policy first, which the data module builds), the rules that build an object with its library (timm,
-        # Lightning).
+        if directory and self.leader:
+            self.finished = self.directory.check(cfg)
+            if self.finished is not None:
+                return self.task
+        # Then, cheapest first, each step importing what it needs (a refusal imports nothing after it): the data's
+        # rules that read no image (its classes), the hardware (torch), the data's own rules (the batch against its
+        # size; its views' policy first, which the data module builds), the rules that build an object with its
+        # library (timm, Lightning).
+        self.task.check_data(self.source)
         choose_precision(cfg)
         schema.check_augment_policy(cfg.augment)
         self.datamodule = self.task.datamodule(cfg, self.source)

@@ -339,12 +339,20 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
         # the source's own rule: its folder is there
         (["data.root=/nonexistent/imagenet"], 2),
+        # the data's rules that read no image: the layout, the class folders of train/ and val/
+        (["data.root={folders}/flat"], 2),
+        (["data.root={folders}/mismatched"], 2),
     ],
 )
-def test_the_command_line_answers_without_importing_torch(args, status, tmp_path):
-    """--help, --cfg job and a refusal the config alone decides (the schema's, the task's, the teacher's) import
-    neither torch nor Lightning, timm, transformers or torchvision (they took seconds before the first answer; the
-    data sources and labels.py import torch where a split is opened): read from a fresh interpreter's sys.modules."""
+def test_the_command_line_answers_without_importing_torch(args, status, tmp_path, tmp_path_factory):
+    """--help, --cfg job and a refusal the config alone decides (the schema's, the task's, the teacher's) or the
+    data's folders decide import neither torch nor Lightning, timm, transformers or torchvision (they took seconds
+    before the first answer; the data sources and labels.py import torch where a split is opened): read from a fresh
+    interpreter's sys.modules."""
+    folders = tmp_path_factory.mktemp("folders")
+    for folder in ("flat/a", "mismatched/train/cat", "mismatched/train/dog", "mismatched/val/cat"):
+        (folders / folder).mkdir(parents=True)
+    args = [arg.format(folders=folders) for arg in args]
     probe = (
         "import sys, runpy\n"
         f"sys.argv = ['deit-train', *{args!r}]\n"

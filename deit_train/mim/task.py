@@ -54,6 +54,9 @@ class MaskedImageModeling(Task):
         if block % patch:
             raise refuse("task.mask_patch_size", block, f"a multiple of model.patch_size={patch}")
 
+    def check_data(self, source: DataSource) -> None:
+        """Unlabelled images: no class folders to check (the folder's presence is the source's own rule)."""
+
     def datamodule(self, cfg: DictConfig, source: DataSource) -> MaskedImageDataModule:
         """The source's images without labels, each with its SimMIM mask."""
         from deit_train.mim.data import MaskedImageDataModule

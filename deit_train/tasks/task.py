@@ -35,6 +35,11 @@ class Task:
         """The rules of this task's fields (`checked`); subclasses add rules across groups."""
         check_fields(cfg.task, type(self), "task")
 
+    def check_data(self, source: DataSource) -> None:
+        """The data's rules this task can check before its data module is imported (Lightning): by default the
+        classes (a folder's train/ and val/ class folders, a dataset's label names), which need no image read."""
+        source.labelled_classes()
+
     def datamodule(self, cfg: DictConfig, source: DataSource) -> DeiTDataModule:
         """The loaders of `source` for this task (labelled images and DeiT's transforms by default)."""
         from deit_train.data.datamodule import DeiTDataModule

@@ -73,6 +73,13 @@ class DataSource:
     def class_names(self) -> list[str]:
         raise NotImplementedError
 
+    def labelled_classes(self) -> list[str]:
+        """class_names, for a task that learns them: at least two."""
+        names = self.class_names()
+        if len(names) < 2:
+            raise DeitTrainError(f"the data has {len(names)} class(es); classification needs at least 2")
+        return names
+
     def split(self, split: str, transform) -> Dataset:
         raise NotImplementedError
 
