@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError
 from deit_train.models.trained_model import load_trained_model
@@ -233,7 +232,7 @@ def streams(shards: Path, world_size: int, workers: int, batch: int = 8, epoch: 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
     for key, value in cfg.items():
         config.data[key] = value
-    split = Shards(config.data, "train", train_transform(config.augment, 16))
+    split = build_source(config.data).split("train", train_transform(config.augment, 16))
     out = {}
     for rank in range(world_size):
         stream = split.stream(world_size, rank, batch, workers, seed, repeats=1)
@@ -276,7 +275,9 @@ def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_
     config = compose_config(
         ["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x", even_shards
     )
-    stream = Shards(config.data, "train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
+    stream = (
+        build_source(config.data).split("train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
+    )
     epoch = {"now": 0}
     loader = ShardLoader(stream, epoch=lambda: epoch["now"], batch_size=8, drop_last=True, num_workers=2)
     assert loader.persistent_workers
@@ -310,7 +311,7 @@ def test_shard_validation_reads_every_sample_once_over_ranks_and_workers(shards,
     from tests.conftest import compose_config
 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
-    split = Shards(config.data, "val", eval_transform(config.augment, 16))
+    split = build_source(config.data).split("val", eval_transform(config.augment, 16))
     labels = []
     for rank in range(2):
         stream = split.stream(2, rank, 8, 2, 0, 1)
@@ -328,7 +329,7 @@ def test_a_pattern_naming_shards_that_are_not_there_names_them(shards):
         ["experiment=demo", "model.img_size=16", *shard_overrides(shards), pattern], shards / "x", shards
     )
     with pytest.raises(DeitTrainError, match="7 of its 10 shards are not files .*val-000003.tar"):
-        Shards(config.data, "val", eval_transform(config.augment, 16))
+        build_source(config.data).split("val", eval_transform(config.augment, 16))
 
 
 def test_too_few_shards_for_the_workers_is_one_line(shards):
@@ -352,7 +353,7 @@ def validation_labels(shards: Path) -> list[int]:
     from tests.conftest import compose_config
 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
-    stream = Shards(config.data, "val", eval_transform(config.augment, 16)).stream(1, 0, 8, 1, 0, 1)
+    stream = build_source(config.data).split("val", eval_transform(config.augment, 16)).stream(1, 0, 8, 1, 0, 1)
     return [label for _, label in stream.validation(0, 1)]
 
 
@@ -616,7 +617,7 @@ def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shard
         match=r"data.val=.* names the training shards \(all 5 of its shards are in "
         r"data.train\): val/acc1 would score images the student trained on",
     ):
-        Shards(cfg.data, "val", None)
+        build_source(cfg.data).split("val", None)
 
 
 def deit_shard_error(argv: list[str], capsys) -> str:

@@ -20,7 +20,6 @@ from PIL import Image
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import model_input
-from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
@@ -340,7 +339,7 @@ def read_by_shards(ours, theirs, tmp):
             "val": str(tmp / "val" / "val-000000.tar"),
         }
     )
-    Shards(cfg, "val", None)
+    cfg.split("val", None)
 
 
 def write_hf(ours, theirs, tmp) -> Path:

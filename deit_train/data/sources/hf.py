@@ -57,11 +57,60 @@ class HFSource(DataSource):
                 "or a local save_to_disk folder or folder of Parquet files"
             )
 
+    def splits(self) -> dict:
+        """{split name: datasets.Dataset} of data.dataset (opened once per process)."""
+        return open_splits(self.dataset, self.subset, self.cache_dir)
+
+    def table(self, split: str):
+        """(split name, datasets.Dataset) for split 'train' or 'val'."""
+        if split == "train":
+            return pick_split(self.splits(), self.train_split, "data.train_split", self.dataset)
+        return pick_split(self.splits(), self.val_split, "data.val_split", self.dataset)
+
     def class_names(self) -> list[str]:
-        return hf_class_names(self)
+        """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both
+        (classes without a training row named in a warning)."""
+        names, labels = [], []
+        for split in ("train", "val"):
+            name, table = self.table(split)
+            _, label_column = find_columns(table, self.image_column, self.label_column, f"{self.dataset}[{name}]")
+            names.append(label_names(table, label_column))
+            labels.append(table[label_column])
+        train, val = names
+        if train is None and val is None:
+            return integer_class_names(f"data.dataset={self.dataset}", *labels, label_column)
+        if train is None or val is None:
+            plain, named = ("train", "validation") if train is None else ("validation", "train")
+            raise DeitTrainError(
+                f"data.dataset={self.dataset}: the {plain} split's labels are plain integers but the "
+                f"{named} split's a ClassLabel: encode both alike (datasets' "
+                f"dataset.cast_column(column, ClassLabel(names=...)))"
+            )
+        check_same_classes(
+            val,
+            train,
+            f"data.dataset={self.dataset}",
+            "the validation split's ClassLabel",
+            "the training split's",
+            "Labels would not match: map the validation labels to the training "
+            "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+            "enumerate(train.features[column].names)}, column)) and save it again",
+        )
+        return train
 
     def split(self, split: str, transform) -> Dataset:
-        return self.skipping(open_hf_split(self, split, transform))
+        name, table = self.table(split)
+        where = f"{self.dataset}[{name}]"
+        image_column, label_column = find_columns(table, self.image_column, self.label_column, where)
+        key = "data.train_split" if split == "train" else "data.val_split"
+        others = [other for other in self.splits() if other not in (name, self.train_split)]  # training is no fix
+        choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
+        skip = self.unlabelled == "skip"
+        table = labelled_rows(table, label_column, where, skip, choose[0].upper() + choose[1:], "data.unlabelled=skip")
+        from deit_train.data.hf_images import HFImages
+
+        images = HFImages(table, image_column, label_column, where, transform, self.max_image_pixels, self.decode)
+        return self.skipping(images)
 
     def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
         return len(dataset), dataset.unreadable(full, self.max_image_pixels)
@@ -210,46 +259,6 @@ def label_names(table, label_column: str) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-def open_table(cfg: HFSource, split: str):
-    """(split name, datasets.Dataset) for split 'train' or 'val' of data=hf."""
-    splits = open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
-    if split == "train":
-        return pick_split(splits, cfg.train_split, "data.train_split", cfg.dataset)
-    return pick_split(splits, cfg.val_split, "data.val_split", cfg.dataset)
-
-
-def hf_class_names(cfg: HFSource) -> list[str]:
-    """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both (classes
-    without a training row named in a warning)."""
-    names, labels = [], []
-    for split in ("train", "val"):
-        name, table = open_table(cfg, split)
-        _, label_column = find_columns(table, cfg.image_column, cfg.label_column, f"{cfg.dataset}[{name}]")
-        names.append(label_names(table, label_column))
-        labels.append(table[label_column])
-    train, val = names
-    if train is None and val is None:
-        return integer_class_names(f"data.dataset={cfg.dataset}", *labels, label_column)
-    if train is None or val is None:
-        plain, named = ("train", "validation") if train is None else ("validation", "train")
-        raise DeitTrainError(
-            f"data.dataset={cfg.dataset}: the {plain} split's labels are plain integers but the "
-            f"{named} split's a ClassLabel: encode both alike (datasets' "
-            f"dataset.cast_column(column, ClassLabel(names=...)))"
-        )
-    check_same_classes(
-        val,
-        train,
-        f"data.dataset={cfg.dataset}",
-        "the validation split's ClassLabel",
-        "the training split's",
-        "Labels would not match: map the validation labels to the training "
-        "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
-        "enumerate(train.features[column].names)}, column)) and save it again",
-    )
-    return train
-
-
 def integer_class_names(where: str, train_labels, val_labels, column: str) -> list[str]:
     """ "0".."N-1" for plain integer labels, N from both splits; classes without a training row are named in a
     warning, not refused: the names stay right (label k is class "k" in every tool) and an empty class's output is
@@ -273,23 +282,6 @@ def integer_class_names(where: str, train_labels, val_labels, column: str) -> li
             column,
         )
     return [str(i) for i in range(largest + 1)]
-
-
-def open_hf_split(cfg: HFSource, split: str, transform) -> HFImages:
-    name, table = open_table(cfg, split)
-    where = f"{cfg.dataset}[{name}]"
-    image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)
-    key = "data.train_split" if split == "train" else "data.val_split"
-    others = [
-        other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir) if other not in (name, cfg.train_split)
-    ]  # validating on the training split is no fix
-    choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
-    table = labelled_rows(
-        table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:], "data.unlabelled=skip"
-    )
-    from deit_train.data.hf_images import HFImages
-
-    return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels, cfg.decode)
 
 
 def is_hf_dataset(path: Path) -> bool:
