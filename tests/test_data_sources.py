@@ -471,15 +471,40 @@ def test_two_processes_validate_every_image_once_and_resume(tmp_path, cache_dir,
 
 
 def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_copies, demo_data):
+    """Parquet files, a save_to_disk folder and hf:PATH (data=hf's data.dataset, which deit-eval did not take)."""
     cfg = tiny_config(run="model")
     train(cfg)
     trained = load_trained_model(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     on_folder = evaluate(trained, open_eval_folder(demo_data, "val", trained), num_workers=0)
-    on_hf = evaluate(trained, open_eval_folder(hf_copies["parquet"], "val", trained), num_workers=0)
-    assert on_hf["images"] == on_folder["images"] == 40
-    assert on_hf["heads"] == on_folder["heads"]
+    for data in (hf_copies["parquet"], hf_copies["disk"], f"hf:{hf_copies['disk']}"):
+        on_hf = evaluate(trained, open_eval_folder(data, "val", trained), num_workers=0)
+        assert on_hf["images"] == on_folder["images"] == 40
+        assert on_hf["heads"] == on_folder["heads"]
     with pytest.raises(DeitTrainError, match="has no split 'tset': its splits are \\['train', 'validation'\\]"):
         open_eval_folder(hf_copies["parquet"], "tset", trained)  # not the validation split, silently
+
+
+def test_a_tool_reads_a_path_as_deit_train_reads_it(hf_copies, demo_data, tmp_path):
+    """deit-eval's DATA and deit-shard's SRC are built as the source `deit-train data=<option> data.<key>=PATH`
+    builds: the same class with the same keys. A tool's --label-column is data.label_column where the source has
+    one (a folder has none)."""
+    from deit_train.data.sources.locate import locate
+
+    def composed(*overrides: str):
+        return build_source(compose_config(list(overrides), tmp_path / "run", tmp_path).data)
+
+    disk, parquet = hf_copies["disk"], hf_copies["parquet"]
+    assert locate(str(demo_data)) == composed("data=imagefolder", f"data.root={demo_data}")
+    assert locate(f"{demo_data}/val") == composed("data=imagefolder", f"data.root={demo_data}/val")
+    assert locate(str(disk)) == composed("data=hf", f"data.dataset={disk}")
+    assert locate(str(parquet)) == composed("data=hf", f"data.dataset={parquet}")
+    assert locate(f"hf:{parquet}") == composed("data=hf", f"data.dataset={parquet}")
+    assert locate(str(disk), label_column="label", image_column=None) == composed(
+        "data=hf", f"data.dataset={disk}", "data.label_column=label"
+    )
+    assert locate(str(demo_data), label_column="label") == composed("data=imagefolder", f"data.root={demo_data}")
+    assert locate(str(tmp_path / "missing")) is None
+    assert locate(str(parquet / "train.parquet")) is None  # a file: no tool reads one as its data
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])

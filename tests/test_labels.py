@@ -23,6 +23,7 @@ from deit_train.data.pixels import model_input
 from deit_train.data.sources import build_source
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
+from deit_train.data.sources.locate import locate
 from deit_train.data.sources.webdataset import ShardSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import natural_key
@@ -30,7 +31,6 @@ from deit_train.models.init import initialize_from, settle_heads
 from deit_train.schema import TeacherConfig
 from deit_train.tasks.classify import Classify
 from deit_train.teacher import build_teacher_network
-from deit_train.tools.shard import hf_splits
 
 from .conftest import save_safetensors
 
@@ -361,7 +361,7 @@ def read_by_hf(ours, theirs, tmp):
 
 def read_by_deit_shard(ours, theirs, tmp):
     """deit-shard of an HF dataset whose validation ClassLabel names `theirs`: one list for both splits' shards."""
-    assert hf_splits(str(write_hf(ours, theirs, tmp)))[1] == ours
+    assert locate(str(write_hf(ours, theirs, tmp))).stored_splits()[1] == ours
 
 
 def read_by_folders(ours, theirs, tmp):

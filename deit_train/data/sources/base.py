@@ -12,8 +12,10 @@ source; none of them asks which source it is. What a subclass provides:
     identity(dataset, workers)   what the teacher cache keys the training data by
 
 and, where the source is not a map-style dataset (WebDataset shards stream), its own `loader`,
-`batches_per_rank` and `first_batches`. A new source is one file with a subclass and one yaml; `register` gives
-the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a test).
+`batches_per_rank` and `first_batches`; for the console tools, which build a source from what the user typed
+(locate.py), `evaluation` (deit-eval) and `stored_splits` (deit-shard). A new source is one file with a subclass
+and one yaml; `register` gives the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a
+test).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ class LoaderPlan:
     repeats: int  # repeated augmentation (1: off), training only
     epoch: Callable[[], int]  # the epoch the loader is in (a resumed run's included)
     pin_memory: bool
+
+
+@dataclass
+class StoredSplit:
+    """One split's images as stored, for deit-shard to copy: how many, and the i-th as (its bytes, its label)."""
+
+    name: str
+    size: int
+    read: Callable[[int], tuple[bytes, int]]
 
 
 @dataclass
@@ -97,6 +108,14 @@ class DataSource:
         from deit_train.data.wrappers import SkipCorrupt
 
         return SkipCorrupt(dataset) if self.skip_corrupt else dataset
+
+    def evaluation(self, split: str, transform, class_names: list[str]) -> Dataset:
+        """deit-eval: one split, labelled in the model's class order (`class_names`, matched by name)."""
+        raise DeitTrainError(f"deit-eval does not read {type(self).__name__} data")
+
+    def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
+        """deit-shard: the training and validation images as stored, with their labels; and the class names."""
+        raise DeitTrainError(f"deit-shard does not read {type(self).__name__} data")
 
     # Map-style loading: a source whose splits are indexable datasets keeps these.
 

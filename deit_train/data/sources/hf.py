@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from deit_train.data.extras import datasets_module
 from deit_train.data.images import DECODE_MODES
-from deit_train.data.sources.base import DataSource
+from deit_train.data.sources.base import DataSource, StoredSplit
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
 from deit_train.schema import OneOf, checked
@@ -111,6 +111,88 @@ class HFSource(DataSource):
 
         images = HFImages(table, image_column, label_column, where, transform, self.max_image_pixels, self.decode)
         return self.skipping(images)
+
+    def evaluation(self, split: str, transform, class_names: list[str]) -> HFImages:
+        """deit-eval on a split ("val": the validation split found by name), its labels matched to the model's
+        classes by name (a ClassLabel's names; integer labels k as class "k", as training names them); unlabelled
+        rows (-1) left out, with a warning."""
+        splits = self.splits()
+        if split not in splits and split != "val":
+            raise DeitTrainError(
+                f"{self.dataset} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME"
+            )
+        name, table = pick_split(splits, split if split in splits else None, "--split", self.dataset)
+        where = f"{self.dataset}[{name}]"
+        image_column, label_column = find_columns(
+            table, self.image_column, self.label_column, where, ("--image-column", "--label-column")
+        )
+        others = [other for other in splits if other != name]
+        choose = (
+            f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
+        ) + ", or get its predictions with deit-predict"
+        table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
+        from deit_train.data.hf_images import HFImages
+
+        dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
+        names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
+        present = (
+            names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
+        )
+        unknown = sorted(set(present) - set(class_names))
+        if unknown:
+            raise DeitTrainError(
+                f"{where} has classes the model does not know: {shortened(unknown)}"
+                f"{normalisation_hint(unknown, class_names)}. The model's classes: "
+                f"{shortened(class_names)}"
+            )
+        model_index = {label: index for index, label in enumerate(class_names)}
+        dataset.label_map = {i: model_index.get(label, -1) for i, label in enumerate(names)}
+        return dataset
+
+    def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
+        """deit-shard: the training split and the validation split found by name, labelled rows only, each image's
+        stored bytes (or the file its row names); the class names as training reads them."""
+        datasets = datasets_module()
+        splits, names, labels = [], [], []
+        image_column, label_column = self.image_column, self.label_column
+        for split, wanted in (("train", "train"), ("val", None)):
+            split_name, table = pick_split(self.splits(), wanted, None, self.dataset)
+            where = f"{self.dataset}[{split_name}]"
+            image_column, label_column = find_columns(
+                table, image_column, label_column, where, ("--image-column", "--label-column")
+            )
+            table = labelled_rows(table, label_column, where, False, "write labelled splits only")
+            names.append(label_names(table, label_column))
+            labels.append(table[label_column])
+            table = table.select_columns([image_column, label_column]).cast_column(
+                image_column, datasets.Image(decode=False)
+            )
+
+            def read(i: int, table=table, image_column=image_column, label_column=label_column):
+                row = table[i]
+                stored = row[image_column]
+                data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
+                return data, int(row[label_column])
+
+            splits.append(StoredSplit(split, len(table), read))
+        train, val = names
+        if train is not None and val is not None:  # the shards hold labels: they must mean the same in both splits
+            check_same_classes(
+                val,
+                train,
+                f"SRC {self.dataset}",
+                "the validation split's ClassLabel",
+                "the training split's",
+                "The validation labels would be read as other classes: map them to the training split's by "
+                "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+                "enumerate(train.features[column].names)}, column)) and save it again",
+            )
+        elif (train is None) != (val is None):
+            raise DeitTrainError(
+                f"SRC {self.dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
+                f"both alike (datasets' cast_column(column, ClassLabel(names=...)))"
+            )
+        return splits, train or integer_class_names(f"SRC {self.dataset}", *labels, label_column)
 
     def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
         return len(dataset), dataset.unreadable(full, self.max_image_pixels)
@@ -282,55 +364,3 @@ def integer_class_names(where: str, train_labels, val_labels, column: str) -> li
             column,
         )
     return [str(i) for i in range(largest + 1)]
-
-
-def is_hf_dataset(path: Path) -> bool:
-    """A save_to_disk folder, or a folder of Parquet/Arrow files (deit-eval's DATA)."""
-    return path.is_dir() and (
-        any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
-        or any(path.glob("*.parquet"))
-        or any(path.glob("*/*.parquet"))
-        or any(path.glob("*.arrow"))
-    )
-
-
-def open_hf_eval(
-    path: Path,
-    split: str,
-    transform,
-    class_names: list[str],
-    image_column: str | None = None,
-    label_column: str | None = None,
-) -> HFImages:
-    """deit-eval on a split of a local HF dataset, its labels matched to the model's classes by name (a ClassLabel's
-    names; integer labels k as class "k", as training names them); unlabelled rows (-1) left out, with a warning."""
-    splits = open_splits(str(path))
-    if split not in splits and split != "val":  # "val", deit-eval's default, finds the validation split by name
-        raise DeitTrainError(f"{path} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME")
-    name, table = pick_split(splits, split if split in splits else None, "--split", str(path))
-    where = f"{path}[{name}]"
-    image_column, label_column = find_columns(
-        table, image_column, label_column, where, ("--image-column", "--label-column")
-    )
-    others = [other for other in splits if other != name]
-    choose = (
-        f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
-    ) + ", or get its predictions with deit-predict"
-    table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
-    from deit_train.data.hf_images import HFImages
-
-    dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
-    names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
-    present = (
-        names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
-    )
-    unknown = sorted(set(present) - set(class_names))
-    if unknown:
-        raise DeitTrainError(
-            f"{where} has classes the model does not know: {shortened(unknown)}"
-            f"{normalisation_hint(unknown, class_names)}. The model's classes: "
-            f"{shortened(class_names)}"
-        )
-    model_index = {label: index for index, label in enumerate(class_names)}
-    dataset.label_map = {i: model_index.get(label, -1) for i, label in enumerate(names)}
-    return dataset
