@@ -24,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +75,10 @@ class DataSource:
     scan: str = checked("header", OneOf("header", "full", "off"))
     # larger images are refused as corrupt (Pillow's decompression-bomb limit); null: no limit
     max_image_pixels: int | None = checked(89_478_485, Range(1, None, "a number of pixels >= 1, or null"))
+
+    # The keys that say how the data is read, not what it is: a resumed run may change them (run_dir.check_resume);
+    # a change to any other key of the source changes what is trained and is refused. A subclass adds its own.
+    reading_keys: ClassVar[tuple[str, ...]] = ("num_workers", "pin_memory", "skip_corrupt", "scan", "max_image_pixels")
 
     def check(self) -> None:
         """Each field's rule; a subclass adds the rules of its own keys (a required path, ...). Raises

@@ -49,6 +49,8 @@ class HFSource(DataSource):
     cache_dir: str | None = None  # the datasets cache; null: its own default
     decode: str = checked("exact", OneOf(*DECODE_MODES))  # as data=imagefolder's (data/decode.py)
 
+    reading_keys = (*DataSource.reading_keys, "cache_dir")  # where datasets keeps its Arrow files, not what they hold
+
     def check(self) -> None:
         super().check()
         if not self.dataset:

@@ -141,6 +141,8 @@ class FolderSource(DataSource):
 class ImageFolderSource(FolderSource):
     root: str | None = None  # root/train/<class>/*, root/val/<class>/*; task=mim: any folder of images
 
+    reading_keys = (*DataSource.reading_keys, "root")  # the same data moved: a resume compares its classes
+
     def check(self) -> None:
         super().check()
         if not self.root:
