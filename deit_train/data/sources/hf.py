@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deit_train.data.extras import datasets_module
+from deit_train.data.extras import datasets_module, require
 from deit_train.data.images import DECODE_MODES
 from deit_train.data.sources.base import DataSource, StoredSplit
 from deit_train.errors import DeitTrainError
@@ -153,8 +153,8 @@ class HFSource(DataSource):
 
     def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
         """deit-shard: the training split and the validation split found by name, labelled rows only, each image's
-        stored bytes (or the file its row names); the class names as training reads them."""
-        datasets = datasets_module()
+        stored bytes (or the file its row names); and the class names (a ClassLabel's, or "0".."N-1")."""
+        datasets = require("datasets", "hf", "deit-shard from a Hugging Face dataset")
         splits, names, labels = [], [], []
         image_column, label_column = self.image_column, self.label_column
         for split, wanted in (("train", "train"), ("val", None)):
