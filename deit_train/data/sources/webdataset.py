@@ -49,11 +49,11 @@ class ShardSource(DataSource):
     train_samples: int | None = checked(None, Range(1, None, "a number of samples >= 1, or null (_info.json)"))
     shuffle_buffer: int = checked(4096, Range(1, None, "a number of samples >= 1"))  # per worker
 
-    # None of its own: data.train/data.val name which shards an epoch deals to the (rank, worker) slots, and
-    # train_samples and shuffle_buffer decide its samples and their order, so a change to any is a change to what
-    # is trained (shards moved are the same only under the same names, which a pattern cannot tell). num_workers
-    # stays a reading key though it decides which samples share a batch, as trainer.devices does for any data:
-    # fewer workers is the fix the stream's refusal names.
+    # None of its own: data.train and data.val name the shards an epoch deals to the (rank, worker) slots, and
+    # train_samples and shuffle_buffer decide the epoch's samples and their order, so each changes what is trained
+    # (a pattern cannot tell shards moved from other shards). num_workers stays a reading key, though it decides
+    # which samples share a batch (as trainer.devices does for any data): fewer workers is the fix the stream's
+    # refusal names.
     reading_keys = DataSource.reading_keys
 
     def check(self) -> None:
