@@ -34,15 +34,16 @@ log = logging.getLogger("deit_train")
 LOCK_NAME = ".deit-train.lock"
 
 # The config's keys sorted once by what a change does to a run that resumes (check_resume). A key ending in "." is a
-# prefix. Any key in neither tuple changes what is trained (architecture, classes, data content, views, loss, seed,
-# the optimizer itself, the EMA) and is refused on resume, with the list of differences.
+# prefix. Any key in neither tuple nor the data source's reading_keys changes what is trained (architecture, classes,
+# data content, views, loss, seed, the optimizer itself, the EMA) and is refused on resume, with the differences.
 #
 # | kind                         | on resume            | keys                                                     |
 # |------------------------------|----------------------|----------------------------------------------------------|
 # | the schedule and optimizer's | applied, logged      | max_epochs, lr, lr_batch_ref, weight_decay, warm-up,     |
 # | hyper-parameters             | (tasks/module.py)    | min_lr, gradient clipping                                |
-# | how the run runs             | accepted             | devices, precision, workers, logging, checks' switches,  |
-# |                              |                      | limits (max_image_pixels), paths, starting weights       |
+# | how the run runs             | accepted             | devices, precision, logging, checks' switches, paths,    |
+# |                              |                      | starting weights; the data's reading_keys (its source's: |
+# |                              |                      | workers, limits, a folder moved; data/sources/base.py)   |
 # | what is trained              | refused              | everything else                                          |
 APPLIED_ON_RESUME = (
     "trainer.max_epochs",  # train longer (or stop sooner): the schedule is the new one's (logged)
@@ -71,13 +72,6 @@ HOW_IT_RUNS = (
     "trainer.num_sanity_val_steps",
     "trainer.deterministic",
     "trainer.benchmark",
-    "data.root",  # the same data moved (its classes are compared)
-    "data.num_workers",
-    "data.pin_memory",
-    "data.skip_corrupt",
-    "data.cache_dir",
-    "data.scan",
-    "data.max_image_pixels",  # a limit against decompression bombs: the fix its refusal names
     "model.init",  # starting weights: a resumed run has its own
     "model.init_unchecked_order",
     "model.init_class_map",
@@ -350,6 +344,19 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): node}
 
 
+def reading_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The data keys a resume may change: those the source data._target_ names (DataSource.reading_keys)."""
+    from hydra.utils import get_class
+
+    from deit_train.data.sources.base import DataSource
+
+    try:
+        source = get_class(OmegaConf.select(cfg, "data._target_", default=""))
+    except (ImportError, ValueError):  # no source: build_source names the problem
+        return ()
+    return tuple(f"data.{key}" for key in source.reading_keys) if issubclass(source, DataSource) else ()
+
+
 def check_resume(
     cfg: DictConfig,
     stored_config: dict | None,
@@ -369,7 +376,7 @@ def check_resume(
     new, old = flatten(OmegaConf.to_container(cfg, resolve=True)), flatten(stored_config)
     changed = sorted(key for key in new.keys() & old.keys() if new[key] != old[key])
     changed += sorted((new.keys() ^ old.keys()) - {""})
-    resumable = [key for key in changed if key.startswith(RESUMABLE_CHANGES)]
+    resumable = [key for key in changed if key.startswith(RESUMABLE_CHANGES + reading_keys(cfg))]
     refused = [key for key in changed if key not in resumable]
     if refused:
         listed = ", ".join(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in refused[:6])

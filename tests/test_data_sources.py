@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from deit_train.data import DeiTDataModule
-from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError
 from deit_train.models.trained_model import load_trained_model
@@ -233,7 +232,7 @@ def streams(shards: Path, world_size: int, workers: int, batch: int = 8, epoch: 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
     for key, value in cfg.items():
         config.data[key] = value
-    split = Shards(config.data, "train", train_transform(config.augment, 16))
+    split = build_source(config.data).split("train", train_transform(config.augment, 16))
     out = {}
     for rank in range(world_size):
         stream = split.stream(world_size, rank, batch, workers, seed, repeats=1)
@@ -276,7 +275,9 @@ def test_the_shard_loader_keeps_its_workers_across_epochs_and_reads_each_epochs_
     config = compose_config(
         ["experiment=demo", "model.img_size=16", *shard_overrides(even_shards)], even_shards / "x", even_shards
     )
-    stream = Shards(config.data, "train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
+    stream = (
+        build_source(config.data).split("train", train_transform(config.augment, 16)).stream(1, 0, 8, 2, 0, repeats=1)
+    )
     epoch = {"now": 0}
     loader = ShardLoader(stream, epoch=lambda: epoch["now"], batch_size=8, drop_last=True, num_workers=2)
     assert loader.persistent_workers
@@ -310,7 +311,7 @@ def test_shard_validation_reads_every_sample_once_over_ranks_and_workers(shards,
     from tests.conftest import compose_config
 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
-    split = Shards(config.data, "val", eval_transform(config.augment, 16))
+    split = build_source(config.data).split("val", eval_transform(config.augment, 16))
     labels = []
     for rank in range(2):
         stream = split.stream(2, rank, 8, 2, 0, 1)
@@ -328,7 +329,7 @@ def test_a_pattern_naming_shards_that_are_not_there_names_them(shards):
         ["experiment=demo", "model.img_size=16", *shard_overrides(shards), pattern], shards / "x", shards
     )
     with pytest.raises(DeitTrainError, match="7 of its 10 shards are not files .*val-000003.tar"):
-        Shards(config.data, "val", eval_transform(config.augment, 16))
+        build_source(config.data).split("val", eval_transform(config.augment, 16))
 
 
 def test_too_few_shards_for_the_workers_is_one_line(shards):
@@ -352,7 +353,7 @@ def validation_labels(shards: Path) -> list[int]:
     from tests.conftest import compose_config
 
     config = compose_config(["experiment=demo", "model.img_size=16", *shard_overrides(shards)], shards / "x", shards)
-    stream = Shards(config.data, "val", eval_transform(config.augment, 16)).stream(1, 0, 8, 1, 0, 1)
+    stream = build_source(config.data).split("val", eval_transform(config.augment, 16)).stream(1, 0, 8, 1, 0, 1)
     return [label for _, label in stream.validation(0, 1)]
 
 
@@ -470,15 +471,40 @@ def test_two_processes_validate_every_image_once_and_resume(tmp_path, cache_dir,
 
 
 def test_deit_eval_on_an_hf_split_scores_as_on_the_imagefolder(tiny_config, hf_copies, demo_data):
+    """Parquet files, a save_to_disk folder and hf:PATH (data=hf's data.dataset, which deit-eval did not take)."""
     cfg = tiny_config(run="model")
     train(cfg)
     trained = load_trained_model(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     on_folder = evaluate(trained, open_eval_folder(demo_data, "val", trained), num_workers=0)
-    on_hf = evaluate(trained, open_eval_folder(hf_copies["parquet"], "val", trained), num_workers=0)
-    assert on_hf["images"] == on_folder["images"] == 40
-    assert on_hf["heads"] == on_folder["heads"]
+    for data in (hf_copies["parquet"], hf_copies["disk"], f"hf:{hf_copies['disk']}"):
+        on_hf = evaluate(trained, open_eval_folder(data, "val", trained), num_workers=0)
+        assert on_hf["images"] == on_folder["images"] == 40
+        assert on_hf["heads"] == on_folder["heads"]
     with pytest.raises(DeitTrainError, match="has no split 'tset': its splits are \\['train', 'validation'\\]"):
         open_eval_folder(hf_copies["parquet"], "tset", trained)  # not the validation split, silently
+
+
+def test_a_tool_reads_a_path_as_deit_train_reads_it(hf_copies, demo_data, tmp_path):
+    """deit-eval's DATA and deit-shard's SRC are built as the source `deit-train data=<option> data.<key>=PATH`
+    builds: the same class with the same keys. A tool's --label-column is data.label_column where the source has
+    one (a folder has none)."""
+    from deit_train.data.sources.locate import locate
+
+    def composed(*overrides: str):
+        return build_source(compose_config(list(overrides), tmp_path / "run", tmp_path).data)
+
+    disk, parquet = hf_copies["disk"], hf_copies["parquet"]
+    assert locate(str(demo_data)) == composed("data=imagefolder", f"data.root={demo_data}")
+    assert locate(f"{demo_data}/val") == composed("data=imagefolder", f"data.root={demo_data}/val")
+    assert locate(str(disk)) == composed("data=hf", f"data.dataset={disk}")
+    assert locate(str(parquet)) == composed("data=hf", f"data.dataset={parquet}")
+    assert locate(f"hf:{parquet}") == composed("data=hf", f"data.dataset={parquet}")
+    assert locate(str(disk), label_column="label", image_column=None) == composed(
+        "data=hf", f"data.dataset={disk}", "data.label_column=label"
+    )
+    assert locate(str(demo_data), label_column="label") == composed("data=imagefolder", f"data.root={demo_data}")
+    assert locate(str(tmp_path / "missing")) is None
+    assert locate(str(parquet / "train.parquet")) is None  # a file: no tool reads one as its data
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
@@ -616,7 +642,7 @@ def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shard
         match=r"data.val=.* names the training shards \(all 5 of its shards are in "
         r"data.train\): val/acc1 would score images the student trained on",
     ):
-        Shards(cfg.data, "val", None)
+        build_source(cfg.data).split("val", None)
 
 
 def deit_shard_error(argv: list[str], capsys) -> str:

@@ -20,10 +20,10 @@ from PIL import Image
 
 from deit_train.data import DeiTDataModule
 from deit_train.data.pixels import model_input
-from deit_train.data.shards import Shards
 from deit_train.data.sources import build_source
 from deit_train.data.sources.hf import HFSource
 from deit_train.data.sources.imagefolder import ImageFolderSource
+from deit_train.data.sources.locate import locate
 from deit_train.data.sources.webdataset import ShardSource
 from deit_train.errors import DeitTrainError
 from deit_train.labels import natural_key
@@ -31,7 +31,6 @@ from deit_train.models.init import initialize_from, settle_heads
 from deit_train.schema import TeacherConfig
 from deit_train.tasks.classify import Classify
 from deit_train.teacher import build_teacher_network
-from deit_train.tools.shard import hf_splits
 
 from .conftest import save_safetensors
 
@@ -340,7 +339,7 @@ def read_by_shards(ours, theirs, tmp):
             "val": str(tmp / "val" / "val-000000.tar"),
         }
     )
-    Shards(cfg, "val", None)
+    cfg.split("val", None)
 
 
 def write_hf(ours, theirs, tmp) -> Path:
@@ -362,7 +361,7 @@ def read_by_hf(ours, theirs, tmp):
 
 def read_by_deit_shard(ours, theirs, tmp):
     """deit-shard of an HF dataset whose validation ClassLabel names `theirs`: one list for both splits' shards."""
-    assert hf_splits(str(write_hf(ours, theirs, tmp)))[1] == ours
+    assert locate(str(write_hf(ours, theirs, tmp))).stored_splits()[1] == ours
 
 
 def read_by_folders(ours, theirs, tmp):

@@ -161,6 +161,58 @@ def test_resume_refuses_a_change_to_what_is_trained_and_changes_nothing(change, 
     assert after == {p: b for p, b in before.items() if p.suffix != ".log"}
 
 
+def test_a_resume_may_change_how_its_source_reads_the_data_not_which_data(tmp_path, cache_dir, demo_data):
+    """check_resume asks the source data._target_ names which of its keys only say how the data is read
+    (DataSource.reading_keys): an ImageFolder moved or an HF dataset's cache moved resume; another dataset, split,
+    decoding or set of shards is refused, listed."""
+    from omegaconf import OmegaConf
+
+    from deit_train.errors import DeitTrainError
+    from deit_train.run_dir import check_resume
+
+    from .conftest import compose_config
+
+    def resumes(before: list[str], after: list[str]) -> str:
+        stored = OmegaConf.to_container(compose_config(before, tmp_path / "run", cache_dir), resolve=True)
+        try:
+            check_resume(compose_config(after, tmp_path / "run", cache_dir), stored, None, None)
+        except DeitTrainError as refused:
+            return str(refused)
+        return "accepted"
+
+    folder = ["data=imagefolder", f"data.root={demo_data}"]
+    assert resumes(folder, ["data=imagefolder", f"data.root={tmp_path / 'moved'}"]) == "accepted"
+    assert resumes(folder, [*folder, "data.num_workers=0", "data.max_image_pixels=1000", "data.scan=off"]) == "accepted"
+    assert "1 change(s) to what the run trains: data.decode: exact -> reduced" in resumes(
+        folder, [*folder, "data.decode=reduced"]
+    )
+    hf = ["data=hf", "data.dataset=mine"]
+    assert resumes(hf, [*hf, f"data.cache_dir={tmp_path / 'cache'}"]) == "accepted"
+    assert "data.dataset: mine -> theirs" in resumes(hf, ["data=hf", "data.dataset=theirs"])
+    assert "data.train_split: train -> extra" in resumes(hf, [*hf, "data.train_split=extra"])
+    shards = ["data=webdataset", "data.train=a.tar", "data.val=b.tar"]
+    assert resumes(shards, [*shards, "data.num_workers=1"]) == "accepted"  # the fix the stream's refusal names
+    assert "data.train: a.tar -> c.tar" in resumes(shards, ["data=webdataset", "data.train=c.tar", "data.val=b.tar"])
+    assert "data._target_" in resumes(folder, hf)  # other data altogether
+
+
+def test_each_sources_reading_keys_are_its_own_keys():
+    import dataclasses
+
+    from deit_train.data.sources import cifar, demo, hf, imagefolder, webdataset
+
+    sources = [
+        demo.DemoSource,
+        imagefolder.ImageFolderSource,
+        hf.HFSource,
+        webdataset.ShardSource,
+        cifar.CIFAR10Source,
+        cifar.CIFAR100Source,
+    ]
+    for source in sources:
+        assert set(source.reading_keys) <= {field.name for field in dataclasses.fields(source)}, source
+
+
 @pytest.mark.slow
 def test_resume_refuses_other_classes(tmp_path, cache_dir, demo_data):
     import shutil

@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import random
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -24,12 +22,7 @@ from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
 from deit_train.data.views import TrainingViews, seeded, view_key, view_seed
 from deit_train.errors import DataError, DeitTrainError
-from deit_train.labels import check_same_classes, stratified_indices
-
-if TYPE_CHECKING:
-    from deit_train.data.sources.webdataset import ShardSource
-
-log = logging.getLogger(__name__)
+from deit_train.labels import stratified_indices
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 INFO_FILE = "_info.json"
@@ -99,92 +92,25 @@ def shard_lengths(info: dict) -> dict[str, int]:
     return lengths
 
 
-def shard_class_names(cfg: ShardSource) -> list[str]:
-    """_info.json's "classes" (deit-shard writes them), else "0".."num_classes-1"."""
-    urls = expand(cfg.train)
-    info = read_info(urls)
-    if "classes" in info:
-        return [str(name) for name in info["classes"]]
-    if "num_classes" in info:
-        return [str(i) for i in range(int(info["num_classes"]))]
-    raise DeitTrainError(
-        f'data.train={cfg.train}: no {INFO_FILE} with "classes" (or "num_classes") beside the '
-        f'shards; write one there, e.g. {{"classes": ["cat", "dog"]}} (deit-shard writes it)'
-    )
-
-
-def check_validation_shards(cfg: ShardSource, urls: list[str], classes: list[str]) -> None:
-    """The validation shards are not the training shards, and label their samples as the training shards do: their
-    own _info.json (a split written apart), where it is another file, lists the same classes in the same order."""
-    training = expand(cfg.train)
-    shared = sorted(set(urls) & set(training))
-    if shared and len(shared) == len(urls):
-        raise DeitTrainError(
-            f"data.val={cfg.val} names the training shards (all {len(urls)} of its shards are in "
-            f"data.train): val/acc1 would score images the student trained on. Point data.val at "
-            f"the validation shards (deit-shard writes val-*.tar beside train-*.tar)"
-        )
-    if shared:
-        log.warning(
-            "data.val=%s: %d of its %d shards are also training shards (%s): val/acc1 scores images the "
-            "student trains on",
-            cfg.val,
-            len(shared),
-            len(urls),
-            shared[0],
-        )
-    info_of = lambda first: first.rsplit("/", 1)[0] if "/" in first else "."  # noqa: E731
-    if info_of(urls[0]) == info_of(training[0]):
-        return
-    info = read_info(urls)
-    if "classes" in info:
-        check_same_classes(
-            [str(name) for name in info["classes"]],
-            classes,
-            f"data.val={cfg.val}",
-            f"its {INFO_FILE}",
-            f"the training shards' {INFO_FILE}",
-            "Its labels would be read as "
-            "other classes: write both splits with one deit-shard run, or relabel the validation "
-            "shards in the training shards' order",
-        )
-
-
 class Shards:
-    """One split's shards and transform, before the loader deals them to ranks and workers (ShardStream)."""
+    """One split's shards and transform, before the loader deals them to ranks and workers (ShardStream); what
+    ShardSource.split read from its keys (num_samples: the training epoch's samples over all ranks)."""
 
-    def __init__(self, cfg: ShardSource, split: str, transform) -> None:
-        self.pattern = cfg.train if split == "train" else cfg.val
-        self.urls = expand(self.pattern)
-        local = {url: urlparse(url) for url in self.urls}
-        missing = [
-            url
-            for url, parsed in local.items()
-            if parsed.scheme in ("", "file") and not os.path.isfile(parsed.path if parsed.scheme else url)
-        ]
-        if missing:  # a local file that is not there: say which, rather than count samples that will not come
-            raise DeitTrainError(
-                f"data.{split}={self.pattern}: {len(missing)} of its {len(self.urls)} shards are not "
-                f"files ({', '.join(missing[:3])}); correct the pattern or write them"
-            )
-        self.train = split == "train"
-        self.transform = transform
-        self.max_pixels, self.skip_corrupt = cfg.max_image_pixels, cfg.skip_corrupt
-        self.shuffle_buffer = cfg.shuffle_buffer
-        self.num_samples = cfg.train_samples if self.train else None
-        classes = shard_class_names(cfg)
-        self.num_classes = len(classes)
-        if not self.train:
-            check_validation_shards(cfg, self.urls, classes)
-        if self.train and self.num_samples is None:
-            lengths = shard_lengths(read_info(self.urls))
-            names = [os.path.basename(url) for url in self.urls]
-            if not all(name in lengths for name in names):
-                raise DeitTrainError(
-                    f"data.train={self.pattern}: the number of training samples is unknown (no "
-                    f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N"
-                )
-            self.num_samples = sum(lengths[name] for name in names)
+    def __init__(
+        self,
+        pattern: str,
+        urls: list[str],
+        train: bool,
+        transform,
+        num_classes: int,
+        num_samples: int | None,
+        shuffle_buffer: int,
+        max_pixels: int | None,
+        skip_corrupt: bool,
+    ) -> None:
+        self.pattern, self.urls, self.train, self.transform = pattern, urls, train, transform
+        self.num_classes, self.num_samples, self.shuffle_buffer = num_classes, num_samples, shuffle_buffer
+        self.max_pixels, self.skip_corrupt = max_pixels, skip_corrupt
 
     def batches(self, world_size: int, batch_size: int, workers: int) -> int:
         """Full training batches per rank and epoch, a multiple of the workers where there are as many: every

@@ -2,11 +2,11 @@
 accuracy and the confusion matrix, and images/s.
 
 MODEL is a deit-train .ckpt or a deit-export directory; DATA an ImageFolder (one sub-folder per class), or a
-folder holding one as val/ (the training layout), or a local Hugging Face dataset (--split, default its
-validation split; data/sources/hf.py). Class folders are matched to the model's classes by name, so
-a subset of the classes may be evaluated. Results are printed as a table with the worst classes; --json writes
-them as JSON, --out DIR writes results.json with the per-class files (class_results.py: per_class.csv,
-confusion.csv, confusion.png).
+folder holding one as val/ (the training layout), or a local Hugging Face dataset or hf:NAME (--split, default its
+validation split), read as deit-train reads them (data/sources/locate.py). Class folders are matched to the model's
+classes by name, so a subset of the classes may be evaluated. Results are printed as a table with the worst
+classes; --json writes them as JSON, --out DIR writes results.json with the per-class files (class_results.py:
+per_class.csv, confusion.csv, confusion.png).
 """
 
 import json
@@ -18,10 +18,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from deit_train.class_results import ClassResult, class_results, describe, worst_classes, write_class_results
-from deit_train.data.sources.hf import is_hf_dataset, open_hf_eval
-from deit_train.data.sources.imagefolder import ImageFolder
+from deit_train.data.sources.locate import locate
 from deit_train.errors import DeitTrainError, error_boundary
-from deit_train.labels import normalisation_hint, shortened
 from deit_train.models import average_heads, forward_heads
 from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir, writable_file, write_text
@@ -33,29 +31,15 @@ def open_eval_folder(
     trained: TrainedModel,
     image_column: str | None = None,
     label_column: str | None = None,
-) -> ImageFolder:
-    root = Path(data).expanduser()
-    if is_hf_dataset(root):  # a local Hugging Face dataset (save_to_disk, Parquet): its split, by class name
-        return open_hf_eval(root, split, trained.transform(), trained.class_names, image_column, label_column)
-    if not root.is_dir():
+):
+    """DATA's `split`, labelled in the model's class order: the source `deit-train` would read DATA with
+    (data/sources/locate.py), asked for its evaluation split."""
+    source = locate(str(data), image_column=image_column, label_column=label_column)
+    if source is None:
+        root = Path(data).expanduser()
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
-    folder = root / split if (root / split).is_dir() else root
-    splits = sorted(name for name in ("train", "val", "validation", "test") if (root / name).is_dir())
-    if folder == root and splits:  # a dataset with splits, but not this one: not a folder of classes
-        raise DeitTrainError(f"{root} has no {split}/ folder (it has {', '.join(splits)}): pass --split NAME")
-    dataset = ImageFolder(folder, trained.transform(), max_pixels=None)
-    unknown = sorted(set(dataset.classes) - set(trained.class_names))
-    if unknown:
-        raise DeitTrainError(
-            f"{folder} has class folders the model does not know: {shortened(unknown)}"
-            f"{normalisation_hint(unknown, trained.class_names)}. The model's classes: {shortened(trained.class_names)}"
-        )
-    # Labels in the model's order: the folder's classes may be a subset, sorted differently.
-    model_index = {name: index for index, name in enumerate(trained.class_names)}
-    dataset.samples = [(path, model_index[dataset.classes[target]]) for path, target in dataset.samples]
-    dataset.targets = [target for _, target in dataset.samples]
-    return dataset
+    return source.evaluation(split, trained.transform(), trained.class_names)
 
 
 @torch.inference_mode()
@@ -134,7 +118,9 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="deit-eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a deit-train .ckpt or a deit-export directory")
-    parser.add_argument("data", help="an ImageFolder, or a folder with one under val/")
+    parser.add_argument(
+        "data", help="an ImageFolder, or a folder with one under val/; a local Hugging Face dataset, or hf:NAME"
+    )
     parser.add_argument("--split", default="val", help="sub-folder of DATA to use when present (default: val)")
     parser.add_argument("--image-column", help="a Hugging Face DATA's image column (default: its first Image feature)")
     parser.add_argument(

@@ -19,127 +19,35 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deit_train.data.extras import require
-from deit_train.data.images import READ_ERRORS, class_folders, read_rgb, reason, unreadable
-from deit_train.data.sources.hf import (
-    find_columns,
-    integer_class_names,
-    is_hf_dataset,
-    label_names,
-    labelled_rows,
-    open_splits,
-    pick_split,
-)
-from deit_train.data.sources.imagefolder import ImageFolder
+from deit_train.data.images import READ_ERRORS, read_rgb, reason
+from deit_train.data.sources.base import StoredSplit
+from deit_train.data.sources.locate import locate
 from deit_train.errors import DeitTrainError, error_boundary
-from deit_train.labels import check_same_classes
 from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
 
 
-@dataclass
-class Split:
-    """One split of SRC: how many images, and the i-th as (stored bytes, label)."""
-
-    name: str
-    size: int
-    read: Callable[[int], tuple[bytes, int]]
-
-
-def folder_splits(root: Path) -> tuple[list[Split], list[str]]:
-    classes = class_folders(root / "train")
-    check_same_classes(
-        class_folders(root / "val"),
-        classes,
-        f"{root}/val",
-        "val/",
-        "train/",
-        "Labels would not match: give val/ the class folders of train/",
-    )
-    splits = []
-    for name in ("train", "val"):
-        folder = ImageFolder(root / name)
-        samples = list(folder.samples)
-        if bad := unreadable([path for path, _ in samples], full=True, max_pixels=None):  # before a shard is written
-            raise DeitTrainError(
-                f"{len(bad)} of {len(samples)} image files in {root / name} cannot be read: "
-                f"{'; '.join(f'{p} ({why})' for p, why in bad[:3])}. Remove or replace them"
-            )
-        splits.append(
-            Split(name, len(samples), lambda i, samples=samples: (Path(samples[i][0]).read_bytes(), samples[i][1]))
-        )
-    return splits, classes
-
-
-def hf_splits(
-    dataset: str, image_column: str | None = None, label_column: str | None = None
-) -> tuple[list[Split], list[str]]:
-    datasets = require("datasets", "hf", "deit-shard from a Hugging Face dataset")
-    splits_found = open_splits(dataset)
-    splits, names, labels = [], [], []
-    for split, wanted in (("train", "train"), ("val", None)):
-        split_name, table = pick_split(splits_found, wanted, None, dataset)
-        where = f"{dataset}[{split_name}]"
-        image_column, label_column = find_columns(
-            table, image_column, label_column, where, ("--image-column", "--label-column")
-        )
-        table = labelled_rows(table, label_column, where, False, "write labelled splits only")
-        names.append(label_names(table, label_column))
-        labels.append(table[label_column])
-        table = table.select_columns([image_column, label_column]).cast_column(
-            image_column, datasets.Image(decode=False)
-        )
-
-        def read(i: int, table=table, image_column=image_column, label_column=label_column):
-            row = table[i]
-            stored = row[image_column]
-            data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
-            return data, int(row[label_column])
-
-        splits.append(Split(split, len(table), read))
-    train, val = names
-    if train is not None and val is not None:  # the shards hold labels: they must mean the same in both splits
-        check_same_classes(
-            val,
-            train,
-            f"SRC {dataset}",
-            "the validation split's ClassLabel",
-            "the training split's",
-            "The validation labels would be read as other classes: map them to the training split's by "
-            "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
-            "enumerate(train.features[column].names)}, column)) and save it again",
-        )
-    elif (train is None) != (val is None):
-        raise DeitTrainError(
-            f"SRC {dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
-            f"both alike (datasets' cast_column(column, ClassLabel(names=...)))"
-        )
-    return splits, train or integer_class_names(f"SRC {dataset}", *labels, label_column)
-
-
 def open_source(
     source: str, image_column: str | None = None, label_column: str | None = None
-) -> tuple[list[Split], list[str]]:
-    path = Path(source).expanduser()
-    if source.startswith("hf:"):
-        return hf_splits(source[3:], image_column, label_column)
-    if is_hf_dataset(path):
-        return hf_splits(str(path), image_column, label_column)
-    if (path / "train").is_dir() and (path / "val").is_dir():
-        return folder_splits(path)
-    raise DeitTrainError(
-        f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
-        f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME"
-    )
+) -> tuple[list[StoredSplit], list[str]]:
+    """SRC's splits as stored and its class names: the source `deit-train` would read SRC with
+    (data/sources/locate.py), asked for them."""
+    located = locate(source, image_column=image_column, label_column=label_column)
+    if located is None:
+        raise DeitTrainError(
+            f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
+            f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME"
+        )
+    return located.stored_splits()
 
 
 def encode(data: bytes, resize: int | None, quality: int, where: str) -> tuple[bytes, str]:
@@ -159,7 +67,7 @@ def encode(data: bytes, resize: int | None, quality: int, where: str) -> tuple[b
     return out.getvalue(), "jpg"
 
 
-def encoded(split: Split, order: list[int], resize: int | None, quality: int, workers: int) -> Iterator[tuple]:
+def encoded(split: StoredSplit, order: list[int], resize: int | None, quality: int, workers: int) -> Iterator[tuple]:
     """(index, bytes, extension, label) in `order`; re-encoding runs on `workers` processes."""
 
     def job(i: int):
@@ -186,7 +94,7 @@ def encoded(split: Split, order: list[int], resize: int | None, quality: int, wo
                 yield i, data, ext, label
 
 
-def write_split(split: Split, out: Path, args, progress: Progress) -> dict:
+def write_split(split: StoredSplit, out: Path, args, progress: Progress) -> dict:
     """Write one split's shards; returns its _info.json entry and {key: (sha256, label)} for the check."""
     wds = require("webdataset", "webdataset", "deit-shard")
     order = list(range(split.size))

@@ -12,8 +12,10 @@ source; none of them asks which source it is. What a subclass provides:
     identity(dataset, workers)   what the teacher cache keys the training data by
 
 and, where the source is not a map-style dataset (WebDataset shards stream), its own `loader`,
-`batches_per_rank` and `first_batches`. A new source is one file with a subclass and one yaml; `register` gives
-the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a test).
+`batches_per_rank` and `first_batches`; for the console tools, which build a source from what the user typed
+(locate.py), `evaluation` (deit-eval) and `stored_splits` (deit-shard). A new source is one file with a subclass
+and one yaml; `register` gives the yaml its typed schema (tests/test_data_sources.py defines a CSV source inside a
+test).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,6 +54,15 @@ class LoaderPlan:
 
 
 @dataclass
+class StoredSplit:
+    """One split's images as stored, for deit-shard to copy: how many, and the i-th as (its bytes, its label)."""
+
+    name: str
+    size: int
+    read: Callable[[int], tuple[bytes, int]]
+
+
+@dataclass
 class DataSource:
     # global, over all devices and accumulated micro-batches
     batch_size: int = checked(1024, Range(1, None, "a batch size >= 1"))
@@ -64,6 +75,10 @@ class DataSource:
     scan: str = checked("header", OneOf("header", "full", "off"))
     # larger images are refused as corrupt (Pillow's decompression-bomb limit); null: no limit
     max_image_pixels: int | None = checked(89_478_485, Range(1, None, "a number of pixels >= 1, or null"))
+
+    # The keys that say how the data is read, not what it is: a resumed run may change them (run_dir.check_resume);
+    # a change to any other key of the source changes what is trained and is refused. A subclass adds its own.
+    reading_keys: ClassVar[tuple[str, ...]] = ("num_workers", "pin_memory", "skip_corrupt", "scan", "max_image_pixels")
 
     def check(self) -> None:
         """Each field's rule; a subclass adds the rules of its own keys (a required path, ...). Raises
@@ -104,6 +119,14 @@ class DataSource:
         from deit_train.data.wrappers import SkipCorrupt
 
         return SkipCorrupt(dataset) if self.skip_corrupt else dataset
+
+    def evaluation(self, split: str, transform, class_names: list[str]) -> Dataset:
+        """deit-eval: one split, labelled in the model's class order (`class_names`, matched by name)."""
+        raise DeitTrainError(f"deit-eval does not read {type(self).__name__} data")
+
+    def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
+        """deit-shard: the training and validation images as stored, with their labels; and the class names."""
+        raise DeitTrainError(f"deit-shard does not read {type(self).__name__} data")
 
     # Map-style loading: a source whose splits are indexable datasets keeps these.
 

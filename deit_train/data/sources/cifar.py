@@ -21,6 +21,8 @@ class CIFAR10Source(DataSource):
     download: bool = False  # fetch with torchvision (needs network)
 
     dataset_name = "CIFAR10"  # torchvision's class (a class attribute, not a config key)
+    # root: the same arrays moved (a resume compares the classes); download: fetches the same files where missing
+    reading_keys = (*DataSource.reading_keys, "root", "download")
 
     @property
     def dataset(self) -> type[Dataset]:

@@ -50,6 +50,9 @@ class DemoSource(FolderSource):
     val_per_class: int = checked(60, Range(1, None, "a number of images >= 1", integer=True))
     seed: int = 0  # the drawing's seed, not the run's
 
+    # each image is a function of the other keys, wherever cache_dir has it written
+    reading_keys = (*FolderSource.reading_keys, "cache_dir")
+
     def check(self) -> None:
         super().check()
         if not self.cache_dir:

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deit_train.data.extras import datasets_module
+from deit_train.data.extras import datasets_module, require
 from deit_train.data.images import DECODE_MODES
-from deit_train.data.sources.base import DataSource
+from deit_train.data.sources.base import DataSource, StoredSplit
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes, normalisation_hint, shortened
 from deit_train.schema import OneOf, checked
@@ -49,6 +49,8 @@ class HFSource(DataSource):
     cache_dir: str | None = None  # the datasets cache; null: its own default
     decode: str = checked("exact", OneOf(*DECODE_MODES))  # as data=imagefolder's (data/decode.py)
 
+    reading_keys = (*DataSource.reading_keys, "cache_dir")  # where datasets keeps its Arrow files, not what they hold
+
     def check(self) -> None:
         super().check()
         if not self.dataset:
@@ -57,11 +59,142 @@ class HFSource(DataSource):
                 "or a local save_to_disk folder or folder of Parquet files"
             )
 
+    def splits(self) -> dict:
+        """{split name: datasets.Dataset} of data.dataset (opened once per process)."""
+        return open_splits(self.dataset, self.subset, self.cache_dir)
+
+    def table(self, split: str):
+        """(split name, datasets.Dataset) for split 'train' or 'val'."""
+        if split == "train":
+            return pick_split(self.splits(), self.train_split, "data.train_split", self.dataset)
+        return pick_split(self.splits(), self.val_split, "data.val_split", self.dataset)
+
     def class_names(self) -> list[str]:
-        return hf_class_names(self)
+        """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both
+        (classes without a training row named in a warning)."""
+        names, labels = [], []
+        for split in ("train", "val"):
+            name, table = self.table(split)
+            _, label_column = find_columns(table, self.image_column, self.label_column, f"{self.dataset}[{name}]")
+            names.append(label_names(table, label_column))
+            labels.append(table[label_column])
+        train, val = names
+        if train is None and val is None:
+            return integer_class_names(f"data.dataset={self.dataset}", *labels, label_column)
+        if train is None or val is None:
+            plain, named = ("train", "validation") if train is None else ("validation", "train")
+            raise DeitTrainError(
+                f"data.dataset={self.dataset}: the {plain} split's labels are plain integers but the "
+                f"{named} split's a ClassLabel: encode both alike (datasets' "
+                f"dataset.cast_column(column, ClassLabel(names=...)))"
+            )
+        check_same_classes(
+            val,
+            train,
+            f"data.dataset={self.dataset}",
+            "the validation split's ClassLabel",
+            "the training split's",
+            "Labels would not match: map the validation labels to the training "
+            "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+            "enumerate(train.features[column].names)}, column)) and save it again",
+        )
+        return train
 
     def split(self, split: str, transform) -> Dataset:
-        return self.skipping(open_hf_split(self, split, transform))
+        name, table = self.table(split)
+        where = f"{self.dataset}[{name}]"
+        image_column, label_column = find_columns(table, self.image_column, self.label_column, where)
+        key = "data.train_split" if split == "train" else "data.val_split"
+        others = [other for other in self.splits() if other not in (name, self.train_split)]  # training is no fix
+        choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
+        skip = self.unlabelled == "skip"
+        table = labelled_rows(table, label_column, where, skip, choose[0].upper() + choose[1:], "data.unlabelled=skip")
+        from deit_train.data.hf_images import HFImages
+
+        images = HFImages(table, image_column, label_column, where, transform, self.max_image_pixels, self.decode)
+        return self.skipping(images)
+
+    def evaluation(self, split: str, transform, class_names: list[str]) -> HFImages:
+        """deit-eval on a split ("val": the validation split found by name), its labels matched to the model's
+        classes by name (a ClassLabel's names; integer labels k as class "k", as training names them); unlabelled
+        rows (-1) left out, with a warning."""
+        splits = self.splits()
+        if split not in splits and split != "val":
+            raise DeitTrainError(
+                f"{self.dataset} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME"
+            )
+        name, table = pick_split(splits, split if split in splits else None, "--split", self.dataset)
+        where = f"{self.dataset}[{name}]"
+        image_column, label_column = find_columns(
+            table, self.image_column, self.label_column, where, ("--image-column", "--label-column")
+        )
+        others = [other for other in splits if other != name]
+        choose = (
+            f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
+        ) + ", or get its predictions with deit-predict"
+        table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
+        from deit_train.data.hf_images import HFImages
+
+        dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
+        names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
+        present = (
+            names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
+        )
+        unknown = sorted(set(present) - set(class_names))
+        if unknown:
+            raise DeitTrainError(
+                f"{where} has classes the model does not know: {shortened(unknown)}"
+                f"{normalisation_hint(unknown, class_names)}. The model's classes: "
+                f"{shortened(class_names)}"
+            )
+        model_index = {label: index for index, label in enumerate(class_names)}
+        dataset.label_map = {i: model_index.get(label, -1) for i, label in enumerate(names)}
+        return dataset
+
+    def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
+        """deit-shard: the training split and the validation split found by name, labelled rows only, each image's
+        stored bytes (or the file its row names); and the class names (a ClassLabel's, or "0".."N-1")."""
+        datasets = require("datasets", "hf", "deit-shard from a Hugging Face dataset")
+        splits, names, labels = [], [], []
+        image_column, label_column = self.image_column, self.label_column
+        for split, wanted in (("train", "train"), ("val", None)):
+            split_name, table = pick_split(self.splits(), wanted, None, self.dataset)
+            where = f"{self.dataset}[{split_name}]"
+            image_column, label_column = find_columns(
+                table, image_column, label_column, where, ("--image-column", "--label-column")
+            )
+            table = labelled_rows(table, label_column, where, False, "write labelled splits only")
+            names.append(label_names(table, label_column))
+            labels.append(table[label_column])
+            table = table.select_columns([image_column, label_column]).cast_column(
+                image_column, datasets.Image(decode=False)
+            )
+
+            def read(i: int, table=table, image_column=image_column, label_column=label_column):
+                row = table[i]
+                stored = row[image_column]
+                data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
+                return data, int(row[label_column])
+
+            splits.append(StoredSplit(split, len(table), read))
+        train, val = names
+        if train is not None and val is not None:  # the shards hold labels: they must mean the same in both splits
+            check_same_classes(
+                val,
+                train,
+                f"SRC {self.dataset}",
+                "the validation split's ClassLabel",
+                "the training split's",
+                "The validation labels would be read as other classes: map them to the training split's by "
+                "name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
+                "enumerate(train.features[column].names)}, column)) and save it again",
+            )
+        elif (train is None) != (val is None):
+            raise DeitTrainError(
+                f"SRC {self.dataset}: one split's labels are a ClassLabel, the other's plain integers: encode "
+                f"both alike (datasets' cast_column(column, ClassLabel(names=...)))"
+            )
+        return splits, train or integer_class_names(f"SRC {self.dataset}", *labels, label_column)
 
     def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
         return len(dataset), dataset.unreadable(full, self.max_image_pixels)
@@ -210,46 +343,6 @@ def label_names(table, label_column: str) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-def open_table(cfg: HFSource, split: str):
-    """(split name, datasets.Dataset) for split 'train' or 'val' of data=hf."""
-    splits = open_splits(cfg.dataset, cfg.subset, cfg.cache_dir)
-    if split == "train":
-        return pick_split(splits, cfg.train_split, "data.train_split", cfg.dataset)
-    return pick_split(splits, cfg.val_split, "data.val_split", cfg.dataset)
-
-
-def hf_class_names(cfg: HFSource) -> list[str]:
-    """The ClassLabel's names, the same in both splits; for a plain integer column "0".."N-1", N from both (classes
-    without a training row named in a warning)."""
-    names, labels = [], []
-    for split in ("train", "val"):
-        name, table = open_table(cfg, split)
-        _, label_column = find_columns(table, cfg.image_column, cfg.label_column, f"{cfg.dataset}[{name}]")
-        names.append(label_names(table, label_column))
-        labels.append(table[label_column])
-    train, val = names
-    if train is None and val is None:
-        return integer_class_names(f"data.dataset={cfg.dataset}", *labels, label_column)
-    if train is None or val is None:
-        plain, named = ("train", "validation") if train is None else ("validation", "train")
-        raise DeitTrainError(
-            f"data.dataset={cfg.dataset}: the {plain} split's labels are plain integers but the "
-            f"{named} split's a ClassLabel: encode both alike (datasets' "
-            f"dataset.cast_column(column, ClassLabel(names=...)))"
-        )
-    check_same_classes(
-        val,
-        train,
-        f"data.dataset={cfg.dataset}",
-        "the validation split's ClassLabel",
-        "the training split's",
-        "Labels would not match: map the validation labels to the training "
-        "split's by name (datasets' validation.align_labels_with_mapping({name: i for i, name in "
-        "enumerate(train.features[column].names)}, column)) and save it again",
-    )
-    return train
-
-
 def integer_class_names(where: str, train_labels, val_labels, column: str) -> list[str]:
     """ "0".."N-1" for plain integer labels, N from both splits; classes without a training row are named in a
     warning, not refused: the names stay right (label k is class "k" in every tool) and an empty class's output is
@@ -273,72 +366,3 @@ def integer_class_names(where: str, train_labels, val_labels, column: str) -> li
             column,
         )
     return [str(i) for i in range(largest + 1)]
-
-
-def open_hf_split(cfg: HFSource, split: str, transform) -> HFImages:
-    name, table = open_table(cfg, split)
-    where = f"{cfg.dataset}[{name}]"
-    image_column, label_column = find_columns(table, cfg.image_column, cfg.label_column, where)
-    key = "data.train_split" if split == "train" else "data.val_split"
-    others = [
-        other for other in open_splits(cfg.dataset, cfg.subset, cfg.cache_dir) if other not in (name, cfg.train_split)
-    ]  # validating on the training split is no fix
-    choose = f"pick a labelled split with {key}=NAME ({', '.join(others)})" if others else NO_OTHER_SPLIT
-    table = labelled_rows(
-        table, label_column, where, cfg.unlabelled == "skip", choose[0].upper() + choose[1:], "data.unlabelled=skip"
-    )
-    from deit_train.data.hf_images import HFImages
-
-    return HFImages(table, image_column, label_column, where, transform, cfg.max_image_pixels, cfg.decode)
-
-
-def is_hf_dataset(path: Path) -> bool:
-    """A save_to_disk folder, or a folder of Parquet/Arrow files (deit-eval's DATA)."""
-    return path.is_dir() and (
-        any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
-        or any(path.glob("*.parquet"))
-        or any(path.glob("*/*.parquet"))
-        or any(path.glob("*.arrow"))
-    )
-
-
-def open_hf_eval(
-    path: Path,
-    split: str,
-    transform,
-    class_names: list[str],
-    image_column: str | None = None,
-    label_column: str | None = None,
-) -> HFImages:
-    """deit-eval on a split of a local HF dataset, its labels matched to the model's classes by name (a ClassLabel's
-    names; integer labels k as class "k", as training names them); unlabelled rows (-1) left out, with a warning."""
-    splits = open_splits(str(path))
-    if split not in splits and split != "val":  # "val", deit-eval's default, finds the validation split by name
-        raise DeitTrainError(f"{path} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME")
-    name, table = pick_split(splits, split if split in splits else None, "--split", str(path))
-    where = f"{path}[{name}]"
-    image_column, label_column = find_columns(
-        table, image_column, label_column, where, ("--image-column", "--label-column")
-    )
-    others = [other for other in splits if other != name]
-    choose = (
-        f"evaluate a labelled split (--split {' or '.join(others)})" if others else "evaluate labelled images"
-    ) + ", or get its predictions with deit-predict"
-    table = labelled_rows(table, label_column, where, True, choose[0].upper() + choose[1:])
-    from deit_train.data.hf_images import HFImages
-
-    dataset = HFImages(table, image_column, label_column, where, transform, max_pixels=None)
-    names = label_names(table, label_column) or [str(i) for i in range(max(table[label_column]) + 1)]
-    present = (
-        names if label_names(table, label_column) is None else [names[i] for i in sorted(set(table[label_column]))]
-    )
-    unknown = sorted(set(present) - set(class_names))
-    if unknown:
-        raise DeitTrainError(
-            f"{where} has classes the model does not know: {shortened(unknown)}"
-            f"{normalisation_hint(unknown, class_names)}. The model's classes: "
-            f"{shortened(class_names)}"
-        )
-    model_index = {label: index for index, label in enumerate(class_names)}
-    dataset.label_map = {i: model_index.get(label, -1) for i, label in enumerate(names)}
-    return dataset

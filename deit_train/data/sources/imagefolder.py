@@ -17,9 +17,9 @@ from deit_train.data.images import (
     image_files,
     unreadable,
 )
-from deit_train.data.sources.base import DataSource
+from deit_train.data.sources.base import DataSource, StoredSplit
 from deit_train.errors import DeitTrainError
-from deit_train.labels import check_same_classes
+from deit_train.labels import check_same_classes, normalisation_hint, shortened
 from deit_train.schema import OneOf, checked
 
 if TYPE_CHECKING:
@@ -84,6 +84,47 @@ class FolderSource(DataSource):
 
         return ImageFiles(files, transform, self.max_image_pixels, self.decode)
 
+    def evaluation(self, split: str, transform, class_names: list[str]) -> Dataset:
+        """deit-eval: the folder's `split`/ (or the folder itself, one sub-folder per class), its class folders
+        matched to the model's `class_names` by name (a subset of them, in any order). No pixel limit: images one
+        chose to score."""
+        from deit_train.data.folder import ImageFolder
+
+        root = self.images_folder()
+        folder = root / split if (root / split).is_dir() else root
+        splits = sorted(name for name in ("train", "val", "validation", "test") if (root / name).is_dir())
+        if folder == root and splits:  # a dataset with splits, but not this one: not a folder of classes
+            raise DeitTrainError(f"{root} has no {split}/ folder (it has {', '.join(splits)}): pass --split NAME")
+        dataset = ImageFolder(folder, transform, max_pixels=None, decode=self.decode)
+        unknown = sorted(set(dataset.classes) - set(class_names))
+        if unknown:
+            raise DeitTrainError(
+                f"{folder} has class folders the model does not know: {shortened(unknown)}"
+                f"{normalisation_hint(unknown, class_names)}. The model's classes: {shortened(class_names)}"
+            )
+        # Labels in the model's order: the folder's classes may be a subset, sorted differently.
+        model_index = {name: index for index, name in enumerate(class_names)}
+        dataset.samples = [(path, model_index[dataset.classes[target]]) for path, target in dataset.samples]
+        dataset.targets = [target for _, target in dataset.samples]
+        return dataset
+
+    def stored_splits(self) -> tuple[list[StoredSplit], list[str]]:
+        """deit-shard: train/ and val/, each file's bytes, every image decoded first (a corrupt one is refused
+        before a shard is written)."""
+        from deit_train.data.folder import ImageFolder
+
+        classes, root, splits = self.class_names(), self.folder(), []
+        for name in ("train", "val"):
+            samples = list(ImageFolder(root / name).samples)
+            if bad := unreadable([path for path, _ in samples], full=True, max_pixels=None):
+                raise DeitTrainError(
+                    f"{len(bad)} of {len(samples)} image files in {root / name} cannot be read: "
+                    f"{'; '.join(f'{p} ({why})' for p, why in bad[:3])}. Remove or replace them"
+                )
+            read = lambda i, samples=samples: (Path(samples[i][0]).read_bytes(), samples[i][1])  # noqa: E731
+            splits.append(StoredSplit(name, len(samples), read))
+        return splits, classes
+
     def unreadable(self, dataset: Dataset, full: bool) -> tuple[int, list[tuple[str, str]]]:
         paths = [path for path, _ in dataset.samples]
         return len(paths), unreadable(paths, full=full, max_pixels=self.max_image_pixels)
@@ -99,6 +140,8 @@ class FolderSource(DataSource):
 @dataclass
 class ImageFolderSource(FolderSource):
     root: str | None = None  # root/train/<class>/*, root/val/<class>/*; task=mim: any folder of images
+
+    reading_keys = (*DataSource.reading_keys, "root")  # the same data moved: a resume compares its classes
 
     def check(self) -> None:
         super().check()

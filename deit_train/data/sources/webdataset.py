@@ -23,6 +23,7 @@ a config imports no torch.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,10 +31,13 @@ from urllib.parse import urlparse
 
 from deit_train.data.sources.base import DataSource, LoaderPlan
 from deit_train.errors import DeitTrainError
+from deit_train.labels import check_same_classes
 from deit_train.schema import Range, checked
 
 if TYPE_CHECKING:
     from deit_train.data.shards import ShardLoader, Shards
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +49,13 @@ class ShardSource(DataSource):
     train_samples: int | None = checked(None, Range(1, None, "a number of samples >= 1, or null (_info.json)"))
     shuffle_buffer: int = checked(4096, Range(1, None, "a number of samples >= 1"))  # per worker
 
+    # None of its own: data.train and data.val name the shards an epoch deals to the (rank, worker) slots, and
+    # train_samples and shuffle_buffer decide the epoch's samples and their order, so each changes what is trained
+    # (a pattern cannot tell shards moved from other shards). num_workers stays a reading key, though it decides
+    # which samples share a batch (as trainer.devices does for any data): fewer workers is the fix the stream's
+    # refusal names.
+    reading_keys = DataSource.reading_keys
+
     def check(self) -> None:
         super().check()
         if not (self.train and self.val):
@@ -54,14 +65,114 @@ class ShardSource(DataSource):
             )
 
     def class_names(self) -> list[str]:
-        from deit_train.data.shards import shard_class_names
+        """_info.json's "classes" (deit-shard writes them), else "0".."num_classes-1"."""
+        from deit_train.data.shards import INFO_FILE, expand, read_info
 
-        return shard_class_names(self)
+        info = read_info(expand(self.train))
+        if "classes" in info:
+            return [str(name) for name in info["classes"]]
+        if "num_classes" in info:
+            return [str(i) for i in range(int(info["num_classes"]))]
+        raise DeitTrainError(
+            f'data.train={self.train}: no {INFO_FILE} with "classes" (or "num_classes") beside the '
+            f'shards; write one there, e.g. {{"classes": ["cat", "dog"]}} (deit-shard writes it)'
+        )
 
     def split(self, split: str, transform) -> Shards:
+        """The split's shards, checked (each local one a file; validation shards apart from the training shards and
+        labelled alike), with the training epoch's sample count. Streamed: the loader deals them to ranks and
+        workers."""
         from deit_train.data.shards import Shards
 
-        return Shards(self, split, transform)  # streamed: the loader deals its shards to ranks and workers
+        pattern = self.train if split == "train" else self.val
+        urls = self.shard_urls(split, pattern)
+        classes = self.class_names()
+        if split != "train":
+            self.check_validation(urls, classes)
+        samples = self.epoch_samples(urls) if split == "train" else None
+        return Shards(
+            pattern,
+            urls,
+            split == "train",
+            transform,
+            len(classes),
+            samples,
+            self.shuffle_buffer,
+            self.max_image_pixels,
+            self.skip_corrupt,
+        )
+
+    def shard_urls(self, split: str, pattern: str) -> list[str]:
+        """The pattern's shards; a local file that is not there is named, rather than counted as samples that
+        will not come."""
+        from deit_train.data.shards import expand
+
+        urls = expand(pattern)
+        missing = [
+            url
+            for url, parsed in ((url, urlparse(url)) for url in urls)
+            if parsed.scheme in ("", "file") and not os.path.isfile(parsed.path if parsed.scheme else url)
+        ]
+        if missing:
+            raise DeitTrainError(
+                f"data.{split}={pattern}: {len(missing)} of its {len(urls)} shards are not "
+                f"files ({', '.join(missing[:3])}); correct the pattern or write them"
+            )
+        return urls
+
+    def epoch_samples(self, urls: list[str]) -> int:
+        """data.train_samples, else the training shards' lengths in their _info.json."""
+        if self.train_samples is not None:
+            return self.train_samples
+        from deit_train.data.shards import INFO_FILE, read_info, shard_lengths
+
+        lengths = shard_lengths(read_info(urls))
+        names = [os.path.basename(url) for url in urls]
+        if not all(name in lengths for name in names):
+            raise DeitTrainError(
+                f"data.train={self.train}: the number of training samples is unknown (no "
+                f"{INFO_FILE} with these shards' lengths beside them); set data.train_samples=N"
+            )
+        return sum(lengths[name] for name in names)
+
+    def check_validation(self, urls: list[str], classes: list[str]) -> None:
+        """The validation shards are not the training shards, and label their samples as the training shards do:
+        their own _info.json (a split written apart), where it is another file, lists the same classes in the same
+        order."""
+        from deit_train.data.shards import INFO_FILE, expand, read_info
+
+        training = expand(self.train)
+        shared = sorted(set(urls) & set(training))
+        if shared and len(shared) == len(urls):
+            raise DeitTrainError(
+                f"data.val={self.val} names the training shards (all {len(urls)} of its shards are in "
+                f"data.train): val/acc1 would score images the student trained on. Point data.val at "
+                f"the validation shards (deit-shard writes val-*.tar beside train-*.tar)"
+            )
+        if shared:
+            log.warning(
+                "data.val=%s: %d of its %d shards are also training shards (%s): val/acc1 scores images the "
+                "student trains on",
+                self.val,
+                len(shared),
+                len(urls),
+                shared[0],
+            )
+        folder = lambda first: first.rsplit("/", 1)[0] if "/" in first else "."  # noqa: E731
+        if folder(urls[0]) == folder(training[0]):
+            return
+        info = read_info(urls)
+        if "classes" in info:
+            check_same_classes(
+                [str(name) for name in info["classes"]],
+                classes,
+                f"data.val={self.val}",
+                f"its {INFO_FILE}",
+                f"the training shards' {INFO_FILE}",
+                "Its labels would be read as "
+                "other classes: write both splits with one deit-shard run, or relabel the validation "
+                "shards in the training shards' order",
+            )
 
     def images_only(self, split: str, transform):
         raise DeitTrainError(
