@@ -8,8 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
+from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student, compile_student, forward_heads
 from deit_train.models.checkpoints import load_weights
+from deit_train.models.trained_model import load_trained_model
 from deit_train.schema import ModelConfig
 from deit_train.teacher import build_teacher_network
 
@@ -129,19 +131,61 @@ def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
         build_teacher_network(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
 
 
-def save_run_checkpoint(path, network, model: dict, class_names) -> None:
-    """A deit-train run checkpoint as Lightning writes it: the student's weights, the run's config, the classes
-    (none: a task=mim run)."""
-    config = {"model": model, "loss": {"distillation_type": "none"}}
+def save_run_checkpoint(path, network, model: dict, class_names, config=None, prefix="student.") -> None:
+    """A deit-train run checkpoint as Lightning writes it: the network's weights under `prefix` (where its module
+    keeps them), the run's config (a composed one, else its model and loss), the classes (none: a task=mim run)."""
+    config = config or {"model": model, "loss": {"distillation_type": "none"}}
     torch.save(
         {
-            "state_dict": {f"student.{k}": v for k, v in network.state_dict().items()},
+            "state_dict": {f"{prefix}{k}": v for k, v in network.state_dict().items()},
             "class_names": class_names,
             "pytorch-lightning_version": "2.6",
             "hyper_parameters": {"config": config},
+            "deit_train": {"format": 1, "student": "model.encoder." if prefix == "model." else "student."},
         },
         path,
     )
+
+
+def test_a_checkpoint_is_rebuilt_for_inference_by_the_task_it_records(tiny_config, tmp_path):
+    """Classify rebuilds the student (both heads averaged), task=mim its masked image model; a classify run whose
+    class names were lost is refused as a classifier, never taken for a task=mim run, and a checkpoint whose task
+    is not recorded, or not a task, is refused in one line."""
+    images = torch.randn(2, 3, 16, 16)
+    cfg = tiny_config()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    student = build_student(cfg.model, num_classes=2)
+    save_run_checkpoint(tmp_path / "classify.ckpt", student, None, ["a", "b"], config)
+    trained = load_trained_model(tmp_path / "classify.ckpt")
+    student.eval().set_distilled_training(False)
+    torch.testing.assert_close(trained.model(images), student(images), rtol=0, atol=0)
+    assert (trained.class_names, trained.img_size) == (["a", "b"], 16)
+
+    save_run_checkpoint(tmp_path / "stripped.ckpt", student, None, None, config)
+    for classifier in (True, False):
+        with pytest.raises(DeitTrainError, match=r"stripped.ckpt: its class names are not a list of strings \(None\)"):
+            load_trained_model(tmp_path / "stripped.ckpt", classifier=classifier)
+
+    mim_cfg = tiny_config("task=mim", "task.mask_patch_size=8")
+    model = MaskedImageModel(build_student(mim_cfg.model, num_classes=0)).eval()
+    mim_config = OmegaConf.to_container(mim_cfg, resolve=True)
+    save_run_checkpoint(tmp_path / "mim.ckpt", model, None, None, mim_config, prefix="model.")
+    trained = load_trained_model(tmp_path / "mim.ckpt", classifier=False)
+    masks = torch.rand(2, 16) < 0.5  # one per 4 px patch of a 16 px image
+    assert isinstance(trained.model, MaskedImageModel) and trained.class_names == []
+    torch.testing.assert_close(trained.model(images, masks), model(images, masks), rtol=0, atol=0)
+    with pytest.raises(DeitTrainError, match=r"task=mim run: an encoder without classifier heads. Fine-tune it"):
+        load_trained_model(tmp_path / "mim.ckpt")
+
+    for task, refusal in [
+        (None, r"records no task \(its run config has no task._target_\)"),
+        ("deit_train.tasks.nothing.Nothing", r"by task deit_train.tasks.nothing.Nothing, which is not a deit-train"),
+        ("collections.OrderedDict", r"by task collections.OrderedDict, which is not a deit-train task here"),
+    ]:
+        config["task"] = {"_target_": task} if task else None
+        save_run_checkpoint(tmp_path / "other.ckpt", student, None, ["a", "b"], config)
+        with pytest.raises(DeitTrainError, match=refusal):
+            load_trained_model(tmp_path / "other.ckpt")
 
 
 def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(tmp_path):

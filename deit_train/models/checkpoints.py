@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
@@ -165,6 +166,25 @@ class RunCheckpoint:
     def part(self, prefix: str) -> StateDict:
         """The weights of one submodule (`student.`, `ema.module.`, `model.encoder.`), prefix removed."""
         return {k.removeprefix(prefix): v for k, v in self.state_dict.items() if k.startswith(prefix)}
+
+    @property
+    def task(self) -> str | None:
+        """The class of the task that trained it, as its run config names it (task._target_); None where it names
+        none."""
+        task = self.config.get("task")
+        return task.get("_target_") if isinstance(task, dict) else None
+
+    def model_config(self) -> DictConfig:
+        """The model config that built its network (recorded_model)."""
+        return recorded_model(self.config["model"])
+
+
+def recorded_model(model: dict) -> DictConfig:
+    """A run's recorded model config as build_student takes it to rebuild the network (sizes, patch, kwargs: a timm
+    name alone would not rebuild a custom DeiT), without its model.init or a download."""
+    from deit_train.schema import ModelConfig
+
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
 
 
 def non_finite(state: dict) -> list[str]:
