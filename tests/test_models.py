@@ -18,6 +18,7 @@ from deit_train.teacher import build_teacher_network
 from .conftest import save_safetensors
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+NO_VIT = dict(patch_size=None, embed_dim=None, depth=None, num_heads=None)  # a convnet's model config
 
 
 def tiny_student_config(**changes):
@@ -258,3 +259,50 @@ def test_the_ema_reaches_spawned_ranks():
     assert process.exitcode == 0
     copy = pickle.loads(pickle.dumps(ema))
     assert torch.equal(copy._sr_generator.get_state(), ema._sr_generator.get_state())
+
+
+def test_model_init_from_a_run_of_another_architecture_is_refused_naming_both(tmp_path):
+    """model.init from a deit-train run checkpoint: another architecture (by name or by ViT sizes) is refused naming
+    the recorded one, the configured one and the overrides that build the recorded one; another image size is the
+    same architecture, even under the other resolution's timm name, and its position embeddings are resampled."""
+    convnet = timm.create_model("resnet10t", num_classes=2)
+    save_run_checkpoint(tmp_path / "cnn.ckpt", convnet, {"name": "resnet10t", "img_size": 16}, ["a", "b"])
+    with pytest.raises(
+        DeitTrainError,
+        match=r"cnn.ckpt is a deit-train run of resnet10t, not model.name=resnet18: start from it with model=timm "
+        r"model.name=resnet10t$",
+    ):
+        build_student(tiny_student_config(name="resnet18", init=str(tmp_path / "cnn.ckpt"), **NO_VIT), 2)
+
+    vit = {"name": "deit_base_distilled_patch16_224", **TINY_VIT}
+    recorded = build_student(OmegaConf.merge(OmegaConf.structured(ModelConfig), vit), num_classes=2)
+    save_run_checkpoint(tmp_path / "vit.ckpt", recorded, vit, ["a", "b"])
+    init = str(tmp_path / "vit.ckpt")
+    sizes = "patch_size=4 embed_dim=32 depth=2 num_heads=2"
+    with pytest.raises(DeitTrainError, match=r"of deit_base_distilled_patch16_224, not model.name=deit_base_patch16"):
+        build_student(tiny_student_config(name="deit_base_patch16_224", init=init), 2)
+    with pytest.raises(
+        DeitTrainError,
+        match=rf"run of deit_base_distilled_patch16_224 with {sizes}, not this student's patch_size=4 embed_dim=32 "
+        rf"depth=3 num_heads=2: start from it with model.name=deit_base_distilled_patch16_224 model.patch_size=4",
+    ):
+        build_student(tiny_student_config(name=vit["name"], init=init, depth=3), 2)
+
+    # the 384 px timm name at twice the run's size: its position embeddings resampled (timm's own function, as the
+    # official fine-tuning code: bicubic, no antialiasing), every other tensor the run's
+    student = build_student(tiny_student_config(name="deit_base_distilled_patch16_384", img_size=32, init=init), 2)
+    from timm.layers import resample_abs_pos_embed
+
+    expected = resample_abs_pos_embed(
+        recorded.pos_embed, new_size=[8, 8], num_prefix_tokens=2, interpolation="bicubic", antialias=False
+    )
+    torch.testing.assert_close(student.pos_embed, expected, rtol=0, atol=0)
+    for key, tensor in recorded.state_dict().items():
+        if key != "pos_embed":
+            torch.testing.assert_close(student.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+
+    deit_tiny = {"name": "deit_tiny_distilled_patch16_224", "patch_size": 16, "embed_dim": 192, "depth": 12}
+    network = timm.create_model(deit_tiny["name"], num_classes=2)  # conf/model/deit_tiny.yaml's network
+    save_run_checkpoint(tmp_path / "ti.ckpt", network, {**deit_tiny, "num_heads": 3}, ["a", "b"])
+    with pytest.raises(DeitTrainError, match=r"with model=deit_tiny \(at any model.img_size: its position"):
+        build_student(tiny_student_config(init=str(tmp_path / "ti.ckpt")), 2)

@@ -61,18 +61,16 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
 def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: int | None) -> nn.Module:
     """The network a deit-train run trained, as its checkpoint records it (sizes, patch, kwargs: a timm name alone
     would not rebuild a custom DeiT). A teacher.name of another architecture is refused naming both (a tag such as
-    resnet50.a1_in1k names weights, not another network), and so are views of another size where the network fixes
-    its input size (a ViT's patch grid; a convnet takes any)."""
-    from omegaconf import OmegaConf
-    from timm.models import split_model_name_tag
-
+    resnet50.a1_in1k names weights, not another network: models/architecture.py), and so are views of another size
+    where the network fixes its input size (a ViT's patch grid; a convnet takes any)."""
     from deit_train.models import build_student
-    from deit_train.schema import ModelConfig
+    from deit_train.models.architecture import same_architecture
+    from deit_train.models.checkpoints import recorded_model
 
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
+    model = recorded_model(model)
     recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
     entry = " (a teacher.members entry: its {})"
-    if split_model_name_tag(cfg.name)[0] != split_model_name_tag(model.name)[0]:  # timm's name.tag
+    if not same_architecture(cfg.name, model.name):
         raise DeitTrainError(
             f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}{entry.format('name')}"
         )
