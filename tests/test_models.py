@@ -132,10 +132,14 @@ def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
         build_teacher_network(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
 
 
-def save_run_checkpoint(path, network, model: dict, class_names, config=None, prefix="student.") -> None:
+CLASSIFY, MIM = "deit_train.tasks.classify.Classify", "deit_train.mim.task.MaskedImageModeling"
+
+
+def save_run_checkpoint(path, network, model: dict, class_names, config=None, prefix="student.", task=CLASSIFY):
     """A deit-train run checkpoint as Lightning writes it: the network's weights under `prefix` (where its module
-    keeps them), the run's config (a composed one, else its model and loss), the classes (none: a task=mim run)."""
-    config = config or {"model": model, "loss": {"distillation_type": "none"}}
+    keeps them), the run's config (a composed one, else its model, loss and task), the classes (none: a task=mim
+    run)."""
+    config = config or {"model": model, "loss": {"distillation_type": "none"}, "task": {"_target_": task}}
     torch.save(
         {
             "state_dict": {f"{prefix}{k}": v for k, v in network.state_dict().items()},
@@ -192,7 +196,8 @@ def test_a_checkpoint_is_rebuilt_for_inference_by_the_task_it_records(tiny_confi
 def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(tmp_path):
     """A convnet run's checkpoint teaches at any image size and under a name with a weights tag (resnet10t.a1_in1k
     is resnet10t); a ViT run's fixes its patch grid, so other views are refused naming both; another architecture
-    is refused naming the recorded one; a task=mim run's encoder (no classes, no heads) names the fine-tuning."""
+    is refused naming the recorded one; a task=mim run's encoder (no classes, no heads) names the fine-tuning, as its
+    recorded task decides."""
     convnet = timm.create_model("resnet10t", num_classes=2).eval()
     save_run_checkpoint(tmp_path / "cnn.ckpt", convnet, {"name": "resnet10t", "img_size": 16}, ["a", "b"])
     cnn = str(tmp_path / "cnn.ckpt")
@@ -213,9 +218,13 @@ def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(
     with pytest.raises(DeitTrainError, match=r"would see 32 px views: set teacher.img_size=16"):
         build_teacher_network(named, ["a", "b"], 32)
 
-    save_run_checkpoint(tmp_path / "mim.ckpt", student, vit, None)
+    save_run_checkpoint(tmp_path / "mim.ckpt", MaskedImageModel(student), vit, None, prefix="model.", task=MIM)
     with pytest.raises(DeitTrainError, match=r"is a deit-train task=mim run: an encoder without classifier heads"):
         build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "mim.ckpt")), ["a", "b"])
+    # the recorded task decides, not missing class names: a classify run that lost them is no task=mim run
+    save_run_checkpoint(tmp_path / "stripped.ckpt", student, vit, None)
+    with pytest.raises(DeitTrainError, match=r"stripped.ckpt: its class names are not a list of strings \(None\)"):
+        build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "stripped.ckpt")), ["a", "b"])
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

@@ -62,10 +62,10 @@ def preset_for(model: DictConfig) -> str | None:
 
     from omegaconf import OmegaConf
 
-    from deit_train.config import CONFIG_DIR
+    import deit_train.conf  # the config groups (deit_train.config registers the schemas: it imports the tasks)
 
     found = []
-    for path in sorted(Path(CONFIG_DIR, "model").glob("*.yaml")):
+    for path in sorted(Path(deit_train.conf.__file__).parent.joinpath("model").glob("*.yaml")):
         preset = OmegaConf.load(path)
         same = (
             preset.get("name") == model.name

@@ -26,7 +26,7 @@ from torch import nn
 from deit_train.errors import DeitTrainError
 from deit_train.labels import class_difference, shortened
 from deit_train.models.architecture import network_sizes, overrides_for, recorded_sizes, same_architecture
-from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite, recorded_model
+from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def initialize_from(student: nn.Module, source: str) -> None:
         )
     expected = student.state_dict()
     heads = classifier_keys(student)
-    if weights.model is not None:
-        check_recorded_architecture(recorded_model(weights.model), student, state, source)
+    if weights.run is not None:
+        check_recorded_architecture(weights.run.model_config(), student, state, source)
     check_distillation_token(state, expected, source)
     had_heads = any(key in state for key in heads)
     encoder_present = set(expected) - set(heads) <= set(state)

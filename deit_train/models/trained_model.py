@@ -57,9 +57,9 @@ class TrainedModel:
     @classmethod
     def of_run(cls, model: nn.Module, class_names: list[str], run: RunCheckpoint) -> "TrainedModel":
         """`model` at the image size and eval crop its run validated at."""
-        cfg = OmegaConf.create(run.config)
-        img_size = cfg.model.img_size
-        return cls(model, class_names, img_size, eval_resize_size(img_size, cfg.augment.eval_crop_pct))
+        img_size = run.model_config().img_size
+        crop_pct = OmegaConf.select(OmegaConf.create(run.config), "augment.eval_crop_pct", default=DEFAULT_CROP_PCT)
+        return cls(model, class_names, img_size, eval_resize_size(img_size, crop_pct))
 
 
 def load_trained_model(source: str | Path, ema: bool = False, classifier: bool = True) -> TrainedModel:
