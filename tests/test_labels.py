@@ -292,7 +292,7 @@ def assert_named(refusal: str, ours: list[str], theirs: list[str]) -> None:
 def read_by_teacher(ours, theirs, tmp):
     """teacher.checkpoint: a deit-train checkpoint of a resnet10t trained on `theirs`."""
     network = timm.create_model("resnet10t", num_classes=len(theirs))
-    config = {"model": {"name": "resnet10t"}, "loss": {"distillation_type": "none"}}
+    config = {"model": {"name": "resnet10t"}, "loss": {}, "task": {"_target_": "deit_train.tasks.classify.Classify"}}
     checkpoint = {
         "state_dict": {f"student.{k}": v for k, v in network.state_dict().items()},
         "class_names": theirs,

@@ -8,14 +8,17 @@ import torch
 from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
+from deit_train.mim.model import MaskedImageModel
 from deit_train.models import build_student, compile_student, forward_heads
 from deit_train.models.checkpoints import load_weights
+from deit_train.models.trained_model import load_trained_model
 from deit_train.schema import ModelConfig
 from deit_train.teacher import build_teacher_network
 
 from .conftest import save_safetensors
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+NO_VIT = dict(patch_size=None, embed_dim=None, depth=None, num_heads=None)  # a convnet's model config
 
 
 def tiny_student_config(**changes):
@@ -129,25 +132,72 @@ def test_teacher_of_another_architecture_names_the_mismatch(tmp_path):
         build_teacher_network(teacher_config(checkpoint=str(tmp_path / "r18.pth")), ["a", "b"])
 
 
-def save_run_checkpoint(path, network, model: dict, class_names) -> None:
-    """A deit-train run checkpoint as Lightning writes it: the student's weights, the run's config, the classes
-    (none: a task=mim run)."""
-    config = {"model": model, "loss": {"distillation_type": "none"}}
+CLASSIFY, MIM = "deit_train.tasks.classify.Classify", "deit_train.mim.task.MaskedImageModeling"
+
+
+def save_run_checkpoint(path, network, model: dict, class_names, config=None, prefix="student.", task=CLASSIFY):
+    """A deit-train run checkpoint as Lightning writes it: the network's weights under `prefix` (where its module
+    keeps them), the run's config (a composed one, else its model, loss and task), the classes (none: a task=mim
+    run)."""
+    config = config or {"model": model, "loss": {"distillation_type": "none"}, "task": {"_target_": task}}
     torch.save(
         {
-            "state_dict": {f"student.{k}": v for k, v in network.state_dict().items()},
+            "state_dict": {f"{prefix}{k}": v for k, v in network.state_dict().items()},
             "class_names": class_names,
             "pytorch-lightning_version": "2.6",
             "hyper_parameters": {"config": config},
+            "deit_train": {"format": 1, "student": "model.encoder." if prefix == "model." else "student."},
         },
         path,
     )
 
 
+def test_a_checkpoint_is_rebuilt_for_inference_by_the_task_it_records(tiny_config, tmp_path):
+    """Classify rebuilds the student (both heads averaged), task=mim its masked image model; a classify run whose
+    class names were lost is refused as a classifier, never taken for a task=mim run, and a checkpoint whose task
+    is not recorded, or not a task, is refused in one line."""
+    images = torch.randn(2, 3, 16, 16)
+    cfg = tiny_config()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    student = build_student(cfg.model, num_classes=2)
+    save_run_checkpoint(tmp_path / "classify.ckpt", student, None, ["a", "b"], config)
+    trained = load_trained_model(tmp_path / "classify.ckpt")
+    student.eval().set_distilled_training(False)
+    torch.testing.assert_close(trained.model(images), student(images), rtol=0, atol=0)
+    assert (trained.class_names, trained.img_size) == (["a", "b"], 16)
+
+    save_run_checkpoint(tmp_path / "stripped.ckpt", student, None, None, config)
+    for classifier in (True, False):
+        with pytest.raises(DeitTrainError, match=r"stripped.ckpt: its class names are not a list of strings \(None\)"):
+            load_trained_model(tmp_path / "stripped.ckpt", classifier=classifier)
+
+    mim_cfg = tiny_config("task=mim", "task.mask_patch_size=8")
+    model = MaskedImageModel(build_student(mim_cfg.model, num_classes=0)).eval()
+    mim_config = OmegaConf.to_container(mim_cfg, resolve=True)
+    save_run_checkpoint(tmp_path / "mim.ckpt", model, None, None, mim_config, prefix="model.")
+    trained = load_trained_model(tmp_path / "mim.ckpt", classifier=False)
+    masks = torch.rand(2, 16) < 0.5  # one per 4 px patch of a 16 px image
+    assert isinstance(trained.model, MaskedImageModel) and trained.class_names == []
+    torch.testing.assert_close(trained.model(images, masks), model(images, masks), rtol=0, atol=0)
+    with pytest.raises(DeitTrainError, match=r"task=mim run: an encoder without classifier heads. Fine-tune it"):
+        load_trained_model(tmp_path / "mim.ckpt")
+
+    for task, refusal in [
+        (None, r"records no task \(its run config has no task._target_\)"),
+        ("deit_train.tasks.nothing.Nothing", r"by task deit_train.tasks.nothing.Nothing, which is not a deit-train"),
+        ("collections.OrderedDict", r"by task collections.OrderedDict, which is not a deit-train task here"),
+    ]:
+        config["task"] = {"_target_": task} if task else None
+        save_run_checkpoint(tmp_path / "other.ckpt", student, None, ["a", "b"], config)
+        with pytest.raises(DeitTrainError, match=refusal):
+            load_trained_model(tmp_path / "other.ckpt")
+
+
 def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(tmp_path):
     """A convnet run's checkpoint teaches at any image size and under a name with a weights tag (resnet10t.a1_in1k
     is resnet10t); a ViT run's fixes its patch grid, so other views are refused naming both; another architecture
-    is refused naming the recorded one; a task=mim run's encoder (no classes, no heads) names the fine-tuning."""
+    is refused naming the recorded one; a task=mim run's encoder (no classes, no heads) names the fine-tuning, as its
+    recorded task decides."""
     convnet = timm.create_model("resnet10t", num_classes=2).eval()
     save_run_checkpoint(tmp_path / "cnn.ckpt", convnet, {"name": "resnet10t", "img_size": 16}, ["a", "b"])
     cnn = str(tmp_path / "cnn.ckpt")
@@ -168,9 +218,13 @@ def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(
     with pytest.raises(DeitTrainError, match=r"would see 32 px views: set teacher.img_size=16"):
         build_teacher_network(named, ["a", "b"], 32)
 
-    save_run_checkpoint(tmp_path / "mim.ckpt", student, vit, None)
+    save_run_checkpoint(tmp_path / "mim.ckpt", MaskedImageModel(student), vit, None, prefix="model.", task=MIM)
     with pytest.raises(DeitTrainError, match=r"is a deit-train task=mim run: an encoder without classifier heads"):
         build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "mim.ckpt")), ["a", "b"])
+    # the recorded task decides, not missing class names: a classify run that lost them is no task=mim run
+    save_run_checkpoint(tmp_path / "stripped.ckpt", student, vit, None)
+    with pytest.raises(DeitTrainError, match=r"stripped.ckpt: its class names are not a list of strings \(None\)"):
+        build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "stripped.ckpt")), ["a", "b"])
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -214,3 +268,50 @@ def test_the_ema_reaches_spawned_ranks():
     assert process.exitcode == 0
     copy = pickle.loads(pickle.dumps(ema))
     assert torch.equal(copy._sr_generator.get_state(), ema._sr_generator.get_state())
+
+
+def test_model_init_from_a_run_of_another_architecture_is_refused_naming_both(tmp_path):
+    """model.init from a deit-train run checkpoint: another architecture (by name or by ViT sizes) is refused naming
+    the recorded one, the configured one and the overrides that build the recorded one; another image size is the
+    same architecture, even under the other resolution's timm name, and its position embeddings are resampled."""
+    convnet = timm.create_model("resnet10t", num_classes=2)
+    save_run_checkpoint(tmp_path / "cnn.ckpt", convnet, {"name": "resnet10t", "img_size": 16}, ["a", "b"])
+    with pytest.raises(
+        DeitTrainError,
+        match=r"cnn.ckpt is a deit-train run of resnet10t, not model.name=resnet18: start from it with model=timm "
+        r"model.name=resnet10t$",
+    ):
+        build_student(tiny_student_config(name="resnet18", init=str(tmp_path / "cnn.ckpt"), **NO_VIT), 2)
+
+    vit = {"name": "deit_base_distilled_patch16_224", **TINY_VIT}
+    recorded = build_student(OmegaConf.merge(OmegaConf.structured(ModelConfig), vit), num_classes=2)
+    save_run_checkpoint(tmp_path / "vit.ckpt", recorded, vit, ["a", "b"])
+    init = str(tmp_path / "vit.ckpt")
+    sizes = "patch_size=4 embed_dim=32 depth=2 num_heads=2"
+    with pytest.raises(DeitTrainError, match=r"of deit_base_distilled_patch16_224, not model.name=deit_base_patch16"):
+        build_student(tiny_student_config(name="deit_base_patch16_224", init=init), 2)
+    with pytest.raises(
+        DeitTrainError,
+        match=rf"run of deit_base_distilled_patch16_224 with {sizes}, not this student's patch_size=4 embed_dim=32 "
+        rf"depth=3 num_heads=2: start from it with model.name=deit_base_distilled_patch16_224 model.patch_size=4",
+    ):
+        build_student(tiny_student_config(name=vit["name"], init=init, depth=3), 2)
+
+    # the 384 px timm name at twice the run's size: its position embeddings resampled (timm's own function, as the
+    # official fine-tuning code: bicubic, no antialiasing), every other tensor the run's
+    student = build_student(tiny_student_config(name="deit_base_distilled_patch16_384", img_size=32, init=init), 2)
+    from timm.layers import resample_abs_pos_embed
+
+    expected = resample_abs_pos_embed(
+        recorded.pos_embed, new_size=[8, 8], num_prefix_tokens=2, interpolation="bicubic", antialias=False
+    )
+    torch.testing.assert_close(student.pos_embed, expected, rtol=0, atol=0)
+    for key, tensor in recorded.state_dict().items():
+        if key != "pos_embed":
+            torch.testing.assert_close(student.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+
+    deit_tiny = {"name": "deit_tiny_distilled_patch16_224", "patch_size": 16, "embed_dim": 192, "depth": 12}
+    network = timm.create_model(deit_tiny["name"], num_classes=2)  # conf/model/deit_tiny.yaml's network
+    save_run_checkpoint(tmp_path / "ti.ckpt", network, {**deit_tiny, "num_heads": 3}, ["a", "b"])
+    with pytest.raises(DeitTrainError, match=r"with model=deit_tiny \(at any model.img_size: its position"):
+        build_student(tiny_student_config(init=str(tmp_path / "ti.ckpt")), 2)

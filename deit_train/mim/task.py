@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from deit_train.data.sources import DataSource
     from deit_train.mim.data import MaskedImageDataModule
     from deit_train.mim.model import MaskedImageModel
+    from deit_train.models.checkpoints import RunCheckpoint
+    from deit_train.models.trained_model import TrainedModel
 
 log = logging.getLogger("deit_train")
 
@@ -99,6 +101,27 @@ class MaskedImageModeling(Task):
             config=run_config(cfg),
         )
         return Built(datamodule, module)
+
+    @classmethod
+    def inference_model(cls, run: RunCheckpoint, path: Path, ema: bool, classifier: bool) -> TrainedModel:
+        """The masked image model (encoder, mask token, decoder) where no classifier is asked for (deit-export);
+        a classifier is refused naming the fine-tuning that makes one."""
+        from deit_train.mim.model import MaskedImageModel
+        from deit_train.models import build_student
+        from deit_train.models.checkpoints import load_into
+        from deit_train.models.trained_model import TrainedModel
+
+        if classifier:
+            raise DeitTrainError(
+                f"{path} is a deit-train task=mim run: an encoder without classifier heads. Fine-tune it first "
+                f"(deit-train model.init={path} ...)"
+            )
+        if ema:
+            raise DeitTrainError(f"--ema: {path} is a deit-train task=mim run, which keeps no EMA weights: drop --ema")
+        # MIMModule keeps its MaskedImageModel as `model` and names the encoder inside it as the student
+        model = MaskedImageModel(build_student(run.model_config(), num_classes=0))
+        load_into(model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model")
+        return TrainedModel.of_run(model, [], run)
 
 
 def continue_pretraining(model: MaskedImageModel, source: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
@@ -166,6 +167,21 @@ class RunCheckpoint:
         """The weights of one submodule (`student.`, `ema.module.`, `model.encoder.`), prefix removed."""
         return {k.removeprefix(prefix): v for k, v in self.state_dict.items() if k.startswith(prefix)}
 
+    @property
+    def task(self) -> str | None:
+        """The class of the task that trained it, as its run config names it (task._target_); None where it names
+        none."""
+        task = self.config.get("task")
+        return task.get("_target_") if isinstance(task, dict) else None
+
+    def model_config(self) -> DictConfig:
+        """The model config that built its network, as build_student takes it to rebuild it (sizes, patch, kwargs: a
+        timm name alone would not rebuild a custom DeiT), without its model.init or a download."""
+        from deit_train.schema import ModelConfig
+
+        model = self.config["model"]
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
+
 
 def non_finite(state: dict) -> list[str]:
     """The names of a state dict's floating-point tensors that hold NaN or inf (a diverged run's weights)."""
@@ -201,7 +217,7 @@ def read_run_checkpoint(path: str | Path, flag: str) -> RunCheckpoint:
 class Weights:
     state: StateDict
     class_names: list[str] | None = None  # known for deit-train checkpoints and exports
-    model: dict | None = None  # a deit-train run's checkpoint: the model config that built these weights
+    run: RunCheckpoint | None = None  # a deit-train run's checkpoint: its config records the model and the task
 
 
 def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
@@ -240,7 +256,7 @@ def load_weights_file(path: Path, flag: str) -> Weights:
                 f"named after that program's modules. Save the model's own state_dict() and pass "
                 f"that file"
             )
-        return Weights(run.part(run.student_prefix), run.class_names, run.config["model"])
+        return Weights(run.part(run.student_prefix), run.class_names, run)
     for wrapper in ("model", "state_dict", "model_state", "module"):
         if isinstance(stored.get(wrapper), dict):
             stored = stored[wrapper]

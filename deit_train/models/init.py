@@ -19,11 +19,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from deit_train.errors import DeitTrainError
 from deit_train.labels import class_difference, shortened
+from deit_train.models.architecture import network_sizes, overrides_for, recorded_sizes, same_architecture
 from deit_train.models.checkpoints import classifier_keys, load_into, load_weights, non_finite
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,10 @@ def initialize_from(student: nn.Module, source: str) -> None:
             f"{diverged[0]}): its run diverged; start from an earlier checkpoint of it"
         )
     expected = student.state_dict()
-    check_distillation_token(state, expected, source)
     heads = classifier_keys(student)
+    if weights.run is not None:
+        check_recorded_architecture(weights.run.model_config(), student, state, source)
+    check_distillation_token(state, expected, source)
     had_heads = any(key in state for key in heads)
     encoder_present = set(expected) - set(heads) <= set(state)
     # An encoder without heads: transformers' DeiTModel / ViTModel / ...ForMaskedImageModeling, a task=mim checkpoint.
@@ -183,6 +187,28 @@ def set_heads(student: nn.Module, tensors: dict[str, torch.Tensor], source: str)
                     f"{tuple(parameter.shape)}"
                 )
             parameter.copy_(tensor)
+
+
+def check_recorded_architecture(recorded: DictConfig, student: nn.Module, state: dict, source: str) -> None:
+    """A deit-train run's weights start a student of the architecture the run recorded (its name, and its ViT sizes);
+    another is refused naming both and the overrides that build the recorded one. Another image size is the same
+    architecture: the position embeddings are resampled (the 384 px fine-tuning presets start from 224 px runs)."""
+    configured = getattr(student, "pretrained_cfg", {}).get("architecture")
+    run = f"model.init={source} is a deit-train run of {recorded.name}"
+    fix = f"start from it with {overrides_for(recorded)}"
+    if recorded_sizes(recorded):
+        fix += " (at any model.img_size: its position embeddings are resampled)"
+    if configured is not None and not same_architecture(recorded.name, configured):
+        raise DeitTrainError(f"{run}, not model.name={configured}: {fix}")
+    expected = student.state_dict()
+    backbone = set(expected) - set(classifier_keys(student)) - {"pos_embed"}
+    mismatched = backbone ^ (set(state) - set(classifier_keys(student)) - {"pos_embed"})
+    mismatched |= {key for key in backbone & set(state) if state[key].shape != expected[key].shape}
+    if mismatched and network_sizes(student) and recorded_sizes(recorded) != network_sizes(student):
+        raise DeitTrainError(
+            f"{run} with {recorded_sizes(recorded) or 'its own sizes'}, not this student's {network_sizes(student)}: "
+            f"{fix}"
+        )
 
 
 def check_distillation_token(state: dict, expected: dict, source: str) -> None:

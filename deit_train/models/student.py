@@ -12,10 +12,8 @@ from torch import nn
 
 from deit_train.cluster import once_per_node
 from deit_train.errors import DeitTrainError
+from deit_train.models.architecture import VIT_ARCHITECTURE_FIELDS
 from deit_train.models.init import initialize_from
-
-# ViT architecture fields a DeiT model config may override (model.depth=4 makes a CPU-sized student).
-VIT_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
 def create_timm_model(name: str, what: str, **kwargs) -> nn.Module:

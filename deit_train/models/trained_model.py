@@ -1,6 +1,7 @@
 """A trained model ready for inference, from whatever file or directory it was saved as.
 
-Sources: a deit-train checkpoint (`.ckpt`; the run config inside rebuilds the student), a transformers DeiT or ViT
+Sources: a deit-train checkpoint (`.ckpt`; the task its run config records rebuilds its network: Classify the
+student, task=mim its masked image model), a transformers DeiT or ViT
 directory or a timm export directory (as `deit-export` writes them, or from the hub). deit-eval, deit-predict and
 deit-export all start here, so they see the same model, class names and eval transform.
 
@@ -26,16 +27,14 @@ from torch import nn
 
 from deit_train.data.transforms import eval_resize_size, resize_crop_transform
 from deit_train.errors import DeitTrainError
-from deit_train.mim.model import MaskedImageModel
-from deit_train.models import build_student
 from deit_train.models.checkpoints import (
     TRANSFORMERS_MODEL_TYPES,
+    RunCheckpoint,
     load_into,
     load_weights,
     read_export_config,
     read_run_checkpoint,
 )
-from deit_train.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,13 @@ class TrainedModel:
     def transform(self):
         """The eval transform the model was validated with (data/transforms.py)."""
         return resize_crop_transform(self.resize_size, self.img_size)
+
+    @classmethod
+    def of_run(cls, model: nn.Module, class_names: list[str], run: RunCheckpoint) -> "TrainedModel":
+        """`model` at the image size and eval crop its run validated at."""
+        img_size = run.model_config().img_size
+        crop_pct = OmegaConf.select(OmegaConf.create(run.config), "augment.eval_crop_pct", default=DEFAULT_CROP_PCT)
+        return cls(model, class_names, img_size, eval_resize_size(img_size, crop_pct))
 
 
 def load_trained_model(source: str | Path, ema: bool = False, classifier: bool = True) -> TrainedModel:
@@ -98,33 +104,11 @@ def check_class_names(names: object, rows: int | None, path: Path) -> None:
 
 
 def from_checkpoint(path: Path, ema: bool, classifier: bool) -> TrainedModel:
+    """The network the checkpoint's recorded task trained, rebuilt by that task (tasks/task.py: inference_model)."""
+    from deit_train.tasks.task import task_of  # tasks build on models: imported where used, never at import
+
     run = read_run_checkpoint(path, "MODEL")
-    cfg = OmegaConf.create(run.config)
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model, {"init": None, "pretrained": False})
-    img_size = cfg.model.img_size
-    resize_size = eval_resize_size(img_size, cfg.augment.eval_crop_pct)
-    if run.class_names is None:
-        if classifier or ema:
-            raise DeitTrainError(
-                f"{path} is a deit-train checkpoint without classes (task=mim): fine-tune it first "
-                f"(deit-train model.init={path} ...)"
-            )
-        # MIMModule keeps its MaskedImageModel as `model` and names the encoder inside it as the student
-        model = MaskedImageModel(build_student(model_cfg, num_classes=0))
-        load_into(model, run.part(run.student_prefix.removesuffix("encoder.")), str(path), "masked image model")
-        return TrainedModel(model, [], img_size, resize_size)
-    class_names = list(run.class_names) if isinstance(run.class_names, list | tuple) else run.class_names
-    state = run.part("ema.module." if ema else "student.")
-    if not state:
-        what = "EMA weights (the run did not set ema.decay)" if ema else "student weights"
-        raise DeitTrainError(f"{path} holds no {what}")
-    head = state.get("head.weight", state.get("fc.weight"))
-    check_class_names(class_names, len(head) if head is not None else None, path)
-    student = build_student(model_cfg, len(class_names))
-    load_into(student, state, str(path), "student")
-    if hasattr(student, "set_distilled_training"):
-        student.set_distilled_training(False)  # forward = the average of both heads
-    return TrainedModel(student, class_names, img_size, resize_size)
+    return task_of(run, path).inference_model(run, path, ema=ema, classifier=classifier)
 
 
 def from_transformers(directory: Path, config: dict) -> TrainedModel:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from deit_train.data.datamodule import DeiTDataModule
     from deit_train.data.sources import DataSource
+    from deit_train.models.checkpoints import RunCheckpoint
+    from deit_train.models.trained_model import TrainedModel
     from deit_train.tasks.deit_module import DeiTModule
     from deit_train.teacher import Teacher, TeacherCacheCallback
 
@@ -72,6 +74,27 @@ class Classify(Task):
             count_cpu_attention()
         check_label_order(cfg, datamodule, module.teacher, module.student)
         return Built(datamodule, module, cache_callbacks(cfg, module.teacher, module.num_classes, datamodule.source))
+
+    @classmethod
+    def inference_model(cls, run: RunCheckpoint, path: Path, ema: bool, classifier: bool) -> TrainedModel:
+        """The student on the run's classes (its EMA's weights with `ema`); a distilled DeiT's forward averages its
+        two heads, as validation did."""
+        from deit_train.models import build_student
+        from deit_train.models.checkpoints import load_into
+        from deit_train.models.trained_model import TrainedModel, check_class_names
+
+        class_names = list(run.class_names) if isinstance(run.class_names, list | tuple) else run.class_names
+        state = run.part("ema.module." if ema else "student.")
+        if not state:
+            what = "EMA weights (the run did not set ema.decay)" if ema else "student weights"
+            raise DeitTrainError(f"{path} holds no {what}")
+        head = state.get("head.weight", state.get("fc.weight"))
+        check_class_names(class_names, len(head) if head is not None else None, path)
+        student = build_student(run.model_config(), len(class_names))
+        load_into(student, state, str(path), "student")
+        if hasattr(student, "set_distilled_training"):
+            student.set_distilled_training(False)  # forward = the average of both heads
+        return TrainedModel.of_run(student, class_names, run)
 
     @staticmethod
     def build_module(cfg: DictConfig, class_names: list[str]) -> DeiTModule:

@@ -1,21 +1,27 @@
 """A task: what a run trains. Chosen by conf/task/<name>.yaml (its `task` node names the class with `_target_`): its
 fields are its config, `check` adds its rules to the schema's, `datamodule` serves the run's data source (built once
 by the run, or handed in by a test or the benchmark) as the task needs it, and `build` returns the LightningModule
-and any callbacks it needs on that data. train.py runs whichever task it is given.
+and any callbacks it needs on that data. train.py runs whichever task it is given. A run's checkpoint records its
+task (the run config's task._target_), and that task rebuilds the network it trained for inference
+(`inference_model`: deit-eval, deit-predict and deit-export, through models/trained_model.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from deit_train.errors import DeitTrainError
 from deit_train.schema import OneOf, check_fields, checked, store_schema
 
 if TYPE_CHECKING:
     from deit_train.data.datamodule import DeiTDataModule
     from deit_train.data.sources import DataSource
+    from deit_train.models.checkpoints import RunCheckpoint
+    from deit_train.models.trained_model import TrainedModel
 
 
 @dataclass
@@ -48,6 +54,35 @@ class Task:
 
     def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
         raise NotImplementedError
+
+    @classmethod
+    def inference_model(cls, run: RunCheckpoint, path: Path, ema: bool, classifier: bool) -> TrainedModel:
+        """The network this task trained, rebuilt from its run's checkpoint `path` and in eval mode: its EMA weights
+        with `ema`; `classifier=False` where a network without classifier heads serves (deit-export). A class
+        method: the recorded task's fields are not needed, and an older run's may no longer all exist."""
+        raise DeitTrainError(f"{path} is a checkpoint of a {cls.__name__} run, which trains no network to infer with")
+
+
+def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
+    """The task class a run's checkpoint records (its config's task._target_), or one line saying why none."""
+    from hydra.utils import get_class
+
+    if run.task is None:
+        raise DeitTrainError(
+            f"{path} records no task (its run config has no task._target_): a checkpoint of an older deit-train, "
+            f"which this one cannot rebuild; load it with the version that wrote it, or train from it again "
+            f"(deit-train model.init={path} ...)"
+        )
+    try:
+        task = get_class(run.task)
+    except Exception as error:  # Hydra's ImportError for a module or class that is not there
+        task = error
+    if not (isinstance(task, type) and issubclass(task, Task)):
+        raise DeitTrainError(
+            f"{path} was trained by task {run.task}, which is not a deit-train task here (task=classify, mim, ...): "
+            f"load it where that task is installed"
+        )
+    return task
 
 
 def register(name: str, task: type[Task]) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes
-from deit_train.models.checkpoints import classifier_keys, load_into, load_weights
+from deit_train.models.checkpoints import RunCheckpoint, classifier_keys, load_into, load_weights
 from deit_train.models.hub import local_path
 from deit_train.models.student import create_timm_model
 from deit_train.models.transformers_format import require_transformers
@@ -26,20 +26,14 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
         unnamed = None if teacher.named else f"teacher.name={cfg.name} (its id2label says LABEL_0, LABEL_1, ...)"
     elif cfg.checkpoint:
         weights = load_weights(cfg.checkpoint, "teacher.checkpoint")
-        if weights.model is not None:
-            if weights.class_names is None:  # a task=mim run: the encoder, without classifier heads
-                raise DeitTrainError(
-                    f"teacher.checkpoint={cfg.checkpoint} is a deit-train task=mim run: an encoder without classifier "
-                    f"heads. Fine-tune it first (deit-train model.init={cfg.checkpoint} ...) and teach with that "
-                    f"run's checkpoint"
-                )
-            teacher = trained_network(cfg, weights.model, num_classes, img_size)
+        if weights.run is not None:  # a deit-train run: the task it records rebuilds its network
+            teacher = trained_network(cfg, weights.run, class_names, img_size)
         else:
             teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
-        check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
-        load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
-        if weights.class_names is None:
-            unnamed = f"teacher.checkpoint={cfg.checkpoint} (weights without class names)"
+            check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
+            load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
+            if weights.class_names is None:
+                unnamed = f"teacher.checkpoint={cfg.checkpoint} (weights without class names)"
     elif cfg.pretrained:
         teacher = create_timm_model(cfg.name, "teacher", pretrained=True)
         if teacher.num_classes != num_classes:
@@ -58,25 +52,26 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
     return teacher.eval().to(memory_format=torch.channels_last)
 
 
-def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: int | None) -> nn.Module:
-    """The network a deit-train run trained, as its checkpoint records it (sizes, patch, kwargs: a timm name alone
-    would not rebuild a custom DeiT). A teacher.name of another architecture is refused naming both (a tag such as
-    resnet50.a1_in1k names weights, not another network), and so are views of another size where the network fixes
+def trained_network(cfg: DictConfig, run: RunCheckpoint, class_names: list[str], img_size: int | None) -> nn.Module:
+    """The network a deit-train run trained, rebuilt by the task its checkpoint records (tasks/task.py: a classify
+    run's student, its two heads averaged; a task=mim run, without classifier heads, is refused naming the
+    fine-tuning). A teacher.name of another architecture is refused naming both (a tag such as resnet50.a1_in1k names
+    weights, not another network: models/architecture.py), and so are views of another size where the network fixes
     its input size (a ViT's patch grid; a convnet takes any)."""
-    from omegaconf import OmegaConf
-    from timm.models import split_model_name_tag
+    from pathlib import Path
 
-    from deit_train.models import build_student
-    from deit_train.schema import ModelConfig
+    from deit_train.models.architecture import same_architecture
+    from deit_train.tasks.task import task_of
 
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model, {"init": None, "pretrained": False})
+    model = run.model_config()
     recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
     entry = " (a teacher.members entry: its {})"
-    if split_model_name_tag(cfg.name)[0] != split_model_name_tag(model.name)[0]:  # timm's name.tag
+    if not same_architecture(cfg.name, model.name):
         raise DeitTrainError(
             f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}{entry.format('name')}"
         )
-    network = build_student(model, num_classes)
+    path = Path(cfg.checkpoint)
+    network = task_of(run, path).inference_model(run, path, ema=False, classifier=True).model
     patches = getattr(network, "patch_embed", None)
     fixed = patches is not None and getattr(patches, "strict_img_size", False)
     if fixed and img_size not in (None, model.img_size):
@@ -84,8 +79,7 @@ def trained_network(cfg: DictConfig, model: dict, num_classes: int, img_size: in
             f"{recorded}, but would see {img_size} px views: set teacher.img_size={model.img_size}"
             f"{entry.format('img_size')}"
         )
-    if hasattr(network, "set_distilled_training"):
-        network.set_distilled_training(False)  # a distilled DeiT teaches with the average of its two heads
+    check_teacher_classes(network, run.part("student."), run.class_names, class_names, cfg.checkpoint)
     return network
 
 
