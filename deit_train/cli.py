@@ -11,6 +11,7 @@ transformers nor torchvision is imported before the config passed the schema).
 """
 
 import dataclasses
+import difflib
 import logging
 import re
 import sys
@@ -317,8 +318,11 @@ def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: A
     if full_key and dataclasses.is_dataclass(schema) and not known:
         # A key its typed node does not have: the keys it has, not Hydra's "+key" advice, which only moves the
         # refusal to where the node is used (a data source's constructor).
-        keys = ", ".join(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
-        lines.append(f"{full_key.rsplit('.', 1)[0]} takes: {keys}")
+        names = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+        parent, _, key = full_key.rpartition(".")
+        close = difflib.get_close_matches(key, names, n=1)
+        meant = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        lines.append(f"{parent or 'the config'} takes: {', '.join(names)}{meant}")
     elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
     tilde = re.search(r"([\w.+/@-]+)=(~\S*)", text) if "LexerNoViableAltException" in text else None

@@ -12,7 +12,8 @@ from deit_train.cli import refuse_bad_command_line
 CORPUS = {
     "model": [
         ("model=deit_huge", "model/deit_huge"),
-        ("model.depht=3", "depht"),
+        ("model.depht=3", "(did you mean model.depth?)"),  # a misspelt key: the key it resembles
+        ("modle.name=x", "the config takes: model, teacher"),  # the top level's keys, named as such
         ("model.img_size=abc", "model.img_size"),
         ("model.img_size=30", "model.img_size=30"),  # not a multiple of the 4 px patches
         ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5"),
