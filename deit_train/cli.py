@@ -11,7 +11,6 @@ transformers nor torchvision is imported before the config passed the schema).
 """
 
 import dataclasses
-import difflib
 import logging
 import re
 import sys
@@ -237,13 +236,16 @@ def compose(args: list[str]):
 
 
 def job_config(hydra_cfg):
-    """The config the run sees (no hydra node), its output directory the run directory as Hydra will make it."""
-    from omegaconf import OmegaConf, open_dict
+    """The config the run sees (no hydra node), its output directory the run directory as Hydra will make it. A
+    copy as Hydra's job makes it: each node keeps its schema's type (schema.check_known_keys reads them)."""
+    import copy
 
-    cfg = OmegaConf.create(OmegaConf.to_container(hydra_cfg, resolve=False))
+    from omegaconf import open_dict, read_write
+
+    cfg = copy.deepcopy(hydra_cfg)
     run_dir = Path(str(hydra_cfg.hydra.run.dir)).absolute()
-    with open_dict(cfg):
-        del cfg.hydra
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
         cfg.paths.output_dir = str(run_dir)
     return cfg
 
@@ -318,11 +320,9 @@ def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: A
     if full_key and dataclasses.is_dataclass(schema) and not known:
         # A key its typed node does not have: the keys it has, not Hydra's "+key" advice, which only moves the
         # refusal to where the node is used (a data source's constructor).
-        names = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
-        parent, _, key = full_key.rpartition(".")
-        close = difflib.get_close_matches(key, names, n=1)
-        meant = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
-        lines.append(f"{parent or 'the config'} takes: {', '.join(names)}{meant}")
+        from deit_train.schema import takes
+
+        lines.append(takes(full_key, [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]))
     elif cause is not error:  # Hydra's own advice, e.g. "To append to your config use +trainer.x=1"
         lines += [line.strip() for line in str(error).splitlines() if line.strip().startswith("To ")]
     tilde = re.search(r"([\w.+/@-]+)=(~\S*)", text) if "LexerNoViableAltException" in text else None

@@ -10,6 +10,7 @@ Defaults are DeiT's (Touvron et al. 2021, Table 9, and the official main.py) unl
 """
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -307,9 +308,34 @@ def check_fields(node: DictConfig, schema: type, prefix: str) -> None:
                 check_fields(element, item, f"{key}.{i}")
 
 
+def takes(full_key: str, names: list[str]) -> str:
+    """What a node takes, for a key it does not have: its keys, and the one `full_key` resembles."""
+    parent, _, key = full_key.rpartition(".")
+    close = difflib.get_close_matches(key, names, n=1)
+    meant = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    return f"{parent or 'the config'} takes: {', '.join(names)}{meant}"
+
+
+def check_known_keys(node: DictConfig, prefix: str = "", schema: type | None = None) -> None:
+    """Every key of a typed node is one of its fields: `+key=value` adds any key Hydra is given, and a misspelt one
+    (+modle.name, +model.dept) would otherwise be carried along unread while the run trains without it. The root
+    is TrainConfig (Hydra's composed root is untyped)."""
+    schema = schema or OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        names = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+        for key in node:
+            if key not in names and not str(key).startswith("_"):
+                raise DeitTrainError(f"{prefix}{key} is not a key of the config: {takes(f'{prefix}{key}', names)}")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            check_known_keys(child, f"{prefix}{key}.")
+
+
 def check(cfg: DictConfig) -> None:
     """Unset values, each field's rule and the rules across fields of a composed config; the first problem as one
     DeitTrainError. The task's own rules follow (Task.check)."""
+    check_known_keys(cfg, schema=TrainConfig)
     # Values left unset: ??? in a config group, or listed under `required` by a preset (model.init).
     missing = sorted(OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None})
     if missing:

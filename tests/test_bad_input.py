@@ -14,6 +14,9 @@ CORPUS = {
         ("model=deit_huge", "model/deit_huge"),
         ("model.depht=3", "(did you mean model.depth?)"),  # a misspelt key: the key it resembles
         ("modle.name=x", "the config takes: model, teacher"),  # the top level's keys, named as such
+        # + adds any key: one no node has a place for is refused, not carried along unread while the run trains
+        ("+modle.name=x", "modle is not a key of the config: the config takes: model"),
+        ("+model.dept=3", "(did you mean model.depth?)"),
         ("model.img_size=abc", "model.img_size"),
         ("model.img_size=30", "model.img_size=30"),  # not a multiple of the 4 px patches
         ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5"),
@@ -54,7 +57,7 @@ CORPUS = {
         ("data=imagefolder", "data.root"),
         # another source's key: the keys this source takes, not Hydra's "+key" advice, which is refused as well
         ("data=imagefolder data.root=/tmp data.dataset=x", "data takes: batch_size"),
-        ("data=imagefolder data.root=/tmp +data.dataset=x", "data.dataset is not a key of ImageFolderSource"),
+        ("data=imagefolder data.root=/tmp +data.dataset=x", "data.dataset is not a key of the config: data takes:"),
         ("data._target_=os.path.join", "data._target_=os.path.join"),
         ("data.pin_memory=perhaps", "data.pin_memory"),
         ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6"),  # 3 per device: odd

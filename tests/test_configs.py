@@ -381,10 +381,10 @@ def test_precision_follows_the_hardware_whatever_the_trainer(preset, tmp_path, m
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
-def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_trainers(tmp_path):
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_trainers(tmp_path, demo_data):
     from deit_train.train import check_config
 
-    cfg = compose_config(["experiment=deit_tiny_distilled", f"data.root={tmp_path}"], tmp_path, tmp_path)
+    cfg = compose_config(["experiment=deit_tiny_distilled", f"data.root={demo_data}"], tmp_path, tmp_path)
     with pytest.raises(DeitTrainError, match="has no CUDA GPU: .* add trainer=cpu"):
         check_config(cfg)
 
