@@ -223,13 +223,6 @@ def compose(args: list[str]):
             raise DeitTrainError(f"{empty} is empty: give a folder (an empty path would write into the current one)")
     except (HydraException, OmegaConfBaseException) as error:
         GlobalHydra.instance().clear()
-        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-        if getattr(cause, "full_key", None) == "data.root" and not any(a.startswith("data=") for a in args):
-            # data.root=DIR alone, the first thing people type: a folder of images is data=imagefolder
-            print(
-                "deit-train: data.root given without data=: reading it as an ImageFolder (data=imagefolder)", flush=True
-            )
-            return compose(["data=imagefolder", *args])
         raise DeitTrainError(one_line(error, args)) from error
     GlobalHydra.instance().clear()  # composed: a later compose in this process (a test's, a sweep's) starts anew
     return hydra_app, cfg

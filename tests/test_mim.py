@@ -112,7 +112,7 @@ def test_mask_sizes_that_do_not_tile_are_refused(overrides, message, tmp_path, c
 
     from .conftest import compose_config
 
-    cfg = compose_config(["task=mim", "model=deit_tiny", *overrides], tmp_path, cache_dir)
+    cfg = compose_config(["task=mim", "data=demo", "model=deit_tiny", *overrides], tmp_path, cache_dir)
     with pytest.raises(DeitTrainError) as refused:
         check_config(cfg)
     assert str(refused.value).startswith(message)

@@ -11,15 +11,16 @@ from omegaconf import DictConfig, open_dict
 from deit_train.errors import DeitTrainError
 from deit_train.models import build_student
 from deit_train.tasks.classify import Classify
-from deit_train.tasks.task import Built, Task
+from deit_train.tasks.task import Built
 from deit_train.train import check_config, train
 
 from .conftest import assert_metrics_reproduce, hard_distill_from
 
 
 @dataclass
-class LinearProbe(Task):
-    """A linear probe: the student's features stay as they are, only its heads learn the labels."""
+class LinearProbe(Classify):
+    """A linear probe: the student's features stay as they are, only its heads learn the labels. A classifier
+    (Classify's network, rebuilt for deit-eval by Classify.inference_model), trained otherwise."""
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
@@ -27,7 +28,7 @@ class LinearProbe(Task):
             raise DeitTrainError("a linear probe learns the labels alone: loss=ce")
 
     def build(self, cfg: DictConfig, datamodule) -> Built:
-        built = Classify().build(cfg, datamodule)
+        built = super().build(cfg, datamodule)
         for name, parameter in built.module.student.named_parameters():
             parameter.requires_grad_(name.startswith(("head.", "head_dist.")))
         return built

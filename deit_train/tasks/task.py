@@ -60,7 +60,10 @@ class Task:
         """The network this task trained, rebuilt from its run's checkpoint `path` and in eval mode: its EMA weights
         with `ema`; `classifier=False` where a network without classifier heads serves (deit-export). A class
         method: the recorded task's fields are not needed, and an older run's may no longer all exist."""
-        raise DeitTrainError(f"{path} is a checkpoint of a {cls.__name__} run, which trains no network to infer with")
+        raise DeitTrainError(
+            f"{path} is a checkpoint of a {cls.__name__} run, which says no network to infer with: its task class "
+            f"defines no inference_model (tasks/task.py)"
+        )
 
 
 def task_of(run: RunCheckpoint, path: Path) -> type[Task]:

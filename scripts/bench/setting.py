@@ -77,6 +77,7 @@ class Bench:
             f"loss={loss}",
             *teacher_overrides,
             "augment=none",
+            "data=demo",  # the checks' and the data module's source; the timed steps read the in-memory batches
             f"data.batch_size={self.batch}",
             f"compile={compile}",
             f"trainer.accelerator={'gpu' if self.device.type == 'cuda' else 'cpu'}",

@@ -145,10 +145,11 @@ class ImageFolderSource(FolderSource):
 
     def check(self) -> None:
         super().check()
-        if not self.root:
+        if not self.root:  # the default source: no data given at all
             raise DeitTrainError(
-                "data=imagefolder needs data.root=PATH: a folder with train/ and val/, one sub-folder "
-                "per class (task=mim: any folder of images)"
+                "data=imagefolder (the default) needs data.root=PATH: a folder with train/<class>/* and "
+                "val/<class>/* (task=mim: any folder of images); or choose another source (data=cifar10, data=hf "
+                "data.dataset=NAME, data=webdataset data.train=...), or experiment=demo (generated images)"
             )
         self.images_folder()  # a folder, whatever the task reads in it: refused before the data module is imported
 
