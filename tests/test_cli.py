@@ -337,8 +337,10 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         (["loss=hard_distill", "teacher=none"], 2),
         (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t"], 2),
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
-        # the source's own rule: its folder is there
+        # the source's own rule: its folder is there; the default source (an ImageFolder) given none
         (["data.root=/nonexistent/imagenet"], 2),
+        (["seed=1"], 2),  # no data named: refused, not the paper's 300 epochs on the demo images
+        (["+modle.name=x"], 2),  # a key no node has
         # the data's rules that read no image: the layout, the class folders of train/ and val/
         (["data.root={folders}/flat"], 2),
         (["data.root={folders}/mismatched"], 2),
