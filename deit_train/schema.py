@@ -12,7 +12,9 @@ Defaults are DeiT's (Touvron et al. 2021, Table 9, and the official main.py) unl
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args
 
 from hydra.core.config_store import ConfigStore
@@ -363,6 +365,8 @@ def check(cfg: DictConfig) -> None:
         raise refuse("model.img_size", cfg.model.img_size, f"a multiple of model.patch_size={cfg.model.patch_size}")
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
         raise refuse("model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}")
+    if cfg.model.init:
+        check_weights_path("model.init", cfg.model.init)
     check_teacher(cfg)
     if cfg.loss.label_loss == "bce" and cfg.loss.bce_target_threshold is not None and cfg.augment.smoothing > 0:
         # Smoothing puts smoothing / classes on every class: above the threshold every target becomes 1, below it
@@ -417,12 +421,27 @@ def check_teacher(cfg: DictConfig) -> None:
     for key, network in networks:
         if network.library == "timm" and network.name is not None and not network.checkpoint and not network.pretrained:
             raise teacher_without_weights(network.name)
+        if network.checkpoint:
+            check_weights_path(f"{key}.checkpoint", network.checkpoint)
         if network.library == "transformers" and network.checkpoint:
             raise refuse(
                 f"{key}.checkpoint",
                 network.checkpoint,
                 f"null with {key}.library=transformers: the weights are in the directory {key}.name names",
             )
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # OWNER/NAME: one slash, no ./, ~ or / (models/hub.py)
+
+
+def check_weights_path(key: str, value: str) -> None:
+    """A key naming weights (model.init, teacher.checkpoint) takes a local file or folder, or a Hub id, which is
+    fetched when the run builds (models/hub.py): a local path that is not there is refused here, before anything is
+    imported or written."""
+    if not Path(value).expanduser().exists() and not HUB_ID.fullmatch(str(value)):
+        raise DeitTrainError(
+            f"{key}={value} does not exist (and is not a Hub id, OWNER/NAME): pass the file or folder of the weights"
+        )
 
 
 def teacher_without_weights(name: str) -> DeitTrainError:

@@ -83,6 +83,7 @@ def test_teacher_without_weights(tmp_path, cache_dir):
     assert_clear_failure(result, "has no weights")
 
 
+@pytest.mark.slow  # the console script's line for it; the refusal itself: tests/test_models.py, in the quick loop
 def test_ten_class_teacher_on_hundred_class_data(tmp_path, cache_dir, hundred_class_folder, ten_class_teacher):
     result = run_cli(
         "data=imagefolder",
@@ -337,6 +338,9 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         (["loss=hard_distill", "teacher=none"], 2),
         (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t"], 2),
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
+        # weights named by a path that is not there (a Hub id, OWNER/NAME, is fetched when the run builds)
+        (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", "teacher.checkpoint=/nonexistent.pth"], 2),
+        (["model.init=/nonexistent/run/checkpoints/last.ckpt"], 2),
         # the source's own rule: its folder is there; the default source (an ImageFolder) given none
         (["data.root=/nonexistent/imagenet"], 2),
         (["seed=1"], 2),  # no data named: refused, not the paper's 300 epochs on the demo images

@@ -1,6 +1,9 @@
 """deit-eval, deit-predict, deit-export and deit-report check their arguments and outputs before any work and end
 every failure in one line with its exit status; nothing they refuse is written or overwritten."""
 
+import contextlib
+import importlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,23 @@ def checkpoint(tmp_path_factory, cache_dir) -> Path:
 def tool(name: str, *args) -> subprocess.CompletedProcess:
     code = f"from deit_train.tools.{name} import main; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def tool_here(name: str, *args) -> subprocess.CompletedProcess:
+    """`tool` in this process (the quick loop's: no interpreter and imports to start): the same main() and error
+    boundary, sys.argv as the console script sets it; an exception the boundary lets through fails the test."""
+    module = importlib.import_module(f"deit_train.tools.{name}")
+    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [f"deit-{name}", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            module.main()
+        code = 0
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_refused(result: subprocess.CompletedProcess, code: int, *phrases: str) -> None:
@@ -93,14 +113,14 @@ def test_class_names_that_do_not_fit_the_head_are_refused(checkpoint, tmp_path, 
     torch.save(stored, edited)
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
-    result = tool("predict", edited, image)
+    result = tool_here("predict", edited, image)
     assert_refused(result, 2, named)
     assert result.stdout == ""
 
 
 def test_a_split_that_is_not_there_is_refused(checkpoint, demo_data):
     assert_refused(
-        tool("evaluate", checkpoint, demo_data, "--split", "tset"),
+        tool_here("evaluate", checkpoint, demo_data, "--split", "tset"),
         2,
         "has no tset/ folder",
         "it has train, val",

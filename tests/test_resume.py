@@ -286,20 +286,6 @@ def test_a_second_run_into_a_busy_directory_is_refused_naming_the_first(tmp_path
     assert f"took over the lock of a run that ended without releasing it (pid {first.pid}" in resumed.stdout
 
 
-def test_a_run_refused_while_building_leaves_no_directory(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    refused = deit_train(
-        "loss=hard_distill",
-        "teacher=timm",
-        "teacher.name=resnet10t",
-        f"teacher.checkpoint={tmp_path / 'missing.pth'}",
-        run_dir=run_dir,
-        cache_dir=cache_dir,
-    )
-    assert refused.returncode == 2 and "teacher.checkpoint=" in refused.stderr and "does not exist" in refused.stderr
-    assert not run_dir.exists()
-
-
 def test_steps_per_epoch_counts_as_lightning_does(tiny_config):
     """The data module counts the schedule's steps without making the loader; Lightning's estimate agrees."""
     from deit_train.train import train

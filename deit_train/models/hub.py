@@ -3,12 +3,10 @@ teacher=hf's teacher.name): huggingface_hub downloads the repo's weights and con
 cache alone: HF_HUB_OFFLINE=1) and the path is that snapshot; a repo deit-export pushed (README.md, transformers/,
 timm/) gives its transformers/ folder, else timm/. A path that exists is always the local one."""
 
-import re
 from pathlib import Path
 
 from deit_train.errors import DeitTrainError
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # OWNER/NAME: one slash, no ./, ~ or /
+from deit_train.schema import HUB_ID
 
 
 def local_path(source: str | Path, flag: str) -> Path:
