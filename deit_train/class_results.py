@@ -82,15 +82,15 @@ def read_class_results(directory: Path) -> list[ClassResult] | None:
 
 
 def confusion_figure(confusion: torch.Tensor, results: list[ClassResult]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: pyplot keeps every figure it made until closed (a sweep of many runs in
+    # one process would hold them all), and needs no display backend chosen.
+    from matplotlib.figure import Figure
 
     names = [result.name for result in results]
     if len(names) > MAX_DRAWN:  # a matrix of hundreds of classes is unreadable: the worst classes instead
         worst = worst_classes(results, MAX_DRAWN)
-        figure, axes = plt.subplots(figsize=(8, 0.22 * len(worst) + 1.2), constrained_layout=True)
+        figure = Figure(figsize=(8, 0.22 * len(worst) + 1.2), layout="constrained")
+        axes = figure.subplots()
         axes.barh([r.name for r in worst][::-1], [r.accuracy_percent for r in worst][::-1])
         axes.set(
             title=f"the {len(worst)} worst of {len(names)} classes (all in {PER_CLASS_NAME})", xlabel="accuracy (%)"
@@ -100,7 +100,8 @@ def confusion_figure(confusion: torch.Tensor, results: list[ClassResult]):
     totals = confusion.sum(dim=1, keepdim=True).clamp(min=1)
     normalised = (100 * confusion / totals).numpy()
     size = max(4.0, 0.28 * len(names) + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size), constrained_layout=True)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    axes = figure.subplots()
     image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=100)
     ticks = range(len(names))
     axes.set_xticks(ticks, names, rotation=90, fontsize=7)

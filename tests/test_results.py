@@ -120,3 +120,18 @@ def test_beyond_fifty_classes_the_figure_lists_the_worst_ones(tmp_path):
     shown = [label.get_text() for label in axes.get_yticklabels()][::-1]  # barh draws bottom-up
     expected = sorted(names, key=lambda name: (int(name[5:]) % 11, int(name[5:])))[:50]
     assert shown == expected
+
+
+def test_the_figures_a_process_writes_are_not_kept_by_pyplot(tmp_path):
+    """A sweep runs many jobs in one process, each writing confusion.png at its end: pyplot's figure registry would
+    keep every one of them (and warn past 20); the figures are matplotlib's own objects, freed with the run."""
+    import matplotlib.pyplot as plt
+
+    from deit_train.class_results import write_class_results
+
+    before = plt.get_fignums()
+    for count in (3, 60):  # the matrix and, beyond 50 classes, the worst classes' bars
+        confusion = torch.eye(count, dtype=torch.long) * 4
+        write_class_results(confusion, [f"c{k}" for k in range(count)], tmp_path / str(count))
+        assert (tmp_path / str(count) / "confusion.png").stat().st_size > 0
+    assert plt.get_fignums() == before
