@@ -32,7 +32,7 @@ config groups:
   model           the student: deit_tiny, deit_small, deit_base, deit_*_plain, deit3_*, deit_demo, timm (any timm model)
   teacher         none, regnety_160 (the paper's), resnet50, bit_r152x2, timm, hf, ensemble
   loss            ce, bce, hard_distill, soft_distill
-  data            demo (generated, no download), imagefolder (data.root=DIR), hf, webdataset, cifar10, cifar100
+  data            imagefolder (the default: data.root=DIR), demo (generated), hf, webdataset, cifar10, cifar100
   augment         deit, three_augment, three_augment_src, mim, none
   optim           adamw, sgd, lamb
   trainer         default, cpu, gpu, ddp (trainer.devices=N), ddp_spawn, ddp_cpu
