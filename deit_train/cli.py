@@ -66,6 +66,7 @@ def cli() -> None:
         refuse_a_bare_command()
     with error_boundary("deit-train"):
         args = one_value_per_key(args)
+        refuse_mixed_modes(args)
     sys.argv[1:] = args
     if any(arg.startswith("-") for arg in args) or is_sweep(args):
         from deit_train.train import main
@@ -74,6 +75,28 @@ def cli() -> None:
             main()
         return
     run_single(args)
+
+
+# Hydra's modes: one per command line (its own refusal is a ValueError, which would read as a bug of ours)
+MODES = {
+    "-m": "--multirun",
+    "--multirun": "--multirun",
+    "-c": "--cfg",
+    "--cfg": "--cfg",
+    "-i": "--info",
+    "--info": "--info",
+    "-sc": "--shell-completion",
+    "--shell-completion": "--shell-completion",
+}
+
+
+def refuse_mixed_modes(args: list[str]) -> None:
+    modes = sorted({MODES[arg] for arg in args if arg in MODES})
+    if len(modes) > 1:
+        raise DeitTrainError(
+            f"{' and '.join(modes)} together: choose one (--cfg job shows a single run's config, without -m; each "
+            f"job of a sweep writes its own to <sweep dir>/<job>/.hydra/config.yaml)"
+        )
 
 
 def refuse_a_bare_command() -> None:
@@ -196,6 +219,7 @@ def run_single(args: list[str]) -> None:
     with error_boundary("deit-train"):
         hydra_app, hydra_cfg = compose(args)
         run = checked_run(hydra_cfg)
+        run.directory.make()  # here, where a path that cannot be made ends in one line, not in Hydra's job
     execute(hydra_app, hydra_cfg, run)
 
 

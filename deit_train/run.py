@@ -82,10 +82,19 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
+        from deit_train.config import locate_class
+        from deit_train.tasks.task import Task
+
+        task_class = locate_class(cfg.task.get("_target_"))
+        if task_class is None or not issubclass(task_class, Task):  # checked before anything it names is called
+            raise DeitTrainError(
+                f"task._target_={cfg.task.get('_target_')} is not a deit-train task (tasks/task.py: Task): choose "
+                f"task=classify, mim or teacher_cache, or name a Task subclass"
+            )
         try:
             self.task = instantiate(cfg.task)
-        except Exception as error:  # a task._target_ that does not import, or a field it does not take
-            detail = str(error).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
+        except Exception as error:  # a field the task does not take
+            detail = " ".join(str(error).split(", set env var HYDRA_FULL_ERROR")[0].split())
             raise DeitTrainError(f"task: {detail}") from error
         self.task.check(cfg)
         # A rule on how Hydra runs this job, which only the running job knows: it cannot be in the schema.

@@ -440,6 +440,16 @@ class RunDirectory:
         refuse_overwrite(cfg, self.path)
         return None
 
+    def make(self) -> None:
+        """The directory itself (Hydra's job would make it): a path that cannot be made (a read-only or pseudo
+        filesystem) is refused naming hydra.run.dir."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DeitTrainError(
+                f"hydra.run.dir={self.path} cannot be made ({error.strerror}): choose a writable path"
+            ) from error
+
     def claim(self, cfg: DictConfig) -> dict | None:
         """Take the directory for this run: the lock, and the earlier run's results checked (refuse_overwrite).
         Returns the metrics of a finished run that resume=true leaves as it is."""

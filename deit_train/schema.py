@@ -332,12 +332,30 @@ def check_known_keys(node: DictConfig, prefix: str = "", schema: type | None = N
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             check_known_keys(child, f"{prefix}{key}.")
+        elif OmegaConf.is_list(child) and not child._is_none():  # teacher.members: a list of typed nodes
+            for index, item in enumerate(child):
+                if isinstance(item, DictConfig):
+                    check_known_keys(item, f"{prefix}{key}.{index}.")
+
+
+def check_instantiated_groups(cfg: DictConfig) -> None:
+    """logger and callbacks hold one node per object to build (its `_target_`), or null to drop one: anything else
+    (+logger.foo=1) is refused here, not met as an unexpected error where Lightning's objects are built."""
+    for group in ("logger", "callbacks"):
+        for key in cfg[group] or {}:
+            node = cfg[group]._get_node(key)
+            if not (node._is_none() or (isinstance(node, DictConfig) and "_target_" in node)):
+                raise DeitTrainError(
+                    f"{group}.{key}={node._value()}: expected a {group} node with _target_ (the class to build), or "
+                    f"null to drop one; {group} holds: {', '.join(str(k) for k in cfg[group])}"
+                )
 
 
 def check(cfg: DictConfig) -> None:
     """Unset values, each field's rule and the rules across fields of a composed config; the first problem as one
     DeitTrainError. The task's own rules follow (Task.check)."""
     check_known_keys(cfg, schema=TrainConfig)
+    check_instantiated_groups(cfg)
     # Values left unset: ??? in a config group, or listed under `required` by a preset (model.init).
     missing = sorted(OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None})
     if missing:

@@ -17,6 +17,9 @@ CORPUS = {
         # + adds any key: one no node has a place for is refused, not carried along unread while the run trains
         ("+modle.name=x", "modle is not a key of the config: the config takes: model"),
         ("+model.dept=3", "(did you mean model.depth?)"),
+        # the groups of objects to build take nodes with a _target_, or null
+        ("+logger.foo=1", "logger.foo=1: expected a logger node with _target_"),
+        ("+callbacks.foo=1", "callbacks.foo=1: expected a callbacks node with _target_"),
         ("model.img_size=abc", "model.img_size"),
         ("model.img_size=30", "model.img_size=30"),  # not a multiple of the 4 px patches
         ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5"),
@@ -103,7 +106,9 @@ CORPUS = {
         ("task=segment", "task/segment"),
         ("task.pictures=2", "task.pictures"),  # the default task has no such field
         ("task=mim task.pictures=-2", "task.pictures=-2"),
-        ("task._target_=nowhere.Segment", "task: Error locating target 'nowhere.Segment'"),
+        ("task._target_=nowhere.Segment", "task._target_=nowhere.Segment is not a deit-train task"),
+        # a callable that is not a task is not called (it was: print ran with the task's fields)
+        ("++task._target_=builtins.print", "task._target_=builtins.print is not a deit-train task"),
         ("task=mim loss=hard_distill", "task=mim"),
         ("task=mim model=bit_r50x1", "task=mim needs a ViT/DeiT student"),
         ("task=mim model.name=resnet10t", "task=mim needs a ViT/DeiT student"),  # before any mask-size rule
@@ -173,6 +178,10 @@ def test_sweeps_and_hydra_flags_are_left_to_hydra(capsys):
         ("loss=soft_distill loss.alpha=1.5", "loss.alpha=1.5"),
         ("data.batch_size=abc", "data.batch_size"),
         ("data.batch_size=6 trainer=ddp_cpu augment.mixup=0.8", "data.batch_size=6"),
+        # paths that cannot be made (procfs takes no new folders): one line, not Hydra's traceback or "a bug"
+        ("hydra.run.dir=/proc/deit-train-run", "hydra.run.dir=/proc/deit-train-run cannot be made"),
+        ("paths.cache_dir=/proc/deit-train-cache", "set paths.cache_dir (or data.cache_dir) to a writable folder"),
+        ("-m seed=1,2 --cfg job", "--cfg and --multirun together: choose one"),  # Hydra's ValueError otherwise
     ],
 )
 def test_the_console_script_exits_2_with_one_line(line, named, tmp_path):

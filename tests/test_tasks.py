@@ -57,5 +57,5 @@ def test_a_task_checks_its_own_rules(tiny_config, random_teacher_checkpoint):
     )
     with pytest.raises(DeitTrainError, match="a linear probe learns the labels alone"):
         check_config(with_task(cfg, f"{__name__}.LinearProbe"))
-    with pytest.raises(DeitTrainError, match="task: Error locating target 'tests.nowhere.Probe'"):
+    with pytest.raises(DeitTrainError, match="task._target_=tests.nowhere.Probe is not a deit-train task"):
         check_config(with_task(cfg, "tests.nowhere.Probe"))

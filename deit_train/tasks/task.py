@@ -68,7 +68,7 @@ class Task:
 
 def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
     """The task class a run's checkpoint records (its config's task._target_), or one line saying why none."""
-    from hydra.utils import get_class
+    from deit_train.config import locate_class
 
     if run.task is None:
         raise DeitTrainError(
@@ -76,11 +76,8 @@ def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
             f"which this one cannot rebuild; load it with the version that wrote it, or train from it again "
             f"(deit-train model.init={path} ...)"
         )
-    try:
-        task = get_class(run.task)
-    except Exception as error:  # Hydra's ImportError for a module or class that is not there
-        task = error
-    if not (isinstance(task, type) and issubclass(task, Task)):
+    task = locate_class(run.task)
+    if not (task is not None and issubclass(task, Task)):
         raise DeitTrainError(
             f"{path} was trained by task {run.task}, which is not a deit-train task here (task=classify, mim, ...): "
             f"load it where that task is installed"

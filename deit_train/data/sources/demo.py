@@ -81,8 +81,14 @@ def ensure_demo_dataset(
     root = demo_root(cache_dir, image_size, train_per_class, val_per_class, seed)
     if (root / "COMPLETE").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    except OSError as error:
+        raise DeitTrainError(
+            f"the demo images cannot be written under {root.parent} ({error.strerror}): set paths.cache_dir (or "
+            f"data.cache_dir) to a writable folder"
+        ) from error
     try:
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             for class_index, class_name in enumerate(CLASS_NAMES):
