@@ -689,3 +689,15 @@ def test_the_order_check_s_sample_of_class_ordered_shards_covers_every_class(sha
     for sampled, labels in batches:
         nearest = torch.cdist(sampled.float().flatten(1), images.flatten(1)).argmin(dim=1)
         assert torch.equal(targets[nearest], labels)
+
+
+def test_a_split_a_tool_reads_by_name_is_named_when_it_is_missing():
+    """deit-shard reads an HF dataset's train split by name (no option chooses it): a dataset without one is named
+    with the split it lacks and the fix, not as an option "None=train" with advice for a missing validation split."""
+    from deit_train.data.sources.hf import pick_split
+
+    with pytest.raises(DeitTrainError) as refused:
+        pick_split({"validation": None}, "train", None, "pq")
+    assert str(refused.value) == "pq has no train split; its splits: validation. Save the dataset with a train split"
+    with pytest.raises(DeitTrainError, match=r"^pq has no validation split \(validation, val, valid, test\)"):
+        pick_split({"train": None}, None, None, "pq")

@@ -239,16 +239,22 @@ def pick_split(splits: dict, wanted: str | None, key: str | None, dataset: str):
     names = [wanted] if wanted else [name for name in VAL_SPLITS if name in splits][:1]
     if not names or names[0] not in splits:
         asked = (
-            f"{key}={wanted}"
+            (f"split for {key}={wanted}" if key else f"{wanted} split")
             if wanted
-            else f"{key}=null (one of {', '.join(VAL_SPLITS)})"
+            else f"split for {key}=null (one of {', '.join(VAL_SPLITS)})"
             if key
-            else f"a validation split ({', '.join(VAL_SPLITS)})"
+            else f"validation split ({', '.join(VAL_SPLITS)})"
         )
         others = [name for name in splits if name != "train" or wanted == "train"]
-        fix = f"Set {key}=NAME" if key and others else NO_OTHER_SPLIT[0].upper() + NO_OTHER_SPLIT[1:]
+        fix = (
+            f"Set {key}=NAME"
+            if key and others
+            else f"Save the dataset with a {wanted} split"
+            if wanted and not key  # a tool that reads a split by its name (deit-shard: train)
+            else NO_OTHER_SPLIT[0].upper() + NO_OTHER_SPLIT[1:]
+        )
         named = f"data.dataset={dataset}" if key and key.startswith("data.") else dataset
-        raise DeitTrainError(f"{named} has no split for {asked}; its splits: {', '.join(splits)}. {fix}")
+        raise DeitTrainError(f"{named} has no {asked}; its splits: {', '.join(splits)}. {fix}")
     return names[0], splits[names[0]]
 
 
