@@ -701,3 +701,16 @@ def test_a_split_a_tool_reads_by_name_is_named_when_it_is_missing():
     assert str(refused.value) == "pq has no train split; its splits: validation. Save the dataset with a train split"
     with pytest.raises(DeitTrainError, match=r"^pq has no validation split \(validation, val, valid, test\)"):
         pick_split({"train": None}, None, None, "pq")
+
+
+def test_a_tools_refusal_names_its_argument_not_deit_trains_key(tmp_path):
+    """deit-shard SRC and deit-eval DATA build the source deit-train would (locate.py); its refusals name what the
+    tool's user typed (SRC PATH), not the data.root=/data.dataset= key they never typed."""
+    from deit_train.tools.shard import open_source
+
+    (tmp_path / "flat" / "a").mkdir(parents=True)
+    with pytest.raises(DeitTrainError) as refused:
+        open_source(str(tmp_path / "flat"))
+    assert str(refused.value).startswith(f"SRC {tmp_path / 'flat'} has no train/ folder")
+    with pytest.raises(DeitTrainError, match=r"^hf: names no dataset: hf:NAME"):
+        open_source("hf:")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from deit_train.class_results import ClassResult, class_results, describe, worst_classes, write_class_results
-from deit_train.data.sources.locate import locate
+from deit_train.data.sources.locate import in_the_tools_terms, locate
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.models import average_heads, forward_heads
 from deit_train.models.trained_model import TrainedModel, load_trained_model
@@ -34,12 +34,13 @@ def open_eval_folder(
 ):
     """DATA's `split`, labelled in the model's class order: the source `deit-train` would read DATA with
     (data/sources/locate.py), asked for its evaluation split."""
-    source = locate(str(data), image_column=image_column, label_column=label_column)
-    if source is None:
-        root = Path(data).expanduser()
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
-    return source.evaluation(split, trained.transform(), trained.class_names)
+    with in_the_tools_terms(""):
+        source = locate(str(data), image_column=image_column, label_column=label_column)
+        if source is None:
+            root = Path(data).expanduser()
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise DeitTrainError(f"{root} {what}: pass an ImageFolder (one sub-folder per class)")
+        return source.evaluation(split, trained.transform(), trained.class_names)
 
 
 @torch.inference_mode()

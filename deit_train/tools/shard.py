@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from deit_train.data.extras import require
 from deit_train.data.images import READ_ERRORS, read_rgb, reason
 from deit_train.data.sources.base import StoredSplit
-from deit_train.data.sources.locate import locate
+from deit_train.data.sources.locate import in_the_tools_terms, locate
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir
 
@@ -41,13 +41,14 @@ def open_source(
 ) -> tuple[list[StoredSplit], list[str]]:
     """SRC's splits as stored and its class names: the source `deit-train` would read SRC with
     (data/sources/locate.py), asked for them."""
-    located = locate(source, image_column=image_column, label_column=label_column)
-    if located is None:
-        raise DeitTrainError(
-            f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
-            f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME"
-        )
-    return located.stored_splits()
+    with in_the_tools_terms("SRC "):
+        located = locate(source, image_column=image_column, label_column=label_column)
+        if located is None:
+            raise DeitTrainError(
+                f"SRC {source}: expected a folder with train/ and val/ (one sub-folder per class), a local "
+                f"Hugging Face dataset (save_to_disk or Parquet files), or hf:NAME"
+            )
+        return located.stored_splits()
 
 
 def encode(data: bytes, resize: int | None, quality: int, where: str) -> tuple[bytes, str]:

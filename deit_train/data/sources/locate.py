@@ -7,11 +7,15 @@ line in `data_option`, and the methods on its source."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from deit_train.data.sources.base import DataSource, build_source
+from deit_train.errors import DeitTrainError
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -29,6 +33,8 @@ def data_option(text: str) -> tuple[str, dict[str, str]] | None:
     Hugging Face dataset are data=hf, any other folder data=imagefolder; None for a file or a path that is not
     there."""
     if text.startswith("hf:"):
+        if not text[3:].strip():
+            raise DeitTrainError(f"{text} names no dataset: hf:NAME (a Hub dataset) or hf:PATH (a local one)")
         return "hf", {"dataset": text[3:]}
     path = Path(text).expanduser()
     if is_hf_dataset(path):
@@ -60,3 +66,17 @@ def locate(text: str, **keys: object) -> DataSource | None:
     """The source of what the user typed (data_node), built and checked; None where it names no data."""
     node = data_node(text, **keys)
     return None if node is None else build_source(node)
+
+
+@contextmanager
+def in_the_tools_terms(argument: str) -> Iterator[None]:
+    """The refusals of a source built from a tool's argument, in the tool's terms: the key deit-train's user would
+    have typed (data.root=PATH, data.dataset=NAME) becomes the argument as the tool's user typed it (`argument` the
+    words before it: "SRC " for deit-shard, "" for deit-eval's bare DATA)."""
+    try:
+        yield
+    except DeitTrainError as error:
+        message = re.sub(r"\bdata\.(?:root|dataset)=", argument, str(error))
+        if message == str(error):
+            raise
+        raise type(error)(message) from error
