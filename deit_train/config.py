@@ -1,7 +1,6 @@
 """Where the config groups are, and the config of a single run composed as Hydra composes it for its job, without
 Lightning: the command line checks it before Hydra creates anything (cli.py)."""
 
-import importlib
 from pathlib import Path
 
 import deit_train.conf
@@ -16,16 +15,3 @@ def register_schemas() -> None:
     import deit_train.mim.task  # noqa: F401
     import deit_train.schema  # noqa: F401
     import deit_train.tasks  # noqa: F401
-
-
-def locate_class(target: object) -> type | None:
-    """The class a `_target_` names (module.Class), or None where it names none: not a dotted name, a module or name
-    that is not there or fails to import, not a class. Quietly: Hydra's get_class logs a line of its own first."""
-    if not isinstance(target, str) or "." not in target:
-        return None
-    module, _, name = target.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except Exception:  # ImportError, AttributeError, or whatever the module raises while importing
-        return None
-    return found if isinstance(found, type) else None

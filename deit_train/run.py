@@ -82,7 +82,7 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
-        from deit_train.config import locate_class
+        from deit_train.targets import locate_class
         from deit_train.tasks.task import Task
 
         task_class = locate_class(cfg.task.get("_target_"))

@@ -439,14 +439,14 @@ def check_teacher(cfg: DictConfig) -> None:
     for key, network in networks:
         if network.library == "timm" and network.name is not None and not network.checkpoint and not network.pretrained:
             raise teacher_without_weights(network.name)
-        if network.checkpoint:
-            check_weights_path(f"{key}.checkpoint", network.checkpoint)
         if network.library == "transformers" and network.checkpoint:
             raise refuse(
                 f"{key}.checkpoint",
                 network.checkpoint,
                 f"null with {key}.library=transformers: the weights are in the directory {key}.name names",
             )
+        if network.checkpoint:
+            check_weights_path(f"{key}.checkpoint", network.checkpoint)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # OWNER/NAME: one slash, no ./, ~ or / (models/hub.py)

@@ -68,7 +68,7 @@ class Task:
 
 def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
     """The task class a run's checkpoint records (its config's task._target_), or one line saying why none."""
-    from deit_train.config import locate_class
+    from deit_train.targets import locate_class
 
     if run.task is None:
         raise DeitTrainError(
