@@ -100,8 +100,8 @@ def refuse_mixed_modes(args: list[str]) -> None:
 
 
 def refuse_a_bare_command() -> None:
-    """`deit-train` alone would start the default config: DeiT-Ti for the paper's 300 epochs at 224 px on the 32 px
-    demo images (about 20 hours on a laptop CPU). A first command should end in minutes: name the three."""
+    """`deit-train` alone: the default source (an ImageFolder) would refuse it for its missing data.root; a first
+    command is answered with the three that start something instead."""
     fail(
         "deit-train",
         "no run given. Try `deit-train experiment=demo trainer.max_epochs=3` (a small DeiT on generated data, about "
