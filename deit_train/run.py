@@ -82,11 +82,9 @@ class Run:
         from deit_train.data.sources import build_source
 
         self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
-        from deit_train.targets import locate_class
-        from deit_train.tasks.task import Task
+        from deit_train.tasks.task import task_class
 
-        task_class = locate_class(cfg.task.get("_target_"))
-        if task_class is None or not issubclass(task_class, Task):  # checked before anything it names is called
+        if task_class(cfg.task.get("_target_")) is None:  # checked before anything it names is called
             raise DeitTrainError(
                 f"task._target_={cfg.task.get('_target_')} is not a deit-train task (tasks/task.py: Task): choose "
                 f"task=classify, mim or teacher_cache, or name a Task subclass"

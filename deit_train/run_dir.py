@@ -346,15 +346,13 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
 
 def reading_keys(cfg: DictConfig) -> tuple[str, ...]:
     """The data keys a resume may change: those the source data._target_ names (DataSource.reading_keys)."""
-    from hydra.utils import get_class
-
     from deit_train.data.sources.base import DataSource
+    from deit_train.targets import locate_class
 
-    try:
-        source = get_class(OmegaConf.select(cfg, "data._target_", default=""))
-    except (ImportError, ValueError):  # no source: build_source names the problem
+    source = locate_class(OmegaConf.select(cfg, "data._target_", default=""))
+    if source is None or not issubclass(source, DataSource):  # no source: build_source names the problem
         return ()
-    return tuple(f"data.{key}" for key in source.reading_keys) if issubclass(source, DataSource) else ()
+    return tuple(f"data.{key}" for key in source.reading_keys)
 
 
 def check_resume(

@@ -66,18 +66,25 @@ class Task:
         )
 
 
-def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
-    """The task class a run's checkpoint records (its config's task._target_), or one line saying why none."""
+def task_class(target: object) -> type[Task] | None:
+    """The Task subclass a task._target_ names, located without calling it; None where it names none (a module or
+    class that is not there, a callable that is not a task): a run's config and a checkpoint's record alike."""
     from deit_train.targets import locate_class
 
+    found = locate_class(target)
+    return found if found is not None and issubclass(found, Task) else None
+
+
+def task_of(run: RunCheckpoint, path: Path) -> type[Task]:
+    """The task class a run's checkpoint records (its config's task._target_), or one line saying why none."""
     if run.task is None:
         raise DeitTrainError(
             f"{path} records no task (its run config has no task._target_): a checkpoint of an older deit-train, "
             f"which this one cannot rebuild; load it with the version that wrote it, or train from it again "
             f"(deit-train model.init={path} ...)"
         )
-    task = locate_class(run.task)
-    if not (task is not None and issubclass(task, Task)):
+    task = task_class(run.task)
+    if task is None:
         raise DeitTrainError(
             f"{path} was trained by task {run.task}, which is not a deit-train task here (task=classify, mim, ...): "
             f"load it where that task is installed"

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deit_train.data.sources.base import DataSource, build_source
 from deit_train.errors import DeitTrainError
+from deit_train.targets import locate_class
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -47,8 +48,6 @@ def data_option(text: str) -> tuple[str, dict[str, str]] | None:
 def data_node(text: str, **keys: object) -> DictConfig | None:
     """The `data` node `deit-train` composes for `text` (data_option), with those of `keys` that its source takes
     and that are given (not None): a tool's --label-column is a Hugging Face dataset's, not a folder's."""
-    from hydra.utils import get_class
-
     from deit_train.config import CONFIG_DIR
 
     found = data_option(text)
@@ -57,7 +56,7 @@ def data_node(text: str, **keys: object) -> DictConfig | None:
     option, values = found
     node = OmegaConf.load(Path(CONFIG_DIR) / "data" / f"{option}.yaml")
     node.pop("defaults", None)  # the typed schema: build_source's dataclass
-    takes = {field.name for field in dataclasses.fields(get_class(node._target_))}
+    takes = {field.name for field in dataclasses.fields(locate_class(node._target_))}
     node.merge_with({**values, **{key: value for key, value in keys.items() if value is not None and key in takes}})
     return node
 
