@@ -598,6 +598,14 @@ def test_integer_labels_train_and_evaluate_alike_and_an_empty_class_is_named(
     none = demo_as_hf(demo_data, tmp_path / "none", {"test": "val"}, lambda n, labels: [-1] * len(labels), integer=True)
     with pytest.raises(DeitTrainError, match=r"\[test\] is unlabelled \(all 40 rows have label -1.*deit-predict"):
         open_eval_folder(none, "test", trained, label_column="label")
+    # deit-eval's default --split val on a dataset with no validation split: said as the option the user has
+    train_only = demo_as_hf(demo_data, tmp_path / "train_only", {"train": "train"}, one_based, integer=True)
+    with pytest.raises(DeitTrainError) as refused:
+        open_eval_folder(train_only, "val", trained, label_column="label")
+    assert str(refused.value) == (
+        f"{train_only} has no validation split (validation, val, valid, test): its splits are ['train']; "
+        "pass --split NAME"
+    )
 
 
 def test_each_message_names_an_option_its_tool_has(tiny_config, demo_data, shards, tmp_path, capsys):

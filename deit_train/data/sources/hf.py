@@ -119,10 +119,9 @@ class HFSource(DataSource):
         classes by name (a ClassLabel's names; integer labels k as class "k", as training names them); unlabelled
         rows (-1) left out, with a warning."""
         splits = self.splits()
-        if split not in splits and split != "val":
-            raise DeitTrainError(
-                f"{self.dataset} has no split {split!r}: its splits are {sorted(splits)}; pass --split NAME"
-            )
+        if split not in splits and (split != "val" or not any(name in splits for name in VAL_SPLITS)):
+            asked = f"split {split!r}" if split != "val" else f"validation split ({', '.join(VAL_SPLITS)})"
+            raise DeitTrainError(f"{self.dataset} has no {asked}: its splits are {sorted(splits)}; pass --split NAME")
         name, table = pick_split(splits, split if split in splits else None, "--split", self.dataset)
         where = f"{self.dataset}[{name}]"
         image_column, label_column = find_columns(
