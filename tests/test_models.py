@@ -221,6 +221,8 @@ def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(
     save_run_checkpoint(tmp_path / "mim.ckpt", MaskedImageModel(student), vit, None, prefix="model.", task=MIM)
     with pytest.raises(DeitTrainError, match=r"is a deit-train task=mim run: an encoder without classifier heads"):
         build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "mim.ckpt")), ["a", "b"])
+    with pytest.raises(DeitTrainError, match=r"task=mim run"):  # under another name too: renaming would not help
+        build_teacher_network(teacher_config(name="resnet18", checkpoint=str(tmp_path / "mim.ckpt")), ["a", "b"])
     # the recorded task decides, not missing class names: a classify run that lost them is no task=mim run
     save_run_checkpoint(tmp_path / "stripped.ckpt", student, vit, None)
     with pytest.raises(DeitTrainError, match=r"stripped.ckpt: its class names are not a list of strings \(None\)"):

@@ -66,12 +66,12 @@ def trained_network(cfg: DictConfig, run: RunCheckpoint, class_names: list[str],
     model = run.model_config()
     recorded = f"teacher.checkpoint={cfg.checkpoint} is a deit-train run of {model.name} at {model.img_size} px"
     entry = " (a teacher.members entry: its {})"
+    path = Path(cfg.checkpoint)
+    network = task_of(run, path).inference_model(run, path, ema=False, classifier=True).model  # a task=mim run: no
     if not same_architecture(cfg.name, model.name):
         raise DeitTrainError(
             f"{recorded}, not teacher.name={cfg.name}: set teacher.name={model.name}{entry.format('name')}"
         )
-    path = Path(cfg.checkpoint)
-    network = task_of(run, path).inference_model(run, path, ema=False, classifier=True).model
     patches = getattr(network, "patch_embed", None)
     fixed = patches is not None and getattr(patches, "strict_img_size", False)
     if fixed and img_size not in (None, model.img_size):
