@@ -268,6 +268,41 @@ TRAINER_RULES = {
     "precision": OneOf("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 
+LIGHTNING_TRAINER = "lightning.pytorch.Trainer"
+
+
+def lightning_trainer_arguments() -> list[str] | None:
+    """The arguments of the installed Lightning's Trainer, read from its source in milliseconds: importing it takes
+    seconds, and a misspelt +trainer.KEY would be refused only then. None where the source is not laid out as
+    Lightning 2 keeps it: the Trainer itself refuses the key when it is built."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("lightning")
+    source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py" if spec and spec.origin else None
+    if source is None or not source.is_file():
+        return None
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef) and method.name == "__init__" and method.args.kwarg is None:
+                    return [arg.arg for arg in [*method.args.args[1:], *method.args.kwonlyargs]]
+    return None
+
+
+def check_trainer_keys(trainer: DictConfig) -> None:
+    """Every trainer.KEY is an argument of Lightning's Trainer (conf/trainer/ holds some; `+trainer.KEY` adds any)."""
+    names = lightning_trainer_arguments() if trainer.get("_target_") == LIGHTNING_TRAINER else None
+    for key in trainer if names else ():
+        if key not in names and not str(key).startswith("_"):
+            close = difflib.get_close_matches(str(key), names, n=1)
+            meant = f" (did you mean trainer.{close[0]}?)" if close else ""
+            raise DeitTrainError(
+                f"trainer.{key} is not an argument of Lightning's Trainer{meant}: its arguments are listed at "
+                "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags"
+            )
+
+
 NULLABLE_TRAINER_KEYS = ("gradient_clip_val", "check_val_every_n_epoch", "limit_train_batches")  # Lightning's default
 
 
@@ -355,6 +390,7 @@ def check(cfg: DictConfig) -> None:
     """Unset values, each field's rule and the rules across fields of a composed config; the first problem as one
     DeitTrainError. The task's own rules follow (Task.check)."""
     check_known_keys(cfg, schema=TrainConfig)
+    check_trainer_keys(cfg.trainer)
     check_instantiated_groups(cfg)
     # Values left unset: ??? in a config group, or listed under `required` by a preset (model.init).
     missing = sorted(OmegaConf.missing_keys(cfg) | {k for k in cfg.required if OmegaConf.select(cfg, k) is None})

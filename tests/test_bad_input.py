@@ -94,6 +94,12 @@ CORPUS = {
         ("trainer.max_epochs=2.5", "trainer.max_epochs=2.5: expected a whole number"),
         ("trainer.devices=0", "trainer.devices=0"),
         ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0"),  # would train nothing, save nothing
+        # a key the Trainer does not take, before Lightning is imported (8 s later, by Lightning, before)
+        (
+            "+trainer.max_epoch=1",
+            "trainer.max_epoch is not an argument of Lightning's Trainer (did you mean trainer.max_epochs?)",
+        ),
+        ("+trainer.foo=1", "trainer.foo is not an argument of Lightning's Trainer: its arguments are listed at https:"),
         ("trainer.check_val_every_n_epoch=50", "at most trainer.max_epochs=35"),  # would never validate
         ("loss.tau=inf", "loss.tau=inf"),  # inf and nan are never a setting
         ("optim.weight_decay=nan", "optim.weight_decay=nan"),
@@ -157,6 +163,7 @@ def test_a_bad_value_is_refused_in_one_line_before_the_run(group, line, named, c
         "model=deit_tiny",
         "loss=soft_distill teacher=timm teacher.checkpoint=x.pt",
         "data.batch_size=8 trainer=ddp_cpu augment.mixup=0.8",
+        "+trainer.fast_dev_run=true +trainer.profiler=simple",  # Lightning's own arguments, added with +
     ],
 )
 def test_good_command_lines_pass_the_check(line, capsys, tmp_path, monkeypatch):
@@ -164,6 +171,18 @@ def test_good_command_lines_pass_the_check(line, capsys, tmp_path, monkeypatch):
     (tmp_path / "x.pt").touch()  # a teacher.checkpoint that is there (what it holds is read when the run builds)
     refuse_bad_command_line(["experiment=demo", *line.split()])
     assert capsys.readouterr().err == ""
+
+
+def test_the_trainer_arguments_read_from_lightnings_source_are_its_signatures():
+    """schema.lightning_trainer_arguments parses the installed Trainer's source instead of importing it (seconds):
+    the names it reads are the ones inspect finds on the imported class."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from deit_train.schema import lightning_trainer_arguments
+
+    assert lightning_trainer_arguments() == list(inspect.signature(Trainer.__init__).parameters)[1:]
 
 
 def test_sweeps_and_hydra_flags_are_left_to_hydra(capsys):

@@ -345,6 +345,7 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         (["data.root=/nonexistent/imagenet"], 2),
         (["seed=1"], 2),  # no data named: refused, not the paper's 300 epochs on the demo images
         (["+modle.name=x"], 2),  # a key no node has
+        (["+trainer.max_epoch=1"], 2),  # a key Lightning's Trainer does not take, read from its source
         # the data's rules that read no image: the layout, the class folders of train/ and val/
         (["data.root={folders}/flat"], 2),
         (["data.root={folders}/mismatched"], 2),
