@@ -349,6 +349,7 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision
         # the data's rules that read no image: the layout, the class folders of train/ and val/
         (["data.root={folders}/flat"], 2),
         (["data.root={folders}/mismatched"], 2),
+        (["data.root={folders}/empty_class"], 2),  # a class folder without images: listed until one is found
     ],
 )
 def test_the_command_line_answers_without_importing_torch(args, status, tmp_path, tmp_path_factory):
@@ -359,6 +360,10 @@ def test_the_command_line_answers_without_importing_torch(args, status, tmp_path
     folders = tmp_path_factory.mktemp("folders")
     for folder in ("flat/a", "mismatched/train/cat", "mismatched/train/dog", "mismatched/val/cat"):
         (folders / folder).mkdir(parents=True)
+    for folder in ("train/cat", "train/dog", "val/cat", "val/dog"):
+        (folders / "empty_class" / folder).mkdir(parents=True)
+        if folder != "train/dog":
+            (folders / "empty_class" / folder / "1.png").touch()
     args = [arg.format(folders=folders) for arg in args]
     probe = (
         "import sys, runpy\n"

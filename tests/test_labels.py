@@ -369,6 +369,7 @@ def read_by_folders(ours, theirs, tmp):
     for split, classes in (("train", ours), ("val", theirs)):
         for name in classes:
             (tmp / split / name).mkdir(parents=True)
+            (tmp / split / name / "0.png").write_bytes(PNG)  # a class folder holds an image (else refused)
     cfg = ImageFolderSource(**{"root": str(tmp)})
     assert cfg.class_names() == ours
 

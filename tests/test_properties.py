@@ -424,3 +424,72 @@ def test_a_drawn_checkpoint_file_is_read_or_refused_in_one_line_and_never_runs_c
             assert "\n" not in str(refused) and str(path) in str(refused), str(refused)
             assert "weights_only=False" not in str(refused)
     assert not MARKER.exists(), "pickled code ran"
+
+
+def listed_by_os_walk(folder: Path) -> list[tuple[Path, str]]:
+    """The reference for data/images.py's find_images: os.walk following links, each real folder and file once,
+    hidden names and other extensions left out (find_images was written this way before it was made lazy)."""
+    from deit_train.data.images import IMAGE_EXTENSIONS, is_hidden
+
+    found, seen_folders, seen_files = [], set(), set()
+    for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen_folders:
+            subdirectories[:] = []
+            continue
+        seen_folders.add(real)
+        subdirectories[:] = sorted(d for d in subdirectories if not is_hidden(d))
+        for name in names:
+            path = Path(directory, name)
+            if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            real_file = os.path.realpath(path) if path.is_symlink() else os.path.join(real, name)
+            if real_file not in seen_files:
+                seen_files.add(real_file)
+                found.append((path, real_file))
+    return sorted(found)
+
+
+ENTRY_NAMES = st.sampled_from(["a", "b", ".hidden", "__MACOSX", "x.png", "y.JPG", ".z.png", "w.txt", "v.webp"])
+
+
+@settings(max_examples=60 * SCALE)
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.lists(ENTRY_NAMES, min_size=1, max_size=3),  # a path below the folder
+            st.sampled_from(["folder", "file", "link to a folder above", "link to a file", "broken link"]),
+        ),
+        max_size=12,
+    )
+)
+def test_find_images_lists_what_os_walk_lists_and_has_images_agrees(entries):
+    """find_images (a lazy walk, which has_images stops at its first image) against the os.walk reference on drawn
+    trees of folders, hidden and other files, links up (loops), links to files and broken links."""
+    import tempfile
+
+    from deit_train.data.images import find_images, has_images
+
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary) / "root"
+        root.mkdir()
+        for parts, kind in entries:
+            path = root.joinpath(*parts)
+            if path.exists() or path.is_symlink() or any(p.is_symlink() or p.is_file() for p in path.parents):
+                continue  # taken, or inside a link or a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "folder":
+                path.mkdir()
+            elif kind == "file":
+                path.write_bytes(b"\x89PNG")
+            elif kind == "link to a folder above":
+                path.symlink_to(path.parent.parent if path.parent != root else root)
+            elif kind == "link to a file":
+                (root / "target.png").write_bytes(b"\x89PNG")
+                path.symlink_to(root / "target.png")
+            else:
+                path.symlink_to(root / "missing.png")
+        for folder in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            listed = find_images(folder)
+            assert listed == listed_by_os_walk(folder), folder
+            assert has_images(folder) == bool(listed), folder

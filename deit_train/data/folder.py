@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from deit_train.data.images import (
-    IMAGE_EXTENSIONS,
     EncodedImage,
+    check_classes_hold_images,
     class_folders,
     find_images,
     load_image,
@@ -66,11 +66,7 @@ class ImageFolder(datasets.ImageFolder):
                         f"it would be trained with two labels. Remove the link, or keep the image in one class"
                     )
                 samples.append((str(path), index))
-        if empty:
-            raise DeitTrainError(
-                f"{directory}: the class folder(s) {empty[:5]} hold no images (extensions: "
-                f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
-            )
+        check_classes_hold_images(Path(directory), list(class_to_idx), empty)
         return samples
 
 

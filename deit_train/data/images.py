@@ -14,7 +14,7 @@ a large JPEG at a reduced DCT scale where the crop allows (data/decode.py, data.
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from deit_train.errors import DataError
+from deit_train.errors import DataError, DeitTrainError
 
 # torchvision's IMG_EXTENSIONS (tests/test_data.py compares), and GIF (its first frame), common in scraped data; written
 # here so that reading a folder's listing imports no torchvision
@@ -56,23 +56,52 @@ def find_images(folder: Path) -> list[tuple[Path, str]]:
     """(path, real path) of every image file below `folder` outside hidden folders, sorted by path. Links are
     followed (a subset of a dataset made of links is common), each real folder once: a link back to a folder above
     it (a loop) adds nothing, and a file reached twice counts once."""
-    found, seen_folders, seen_files = [], set(), set()
-    for directory, subdirectories, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen_folders:
-            subdirectories[:] = []
-            continue
-        seen_folders.add(real)
-        subdirectories[:] = sorted(d for d in subdirectories if not is_hidden(d))
-        for name in names:
-            path = Path(directory, name)
-            if is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-                continue
-            real_file = os.path.realpath(path) if path.is_symlink() else os.path.join(real, name)
-            if real_file not in seen_files:
-                seen_files.add(real_file)
-                found.append((path, real_file))
-    return sorted(found)
+    return sorted(walk_images(Path(folder), set(), set()))
+
+
+def has_images(folder: Path) -> bool:
+    """Whether find_images(folder) finds any, reading no more of the listing than the first image found needs."""
+    return next(walk_images(Path(folder), set(), set()), None) is not None
+
+
+def walk_images(folder: Path, seen_folders: set[str], seen_files: set[str]) -> Iterator[tuple[Path, str]]:
+    """find_images's files as they are listed: a folder's own files, then its sub-folders' in sorted order. A
+    folder that cannot be listed holds none (as os.walk has it)."""
+    real = os.path.realpath(folder)
+    if real in seen_folders:
+        return
+    seen_folders.add(real)
+    subfolders = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if is_hidden(entry.name):
+                    continue
+                if entry.is_dir():  # a link to a folder too
+                    subfolders.append(entry.name)
+                    continue
+                path = folder / entry.name
+                if path.suffix.lower() not in IMAGE_EXTENSIONS or not entry.is_file():  # a broken link: no file
+                    continue
+                real_file = os.path.realpath(path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    yield path, real_file
+    except OSError:
+        return
+    for name in sorted(subfolders):
+        yield from walk_images(folder / name, seen_folders, seen_files)
+
+
+def check_classes_hold_images(folder: Path, classes: list[str], empty: list[str] | None = None) -> None:
+    """Each class folder of an ImageFolder split holds an image (`empty`: those found without, where the caller has
+    listed them): a class without any could neither be learned nor scored."""
+    empty = [name for name in classes if not has_images(folder / name)] if empty is None else empty
+    if empty:
+        raise DeitTrainError(
+            f"{folder}: the class folder(s) {empty[:5]} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)}); "
+            f"add images or remove the folder(s)"
+        )
 
 
 def class_folders(folder: Path) -> list[str]:

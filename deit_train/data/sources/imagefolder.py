@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from deit_train.data.images import (
     DECODE_MODES,
     IMAGE_EXTENSIONS,
+    check_classes_hold_images,
     class_folders,
     image_files,
     unreadable,
@@ -57,6 +58,8 @@ class FolderSource(DataSource):
             "train/",
             "Labels would not match: give val/ the class folders of train/",
         )
+        for split in ("train", "val"):  # listed until an image is found: an empty class refused before torch
+            check_classes_hold_images(root / split, train_classes)
         return train_classes
 
     def split(self, split: str, transform) -> Dataset:
