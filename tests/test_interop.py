@@ -334,7 +334,8 @@ def test_bad_sources_each_give_one_clear_error(trained_run, exported, tmp_path):
     (no_weights / "config.json").write_text((exported / "transformers" / "config.json").read_text())
     with pytest.raises(DeitTrainError, match="no model.safetensors"):
         load_trained_model(no_weights)
-    result = run_tool("predict", tmp_path / "missing.ckpt", tmp_path, cwd=tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")  # (the images are looked for first)
+    result = run_tool("predict", tmp_path / "missing.ckpt", tmp_path / "image.png", cwd=tmp_path)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -9,20 +9,20 @@ classes; --json writes them as JSON, --out DIR writes results.json with the per-
 per_class.csv, confusion.csv, confusion.png).
 """
 
+from __future__ import annotations
+
 import json
 import time
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from typing import TYPE_CHECKING
 
 from deit_train.class_results import ClassResult, class_results, describe, worst_classes, write_class_results
 from deit_train.data.sources.locate import in_the_tools_terms, locate
 from deit_train.errors import DeitTrainError, error_boundary
-from deit_train.models import average_heads, forward_heads
-from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir, writable_file, write_text
+
+if TYPE_CHECKING:  # torch, torchmetrics and the models are imported once the arguments are read (--help: at once)
+    from deit_train.models.trained_model import TrainedModel
 
 
 def open_eval_folder(
@@ -43,8 +43,20 @@ def open_eval_folder(
         return source.evaluation(split, trained.transform(), trained.class_names)
 
 
-@torch.inference_mode()
 def evaluate(trained: TrainedModel, dataset, batch_size: int = 64, num_workers: int = 2) -> dict:
+    import torch
+
+    with torch.inference_mode():
+        return scores(trained, dataset, batch_size, num_workers)
+
+
+def scores(trained: TrainedModel, dataset, batch_size: int, num_workers: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+    from deit_train.models import average_heads, forward_heads
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = trained.model.to(device)
     num_classes = len(trained.class_names)
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             writable_file(args.json, "--json")
         if args.out:
             new_output_dir(args.out, "--out")
+        from deit_train.models.trained_model import load_trained_model
+
         trained = load_trained_model(args.model, ema=args.ema)
         dataset = open_eval_folder(args.data, args.split, trained, args.image_column, args.label_column)
         result = {

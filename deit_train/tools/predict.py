@@ -5,17 +5,20 @@ recursively for images. The prediction is the softmax of the average of the two 
 cannot be read gets an {"image", "error"} line, and the exit status is then 3.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
 from deit_train.errors import DataError, DeitTrainError, error_boundary
-from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.tools.arguments import ArgumentParser, at_least
+
+if TYPE_CHECKING:  # torch and the models are imported once the arguments are read (--help: at once)
+    from deit_train.models.trained_model import TrainedModel
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -35,9 +38,10 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-@torch.inference_mode()
 def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size: int = 32) -> Iterator[dict]:
     """One record per image: {"image", "predictions": [{"label", "score"}, ...]} or {"image", "error"}."""
+    import torch
+
     transform = trained.transform()
     top_k = min(top_k, len(trained.class_names))
     for start in range(0, len(paths), batch_size):
@@ -50,7 +54,8 @@ def predict(trained: TrainedModel, paths: list[Path], top_k: int = 5, batch_size
                 yield {"image": str(path), "error": str(error)}
         if not batch:
             continue
-        logits = trained.model(torch.stack(batch))
+        with torch.inference_mode():
+            logits = trained.model(torch.stack(batch))
         if not torch.isfinite(logits).all():
             raise DeitTrainError(
                 "the model's outputs are NaN or inf: its weights are not usable (a diverged run?). "
@@ -78,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     failed = 0
     with error_boundary("deit-predict"):
+        paths = image_paths(args.images)  # before the model is loaded: a missing image is said at once
+        from deit_train.models.trained_model import load_trained_model
+
         trained = load_trained_model(args.model, ema=args.ema)
-        for record in predict(trained, image_paths(args.images), args.top_k, args.batch_size):
+        for record in predict(trained, paths, args.top_k, args.batch_size):
             print(json.dumps(record), flush=True)
             if "error" in record:
                 failed += 1
