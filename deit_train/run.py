@@ -77,24 +77,7 @@ class Run:
         (the command line's first process): the run directory too (RunDirectory.check), after the config's own
         rules; a finished run that resume=true leaves as it is (self.finished) then needs no other check."""
         cfg = self.cfg
-        schema.check(cfg)
-        from deit_train.callbacks import check_callbacks
-        from deit_train.data.sources import build_source
-
-        self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
-        from deit_train.tasks.task import task_class
-
-        if task_class(cfg.task.get("_target_")) is None:  # checked before anything it names is called
-            raise DeitTrainError(
-                f"task._target_={cfg.task.get('_target_')} is not a deit-train task (tasks/task.py: Task): choose "
-                f"task=classify, mim or teacher_cache, or name a Task subclass"
-            )
-        try:
-            self.task = instantiate(cfg.task)
-        except Exception as error:  # a field the task does not take
-            detail = " ".join(str(error).split(", set env var HYDRA_FULL_ERROR")[0].split())
-            raise DeitTrainError(f"task: {detail}") from error
-        self.task.check(cfg)
+        self.check_config()
         # A rule on how Hydra runs this job, which only the running job knows: it cannot be in the schema.
         if relaunches_ranks_inside_a_sweep(cfg):
             raise DeitTrainError(
@@ -116,7 +99,32 @@ class Run:
         self.datamodule = self.task.datamodule(cfg, self.source)
         self.datamodule.check_batch_fits(named_world_size(cfg), cfg.trainer.accumulate_grad_batches)
         schema.check_optimizer(cfg.optim)
+        from deit_train.callbacks import check_callbacks
+
         check_callbacks(cfg.callbacks)
+        return self.task
+
+    def check_config(self) -> Task:
+        """The config's own rules: the schema's, the data source's keys and the task's (which read no data and
+        import neither torch nor Lightning). A sweep checks each of its jobs with them before the first starts."""
+        cfg = self.cfg
+        schema.check(cfg)
+        from deit_train.data.sources import build_source
+
+        self.source = self.source or build_source(cfg.data)  # the data source's own keys and rules
+        from deit_train.tasks.task import task_class
+
+        if task_class(cfg.task.get("_target_")) is None:  # checked before anything it names is called
+            raise DeitTrainError(
+                f"task._target_={cfg.task.get('_target_')} is not a deit-train task (tasks/task.py: Task): choose "
+                f"task=classify, mim or teacher_cache, or name a Task subclass"
+            )
+        try:
+            self.task = instantiate(cfg.task)
+        except Exception as error:  # a field the task does not take
+            detail = " ".join(str(error).split(", set env var HYDRA_FULL_ERROR")[0].split())
+            raise DeitTrainError(f"task: {detail}") from error
+        self.task.check(cfg)
         return self.task
 
     # ------------------------------------------------------------------------------------------------------ claim

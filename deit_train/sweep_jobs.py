@@ -150,11 +150,41 @@ def end_sweep(message: str, status: int) -> None:
     sys.exit(status)
 
 
+def check_jobs(config: DictConfig) -> None:
+    """Each job of a basic sweep checked by the config's own rules (Run.check_config: the schema's, the source's
+    keys, the task's) before the first starts. A sweep none of whose jobs could run (+trainer.max_epoch=3 in all)
+    is refused in one line, where each job found it after a Slurm queue; one some of whose jobs are refused (a grid
+    with combinations the rules refuse) runs the others, and says which will fail first. The rules that read data
+    or hardware stay with each job, which runs them where it runs."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from deit_train.errors import DeitTrainError
+    from deit_train.run import Run
+
+    jobs = expected_jobs(config) or []
+    output_dir = f"paths.output_dir={Path(str(config.hydra.sweep.dir)).absolute()}"  # the job's, for the rules
+    refused = {}
+    for number, overrides in enumerate(jobs):
+        try:
+            Run(compose(config.hydra.job.config_name, [*overrides, output_dir])).check_config()
+        except DeitTrainError as error:
+            refused[number] = f"sweep job {number} ({' '.join(overrides)}): {' '.join(str(error).split())}"
+        except (HydraException, OmegaConfBaseException):  # Hydra's to refuse, or known in the job only: its
+            continue  # ${hydra:job.num}, say
+    if jobs and len(refused) == len(jobs):
+        end_sweep(f"no job of the sweep can run; {refused[0]}. No job was started", 2)
+    for line in refused.values():
+        log.warning("deit-train: %s; it will fail, and the other jobs run", line)
+
+
 class SweepSummary(Callback):
-    """Refuses a sweep into an earlier sweep's directory before Hydra writes there; ends a sweep with one line and
-    a non-zero exit status when a job failed."""
+    """Refuses a sweep into an earlier sweep's directory, or one of whose jobs the config's rules refuse, before
+    Hydra writes there; ends a sweep with one line and a non-zero exit status when a job failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        check_jobs(config)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             held = earlier_sweep(sweep_dir)
@@ -188,7 +218,7 @@ class SweepSummary(Callback):
         if not failed:
             log.info("sweep: all %d jobs finished (%s)", total, sweep_dir)
             return
-        common = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+        common = set.intersection(*(set(job) for job in jobs)) if len(jobs or []) > 1 else set()  # one job: all
         listed = "; ".join(
             f"{f.directory.relative_to(sweep_dir)} ({' '.join(o for o in f.overrides if o not in common)}"
             f", exit {f.exit_status})"

@@ -168,6 +168,12 @@ def test_a_drawn_sweep_finishes_every_good_job_and_records_every_failed_one(kind
     result = run_sweep(*overrides, tmp_path=tmp_path, cache_dir=cache_dir)
     sweep_dir, output = tmp_path / "sweep", result.stdout + result.stderr
     assert "Traceback" not in output, output
+    if set(kinds) == {"refused"}:  # no job could run: refused before any starts (sweep_jobs.check_jobs)
+        assert result.returncode == 2 and not sweep_dir.exists(), output
+        assert result.stderr.strip().splitlines()[-1].startswith("deit-train: error: no job of the sweep can run")
+        return
+    for i, kind in enumerate(kinds):  # said before the first job starts
+        assert (f"sweep job {i} (" in output.split("sweep job 0 failed")[0]) == (kind == "refused"), output
     failed = [i for i, kind in enumerate(kinds) if kind != "ok"]
     for i, kind in enumerate(kinds):
         job = sweep_dir / str(i)
@@ -194,6 +200,46 @@ def test_a_drawn_sweep_finishes_every_good_job_and_records_every_failed_one(kind
     assert f"{len(failed)} of {len(kinds)} jobs failed:" in table, table
     for i in failed:
         assert f"- {i} (loss.alpha={alphas[i]}" in table, table
+
+
+def sweep_config(*overrides: str, sweep_dir: Path):
+    """The config a `deit-train -m` sweep's callbacks are given: its hydra node holds the command line's
+    overrides, the sweep's (a,b) among them."""
+    from omegaconf import open_dict
+
+    config = compose("train", overrides=["experiment=demo"], return_hydra_config=True)  # Hydra initialized
+    with open_dict(config):
+        config.hydra.overrides.task = ["experiment=demo", *overrides]
+        config.hydra.sweep.dir = str(sweep_dir)
+        config.hydra.job.config_name = "train"
+    return config
+
+
+def test_a_sweep_no_job_of_which_can_run_is_refused_before_any_starts(tmp_path, capsys, caplog):
+    """Each job's config is checked by the config's rules before the first job starts (sweep_jobs.check_jobs): a
+    sweep none of whose jobs can run ends in one line, where each job found it after the others, or a Slurm queue;
+    one with some jobs refused (a grid with combinations the rules refuse) names them and runs the others."""
+    from deit_train.sweep_jobs import check_jobs
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # Hydra's, as in the sweep's process
+        with pytest.raises(SystemExit) as ended:
+            check_jobs(sweep_config("seed=0,1", "+trainer.max_epoch=3", sweep_dir=tmp_path / "s"))  # a typo in all
+        assert ended.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [
+            "deit-train: error: no job of the sweep can run; sweep job 0 (experiment=demo seed=0 +trainer.max_epoch=3)"
+            ": trainer.max_epoch is not an argument of Lightning's Trainer (did you mean trainer.max_epochs?): its "
+            "arguments are listed at https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags. No "
+            "job was started"
+        ]
+        check_jobs(sweep_config("model.depth=1,0,2", sweep_dir=tmp_path / "s"))  # jobs 0 and 2 run
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warned == [
+            "deit-train: sweep job 1 (experiment=demo model.depth=0): model.depth=0: expected a number of blocks >= 1; "
+            "it will fail, and the other jobs run"
+        ]
+        check_jobs(sweep_config("model.depth=1,2", "seed=0,1", sweep_dir=tmp_path / "s"))
+    assert capsys.readouterr().err == "" and not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow
