@@ -2,7 +2,6 @@
 created there, and only that; whatever the directory held before stays, byte for byte."""
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,34 +57,34 @@ def test_a_refused_start_removes_only_what_it_created(names, existed, tiny_confi
         assert files_under(run_dir) == before  # what was there stays, nothing else is left
 
 
-def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path, cache_dir):
+def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path, cache_dir, capsys, monkeypatch):
     """A 24-image folder and a batch of 32: refused with exit 2 in one line, before the model summary, and no run
-    directory left (it was refused after writing .hydra/, csv/, train.log and the lock)."""
+    directory left (it was refused after writing .hydra/, csv/, train.log and the lock). The command line's own
+    cli(), in this process (a subprocess took 8 s of imports)."""
+    from deit_train.cli import cli
+
     for split, count in (("train", 12), ("val", 2)):
         for name in ("a", "b"):
             folder = tmp_path / "data" / split / name
             folder.mkdir(parents=True)
             for index in range(count):
                 Image.new("RGB", (16, 16), (index * 20, 0, 0)).save(folder / f"{index}.png")
-    command = [
-        sys.executable,
-        "-m",
-        "deit_train",
-        *layered(
-            [
-                *TINY_RUN,
-                *TINY_VIT,
-                "data=imagefolder",
-                f"data.root={tmp_path / 'data'}",
-                "data.batch_size=32",
-                f"paths.cache_dir={cache_dir}",
-                f"hydra.run.dir={tmp_path / 'run'}",
-            ]
-        ),
+    args = [
+        *TINY_RUN,
+        *TINY_VIT,
+        "data=imagefolder",
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=32",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["deit-train", *layered(args)])
+    with pytest.raises(SystemExit) as refused:
+        cli()
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert refused.value.code == 2 and len(lines) == 1, out + err
     assert "data.batch_size=32 puts 32 images per device in a batch, but each device draws only 24" in lines[0]
     assert not (tmp_path / "run").exists()
-    assert "student" not in result.stdout  # refused before the model was built
+    assert "student" not in out  # refused before the model was built
