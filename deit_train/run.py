@@ -105,8 +105,8 @@ class Run:
         return self.task
 
     def check_config(self) -> Task:
-        """The config's own rules: the schema's, the data source's keys and the task's (which read no data and
-        import neither torch nor Lightning). A sweep checks each of its jobs with them before the first starts."""
+        """The config's own rules: the schema's, the data source's keys and the task's, which read no data. A sweep
+        checks each of its jobs with them before the first starts (sweep_jobs.check_jobs)."""
         cfg = self.cfg
         schema.check(cfg)
         from deit_train.data.sources import build_source

@@ -268,7 +268,9 @@ TRAINER_RULES = {
     "precision": OneOf("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 
-LIGHTNING_TRAINER = "lightning.pytorch.Trainer"
+# Lightning's Trainer under the names it is imported by (conf/trainer/ writes the first)
+LIGHTNING_TRAINER = ("lightning.pytorch.Trainer", "lightning.Trainer", "lightning.pytorch.trainer.trainer.Trainer")
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")  # instantiate's, not the class's
 
 
 def lightning_trainer_arguments() -> list[str] | None:
@@ -292,9 +294,9 @@ def lightning_trainer_arguments() -> list[str] | None:
 
 def check_trainer_keys(trainer: DictConfig) -> None:
     """Every trainer.KEY is an argument of Lightning's Trainer (conf/trainer/ holds some; `+trainer.KEY` adds any)."""
-    names = lightning_trainer_arguments() if trainer.get("_target_") == LIGHTNING_TRAINER else None
+    names = lightning_trainer_arguments() if trainer.get("_target_") in LIGHTNING_TRAINER else None
     for key in trainer if names else ():
-        if key not in names and not str(key).startswith("_"):
+        if key not in names and key not in HYDRA_KEYS:
             close = difflib.get_close_matches(str(key), names, n=1)
             meant = f" (did you mean trainer.{close[0]}?)" if close else ""
             raise DeitTrainError(
@@ -361,7 +363,7 @@ def check_known_keys(node: DictConfig, prefix: str = "", schema: type | None = N
     if dataclasses.is_dataclass(schema):
         names = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
         for key in node:
-            if key not in names and not str(key).startswith("_"):
+            if key not in names and key not in HYDRA_KEYS:
                 raise DeitTrainError(f"{prefix}{key} is not a key of the config: {takes(f'{prefix}{key}', names)}")
     for key in node:
         child = node._get_node(key)

@@ -152,27 +152,40 @@ def end_sweep(message: str, status: int) -> None:
 
 def check_jobs(config: DictConfig) -> None:
     """Each job of a basic sweep checked by the config's own rules (Run.check_config: the schema's, the source's
-    keys, the task's) before the first starts. A sweep none of whose jobs could run (+trainer.max_epoch=3 in all)
-    is refused in one line, where each job found it after a Slurm queue; one some of whose jobs are refused (a grid
-    with combinations the rules refuse) runs the others, and says which will fail first. The rules that read data
-    or hardware stay with each job, which runs them where it runs."""
+    keys, the task's) before the first starts, composed as Hydra composes the job (its ${hydra:job.num} and output
+    directory). A sweep none of whose jobs could run (+trainer.max_epoch=3 in all, a key Hydra cannot compose) is
+    refused in one line with nothing written, where each job found it after a Slurm queue; one some of whose jobs
+    are refused (a grid with combinations the rules refuse) runs the others, and says which will fail first. The
+    rules that read data or hardware stay with each job, which runs them where it runs."""
     from hydra import compose
     from hydra.errors import HydraException
+    from omegaconf import open_dict, read_write
     from omegaconf.errors import OmegaConfBaseException
 
+    from deit_train.cli import job_config, one_line
     from deit_train.errors import DeitTrainError
     from deit_train.run import Run
 
     jobs = expected_jobs(config) or []
-    output_dir = f"paths.output_dir={Path(str(config.hydra.sweep.dir)).absolute()}"  # the job's, for the rules
+    if len(jobs) > 50:
+        log.info("checking the configs of the sweep's %d jobs before the first starts", len(jobs))
     refused = {}
-    for number, overrides in enumerate(jobs):
-        try:
-            Run(compose(config.hydra.job.config_name, [*overrides, output_dir])).check_config()
-        except DeitTrainError as error:
-            refused[number] = f"sweep job {number} ({' '.join(overrides)}): {' '.join(str(error).split())}"
-        except (HydraException, OmegaConfBaseException):  # Hydra's to refuse, or known in the job only: its
-            continue  # ${hydra:job.num}, say
+    try:
+        for number, overrides in enumerate(jobs):
+            try:
+                job = compose(config.hydra.job.config_name, overrides, return_hydra_config=True)
+                with read_write(job), open_dict(job):  # as Hydra's run_job sets them for job `number`
+                    job.hydra.job.num = number
+                    job.hydra.run.dir = str(Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir))
+                    job.hydra.runtime.output_dir = job.hydra.run.dir
+                HydraConfig.instance().set_config(job)
+                Run(job_config(job)).check_config()
+            except DeitTrainError as error:
+                refused[number] = f"sweep job {number} ({' '.join(overrides)}): {' '.join(str(error).split())}"
+            except (HydraException, OmegaConfBaseException) as error:
+                refused[number] = f"sweep job {number} ({' '.join(overrides)}): {one_line(error)}"
+    finally:
+        HydraConfig.instance().set_config(config)  # the sweep's, as Hydra set it
     if jobs and len(refused) == len(jobs):
         end_sweep(f"no job of the sweep can run; {refused[0]}. No job was started", 2)
     for line in refused.values():

@@ -17,6 +17,7 @@ CORPUS = {
         # + adds any key: one no node has a place for is refused, not carried along unread while the run trains
         ("+modle.name=x", "modle is not a key of the config: the config takes: model"),
         ("+model.dept=3", "(did you mean model.depth?)"),
+        ("+model._depth=3", "model._depth is not a key of the config"),  # only Hydra's own _keys_ are left alone
         # the groups of objects to build take nodes with a _target_, or null
         ("+logger.foo=1", "logger.foo=1: expected a logger node with _target_"),
         ("+callbacks.foo=1", "callbacks.foo=1: expected a callbacks node with _target_"),
@@ -100,6 +101,8 @@ CORPUS = {
             "trainer.max_epoch is not an argument of Lightning's Trainer (did you mean trainer.max_epochs?)",
         ),
         ("+trainer.foo=1", "trainer.foo is not an argument of Lightning's Trainer: its arguments are listed at https:"),
+        ("+trainer._foo=1", "trainer._foo is not an argument"),  # Hydra's keys are _target_, _recursive_, ...
+        ("trainer._target_=lightning.Trainer +trainer.max_epoch=1", "(did you mean trainer.max_epochs?)"),  # its alias
         ("trainer.check_val_every_n_epoch=50", "at most trainer.max_epochs=35"),  # would never validate
         ("loss.tau=inf", "loss.tau=inf"),  # inf and nan are never a setting
         ("optim.weight_decay=nan", "optim.weight_decay=nan"),

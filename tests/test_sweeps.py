@@ -232,14 +232,25 @@ def test_a_sweep_no_job_of_which_can_run_is_refused_before_any_starts(tmp_path, 
             "arguments are listed at https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags. No "
             "job was started"
         ]
+        # composed as the job is, its ${hydra:job.num} included; a key Hydra cannot compose refuses the job too
+        for overrides, said in (
+            (["seed=${hydra:job.num}", "model.patch_size=5", "optim.lr=1e-3,2e-3"], "expected a multiple of"),
+            (["trainer.max_epoch=3,4"], "Key 'max_epoch' is not in struct | full_key: trainer.max_epoch"),
+        ):
+            with pytest.raises(SystemExit):
+                check_jobs(sweep_config(*overrides, sweep_dir=tmp_path / "s"))
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith("deit-train: error: no job of the sweep can run; sweep job 0") and said in line
         check_jobs(sweep_config("model.depth=1,0,2", sweep_dir=tmp_path / "s"))  # jobs 0 and 2 run
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert warned == [
             "deit-train: sweep job 1 (experiment=demo model.depth=0): model.depth=0: expected a number of blocks >= 1; "
             "it will fail, and the other jobs run"
         ]
-        check_jobs(sweep_config("model.depth=1,2", "seed=0,1", sweep_dir=tmp_path / "s"))
-    assert capsys.readouterr().err == "" and not (tmp_path / "s").exists()
+        caplog.clear()
+        check_jobs(sweep_config("model.depth=1,2", "seed=0,1", sweep_dir=tmp_path / "s"))  # every job runs
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow
