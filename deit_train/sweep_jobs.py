@@ -162,7 +162,7 @@ def check_jobs(config: DictConfig) -> None:
     from omegaconf import open_dict, read_write
     from omegaconf.errors import OmegaConfBaseException
 
-    from deit_train.cli import job_config, one_line
+    from deit_train.config import job_config, one_line
     from deit_train.errors import DeitTrainError
     from deit_train.run import Run
 
