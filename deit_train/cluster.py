@@ -272,6 +272,21 @@ def acknowledge_warning_signals() -> None:
         )
 
 
+def worker_options(workers: int) -> dict:
+    """A training or validation loader's worker processes: how they start and what they ignore (data_worker_init).
+    Their start method is the platform's, unless this process runs in a launcher that replaced it: joblib's
+    (hydra/launcher=local_parallel) makes its own, loky, the default, whose processes cannot start a loader's
+    workers ("'Process' object has no attribute 'env'"); there they fork where the platform can, else spawn."""
+    import multiprocessing
+
+    if workers == 0:
+        return {}
+    method = multiprocessing.get_start_method(allow_none=True)
+    standard = method in (None, *multiprocessing.get_all_start_methods())
+    start = None if standard else "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return {"worker_init_fn": data_worker_init, "multiprocessing_context": start}
+
+
 def data_worker_init(worker_id: int) -> None:
     """Data-loader workers leave SIGTERM and SIGUSR1 to the main process: Slurm signals every process of a job,
     and a worker dying first would end the run with "DataLoader worker ... is killed by signal: Terminated"

@@ -253,13 +253,36 @@ def test_a_sweep_no_job_of_which_can_run_is_refused_before_any_starts(tmp_path, 
     assert not (tmp_path / "s").exists()
 
 
+def test_a_joblib_job_starts_its_data_loaders_workers():
+    """hydra/launcher=local_parallel runs each job in a joblib (loky) process, where loky's start method is the
+    default, whose processes cannot start a loader's workers: every job with data.num_workers > 0 failed with
+    "'Process' object has no attribute 'env'". cluster.worker_options gives the loaders the platform's instead."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from joblib import Parallel, delayed
+
+    def loaded(workers: int) -> list[int]:  # in a loky process: the loader the data sources build there
+        from torch.utils.data import DataLoader
+
+        from deit_train.cluster import worker_options
+
+        loader = DataLoader(range(6), batch_size=3, num_workers=workers, **worker_options(workers))
+        return [int(x) for batch in loader for x in batch]
+
+    assert Parallel(n_jobs=2)(delayed(loaded)(workers) for workers in (0, 2)) == [list(range(6))] * 2
+
+
 @pytest.mark.slow
 def test_a_failed_job_beside_a_good_one_in_parallel_loses_nothing(tmp_path, cache_dir):
     """hydra/launcher=local_parallel (joblib): the good job running beside the failing one finishes."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     overrides, _ = drawn_sweep(["refused", "ok"])
     result = run_sweep(
-        *overrides, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", tmp_path=tmp_path, cache_dir=cache_dir
+        *overrides,
+        "hydra/launcher=local_parallel",
+        "hydra.launcher.n_jobs=2",
+        "data.num_workers=1",  # a loader's worker started from a joblib process (test_a_joblib_job_starts...)
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output

@@ -138,7 +138,7 @@ class DataSource:
         import torch
         from torch.utils.data import DataLoader
 
-        from deit_train.cluster import data_worker_init
+        from deit_train.cluster import worker_options
         from deit_train.data.samplers import RepeatedAugmentationSampler, ShardedEvalSampler
         from deit_train.data.views import SeededViews
 
@@ -167,7 +167,7 @@ class DataSource:
             # The loader's own seed draws (one per iterator; persistent workers make fewer) leave the process's
             # generator alone, so the student's randomness (drop path) does not depend on num_workers either.
             generator=torch.Generator().manual_seed(plan.seed),
-            worker_init_fn=data_worker_init if plan.workers > 0 else None,
+            **worker_options(plan.workers),
         )
 
     def first_batches(self, dataset: Dataset, images: int, batch_size: int, seed: int) -> Iterable:

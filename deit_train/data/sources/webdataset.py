@@ -196,7 +196,7 @@ class ShardSource(DataSource):
         """The stream deals its shards to ranks and workers and seeds each view by the sample's key; no sampler."""
         import torch
 
-        from deit_train.cluster import data_worker_init
+        from deit_train.cluster import worker_options
         from deit_train.data.shards import ShardLoader
 
         stream = shards.stream(
@@ -209,7 +209,7 @@ class ShardSource(DataSource):
             drop_last=plan.train,
             num_workers=plan.workers,
             pin_memory=plan.pin_memory,
-            worker_init_fn=data_worker_init if plan.workers > 0 else None,
+            **worker_options(plan.workers),
             # As for map-style data: the workers' seed is drawn from here, not from the process's generator, which
             # the model's randomness follows (persistent workers draw it once, a resumed run's anew).
             generator=torch.Generator().manual_seed(plan.seed),
