@@ -301,14 +301,17 @@ def build_trainer(
     """The trainer for `module`, with the callbacks and loggers of their config groups; a group entry set to null
     (callbacks.progress_bar=null) switches that object off."""
     from hydra.errors import InstantiationException
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     from deit_train.cluster import PreemptionAgreement, acknowledge_warning_signals, cluster_environment
 
     if str(cfg.trainer.precision) == "auto":  # a trainer built from a config the run did not check (benchmarks)
         choose_precision(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + task_callbacks
-    loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in cfg.logger.values() if c is not None]
+    loggers = [instantiate(c, **logger_run_id(c, output_dir)) for c in (cfg.logger or {}).values() if c is not None]
+    if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):  # Lightning refuses it then
+        log.info("no logger (~logger): the learning-rate monitor (callbacks.lr_monitor) has nothing to write to")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = [instantiate(plugin) for plugin in cfg.trainer.plugins or []] + [cluster_environment()]
     # checkpoints are the callbacks group's (checkpoint_io.EpochCheckpoints): none of Lightning's own beside them
     switches = {"enable_checkpointing": False}

@@ -60,3 +60,13 @@ def test_the_model_summary_counts_a_vit_predictions_flops(tiny_config):
     assert dict(zip(summary.layer_names, summary.flop_counts, strict=True))  # rows named
     student_row = sum(summary.flop_counts["student"].values())
     assert student_row == summary.total_flops  # the row of the network that predicts holds them
+
+
+def test_a_run_without_loggers_trains_and_leaves_out_the_learning_rate_monitor(tiny_config, caplog):
+    """~logger (no CSV, TensorBoard or W&B): Lightning's LearningRateMonitor refuses a trainer without a logger, which
+    ended the run as "a bug" before it trained; now the monitor is left out, said, and the run's own records stay."""
+    caplog.set_level("INFO", logger="deit_train")
+    run = train(tiny_config("~logger", run="no_logger"))
+    assert not run.trainer.loggers and "callbacks.lr_monitor) has nothing to write to" in caplog.text
+    assert (Path(run.trainer.default_root_dir) / "metrics.json").is_file()
+    assert not (Path(run.trainer.default_root_dir) / "csv").exists()
