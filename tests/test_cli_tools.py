@@ -152,7 +152,9 @@ def test_a_corrupt_image_met_by_a_loader_worker_ends_in_one_line(checkpoint, dem
         ("evaluate", ["--help"], 0),
         ("evaluate", ["model.ckpt"], 2),  # DATA missing: argparse's usage line
         ("predict", ["--help"], 0),
-        ("predict", ["model.ckpt", "/nonexistent.png"], 2),  # the images are found before the model is loaded
+        ("predict", ["/nonexistent.ckpt", "/nonexistent.png"], 2),  # the images are found before the model is loaded
+        ("predict", ["/nonexistent.ckpt", "."], 2),  # and the model's path, before torch is imported
+        ("evaluate", ["/nonexistent.ckpt", "."], 2),
         ("report", ["--help"], 0),
         ("shard", ["--help"], 0),
     ],

@@ -30,6 +30,14 @@ def at_least(low: int):
     return parse
 
 
+def existing_model(source: str) -> None:
+    """MODEL (a deit-train .ckpt or a deit-export directory) is there, checked before the tool imports torch and the
+    models to load it (load_trained_model checks it again, for a caller of its own)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DeitTrainError(f"{path} does not exist: pass a deit-train .ckpt or a deit-export directory")
+
+
 def writable_file(path: Path, flag: str, overwrite: bool = True) -> None:
     """`path` can be written as a file: its folder exists and is writable, it is not a folder itself (and does not
     exist yet, unless `overwrite`)."""

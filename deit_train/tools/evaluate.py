@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from deit_train.class_results import ClassResult, class_results, describe, worst_classes, write_class_results
 from deit_train.data.sources.locate import in_the_tools_terms, locate
 from deit_train.errors import DeitTrainError, error_boundary
-from deit_train.tools.arguments import ArgumentParser, at_least, new_output_dir, writable_file, write_text
+from deit_train.tools.arguments import (
+    ArgumentParser,
+    at_least,
+    existing_model,
+    new_output_dir,
+    writable_file,
+    write_text,
+)
 
 if TYPE_CHECKING:  # torch, torchmetrics and the models are imported once the arguments are read (--help: at once)
     from deit_train.models.trained_model import TrainedModel
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     with error_boundary("deit-eval"):
+        existing_model(args.model)
         if args.json:  # before the evaluation, not after it
             writable_file(args.json, "--json")
         if args.out:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from deit_train.data.images import IMAGE_EXTENSIONS, image_files, load_image
 from deit_train.errors import DataError, DeitTrainError, error_boundary
-from deit_train.tools.arguments import ArgumentParser, at_least
+from deit_train.tools.arguments import ArgumentParser, at_least, existing_model
 
 if TYPE_CHECKING:  # torch and the models are imported once the arguments are read (--help: at once)
     from deit_train.models.trained_model import TrainedModel
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     failed = 0
     with error_boundary("deit-predict"):
+        existing_model(args.model)
         paths = image_paths(args.images)  # before the model is loaded: a missing image is said at once
         from deit_train.models.trained_model import load_trained_model
 
