@@ -327,6 +327,25 @@ def test_a_run_is_composed_and_checked_once_in_its_process(tmp_path, cache_dir, 
 HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "torchvision", "timm", "torchmetrics")
 
 
+def heavy_imports_after(main: str, argv: list[str], cwd) -> tuple[str, subprocess.CompletedProcess]:
+    """`main` (a statement that runs a console script) with sys.argv = argv in a fresh interpreter: the line
+    "HEAVY [the HEAVY modules it imported] CODE <exit status>", and the process."""
+    probe = (
+        "import sys, runpy\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        f"    {main}\n"
+        "except SystemExit as end:\n"
+        "    code = end.code or 0\n"
+        "else:\n"
+        "    code = 0\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return next((line for line in result.stdout.splitlines() if line.startswith("HEAVY")), ""), result
+
+
 @pytest.mark.parametrize(
     "args, status",
     [
@@ -365,20 +384,8 @@ def test_the_command_line_answers_without_importing_torch(args, status, tmp_path
         if folder != "train/dog":
             (folders / "empty_class" / folder / "1.png").touch()
     args = [arg.format(folders=folders) for arg in args]
-    probe = (
-        "import sys, runpy\n"
-        f"sys.argv = ['deit-train', *{args!r}]\n"
-        "try:\n"
-        "    runpy.run_module('deit_train', run_name='__main__')\n"
-        "except SystemExit as end:\n"
-        "    code = end.code or 0\n"
-        "else:\n"
-        "    code = 0\n"
-        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m.startswith({HEAVY!r}))\n"
-        "print('HEAVY', heavy, 'CODE', code)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY"))
+    main = "runpy.run_module('deit_train', run_name='__main__')"
+    line, result = heavy_imports_after(main, ["deit-train", *args], tmp_path)
     assert line == f"HEAVY [] CODE {status}", result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []  # and nothing written
     if args == ["--help"]:

@@ -162,19 +162,8 @@ def test_a_corrupt_image_met_by_a_loader_worker_ends_in_one_line(checkpoint, dem
 def test_a_tool_answers_its_arguments_without_importing_torch(name, args, status, tmp_path):
     """deit-eval --help took 7 s (torch, torchmetrics and the models imported before the arguments were read): read
     from a fresh interpreter's sys.modules after main() ends."""
-    from tests.test_cli import HEAVY
+    from tests.test_cli import heavy_imports_after
 
-    probe = (
-        "import sys\n"
-        f"from deit_train.tools.{name} import main\n"
-        f"sys.argv = ['deit-{name}', *{args!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as end:\n"
-        "    code = end.code or 0\n"
-        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
-        "print('HEAVY', heavy, 'CODE', code)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    line = next(line for line in result.stdout.splitlines() if line.startswith("HEAVY"))
+    main = f"runpy.run_module('deit_train.tools.{name}', run_name='__main__')"
+    line, result = heavy_imports_after(main, [f"deit-{name}", *args], tmp_path)
     assert line == f"HEAVY [] CODE {status}", result.stdout + result.stderr
