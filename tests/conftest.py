@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs composed from the real conf/ and tiny generated data. No network."""
 
 import os
+import sys
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +54,17 @@ def hard_distill_from(teacher_checkpoint) -> list[str]:
         f"teacher.checkpoint={teacher_checkpoint}",
         "teacher.unchecked_order=true",
     ]
+
+
+@pytest.fixture(autouse=True)
+def no_shared_wandb_service():
+    """A W&B run made in this process leaves its service's address in os.environ (WANDB_SERVICE) after it finished,
+    and every process a later test starts inherits it: a Slurm job then shared this process's service, where its
+    requeued self met its first start's run ID as "in use". Each test's W&B service ends with the test."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture(scope="session")
