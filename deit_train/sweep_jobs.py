@@ -169,7 +169,7 @@ def check_jobs(config: DictConfig) -> None:
     jobs = expected_jobs(config) or []
     if len(jobs) > 50:
         log.info("checking the configs of the sweep's %d jobs before the first starts", len(jobs))
-    refused = {}
+    refused, sweep_hydra = {}, HydraConfig.instance().cfg  # unset until Hydra runs a job
     try:
         for number, overrides in enumerate(jobs):
             try:
@@ -185,7 +185,7 @@ def check_jobs(config: DictConfig) -> None:
             except (HydraException, OmegaConfBaseException) as error:
                 refused[number] = f"sweep job {number} ({' '.join(overrides)}): {one_line(error)}"
     finally:
-        HydraConfig.instance().set_config(config)  # the sweep's, as Hydra set it
+        HydraConfig.instance().cfg = sweep_hydra  # as it was (Hydra's run_job restores it so too)
     if jobs and len(refused) == len(jobs):
         end_sweep(f"no job of the sweep can run; {refused[0]}. No job was started", 2)
     for line in refused.values():

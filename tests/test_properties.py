@@ -309,8 +309,8 @@ def test_a_drawn_data_folder_trains_on_its_visible_images_or_is_refused_in_one_l
         assert "\n" not in message and not run_dir.exists(), message
         if len(folders) < 2:
             assert "classification needs at least 2" in message, message
-        elif classes != folders:  # a class folder with hidden files only
-            assert "hold no images" in message, message
+        elif classes != folders:  # a class folder with hidden files only: said why they do not count
+            assert "hold no images" in message and "hidden files and broken links are not read" in message, message
         else:
             assert unreadable and f"{2 * len(unreadable)} of {2 * len(visible)} images cannot be read" in message
         return

@@ -99,8 +99,8 @@ def check_classes_hold_images(folder: Path, classes: list[str], empty: list[str]
     empty = [name for name in classes if not has_images(folder / name)] if empty is None else empty
     if empty:
         raise DeitTrainError(
-            f"{folder}: the class folder(s) {empty[:5]} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)}); "
-            f"add images or remove the folder(s)"
+            f"{folder}: the class folder(s) {empty[:5]} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)}; "
+            f"hidden files and broken links are not read); add images or remove the folder(s)"
         )
 
 
