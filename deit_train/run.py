@@ -58,9 +58,12 @@ class Run:
     """One run of deit-train (the module docstring). `source`: the data, where it is not the config's data source
     (a test's in-memory images, the benchmark's)."""
 
-    def __init__(self, cfg: DictConfig, source: DataSource | None = None) -> None:
+    def __init__(self, cfg: DictConfig, source: DataSource | None = None, overrides: list[str] | None = None) -> None:
         self.cfg = cfg
         self.source = source
+        # what the user typed (a Hydra job's hydra.overrides.task): a run checkpoint given as model.init or
+        # teacher.checkpoint brings its network where they name none (adopt.py); None: unknown, none adopted
+        self.overrides = overrides
         self.task: Task | None = None
         self.datamodule: L.LightningDataModule | None = None
         self.directory = RunDirectory(Path(cfg.paths.output_dir))
@@ -108,6 +111,10 @@ class Run:
         """The config's own rules: the schema's, the data source's keys and the task's, which read no data. A sweep
         checks each of its jobs with them before the first starts (sweep_jobs.check_jobs)."""
         cfg = self.cfg
+        if cfg.model.init or cfg.teacher.checkpoint:  # reads the checkpoints' records: imports torch
+            from deit_train.adopt import adopt_run_networks
+
+            adopt_run_networks(cfg, self.overrides)
         schema.check(cfg)
         from deit_train.data.sources import build_source
 

@@ -5,6 +5,7 @@ Hydra creates anything and handed to Hydra's job as it is (cli.py)."""
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from deit_train.config import CONFIG_DIR, register_schemas
@@ -24,12 +25,13 @@ def check_config(cfg: DictConfig) -> Task:
     return Run(cfg).check()
 
 
-def train(cfg: DictConfig, source: DataSource | None = None) -> TrainRun:
-    """One run inside a Hydra job (a sweep's, or the tests'): check, then the rest. Raises DeitTrainError."""
+def train(cfg: DictConfig, source: DataSource | None = None, overrides: list[str] | None = None) -> TrainRun:
+    """One run inside a Hydra job (a sweep's, or the tests'): check, then the rest. Raises DeitTrainError.
+    `overrides`: the job's, as typed (Run)."""
     from deit_train.console import quiet_console
 
     quiet_console()
-    run = Run(cfg, source)
+    run = Run(cfg, source, overrides)
     run.check()
     return run.execute()
 
@@ -40,7 +42,10 @@ def run_job(cfg: DictConfig, run: Run | None = None) -> float | None:
     with error_boundary("deit-train"):  # a Ctrl-C or SIGTERM ends a sweep too
         try:
             # a run the command line checked keeps its config, with what the check decided (the precision)
-            metrics = train(cfg).metrics if run is None else run.execute().metrics
+            if run is None:
+                metrics = train(cfg, overrides=list(HydraConfig.get().overrides.task)).metrics
+            else:
+                metrics = run.execute().metrics
         except Exception as error:
             if not in_sweep() or debugging():
                 raise

@@ -69,9 +69,10 @@ def source(flag: str, path: Path) -> str:
     return f"{path}" if flag == "MODEL" else f"{flag} ({path})" if "=" in flag else f"{flag}={path}"
 
 
-def read_torch_file(path: Path, flag: str) -> object:
+def read_torch_file(path: Path, flag: str, mmap: bool = False) -> object:
     """The object in a torch checkpoint, loaded with weights_only=True (no pickled code runs), or a DeitTrainError
-    that says what the file is instead and what `flag` expects."""
+    that says what the file is instead and what `flag` expects. `mmap`: its tensors mapped, not read (what a caller
+    that wants the recorded config alone needs)."""
     named = source(flag, path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -90,7 +91,7 @@ def read_torch_file(path: Path, flag: str) -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             # torch warns of any pickle protocol but 2 before refusing or reading: the outcome says all
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if name := next(iter(foreign_globals(path)), None):
             raise DeitTrainError(

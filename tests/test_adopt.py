@@ -1,0 +1,201 @@
+"""A deit-train run's checkpoint brings its own network (adopt.py): as model.init, the student is the run's
+model; as teacher.checkpoint, the teacher is the run's network at its image size; unless the command line or a
+config it chose names others, where a mismatch is refused naming both before anything is written."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deit_train.errors import DeitTrainError
+from deit_train.train import train
+
+from .conftest import TINY, TINY_DEMO, TINY_RUN, compose_config
+
+# A run that names no model: the data and the trainer of TINY_RUN, without experiment=demo (which names deit_demo).
+UNNAMED = [arg for arg in TINY_RUN if not arg.startswith(("experiment=", "model."))] + [
+    "data=demo",
+    *TINY_DEMO,
+    "trainer=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def convnet_run(tmp_path_factory, cache_dir) -> Path:
+    """A one-epoch deit-train run of resnet10t at 24 px: its best.ckpt."""
+    output = tmp_path_factory.mktemp("convnet") / "run"
+    train(
+        compose_config(
+            [*TINY_RUN, *TINY_DEMO, "model=timm", "model.name=resnet10t", "model.img_size=24"], output, cache_dir
+        )
+    )
+    return output / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
+    """A one-epoch deit-train run of the suite's tiny DeiT at 16 px: its best.ckpt and metrics."""
+    output = tmp_path_factory.mktemp("vit") / "run"
+    metrics = train(compose_config(TINY, output, cache_dir)).metrics
+    return output / "checkpoints" / "best.ckpt", metrics
+
+
+def recorded(checkpoint: Path) -> dict:
+    """The model config the checkpoint records, read here with torch alone."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["config"]["model"]
+
+
+def checked(*args: str, tmp_path, cache_dir):
+    """The run's config as `deit-train ARGS` checks it (cli.compose, then Run.check_config with the typed
+    overrides), or the DeitTrainError it is refused with."""
+    from deit_train.cli import compose
+    from deit_train.config import job_config
+    from deit_train.run import Run
+
+    _, hydra_cfg = compose([*args, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"])
+    run = Run(job_config(hydra_cfg), overrides=list(hydra_cfg.hydra.overrides.task))
+    run.check_config()
+    return run.cfg
+
+
+OWN = ("init", "init_class_map", "init_unchecked_order", "pretrained")
+
+
+def test_model_init_from_a_run_brings_its_model_unless_one_is_named(convnet_run, vit_run, tmp_path, cache_dir):
+    run_model = recorded(convnet_run)
+    cfg = checked(*UNNAMED, f"model.init={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert {k: v for k, v in cfg.model.items() if k not in OWN} == {k: v for k, v in run_model.items() if k not in OWN}
+    assert cfg.model.name == "resnet10t" and cfg.model.img_size == 24
+    assert cfg.model.init == str(convnet_run)
+
+    # a typed image size is kept (its position embeddings are resampled); model=timm names no network
+    cfg = checked(
+        *UNNAMED, "model=timm", f"model.init={convnet_run}", "model.img_size=32", tmp_path=tmp_path, cache_dir=cache_dir
+    )
+    assert (cfg.model.name, cfg.model.img_size) == ("resnet10t", 32)
+
+    # a ViT's sizes come with it; one typed size is kept (and refused when the weights are built: models/init.py)
+    vit = recorded(vit_run[0])
+    cfg = checked(*UNNAMED, f"model.init={vit_run[0]}", "model.depth=3", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert [cfg.model[k] for k in ("name", "img_size", "patch_size", "embed_dim", "num_heads")] == [
+        vit[k] for k in ("name", "img_size", "patch_size", "embed_dim", "num_heads")
+    ]
+    assert cfg.model.depth == 3
+
+    # an experiment that chooses no model (the recipe; the size presets choose it) leaves it to the run
+    cfg = checked(
+        *UNNAMED,
+        "experiment=deit_distilled",
+        "trainer=cpu",
+        "teacher=none",
+        "loss=ce",
+        f"model.init={convnet_run}",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
+    assert cfg.model.name == "resnet10t"
+
+
+@pytest.mark.parametrize(
+    ("naming", "named"),
+    [
+        (["model=deit_small"], "deit_small_distilled_patch16_224"),  # typed
+        (["model.name=resnet18"], "resnet18"),
+        (["experiment=demo"], "deit_tiny_distilled_patch16_224"),  # the experiment chooses model=deit_demo
+        (["experiment=deit_tiny_distilled", "trainer=cpu", "teacher=none", "loss=ce"], "deit_tiny_distilled"),
+    ],
+)
+def test_a_named_model_other_than_the_runs_is_refused_naming_both(convnet_run, naming, named, tmp_path, cache_dir):
+    with pytest.raises(DeitTrainError) as refused:
+        checked(*UNNAMED, *naming, f"model.init={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert f"model.init={convnet_run} is a deit-train run of resnet10t at 24 px, not model.name={named}" in str(
+        refused.value
+    )
+    assert str(refused.value).endswith("start from it with model=timm model.name=resnet10t")
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_checkpoint_from_a_run_teaches_as_its_network(convnet_run, tmp_path, cache_dir):
+    distil = [
+        *UNNAMED,
+        *[f"model.{k}={v}" for k, v in (("patch_size", 4), ("depth", 2), ("embed_dim", 32))],
+        "model.num_heads=2",
+        "model.img_size=16",
+        "loss=hard_distill",
+    ]
+    for teacher in (["teacher=timm"], []):  # teacher=timm names no network; nor does the default (none)
+        cfg = checked(*distil, *teacher, f"teacher.checkpoint={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
+        assert (cfg.teacher.name, cfg.teacher.img_size) == ("resnet10t", 24)
+
+    cfg = checked(
+        *distil,
+        "teacher=timm",
+        f"teacher.checkpoint={convnet_run}",
+        "teacher.img_size=16",
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+    )
+    assert (cfg.teacher.name, cfg.teacher.img_size) == ("resnet10t", 16)
+
+    for naming, named in (
+        (["teacher=timm", "teacher.name=resnet18"], "resnet18"),
+        (["teacher=resnet50"], "resnet50"),
+        (["teacher=regnety_160"], "regnety_160.deit_in1k"),
+    ):
+        with pytest.raises(DeitTrainError) as refused:
+            checked(*distil, *naming, f"teacher.checkpoint={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
+        assert str(refused.value).startswith(
+            f"teacher.checkpoint={convnet_run} is a deit-train run of resnet10t at 24 px, not teacher.name={named}: "
+            "set teacher.name=resnet10t"
+        )
+
+
+def test_an_experiments_teacher_name_is_named(convnet_run, vit_run, tmp_path, cache_dir):
+    """experiment=deit_transfer sets teacher.name: regnety_160 in its body (teacher=timm): named, so refused."""
+    with pytest.raises(DeitTrainError, match=r"resnet10t at 24 px, not teacher.name=regnety_160: "):
+        checked(
+            "experiment=deit_transfer",
+            "trainer=cpu",
+            f"model.init={vit_run[0]}",
+            "model=deit_demo",
+            f"teacher.checkpoint={convnet_run}",
+            tmp_path=tmp_path,
+            cache_dir=cache_dir,
+        )
+
+
+def test_without_the_typed_overrides_nothing_is_adopted(convnet_run, tmp_path, cache_dir):
+    """A config composed outside a Hydra job (a test's, a tool's) says nothing of what was typed: the run is as
+    composed, and the build's own check refuses the mismatch (models/init.py)."""
+    from deit_train.run import Run
+
+    cfg = compose_config([*UNNAMED, f"model.init={convnet_run}"], tmp_path / "run", cache_dir)
+    Run(cfg).check_config()
+    assert cfg.model.name == "deit_tiny_distilled_patch16_224"
+
+
+@pytest.mark.slow  # two runs through the command line
+def test_a_run_from_the_command_line_adopts_its_checkpoints_networks(vit_run, tmp_path, cache_dir, monkeypatch):
+    """deit-train with model.init=<a run> and no model: at lr 0 the student is the run's network, so it scores what
+    the run scored; with teacher.checkpoint=<the run> and no teacher name, the teacher scores it too."""
+    from deit_train.cli import cli
+
+    checkpoint, first = vit_run
+    monkeypatch.chdir(tmp_path)
+    base = [*UNNAMED, f"paths.cache_dir={cache_dir}", "optim.lr=0", "optim.min_lr=0", "optim.warmup_lr=0"]
+    monkeypatch.setattr(
+        sys, "argv", ["deit-train", *base, f"model.init={checkpoint}", f"hydra.run.dir={tmp_path / 's'}"]
+    )
+    cli()
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["last_epoch"]["val/acc1_percent"] == pytest.approx(100 * first["val/acc1"], abs=1e-4)
+
+    teacher = ["loss=hard_distill", "teacher=timm", f"teacher.checkpoint={checkpoint}"]
+    monkeypatch.setattr(
+        sys, "argv", ["deit-train", *base, f"model.init={checkpoint}", *teacher, f"hydra.run.dir={tmp_path / 't'}"]
+    )
+    cli()
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["last_epoch"]["val/teacher_acc1_percent"] == pytest.approx(100 * first["val/acc1"], abs=1e-4)
