@@ -87,7 +87,7 @@ class EpochCheckpoints(Callback):
 
     def save(self, trainer, best: bool) -> None:
         last = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # whole: what resume=true continues from
         self.saved_epoch = trainer.current_epoch
         if best and trainer.is_global_zero:
             link(last, self.dirpath / "best.ckpt")

@@ -70,3 +70,15 @@ def test_a_run_without_loggers_trains_and_leaves_out_the_learning_rate_monitor(t
     assert not run.trainer.loggers and "callbacks.lr_monitor) has nothing to write to" in caplog.text
     assert (Path(run.trainer.default_root_dir) / "metrics.json").is_file()
     assert not (Path(run.trainer.default_root_dir) / "csv").exists()
+
+
+def test_epoch_checkpoints_are_saved_whole_as_resume_needs_them(tiny_config, caplog):
+    """last.ckpt holds what resume=true continues from (the optimizer, the loops, the callbacks' states), saved so
+    explicitly: Lightning's default said "`weights_only` was not set, defaulting to `False`" at every epoch."""
+    import torch
+
+    caplog.set_level("INFO")
+    run = train(tiny_config(run="whole"))
+    assert "`weights_only` was not set" not in caplog.text
+    stored = torch.load(Path(run.trainer.default_root_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {"optimizer_states", "lr_schedulers", "loops", "callbacks", "state_dict"} <= set(stored)
