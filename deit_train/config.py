@@ -35,12 +35,21 @@ def job_config(hydra_cfg):
     return cfg
 
 
-def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: ARG001
+def one_line(error: Exception, args: list[str] | None = None) -> str:
     """Hydra's and OmegaConf's multi-line messages as one line, naming the key and the value."""
     from omegaconf.errors import OmegaConfBaseException
 
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
     text = str(cause).split("Config search path:")[0]
+    full_key = getattr(cause, "full_key", None)
+    appended = next((arg for arg in args or [] if arg.split("=", 1)[0] == f"+{full_key}"), None)
+    if appended and "interpolation" in text:
+        # `+key=v` on a key that holds an interpolation (trainer.default_root_dir: ${paths.output_dir}): Hydra's
+        # check that the key is free resolves it, and says what failed there instead of Hydra's own advice
+        return (
+            f"Could not append to config. An item is already at '{full_key}'. | Either remove + prefix: "
+            f"'{appended[1:]}' | Or add a second + to add or override '{full_key}': '+{appended}'"
+        )
     skip = ("object_type=", "reference_type=", "Set the environment")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(skip)]
     if any(line.startswith("Available options") for line in lines):  # an unknown option of a group
@@ -48,7 +57,6 @@ def one_line(error: Exception, args: list[str] | None = None) -> str:  # noqa: A
         options = [option for option in lines[at + 1 :] if not option.endswith("_schema")]
         lines = [*lines[:at], f"{lines[at]} {', '.join(options)}"]
     lines = [line.replace("_schema", "") if "In 'train'" in line else line for line in lines]
-    full_key = getattr(cause, "full_key", None)
     if full_key and not any(line.startswith("full_key:") for line in lines):
         lines.append(f"full_key: {full_key}")
     schema = getattr(cause, "object_type", None)

@@ -392,6 +392,23 @@ def test_the_command_line_answers_without_importing_torch(args, status, tmp_path
         assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
 
 
+@pytest.mark.parametrize("key", ["trainer.default_root_dir", "paths.output_dir", "trainer.max_epochs"])
+def test_a_plus_on_a_key_that_is_there_says_so_whatever_its_value(key, capsys):
+    """+key=v on a key the config has: Hydra's own advice (remove the +, or ++), also where the key holds an
+    interpolation (trainer.default_root_dir: ${paths.output_dir}), whose resolution failed in Hydra's check and was
+    said instead, followed by the top level's keys as if the key were unknown."""
+    from deit_train.cli import refuse_bad_command_line
+
+    with pytest.raises(SystemExit) as exited:
+        refuse_bad_command_line(["experiment=demo", f"+{key}=7"])
+    line = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and "\n" not in line
+    assert line.endswith(
+        f"An item is already at '{key}'. | Either remove + prefix: '{key}=7' | Or add a second + to add or override "
+        f"'{key}': '++{key}=7'"
+    )
+
+
 def test_a_tilde_path_hydra_cannot_read_names_the_fix(capsys, tmp_path):
     """data.root=~/data: bash expands ~ after the = of a plain name only, so Hydra gets the ~ and its lexer refuses
     it. The line names the two ways that work; the quoted one reaches the source, which expands it."""
