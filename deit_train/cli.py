@@ -90,6 +90,12 @@ MODES = {
 
 
 def refuse_mixed_modes(args: list[str]) -> None:
+    grid = next((arg for arg in args if arg.lstrip("+").startswith("hydra.sweeper.params.")), None)
+    if grid and not any(MODES.get(arg) == "--multirun" for arg in args):
+        raise DeitTrainError(
+            f"{grid} sets a sweep's grid, which only a sweep runs: add -m (one run takes the value as its key, "
+            f"{grid.lstrip('+').removeprefix('hydra.sweeper.params.')})"
+        )
     modes = sorted({MODES[arg] for arg in args if arg in MODES})
     if len(modes) > 1:
         raise DeitTrainError(

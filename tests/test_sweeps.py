@@ -403,3 +403,26 @@ def test_ctrl_c_of_a_joblib_sweep_ends_in_one_line(tmp_path, cache_dir):
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130 and stderr.strip().splitlines()[-1] == "deit-train: error: interrupted", stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_grid_kept_in_the_sweepers_params_is_swept_and_a_single_run_asks_for_m(capsys, monkeypatch):
+    """hydra.sweeper.params holds a sweep's grid in a config; +hydra.sweeper.params.seed="5,3" adds one on the
+    command line: its jobs are the grid's, as Hydra's basic sweeper expands it (before, the params node was null and
+    Hydra's composition failed on it: an AssertionError as 'a bug', or a traceback under -m). Without -m the grid is
+    refused in one line naming -m, where Hydra would have run one job and ignored it."""
+    from deit_train.cli import cli
+    from deit_train.sweep_jobs import expected_jobs
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose(
+            "train", overrides=["experiment=demo", '+hydra.sweeper.params.seed="5,3"'], return_hydra_config=True
+        )
+    assert expected_jobs(config) == [["seed=5", "experiment=demo"], ["seed=3", "experiment=demo"]]
+    monkeypatch.setattr(sys, "argv", ["deit-train", "experiment=demo", '+hydra.sweeper.params.seed="5,3"'])
+    with pytest.raises(SystemExit) as ended:
+        cli()
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'deit-train: error: +hydra.sweeper.params.seed="5,3" sets a sweep\'s grid, which only a sweep runs: add -m '
+        '(one run takes the value as its key, seed="5,3")'
+    ]
