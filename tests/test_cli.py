@@ -357,6 +357,8 @@ def heavy_imports_after(main: str, argv: list[str], cwd) -> tuple[str, subproces
         (["loss=hard_distill", "teacher=none"], 2),
         (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t"], 2),
         (["loss=ce", "teacher=timm", "teacher.name=resnet10t", "teacher.pretrained=true"], 2),
+        (["task=mim", "data=demo", "loss=hard_distill"], 2),  # MIM's own rules on a DeiT config
+        (["task=mim", "data=demo", "task.mask_patch_size=5"], 2),
         # weights named by a path that is not there (a Hub id, OWNER/NAME, is fetched when the run builds)
         (["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", "teacher.checkpoint=/nonexistent.pth"], 2),
         (["model.init=/nonexistent/run/checkpoints/last.ckpt"], 2),

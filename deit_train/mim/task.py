@@ -35,8 +35,6 @@ class MaskedImageModeling(Task):
     pictures: int = checked(8, Range(0, None, "a number of pictures >= 0"))  # reconstructions drawn per validation
 
     def check(self, cfg: DictConfig) -> None:
-        import timm
-
         super().check(cfg)
         if cfg.loss.distillation_type != "none" or cfg.loss.feature_weight > 0 or cfg.teacher.name is not None:
             raise DeitTrainError(
@@ -44,12 +42,15 @@ class MaskedImageModeling(Task):
                 "fine-tuning from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill "
                 "teacher=...)"
             )
-        vits = {*timm.list_models(module="vision_transformer"), *timm.list_models(module="deit")}
-        if timm.models.get_arch_name(cfg.model.name) not in vits:
-            raise DeitTrainError(
-                f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
-                f"embedding (model=deit_tiny, deit_small, ...)"
-            )
+        if cfg.model.patch_size is None:  # a timm name alone (a DeiT config sets its sizes): timm says what it is
+            import timm
+
+            vits = {*timm.list_models(module="vision_transformer"), *timm.list_models(module="deit")}
+            if timm.models.get_arch_name(cfg.model.name) not in vits:
+                raise DeitTrainError(
+                    f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
+                    f"embedding (model=deit_tiny, deit_small, ...)"
+                )
         size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, cfg.model.patch_size or 16
         if size % block:
             raise refuse("task.mask_patch_size", block, f"a divisor of model.img_size={size}")
