@@ -195,3 +195,11 @@ def test_pretraining_continues_from_its_checkpoint_with_mask_token_and_decoder(t
     model = train(again).module.model  # lr 0: nothing moves, so everything equals what it started from
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, stored[f"model.{key}"], rtol=0, atol=0, msg=key)
+
+
+def test_every_deit_name_is_a_vit_as_the_mim_rule_reads_it():
+    """MIMTask.check takes a deit* name for a ViT without importing timm (the refusals before it answer at once):
+    every name timm registers under deit* is a network of its deit module (ViTs with a patch embedding)."""
+    import timm
+
+    assert set(timm.list_models("deit*")) <= set(timm.list_models(module="deit"))

@@ -42,7 +42,7 @@ class MaskedImageModeling(Task):
                 "fine-tuning from its checkpoint (model.init=<run>/checkpoints/last.ckpt loss=hard_distill "
                 "teacher=...)"
             )
-        if cfg.model.patch_size is None:  # a timm name alone (a DeiT config sets its sizes): timm says what it is
+        if not str(cfg.model.name).startswith("deit"):  # timm's deit module registers every deit_*, deit3_* name
             import timm
 
             vits = {*timm.list_models(module="vision_transformer"), *timm.list_models(module="deit")}
