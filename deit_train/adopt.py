@@ -70,11 +70,20 @@ def recorded_model(path: str | None) -> DictConfig | None:
     return None if run is None else run.model_config()
 
 
-def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
-    from deit_train.models.architecture import overrides_for, same_architecture
+def another_network(name: str, recorded: str) -> bool:
+    """Whether timm name `name` builds another network than `recorded` (timm is imported only where they differ)."""
+    if name == recorded:
+        return False
+    from deit_train.models.architecture import same_architecture
 
+    return not same_architecture(name, recorded)
+
+
+def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
     run = f"model.init={cfg.model.init} is a deit-train run of {recorded.name} at {recorded.img_size} px"
-    if "name" in named and not same_architecture(str(cfg.model.name), str(recorded.name)):
+    if "name" in named and another_network(str(cfg.model.name), str(recorded.name)):
+        from deit_train.models.architecture import overrides_for
+
         raise DeitTrainError(
             f"{run}, not model.name={cfg.model.name}: name no model to start that network (model.init brings its "
             f"own), or start from it with {overrides_for(recorded)}"
@@ -93,11 +102,9 @@ def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
 
 
 def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
-    from deit_train.models.architecture import same_architecture
-
     teacher = cfg.teacher
     run = f"teacher.checkpoint={teacher.checkpoint} is a deit-train run of {recorded.name} at {recorded.img_size} px"
-    if "name" in named and teacher.name is not None and not same_architecture(str(teacher.name), str(recorded.name)):
+    if "name" in named and teacher.name is not None and another_network(str(teacher.name), str(recorded.name)):
         raise DeitTrainError(
             f"{run}, not teacher.name={teacher.name}: set teacher.name={recorded.name}, or teacher=timm without a "
             f"name (the run's checkpoint brings its own network)"

@@ -18,7 +18,7 @@ from deit_train.data import DeiTDataModule
 from deit_train.data.transforms import eval_transform, train_transform
 from deit_train.errors import DeitTrainError
 from deit_train.losses import DistillationLoss
-from deit_train.models import build_student, forward_heads
+from deit_train.models.student import build_student, forward_heads
 from deit_train.schema import check
 from deit_train.teacher import build_teacher_network
 from deit_train.train import CONFIG_DIR

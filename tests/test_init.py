@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
-from deit_train.models import build_student
 from deit_train.models.init import settle_heads
+from deit_train.models.student import build_student
 from deit_train.schema import ModelConfig
 from deit_train.train import train
 

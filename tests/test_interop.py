@@ -29,7 +29,7 @@ from transformers import (
 
 from deit_train.data.images import load_image
 from deit_train.errors import DeitTrainError
-from deit_train.models import build_student, forward_heads
+from deit_train.models.student import build_student, forward_heads
 from deit_train.models.trained_model import load_trained_model
 from deit_train.models.transformers_format import timm_to_transformers, transformers_to_timm
 from deit_train.schema import ModelConfig

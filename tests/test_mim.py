@@ -15,7 +15,7 @@ from deit_train.errors import DeitTrainError
 from deit_train.mim.loss import masked_reconstruction_loss
 from deit_train.mim.masking import MaskGenerator
 from deit_train.mim.model import MaskedImageModel
-from deit_train.models import build_student
+from deit_train.models.student import build_student
 from deit_train.models.transformers_format import transformers_to_timm
 from deit_train.schema import ModelConfig
 from deit_train.train import train

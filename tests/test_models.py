@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from deit_train.errors import DeitTrainError
 from deit_train.mim.model import MaskedImageModel
-from deit_train.models import build_student, compile_student, forward_heads
 from deit_train.models.checkpoints import load_weights
+from deit_train.models.student import build_student, compile_student, forward_heads
 from deit_train.models.trained_model import load_trained_model
 from deit_train.schema import ModelConfig
 from deit_train.teacher import build_teacher_network

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from deit_train.errors import DeitTrainError
-from deit_train.models import build_student
+from deit_train.models.student import build_student
 from deit_train.tasks.classify import Classify
 from deit_train.tasks.task import Built
 from deit_train.train import check_config, train

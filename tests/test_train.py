@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from deit_train.data.pixels import model_input
 from deit_train.data.sources import build_source
 from deit_train.data.transforms import eval_transform
-from deit_train.models import build_student
 from deit_train.models.checkpoints import load_weights
+from deit_train.models.student import build_student
 from deit_train.train import train
 
 from .conftest import hard_distill_from, save_safetensors
@@ -412,7 +412,7 @@ def test_compile_with_ema_evaluates_the_emas_own_weights(tiny_config, demo_data)
     """compile=true with an EMA (on in the distilled presets): after a run, the EMA module the run validated gives
     the logits of its own weights evaluated uncompiled (it gave the student's backbone under the EMA's heads), and
     metrics.json holds what the saved EMA scores outside Lightning."""
-    from deit_train.models import forward_heads
+    from deit_train.models.student import forward_heads
 
     from .conftest import assert_metrics_reproduce
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from deit_train.data.sources import build_source
 from deit_train.errors import DeitTrainError
 from deit_train.mim.masking import MaskGenerator
-from deit_train.models import build_student, forward_heads
+from deit_train.models.student import build_student, forward_heads
 from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.schema import ModelConfig
 from deit_train.tools.evaluate import evaluate, open_eval_folder

@@ -72,7 +72,7 @@ class MaskedImageModeling(Task):
         """The student's encoder (no heads) with a mask token and a pixel decoder, on unlabeled images."""
         from deit_train.mim.model import MaskedImageModel
         from deit_train.mim.module import MIMModule
-        from deit_train.models import build_student, compile_student, describe
+        from deit_train.models.student import build_student, compile_student, describe
         from deit_train.tasks.module import run_config
 
         encoder = build_student(cfg.model, num_classes=0)
@@ -108,8 +108,8 @@ class MaskedImageModeling(Task):
         """The masked image model (encoder, mask token, decoder) where no classifier is asked for (deit-export);
         a classifier is refused naming the fine-tuning that makes one."""
         from deit_train.mim.model import MaskedImageModel
-        from deit_train.models import build_student
         from deit_train.models.checkpoints import load_into
+        from deit_train.models.student import build_student
         from deit_train.models.trained_model import TrainedModel
 
         if classifier:

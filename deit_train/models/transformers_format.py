@@ -24,8 +24,6 @@ transformers' default is 1e-12, so an exported config says 1e-6.
 import re
 
 import torch
-from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from deit_train.errors import DeitTrainError
@@ -178,6 +176,9 @@ def transformers_config(encoder: torch.nn.Module, class_names: list[str], archit
 def why_no_transformers_class(model: torch.nn.Module) -> str | None:
     """What in `model` transformers' DeiT and ViT classes have no place for, in a few words; None when one of them
     holds it exactly (a timm ViT as DeiT trains it: pre-norm blocks, exact GELU, the class token's head)."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Block, VisionTransformer
+
     if not isinstance(model, VisionTransformer):
         return f"a {type(model).__name__} (its DeiT and ViT classes hold timm's VisionTransformer)"
     blocks = list(model.blocks)

@@ -79,8 +79,8 @@ class Classify(Task):
     def inference_model(cls, run: RunCheckpoint, path: Path, ema: bool, classifier: bool) -> TrainedModel:
         """The student on the run's classes (its EMA's weights with `ema`); a distilled DeiT's forward averages its
         two heads, as validation did."""
-        from deit_train.models import build_student
         from deit_train.models.checkpoints import load_into
+        from deit_train.models.student import build_student
         from deit_train.models.trained_model import TrainedModel, check_class_names
 
         class_names = list(run.class_names) if isinstance(run.class_names, list | tuple) else run.class_names
@@ -101,7 +101,7 @@ class Classify(Task):
         """Student, teacher and loss on these classes."""
         from deit_train.features import attach_feature_loss
         from deit_train.losses import DistillationLoss
-        from deit_train.models import build_student, compile_student, describe, is_distilled
+        from deit_train.models.student import build_student, compile_student, describe, is_distilled
         from deit_train.tasks.deit_module import DeiTModule
         from deit_train.tasks.module import run_config
         from deit_train.teacher import build_teacher, teacher_members
@@ -170,8 +170,8 @@ def check_label_order(
     from deit_train.cluster import process_device
     from deit_train.data.pixels import model_input
     from deit_train.labels import order_on_data, sample_size
-    from deit_train.models import average_heads, forward_heads
     from deit_train.models.init import settle_heads
+    from deit_train.models.student import average_heads, forward_heads
     from deit_train.teacher import ensemble_logits
 
     class_names = datamodule.class_names

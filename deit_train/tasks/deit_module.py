@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deit_train.data.mixup import BatchMixer
 from deit_train.features import FeatureTap
 from deit_train.losses import DistillationLoss
-from deit_train.models import average_heads, forward_heads, heads_on, is_distilled
+from deit_train.models.student import average_heads, forward_heads, heads_on, is_distilled
 from deit_train.tasks.module import TrainingModule
 from deit_train.teacher import Teacher
 

@@ -62,7 +62,7 @@ def scores(trained: TrainedModel, dataset, batch_size: int, num_workers: int) ->
     from torch.utils.data import DataLoader
     from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-    from deit_train.models import average_heads, forward_heads
+    from deit_train.models.student import average_heads, forward_heads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = trained.model.to(device)

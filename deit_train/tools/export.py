@@ -28,8 +28,8 @@ import torch
 from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.errors import DeitTrainError, error_boundary
 from deit_train.mim.model import MaskedImageModel
-from deit_train.models import is_distilled
 from deit_train.models.checkpoints import non_finite, read_run_checkpoint
+from deit_train.models.student import is_distilled
 from deit_train.models.trained_model import TrainedModel, load_trained_model
 from deit_train.models.transformers_format import (
     CLASSIFIER_HEAD,

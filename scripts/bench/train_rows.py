@@ -17,8 +17,7 @@ from torch import nn
 from bench.official import OfficialDistillationLoss
 from bench.setting import Bench
 from bench.timing import Run, StepTimer, autocast, free_memory, synchronize
-from deit_train.models import build_student, forward_heads
-from deit_train.models.student import VIT_ARCHITECTURE_FIELDS
+from deit_train.models.student import VIT_ARCHITECTURE_FIELDS, build_student, forward_heads
 from deit_train.teacher import Teacher, build_teacher_network
 
 # figure -> (label in the Markdown table, unit: ips | share | ratio | mib | kib | s)
