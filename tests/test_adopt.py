@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deit_train.errors import DeitTrainError
 from deit_train.train import train
@@ -199,3 +201,57 @@ def test_a_run_from_the_command_line_adopts_its_checkpoints_networks(vit_run, tm
     cli()
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["last_epoch"]["val/teacher_acc1_percent"] == pytest.approx(100 * first["val/acc1"], abs=1e-4)
+
+
+def experiment_model(experiment: str) -> tuple[bool, dict]:
+    """Whether an experiment's defaults (its parents' included) choose the model group, and the model keys their
+    bodies set: read from the yaml files."""
+    import yaml
+
+    from deit_train.config import CONFIG_DIR
+
+    text = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").read_text())
+    chooses, keys = False, {}
+    for entry in text.get("defaults", []):
+        if isinstance(entry, dict) and "override /model" in entry:
+            chooses = True
+        elif isinstance(entry, str) and entry != "_self_":
+            parent_chooses, parent_keys = experiment_model(entry)
+            chooses, keys = chooses or parent_chooses, {**keys, **parent_keys}
+    return chooses, {**keys, **(text.get("model") or {})}
+
+
+MODEL_OPTIONS = ["deit_small", "timm", "deit_demo"]
+EXPERIMENTS = ["deit_distilled", "deit_tiny_distilled", "demo", "deit_feature_distilled"]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    option=st.sampled_from([None, *MODEL_OPTIONS]),
+    experiment=st.sampled_from([None, *EXPERIMENTS]),
+    img_size=st.sampled_from([None, 32, 48]),
+    drop_path=st.sampled_from([None, 0.2]),
+)
+def test_each_model_key_is_the_typed_the_chosen_or_the_runs(
+    convnet_run, tmp_path, cache_dir, option, experiment, img_size, drop_path
+):
+    """Drawn command lines with model.init=<a resnet10t run at 24 px>: each model key is what was typed, else what
+    the experiment's body sets, else the run's; a model option chosen (on the command line or by the experiment's
+    defaults) other than the generic timm names the network, and one other than the run's is refused naming both."""
+    typed = {"img_size": img_size, "drop_path_rate": drop_path}
+    args = [*UNNAMED, "teacher=none", "loss=ce", "loss.feature_weight=0", f"model.init={convnet_run}"]
+    args += [f"experiment={experiment}"] * bool(experiment) + [f"model={option}"] * bool(option)
+    args += [f"model.{key}={value}" for key, value in typed.items() if value is not None]
+    chooses, body = experiment_model(experiment) if experiment else (False, {})
+    chosen = (option not in (None, "timm")) or (option is None and chooses)
+    if chosen:
+        with pytest.raises(DeitTrainError, match=r"is a deit-train run of resnet10t at 24 px, not model.name="):
+            checked(*args, tmp_path=tmp_path, cache_dir=cache_dir)
+        return
+    cfg = checked(*args, tmp_path=tmp_path, cache_dir=cache_dir)
+    run_model = recorded(convnet_run)
+    for key, value in run_model.items():
+        if key in OWN:
+            continue
+        expected = typed[key] if typed.get(key) is not None else body.get(key, value)
+        assert cfg.model[key] == expected, (key, args)
