@@ -26,30 +26,34 @@ from deit_train.errors import DeitTrainError
 
 log = logging.getLogger("deit_train")
 
-# model.* keys that say where the student's weights come from, not what network it is: the user's own
-MODEL_INIT_KEYS = ("init", "init_class_map", "init_unchecked_order", "pretrained")
+# model.* keys that say where the student's weights come from and what of it trains, not what network it is: the
+# user's own (a run that trained its head only, model.trainable=[head.*], does not freeze the next one's backbone)
+MODEL_OWN_KEYS = ("init", "init_class_map", "init_unchecked_order", "pretrained", "trainable")
 GENERIC_OPTIONS = ("timm",)  # model=timm, teacher=timm: any timm network, named by its .name
 
 
 @dataclass
 class Named:
-    """The keys of a config group the user named: all of them (an option that names a network), or these."""
+    """The keys of a config group the user named: all of them (an option that names a network, `by` it), or these
+    (`kwargs.x` for one of model.kwargs)."""
 
     everything: bool = False
     keys: set[str] = field(default_factory=set)
+    by: str = ""
 
     def __contains__(self, key: str) -> bool:
         return self.everything or key in self.keys
 
 
-def adopt_run_networks(cfg: DictConfig, overrides: list[str] | None) -> None:
+def adopt_run_networks(cfg: DictConfig, job: DictConfig | None) -> None:
     """cfg's model and teacher as the deit-train runs of model.init and teacher.checkpoint recorded them, where the
-    user named none (module docstring); a named network other than the run's is refused naming both."""
+    user named none (module docstring); a named network other than the run's is refused naming both. `job`: the
+    job's hydra node (what was typed, where its configs were found); None: unknown, nothing adopted."""
     model_run = recorded_model(cfg.model.init)
     teacher_run = recorded_model(cfg.teacher.checkpoint) if cfg.teacher.library == "timm" else None
-    if (model_run is None and teacher_run is None) or overrides is None:
+    if (model_run is None and teacher_run is None) or job is None:
         return
-    named = named_keys(cfg, overrides, ("model", "teacher"))
+    named = named_keys(cfg, job, ("model", "teacher"))
     if model_run is not None:
         adopt_student(cfg, model_run, named["model"])
     if teacher_run is not None and not cfg.teacher.members:
@@ -63,10 +67,15 @@ def recorded_model(path: str | None) -> DictConfig | None:
         return None
     from deit_train.models.checkpoints import RunCheckpoint, read_torch_file
 
+    path = Path(path).expanduser()
     try:
-        run = RunCheckpoint.of(read_torch_file(Path(path).expanduser(), "model.init", mmap=True))
+        try:
+            stored = read_torch_file(path, "model.init", mmap=True)
+        except DeitTrainError:  # a legacy (not zip) torch file cannot be mapped: read whole
+            stored = read_torch_file(path, "model.init")
     except DeitTrainError:
         return None
+    run = RunCheckpoint.of(stored)
     return None if run is None else run.model_config()
 
 
@@ -80,25 +89,48 @@ def another_network(name: str, recorded: str) -> bool:
 
 
 def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
-    run = f"model.init={cfg.model.init} is a deit-train run of {recorded.name} at {recorded.img_size} px"
-    if "name" in named and another_network(str(cfg.model.name), str(recorded.name)):
-        from deit_train.models.architecture import overrides_for
+    from deit_train.models.architecture import VIT_ARCHITECTURE_FIELDS
 
+    model = cfg.model
+    run = f"model.init={model.init} is a deit-train run of {recorded.name} at {recorded.img_size} px"
+    other_sizes = [
+        key
+        for key in VIT_ARCHITECTURE_FIELDS
+        if key in named and None not in (model[key], recorded[key]) and model[key] != recorded[key]
+    ]
+    if ("name" in named and another_network(str(model.name), str(recorded.name))) or other_sizes:
+        from deit_train.models.architecture import overrides_for, recorded_sizes
+
+        chosen = f"model.name={model.name}" + "".join(f" model.{key}={model[key]}" for key in other_sizes)
         raise DeitTrainError(
-            f"{run}, not model.name={cfg.model.name}: name no model to start that network (model.init brings its "
-            f"own), or start from it with {overrides_for(recorded)}"
+            f"{run}{' with ' + recorded_sizes(recorded) if other_sizes else ''}, not {chosen}{named.by}: name no "
+            f"model to start that network (model.init brings its own), or start from it with {overrides_for(recorded)}"
         )
     adopted = {
         key: recorded[key]
         for key in recorded
-        if key not in MODEL_INIT_KEYS and key not in named and key in cfg.model and cfg.model[key] != recorded[key]
+        if key not in (*MODEL_OWN_KEYS, "kwargs") and key not in named and key in model and model[key] != recorded[key]
     }
-    if not adopted:
-        return
+    kwargs = adopted_kwargs(model, recorded, named)
+    if kwargs is not None:
+        adopted["kwargs"] = kwargs
     for key, value in adopted.items():
-        cfg.model[key] = value
-    shown = " ".join(f"model.{key}={value}" for key, value in adopted.items() if key in ("name", "img_size"))
-    log.warning("deit-train: %s: the student is that model (%s); model=... names another", run, shown or "its sizes")
+        model[key] = value
+    if adopted:
+        shown = " ".join(f"model.{key}={value}" for key, value in adopted.items() if key != "kwargs")
+        log.warning("deit-train: %s: the student is that model (%s); model=... names another", run, shown)
+
+
+def adopted_kwargs(model: DictConfig, recorded: DictConfig, named: Named) -> dict | None:
+    """The run's model.kwargs (timm.create_model's extra arguments) with those the user named on top, one by one; an
+    img_size among them follows a named model.img_size (the position embeddings are resampled). None: unchanged."""
+    if "kwargs" in named:
+        return None
+    kwargs = dict(recorded.get("kwargs") or {})
+    kwargs.update({key: value for key, value in model.kwargs.items() if f"kwargs.{key}" in named})
+    if "img_size" in kwargs and "img_size" in named:
+        kwargs["img_size"] = model.img_size
+    return None if kwargs == dict(model.kwargs) else kwargs
 
 
 def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
@@ -106,8 +138,8 @@ def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
     run = f"teacher.checkpoint={teacher.checkpoint} is a deit-train run of {recorded.name} at {recorded.img_size} px"
     if "name" in named and teacher.name is not None and another_network(str(teacher.name), str(recorded.name)):
         raise DeitTrainError(
-            f"{run}, not teacher.name={teacher.name}: set teacher.name={recorded.name}, or teacher=timm without a "
-            f"name (the run's checkpoint brings its own network)"
+            f"{run}, not teacher.name={teacher.name}{named.by}: set teacher.name={recorded.name}, or teacher=timm "
+            f"without a name (the run's checkpoint brings its own network)"
         )
     adopted = []
     if "name" not in named and teacher.name != recorded.name:
@@ -121,29 +153,42 @@ def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
         log.warning("deit-train: %s: it teaches as that network (%s)", run, " ".join(adopted))
 
 
-def named_keys(cfg: DictConfig, overrides: list[str], groups: tuple[str, ...]) -> dict[str, Named]:
-    """For each group, the keys the overrides and the configs they chose name (module docstring): Hydra's defaults
-    list says who chose each group's option; the option's own values, composed alone, say which keys another layer
-    (an experiment) changed."""
+def named_keys(cfg: DictConfig, job: DictConfig, groups: tuple[str, ...]) -> dict[str, Named]:
+    """For each group, the keys the job's overrides and the configs they chose name (module docstring): Hydra's
+    defaults list, composed from the job's config sources, says who chose each group's option; the option's own
+    values, composed alone, say which keys another layer (an experiment) changed."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
-    from deit_train.config import CONFIG_DIR
-
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(CONFIG_DIR))
-    defaults = loader.compute_defaults_list("train", overrides, RunMode.RUN).overrides
+    search_path = ConfigSearchPathImpl()
+    for source in job.runtime.config_sources:
+        search_path.append(source.provider, f"{source.schema}://{source.path}")
+    loader = ConfigLoaderImpl(config_search_path=search_path)
+    overrides, config_name = list(job.overrides.task), job.job.config_name or "train"
+    defaults = loader.compute_defaults_list(config_name, overrides, RunMode.RUN).overrides
     choices = {group: defaults.known_choices.get(group) for group in groups}
     alone = loader.load_configuration(
-        "train", [f"{group}={choice}" for group, choice in choices.items() if choice], RunMode.RUN
+        config_name, [f"{group}={choice}" for group, choice in choices.items() if choice], RunMode.RUN
     )
     typed = [override.key_or_group for override in OverridesParser.create().parse_overrides(overrides)]
     named = {}
     for group in groups:
-        own = alone[group]
-        keys = {key.split(".")[1] for key in typed if key.startswith(f"{group}.")}
-        keys |= {key for key in cfg[group] if key not in own or cfg[group][key] != own[key]}
-        chose = group in defaults.override_metadata and choices[group] not in GENERIC_OPTIONS
-        named[group] = Named(everything=chose, keys=keys)
+        own, composed = alone[group], cfg[group]
+        keys = {key.split(".", 1)[1] for key in typed if key.startswith(f"{group}.")}
+        keys |= {key.split(".")[0] for key in keys}
+        keys |= {key for key in composed if key not in own or composed[key] != own[key]}
+        if group == "model":  # model.kwargs key by key
+            mine, theirs = dict(composed.kwargs), dict(own.kwargs)
+            keys |= {f"kwargs.{key}" for key in mine if key not in theirs or mine[key] != theirs[key]}
+            keys.discard("kwargs")  # named as a whole only when typed so (model.kwargs={...})
+            keys |= {"kwargs" for key in typed if key == f"{group}.kwargs"}
+        metadata = defaults.override_metadata.get(group)
+        chose = metadata is not None and choices[group] not in GENERIC_OPTIONS
+        by = ""
+        if chose:
+            where = metadata.containing_config_path
+            by = f" ({group}={choices[group]}" + (f", chosen by {where.replace('/', '=', 1)})" if where else ")")
+        named[group] = Named(everything=chose, keys=keys, by=by)
     return named

@@ -265,7 +265,7 @@ def checked_run(hydra_cfg):
 
     cfg = job_config(hydra_cfg)
     try:
-        run = Run(cfg, overrides=list(hydra_cfg.hydra.overrides.task))
+        run = Run(cfg, job=hydra_cfg.hydra)
         run.check(directory=True)  # the directory by the first process only: a rank the trainer started follows it
     except OmegaConfBaseException as error:
         raise DeitTrainError(one_line(error)) from error

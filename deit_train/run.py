@@ -58,12 +58,12 @@ class Run:
     """One run of deit-train (the module docstring). `source`: the data, where it is not the config's data source
     (a test's in-memory images, the benchmark's)."""
 
-    def __init__(self, cfg: DictConfig, source: DataSource | None = None, overrides: list[str] | None = None) -> None:
+    def __init__(self, cfg: DictConfig, source: DataSource | None = None, job: DictConfig | None = None) -> None:
         self.cfg = cfg
         self.source = source
-        # what the user typed (a Hydra job's hydra.overrides.task): a run checkpoint given as model.init or
-        # teacher.checkpoint brings its network where they name none (adopt.py); None: unknown, none adopted
-        self.overrides = overrides
+        # the Hydra job's own node (what was typed, where its configs were found): a run checkpoint given as
+        # model.init or teacher.checkpoint brings its network where they name none (adopt.py); None: none adopted
+        self.job = job
         self.task: Task | None = None
         self.datamodule: L.LightningDataModule | None = None
         self.directory = RunDirectory(Path(cfg.paths.output_dir))
@@ -114,7 +114,7 @@ class Run:
         if cfg.model.init or cfg.teacher.checkpoint:  # reads the checkpoints' records: imports torch
             from deit_train.adopt import adopt_run_networks
 
-            adopt_run_networks(cfg, self.overrides)
+            adopt_run_networks(cfg, self.job)
         schema.check(cfg)
         from deit_train.data.sources import build_source
 

@@ -179,7 +179,7 @@ def check_jobs(config: DictConfig) -> None:
                     job.hydra.run.dir = str(Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir))
                     job.hydra.runtime.output_dir = job.hydra.run.dir
                 HydraConfig.instance().set_config(job)
-                Run(job_config(job), overrides=list(overrides)).check_config()
+                Run(job_config(job), job=job.hydra).check_config()
             except DeitTrainError as error:
                 refused[number] = f"sweep job {number} ({' '.join(overrides)}): {' '.join(str(error).split())}"
             except (HydraException, OmegaConfBaseException) as error:

@@ -25,13 +25,13 @@ def check_config(cfg: DictConfig) -> Task:
     return Run(cfg).check()
 
 
-def train(cfg: DictConfig, source: DataSource | None = None, overrides: list[str] | None = None) -> TrainRun:
+def train(cfg: DictConfig, source: DataSource | None = None, job: DictConfig | None = None) -> TrainRun:
     """One run inside a Hydra job (a sweep's, or the tests'): check, then the rest. Raises DeitTrainError.
-    `overrides`: the job's, as typed (Run)."""
+    `job`: the job's hydra node (Run)."""
     from deit_train.console import quiet_console
 
     quiet_console()
-    run = Run(cfg, source, overrides)
+    run = Run(cfg, source, job)
     run.check()
     return run.execute()
 
@@ -42,10 +42,7 @@ def run_job(cfg: DictConfig, run: Run | None = None) -> float | None:
     with error_boundary("deit-train"):  # a Ctrl-C or SIGTERM ends a sweep too
         try:
             # a run the command line checked keeps its config, with what the check decided (the precision)
-            if run is None:
-                metrics = train(cfg, overrides=list(HydraConfig.get().overrides.task)).metrics
-            else:
-                metrics = run.execute().metrics
+            metrics = train(cfg, job=HydraConfig.get()).metrics if run is None else run.execute().metrics
         except Exception as error:
             if not in_sweep() or debugging():
                 raise

@@ -15,6 +15,7 @@ from deit_train.errors import DeitTrainError
 from deit_train.train import train
 
 from .conftest import TINY, TINY_DEMO, TINY_RUN, compose_config
+from .tiny import TINY_VIT_SIZES
 
 # A run that names no model: the data and the trainer of TINY_RUN, without experiment=demo (which names deit_demo).
 UNNAMED = [arg for arg in TINY_RUN if not arg.startswith(("experiment=", "model."))] + [
@@ -57,7 +58,7 @@ def checked(*args: str, tmp_path, cache_dir):
     from deit_train.run import Run
 
     _, hydra_cfg = compose([*args, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"])
-    run = Run(job_config(hydra_cfg), overrides=list(hydra_cfg.hydra.overrides.task))
+    run = Run(job_config(hydra_cfg), job=hydra_cfg.hydra)
     run.check_config()
     return run.cfg
 
@@ -78,13 +79,18 @@ def test_model_init_from_a_run_brings_its_model_unless_one_is_named(convnet_run,
     )
     assert (cfg.model.name, cfg.model.img_size) == ("resnet10t", 32)
 
-    # a ViT's sizes come with it; one typed size is kept (and refused when the weights are built: models/init.py)
+    # a ViT's sizes come with it; a typed size other than the run's is refused naming both
     vit = recorded(vit_run[0])
-    cfg = checked(*UNNAMED, f"model.init={vit_run[0]}", "model.depth=3", tmp_path=tmp_path, cache_dir=cache_dir)
-    assert [cfg.model[k] for k in ("name", "img_size", "patch_size", "embed_dim", "num_heads")] == [
-        vit[k] for k in ("name", "img_size", "patch_size", "embed_dim", "num_heads")
+    cfg = checked(*UNNAMED, f"model.init={vit_run[0]}", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert [cfg.model[k] for k in ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")] == [
+        vit[k] for k in ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
     ]
-    assert cfg.model.depth == 3
+    with pytest.raises(DeitTrainError) as refused:
+        checked(*UNNAMED, f"model.init={vit_run[0]}", "model.depth=3", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert (
+        f"run of {vit['name']} at 16 px with patch_size=4 embed_dim=32 depth=2 num_heads=2, not model.name="
+        f"{vit['name']} model.depth=3: " in str(refused.value)
+    )
 
     # an experiment that chooses no model (the recipe; the size presets choose it) leaves it to the run
     cfg = checked(
@@ -143,8 +149,8 @@ def test_teacher_checkpoint_from_a_run_teaches_as_its_network(convnet_run, tmp_p
 
     for naming, named in (
         (["teacher=timm", "teacher.name=resnet18"], "resnet18"),
-        (["teacher=resnet50"], "resnet50"),
-        (["teacher=regnety_160"], "regnety_160.deit_in1k"),
+        (["teacher=resnet50"], "resnet50 (teacher=resnet50)"),
+        (["teacher=regnety_160"], "regnety_160.deit_in1k (teacher=regnety_160)"),
     ):
         with pytest.raises(DeitTrainError) as refused:
             checked(*distil, *naming, f"teacher.checkpoint={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
@@ -162,6 +168,8 @@ def test_an_experiments_teacher_name_is_named(convnet_run, vit_run, tmp_path, ca
             "trainer=cpu",
             f"model.init={vit_run[0]}",
             "model=deit_demo",
+            *[f"model.{k}={v}" for k, v in TINY_VIT_SIZES.items()],
+            "model.img_size=16",
             f"teacher.checkpoint={convnet_run}",
             tmp_path=tmp_path,
             cache_dir=cache_dir,
@@ -255,3 +263,58 @@ def test_each_model_key_is_the_typed_the_chosen_or_the_runs(
             continue
         expected = typed[key] if typed.get(key) is not None else body.get(key, value)
         assert cfg.model[key] == expected, (key, args)
+
+
+def test_what_a_run_brings_is_its_network_not_its_training_choices(tmp_path, cache_dir):
+    """A run that trained its head only (model.trainable=[head.*]) does not freeze the next run's backbone; a timm ViT
+    built with model.kwargs keeps the run's kwargs, with one typed kwarg on top and a typed image size followed by
+    kwargs.img_size; a legacy (not zip) checkpoint file is read too."""
+    import timm
+
+    from .test_models import save_run_checkpoint
+
+    sizes = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    network = timm.create_model("vit_tiny_patch16_224", num_classes=10, **sizes)
+    model = {"name": "vit_tiny_patch16_224", "img_size": 16, "kwargs": sizes, "trainable": ["head.*"]}
+    save_run_checkpoint(tmp_path / "probe.ckpt", network, model, [f"c{i}" for i in range(10)])
+    init = f"model.init={tmp_path / 'probe.ckpt'}"
+
+    cfg = checked(*UNNAMED, init, tmp_path=tmp_path, cache_dir=cache_dir)
+    assert (cfg.model.name, cfg.model.trainable, dict(cfg.model.kwargs)) == ("vit_tiny_patch16_224", None, sizes)
+    cfg = checked(
+        *UNNAMED, init, "+model.kwargs.drop_rate=0.1", "model.img_size=32", tmp_path=tmp_path, cache_dir=cache_dir
+    )
+    assert dict(cfg.model.kwargs) == {**sizes, "drop_rate": 0.1, "img_size": 32} and cfg.model.img_size == 32
+
+    stored = torch.load(tmp_path / "probe.ckpt", weights_only=True)
+    torch.save(stored, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    cfg = checked(*UNNAMED, f"model.init={tmp_path / 'legacy.ckpt'}", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert cfg.model.name == "vit_tiny_patch16_224"
+
+
+def test_configs_the_user_adds_are_read_and_who_chose_a_network_is_named(convnet_run, tmp_path, cache_dir):
+    """An experiment of the user's own (hydra.searchpath) composes as the job's: before, the defaults were read from
+    deit-train's conf/ alone and the run ended as 'a bug'. A refusal names the option and the experiment that chose
+    the network."""
+    mine = tmp_path / "myconf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\nmodel:\n  drop_path_rate: 0.3\n")
+    (mine / "mine_model.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: deit_small\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'myconf'}]"
+    cfg = checked(
+        *UNNAMED, search, "experiment=mine", f"model.init={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir
+    )
+    assert (cfg.model.name, cfg.model.drop_path_rate) == ("resnet10t", 0.3)
+    with pytest.raises(
+        DeitTrainError,
+        match=r"not model.name=deit_small_distilled_patch16_224 \(model=deit_small, "
+        r"chosen by experiment=mine_model\): name no model",
+    ):
+        checked(
+            *UNNAMED,
+            search,
+            "experiment=mine_model",
+            f"model.init={convnet_run}",
+            tmp_path=tmp_path,
+            cache_dir=cache_dir,
+        )

@@ -229,6 +229,23 @@ def test_a_run_checkpoint_teaches_as_the_network_it_records_at_sizes_it_can_see(
         build_teacher_network(teacher_config(name=vit["name"], checkpoint=str(tmp_path / "stripped.ckpt")), ["a", "b"])
 
 
+def test_a_run_checkpoint_teaches_with_the_normalisation_it_trained_with(tmp_path):
+    """A deit-train run of a timm network whose pretrained normalisation is not ImageNet's (vit_tiny_patch16_224:
+    0.5/0.5) trained on deit-train's views (ImageNet's mean/std): as a teacher it sees them as they are, and gives
+    the logits the run's network gives them; before, they were re-normalised to 0.5/0.5 (another network)."""
+    from deit_train.teacher.teacher import TeacherNetwork
+
+    sizes = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    network = timm.create_model("vit_tiny_patch16_224", num_classes=2, **sizes).eval()
+    assert network.pretrained_cfg["mean"] != (0.485, 0.456, 0.406)
+    model = {"name": "vit_tiny_patch16_224", "img_size": 16, "kwargs": sizes}
+    save_run_checkpoint(tmp_path / "vit.ckpt", network, model, ["a", "b"])
+    built = build_teacher_network(teacher_config(name=model["name"], checkpoint=str(tmp_path / "vit.ckpt")), ["a", "b"])
+    teacher = TeacherNetwork(built, img_size=16)
+    views = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(teacher(views), network(views))
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     save_teacher(tmp_path / "t.pth", 2)
     data = (tmp_path / "t.pth").read_bytes()

@@ -5,6 +5,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from deit_train.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from deit_train.errors import DeitTrainError
 from deit_train.labels import check_same_classes
 from deit_train.models.checkpoints import RunCheckpoint, classifier_keys, load_into, load_weights
@@ -80,6 +81,13 @@ def trained_network(cfg: DictConfig, run: RunCheckpoint, class_names: list[str],
             f"{entry.format('img_size')}"
         )
     check_teacher_classes(network, run.part("student."), run.class_names, class_names, cfg.checkpoint)
+    # It learned on the views deit-train feeds every network (ImageNet's mean/std: data/pixels.py), whatever its timm
+    # architecture's own pretrained normalisation (vit_tiny_patch16_224's 0.5/0.5), which TeacherNetwork would apply.
+    network.pretrained_cfg = {
+        **(getattr(network, "pretrained_cfg", None) or {}),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
     return network
 
 
