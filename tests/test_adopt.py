@@ -137,6 +137,10 @@ def test_teacher_checkpoint_from_a_run_teaches_as_its_network(convnet_run, tmp_p
         cfg = checked(*distil, *teacher, f"teacher.checkpoint={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
         assert (cfg.teacher.name, cfg.teacher.img_size) == ("resnet10t", 24)
 
+    # teacher=none typed chooses no network for the weights: said so, naming both ways on
+    with pytest.raises(DeitTrainError, match=r"but no teacher network \(teacher=none\): drop teacher=none"):
+        checked(*distil, "teacher=none", f"teacher.checkpoint={convnet_run}", tmp_path=tmp_path, cache_dir=cache_dir)
+
     cfg = checked(
         *distil,
         "teacher=timm",

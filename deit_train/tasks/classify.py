@@ -48,9 +48,16 @@ class Classify(Task):
             )
         if uses_teacher and cfg.teacher.name is None:
             what = f"loss={distillation}_distill" if distillation != "none" else "loss.feature_weight>0"
+            if cfg.teacher.checkpoint:  # weights, but teacher=none chose no network for them
+                raise DeitTrainError(
+                    f"{what} with teacher.checkpoint={cfg.teacher.checkpoint} but no teacher network (teacher=none): "
+                    f"drop teacher=none (a deit-train run's checkpoint brings its own), or name the architecture of "
+                    f"other weights with teacher=timm teacher.name=<timm name>"
+                )
             raise DeitTrainError(
-                f"{what} needs a teacher: add e.g. teacher=regnety_160 (ImageNet) or "
-                f"teacher=timm teacher.name=resnet50 teacher.checkpoint=PATH; or train without one: loss=ce."
+                f"{what} needs a teacher: add e.g. teacher=regnety_160 (ImageNet), teacher.checkpoint=<a deit-train "
+                f"run>/checkpoints/best.ckpt, or teacher=timm teacher.name=<timm name> teacher.checkpoint=PATH; or "
+                f"train without one: loss=ce."
             )
         if cfg.teacher.cache and cfg.loss.feature_weight > 0:
             raise DeitTrainError(
