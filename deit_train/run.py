@@ -161,7 +161,13 @@ class Run:
         self.checkpoint = resume_from(cfg, self.directory.path)
         if self.checkpoint is not None:
             stored = read_run_checkpoint(self.checkpoint, "ckpt_path" if cfg.ckpt_path else "resume=true")
-            check_resume(cfg, stored.config, stored.class_names, getattr(built.module, "class_names", None))
+            check_resume(
+                cfg,
+                stored.config,
+                stored.class_names,
+                getattr(built.module, "class_names", None),
+                stored_files=stored.weights_files,
+            )
         if self.leader:
             built.datamodule.scan()  # unreadable images, all of them, before training meets the first
         callbacks = [*built.callbacks, StartupTime(self.started)]

@@ -16,9 +16,11 @@ which changes a resumed run accepts, and the files it writes besides the trainer
 """
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -314,7 +316,7 @@ def check_directory_matches(cfg: DictConfig, output_dir: Path, own_checkpoints: 
 
     last = last_checkpoint(output_dir)
     stored = read_run_checkpoint(last if last in own_checkpoints else own_checkpoints[0], "resume=true")
-    check_resume(cfg, stored.config, None, None, log_changes=False)
+    check_resume(cfg, stored.config, None, None, log_changes=False, stored_files=stored.weights_files)
 
 
 def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
@@ -329,7 +331,7 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict | None:
     stored = read_run_checkpoint(last, "resume=true")
     if stored.epoch is None or stored.epoch + 1 < cfg.trainer.max_epochs:
         return None
-    check_resume(cfg, stored.config, None, None, log_changes=False)
+    check_resume(cfg, stored.config, None, None, log_changes=False, stored_files=stored.weights_files)
     from deit_train.metric_units import last_epoch_metrics
 
     return last_epoch_metrics(json.loads(metrics.read_text()))
@@ -361,8 +363,11 @@ def check_resume(
     stored_classes: list[str] | None,
     class_names: list[str] | None,
     log_changes: bool = True,
+    stored_files: dict[str, str] | None = None,
 ) -> None:
-    """Refuse a resume whose config changes what is trained; log the changes it applies (log_changes)."""
+    """Refuse a resume whose config changes what is trained; log the changes it applies (log_changes). A weights
+    file named at another path (model.init, teacher.checkpoint, a member's) is the same when its bytes are those the
+    run recorded (stored_files: weights_files at the run's start): moved storage is no change."""
     if stored_classes is not None and class_names is not None and list(stored_classes) != list(class_names):
         raise DeitTrainError(
             f"resume: the data's classes ({len(class_names)}: {class_names[:4]}...) are not the checkpoint's "
@@ -376,6 +381,10 @@ def check_resume(
     changed += sorted((new.keys() ^ old.keys()) - {""})
     resumable = [key for key in changed if key.startswith(RESUMABLE_CHANGES + reading_keys(cfg))]
     refused = [key for key in changed if key not in resumable]
+    moved = [key for key in refused if key in (stored_files or {}) and file_digest(new.get(key)) == stored_files[key]]
+    refused = [key for key in refused if key not in moved]
+    for key in moved if log_changes else []:
+        log.info("resume: %s moved %s -> %s, the same bytes (applied)", key, old.get(key), new.get(key))
     if refused:
         listed = ", ".join(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
@@ -388,6 +397,34 @@ def check_resume(
     for key in resumable if log_changes else []:
         if key.startswith(APPLIED_ON_RESUME) or key.startswith(("trainer.precision", "trainer.devices", "data.")):
             log.info("resume: %s changed %s -> %s (applied)", key, old.get(key, "(unset)"), new.get(key, "(unset)"))
+
+
+WEIGHTS_FILE_KEYS = re.compile(r"(model\.init|teacher\.checkpoint|teacher\.members\.\d+\.checkpoint)")
+
+
+def weights_files(config: dict) -> dict[str, str]:
+    """The sha256 of each local weights file a run config names (model.init, teacher.checkpoint, each member's), by
+    key: what a resume compares where a path changed (check_resume). Folders and Hub ids are compared by name."""
+    flat = flatten(config)
+    return {
+        key: digest
+        for key, value in flat.items()
+        if WEIGHTS_FILE_KEYS.fullmatch(key) and (digest := file_digest(value))
+    }
+
+
+def file_digest(value: object) -> str | None:
+    """The sha256 of the file `value` names; None for anything else (unset, a folder, a Hub id, unreadable)."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value).expanduser()
+    try:
+        if not path.is_file():
+            return None
+        with path.open("rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def write_config(cfg: DictConfig, output_dir: Path) -> None:

@@ -161,6 +161,33 @@ def test_resume_refuses_a_change_to_what_is_trained_and_changes_nothing(change, 
     assert after == {p: b for p, b in before.items() if p.suffix != ".log"}
 
 
+@pytest.mark.slow
+def test_a_teacher_file_moved_with_the_same_bytes_resumes_another_is_refused(tmp_path, cache_dir):
+    """Weights files are compared by their bytes, recorded in each checkpoint (run_dir.weights_files): the teacher's
+    file moved to other storage resumes, with a line; a file of other bytes at that path is still a change to what
+    the run trains. Before, any other path was refused."""
+    import timm
+    from safetensors.torch import save_file
+
+    first, moved, other = tmp_path / "a" / "teacher.safetensors", tmp_path / "b" / "t.safetensors", tmp_path / "o.st"
+    first.parent.mkdir()
+    save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(first))
+    teacher = ["loss=hard_distill", "teacher=timm", "teacher.name=resnet10t", "teacher.unchecked_order=true"]
+    run_dir = tmp_path / "run"
+    started = deit_train(*teacher, f"teacher.checkpoint={first}", run_dir=run_dir, cache_dir=cache_dir)
+    assert started.returncode == 0, started.stderr
+    moved.parent.mkdir()
+    first.rename(moved)
+    save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(other))  # other random weights
+    resume = ["trainer.max_epochs=2", "resume=true"]
+    refused = deit_train(*teacher, f"teacher.checkpoint={other}", *resume, run_dir=run_dir, cache_dir=cache_dir)
+    assert refused.returncode == 2 and f"teacher.checkpoint: {first} -> {other}" in refused.stderr, refused.stderr
+    resumed = deit_train(*teacher, f"teacher.checkpoint={moved}", *resume, run_dir=run_dir, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: teacher.checkpoint moved {first} -> {moved}, the same bytes (applied)" in resumed.stdout
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
 def test_a_resume_may_change_how_its_source_reads_the_data_not_which_data(tmp_path, cache_dir, demo_data):
     """check_resume asks the source data._target_ names which of its keys only say how the data is read
     (DataSource.reading_keys): an ImageFolder moved or an HF dataset's cache moved resume; another dataset, split,

@@ -152,6 +152,7 @@ class RunCheckpoint:
     class_names: list[str] | None
     epoch: int | None
     student_prefix: str
+    weights_files: dict[str, str]  # the sha256 of the weights files its config names, by key (run_dir.weights_files)
 
     @classmethod
     def of(cls, stored: object) -> "RunCheckpoint | None":
@@ -161,8 +162,9 @@ class RunCheckpoint:
         config = (stored.get("hyper_parameters") or {}).get("config")
         if not (isinstance(config, dict) and "model" in config and "loss" in config):
             return None
-        prefix = (stored.get("deit_train") or {}).get("student", "student.")
-        return cls(stored["state_dict"], config, stored.get("class_names"), stored.get("epoch"), prefix)
+        metadata = stored.get("deit_train") or {}
+        prefix, files = metadata.get("student", "student."), metadata.get("weights_files") or {}
+        return cls(stored["state_dict"], config, stored.get("class_names"), stored.get("epoch"), prefix, files)
 
     def part(self, prefix: str) -> StateDict:
         """The weights of one submodule (`student.`, `ema.module.`, `model.encoder.`), prefix removed."""

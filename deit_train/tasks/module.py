@@ -40,6 +40,7 @@ class TrainingModule(ViewsOnDevice, L.LightningModule):
         # Set on the device when a loss is NaN/inf; read (a host sync) only at log steps and before a save.
         self.register_buffer("loss_diverged", torch.tensor(False), persistent=False)
         self.fresh_optimizer_settings: tuple[list[dict], dict] | None = None
+        self.weights_files: dict[str, str] | None = None  # on_save_checkpoint: the sha256 of its weights files
 
     @property
     def network(self) -> nn.Module:
@@ -97,7 +98,15 @@ class TrainingModule(ViewsOnDevice, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.stop_if_diverged()  # never replace the last good checkpoint by a diverged model
-        checkpoint["deit_train"] = {"format": CHECKPOINT_FORMAT, "student": self.student_prefix}
+        if self.weights_files is None:  # read once: the files this start was given (a resume's are compared by them)
+            from deit_train.run_dir import weights_files
+
+            self.weights_files = weights_files(self.hparams["config"])
+        checkpoint["deit_train"] = {
+            "format": CHECKPOINT_FORMAT,
+            "student": self.student_prefix,
+            "weights_files": self.weights_files,
+        }
 
     def configure_optimizers(self):
         """The optim group's optimizer (timm's factory) with the paper's linear scaling rule, and its schedule
