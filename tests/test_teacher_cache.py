@@ -395,3 +395,51 @@ def test_the_erasing_noises_generator_not_the_device_is_part_of_the_fingerprint(
         inputs = fingerprint_inputs({"augment": {"reprob": reprob}}, 1, "data", teacher)
         assert (inputs["erasing_noise"] == noise.GENERATOR) is named, reprob
         assert torch.backends.cpu.get_cpu_capability() not in json.dumps(inputs)
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """read_only_view(folder): the folder bind-mounted read-only (a shared data set's storage); skipped where this
+    machine cannot mount (not root, or no mount permission)."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def make(folder):
+        view = tmp_path / f"ro-{folder.name}"
+        view.mkdir()
+        steps = (["mount", "--bind", str(folder), str(view)], ["mount", "-o", "remount,ro,bind", str(view)])
+        for step in steps:
+            if shutil.which("mount") is None or subprocess.run(step, capture_output=True).returncode != 0:
+                pytest.skip("cannot bind-mount a folder read-only here")
+            mounted.append(view) if step is steps[0] else None
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", "--lazy", str(view)], capture_output=True)  # files may still be mapped
+
+
+def test_a_cache_on_read_only_storage_is_read_and_not_written(distill, tmp_path, teacher_calls, read_only_view, caplog):
+    """A cache filled once and mounted read-only: a run on the same views reads every epoch (the teacher never runs
+    on training batches) and trains as the run that filled it; another seed computes its own outputs, stores none,
+    and trains. Before, any read-only teacher.cache was refused. task=teacher_cache, whose product is the cache, is
+    still refused there."""
+    from deit_train.errors import StorageError
+
+    cache = tmp_path / "cache"
+    filled = distill(f"teacher.cache={cache}", run="fill")
+    train(filled)
+    assert teacher_calls["train"] == 10
+    shared = read_only_view(cache)
+    files = sorted(p.relative_to(shared) for p in shared.rglob("*"))
+    read = distill(f"teacher.cache={shared}", run="read")
+    train(read)
+    assert teacher_calls["train"] == 10 and "cannot be written: its epochs for this run are read" in caplog.text
+    assert_same_weights(student_weights(filled), student_weights(read))
+    train(distill(f"teacher.cache={shared}", "seed=1", run="other_seed"))
+    assert teacher_calls["train"] == 20
+    assert sorted(p.relative_to(shared) for p in shared.rglob("*")) == files
+    with pytest.raises(StorageError, match=r"cannot be written \(read-only or no permission\)"):
+        train(distill(f"teacher.cache={shared}", "task=teacher_cache", run="fill_again"))

@@ -9,11 +9,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from deit_train.errors import DeitTrainError
+from deit_train.errors import DeitTrainError, StorageError
 from deit_train.run_dir import check_writable
 from deit_train.tasks.task import Built, Task
 
@@ -35,6 +35,8 @@ log = logging.getLogger("deit_train")
 class Classify(Task):
     """The default task: the student learns the data's labels, with hard or soft distillation when the loss group
     asks for a teacher."""
+
+    fills_cache: ClassVar[bool] = False  # task=teacher_cache: writing teacher.cache is what it is for
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
@@ -66,7 +68,17 @@ class Classify(Task):
                 f"loss.feature_weight=0)"
             )
         if cfg.teacher.cache and distillation != "none":  # before the run writes anything
-            check_writable(Path(cfg.teacher.cache).expanduser().absolute(), "teacher.cache")
+            cache = Path(cfg.teacher.cache).expanduser().absolute()
+            try:
+                check_writable(cache, "teacher.cache")
+            except StorageError:
+                if self.fills_cache:  # its one product: refused
+                    raise
+                # a cache filled once and shared read-only (a data set's folder): what it holds for this run is
+                # read, the rest computed and not stored (teacher/cache.py)
+                log.warning(
+                    "teacher.cache=%s cannot be written: its epochs for this run are read, others computed", cache
+                )
 
     def build(self, cfg: DictConfig, datamodule: DeiTDataModule) -> Built:
         import torch

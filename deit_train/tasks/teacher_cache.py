@@ -5,7 +5,7 @@ validated or saved (conf/task/teacher_cache.yaml)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from omegaconf import DictConfig
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 @dataclass
 class FillTeacherCache(Classify):
     """A classify run's teacher on its views, without its student."""
+
+    fills_cache: ClassVar[bool] = True
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)

@@ -165,15 +165,20 @@ class TeacherCache:
         if directory.exists() and not directory.is_dir():
             raise DeitTrainError(f"teacher.cache={directory} is a file, not a folder: give a folder for the cache")
         self.root = directory / self.fingerprint
+        # A cache shared read-only (filled once, then mounted so): its epochs for this run are read, the others
+        # computed and not stored; a task that fills it was refused at its check (tasks/classify.py).
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        self.writable = os.access(existing, os.W_OK | os.X_OK)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if self.writable:
+                self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StorageError(
                 f"cannot make the teacher cache folder {self.root}: {error.strerror or error}; give "
                 f"a writable teacher.cache"
             ) from error
         manifest = self.root / "fingerprint.json"
-        if not manifest.exists():  # what this cache is keyed by, for people
+        if self.writable and not manifest.exists():  # what this cache is keyed by, for people
             tmp = manifest.with_name(f".fingerprint.{uuid.uuid4().hex}.tmp")
             tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, manifest)
@@ -256,6 +261,9 @@ class TeacherCache:
             self.num_batches - self.served,
         )
         if self.stored is not None or len(self.computed) != self.num_batches or not self.num_batches:
+            return
+        if not self.writable:
+            self.computed = {}
             return
         order = [self.computed[i] for i in range(self.num_batches)]
         tensors = {"batch_keys": torch.tensor([key for key, _ in order], dtype=torch.int64)}
