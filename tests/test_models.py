@@ -334,3 +334,24 @@ def test_model_init_from_a_run_of_another_architecture_is_refused_naming_both(tm
     save_run_checkpoint(tmp_path / "ti.ckpt", network, {**deit_tiny, "num_heads": 3}, ["a", "b"])
     with pytest.raises(DeitTrainError, match=r"with model=deit_tiny \(at any model.img_size: its position"):
         build_student(tiny_student_config(init=str(tmp_path / "ti.ckpt")), 2)
+
+
+def test_a_timm_export_teaches_with_the_normalisation_its_config_records(tmp_path):
+    """deit-export's timm folder records the mean/std its network was trained on (ImageNet's for a deit-train run)
+    in config.json's pretrained_cfg; as a teacher (the folder or its model.safetensors) it is fed those, not its
+    architecture's (mobilevit_xxs: 0/1), which re-normalised the views for another network."""
+    from timm.models import save_for_hf
+
+    from deit_train.teacher.teacher import TeacherNetwork
+
+    network = timm.create_model("mobilevit_xxs", num_classes=2).eval()
+    assert tuple(network.pretrained_cfg["mean"]) != (0.485, 0.456, 0.406)
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    labels = {"label_names": ["a", "b"]}
+    save_for_hf(network, str(tmp_path / "timm"), model_config=labels, data_config=imagenet, safe_serialization=True)
+    views = torch.randn(2, 3, 32, 32)
+    for checkpoint in (tmp_path / "timm", tmp_path / "timm" / "model.safetensors"):
+        built = build_teacher_network(teacher_config(name="mobilevit_xxs", checkpoint=str(checkpoint)), ["a", "b"])
+        teacher = TeacherNetwork(built)
+        assert not teacher.renormalize
+        torch.testing.assert_close(teacher(views), network(views))

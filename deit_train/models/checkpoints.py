@@ -221,6 +221,8 @@ class Weights:
     state: StateDict
     class_names: list[str] | None = None  # known for deit-train checkpoints and exports
     run: RunCheckpoint | None = None  # a deit-train run's checkpoint: its config records the model and the task
+    # the (mean, std) its network was trained on, where its timm export's config.json says (pretrained_cfg)
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
@@ -228,6 +230,12 @@ def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
     names, wrappers removed."""
     path = local_path(path, flag)
     weights = load_export_directory(path, flag) if path.is_dir() else load_weights_file(path, flag)
+    export = path if path.is_dir() else path.parent
+    if path.is_dir() or (path.name == "model.safetensors" and (export / "config.json").is_file()):
+        with contextlib.suppress(DeitTrainError):  # a file's folder that is no export: nothing to read
+            pretrained = read_export_config(export).get("pretrained_cfg") or {}
+            if pretrained.get("mean") and pretrained.get("std"):
+                weights.normalization = (tuple(pretrained["mean"]), tuple(pretrained["std"]))
     if is_transformers_state(weights.state):
         try:
             weights.state = transformers_to_timm(weights.state)

@@ -33,6 +33,9 @@ def build_teacher_network(cfg: DictConfig, class_names: list[str], img_size: int
             teacher = create_timm_model(cfg.name, "teacher", pretrained=False, num_classes=num_classes)
             check_teacher_classes(teacher, weights.state, weights.class_names, class_names, cfg.checkpoint)
             load_into(teacher, weights.state, f"teacher.checkpoint={cfg.checkpoint}", f"teacher {cfg.name}")
+            if weights.normalization is not None:  # a timm export (deit-export's): what it was trained on
+                mean, std = weights.normalization
+                teacher.pretrained_cfg = {**(teacher.pretrained_cfg or {}), "mean": mean, "std": std}
             if weights.class_names is None:
                 unnamed = f"teacher.checkpoint={cfg.checkpoint} (weights without class names)"
     elif cfg.pretrained:
