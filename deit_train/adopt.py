@@ -114,10 +114,14 @@ def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
     kwargs = adopted_kwargs(model, recorded, named)
     if kwargs is not None:
         adopted["kwargs"] = kwargs
+    if "kwargs.img_size" in named and "img_size" not in named:  # the size the network is built at, named
+        adopted["img_size"] = model.kwargs.img_size
     for key, value in adopted.items():
         model[key] = value
     if adopted:
-        shown = " ".join(f"model.{key}={value}" for key, value in adopted.items() if key != "kwargs")
+        shown = " ".join(
+            f"model.{key}={value}" for key, value in adopted.items() if key != "kwargs" and value is not None
+        )
         log.warning("deit-train: %s: the student is that model (%s); model=... names another", run, shown)
 
 

@@ -419,6 +419,13 @@ def check(cfg: DictConfig) -> None:
         raise refuse("augment.scale", scale, "[low, high] with 0 < low <= high <= 1")
     if cfg.model.patch_size and cfg.model.img_size % cfg.model.patch_size:
         raise refuse("model.img_size", cfg.model.img_size, f"a multiple of model.patch_size={cfg.model.patch_size}")
+    kwargs_size = cfg.model.kwargs.get("img_size")
+    if kwargs_size is not None and kwargs_size != cfg.model.img_size:  # a timm ViT built at one size, fed another
+        raise refuse(
+            "model.kwargs.img_size",
+            kwargs_size,
+            f"model.img_size={cfg.model.img_size}, the size the data is cut to (or set model.img_size={kwargs_size})",
+        )
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
         raise refuse("model.num_heads", cfg.model.num_heads, f"a divisor of model.embed_dim={cfg.model.embed_dim}")
     if cfg.model.init:

@@ -290,6 +290,17 @@ def test_what_a_run_brings_is_its_network_not_its_training_choices(tmp_path, cac
     )
     assert dict(cfg.model.kwargs) == {**sizes, "drop_rate": 0.1, "img_size": 32} and cfg.model.img_size == 32
 
+    cfg = checked(*UNNAMED, init, "+model.kwargs.img_size=32", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert cfg.model.img_size == cfg.model.kwargs.img_size == 32  # the size the network is built at, named
+    with pytest.raises(DeitTrainError) as refused:  # a named size the run does not have: its kwargs named to fix it
+        checked(
+            *UNNAMED, init, "model=timm", "model.name=vit_small_patch16_224", tmp_path=tmp_path, cache_dir=cache_dir
+        )
+    assert str(refused.value).endswith(
+        "start from it with model=timm model.name=vit_tiny_patch16_224 +model.kwargs.img_size=16 "
+        "+model.kwargs.patch_size=4 +model.kwargs.depth=1 +model.kwargs.embed_dim=32 +model.kwargs.num_heads=2"
+    )
+
     stored = torch.load(tmp_path / "probe.ckpt", weights_only=True)
     torch.save(stored, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
     cfg = checked(*UNNAMED, f"model.init={tmp_path / 'legacy.ckpt'}", tmp_path=tmp_path, cache_dir=cache_dir)

@@ -108,6 +108,8 @@ CORPUS = {
         ("optim.weight_decay=nan", "optim.weight_decay=nan"),
         ("data.train_per_class=0", "data.train_per_class=0"),
         ("augment.eval_crop_pct=0.001", "augment.eval_crop_pct=0.001"),
+        # a timm ViT built at one size and fed another ended in an AssertionError read as "a bug"
+        ("+model.kwargs.img_size=64", "model.kwargs.img_size=64: expected model.img_size=32, the size the data is"),
     ],
     "task": [
         ("task=mim task.mask_ratio=1.5", "task.mask_ratio=1.5"),

@@ -50,12 +50,14 @@ def network_sizes(network: nn.Module) -> str:
 
 def overrides_for(model: DictConfig) -> str:
     """The model group overrides that build a run's recorded network: its conf/model preset (`model=deit_tiny`),
-    else its name and ViT sizes."""
+    else its name, ViT sizes and timm.create_model arguments (model.kwargs)."""
     preset = preset_for(model)
     if preset is not None:
         return f"model={preset}"
     sizes = [f"model.{size}" for size in recorded_sizes(model).split()]
-    return " ".join([f"model.name={model.name}", *sizes]) if sizes else f"model=timm model.name={model.name}"
+    named = [f"model.name={model.name}", *sizes] if sizes else [f"model=timm model.name={model.name}"]
+    named += [f"+model.kwargs.{key}={value}" for key, value in (model.get("kwargs") or {}).items()]
+    return " ".join(named)
 
 
 def preset_for(model: DictConfig) -> str | None:
