@@ -90,12 +90,6 @@ MODES = {
 
 
 def refuse_mixed_modes(args: list[str]) -> None:
-    grid = next((arg for arg in args if arg.lstrip("+").startswith("hydra.sweeper.params.")), None)
-    if grid and not any(MODES.get(arg) == "--multirun" for arg in args):
-        raise DeitTrainError(
-            f"{grid} sets a sweep's grid, which only a sweep runs: add -m (one run takes the value as its key, "
-            f"{grid.lstrip('+').removeprefix('hydra.sweeper.params.')})"
-        )
     modes = sorted({MODES[arg] for arg in args if arg in MODES})
     if len(modes) > 1:
         raise DeitTrainError(
@@ -221,11 +215,29 @@ def refuse_bad_command_line(args: list[str]) -> None:
 def run_single(args: list[str]) -> None:
     """Compose the run's config as Hydra composes a job, check it and its directory (nothing written), then run the
     same checked Run as Hydra's job."""
+    from hydra.types import RunMode
+
     with error_boundary("deit-train"):
         hydra_app, hydra_cfg = compose(args)
+        if hydra_cfg.hydra.mode == RunMode.MULTIRUN:  # a config that is a sweep (hparams_search=optuna): Hydra's
+            from deit_train.train import main
+
+            main()
+            return
+        refuse_a_grid_without_a_sweep(args)
         run = checked_run(hydra_cfg)
         run.directory.make()  # here, where a path that cannot be made ends in one line, not in Hydra's job
     execute(hydra_app, hydra_cfg, run)
+
+
+def refuse_a_grid_without_a_sweep(args: list[str]) -> None:
+    """hydra.sweeper.params typed for a single run: Hydra would run one job and ignore the grid."""
+    grid = next((arg for arg in args if arg.lstrip("+").startswith("hydra.sweeper.params.")), None)
+    if grid:
+        raise DeitTrainError(
+            f"{grid} sets a sweep's grid, which only a sweep runs: add -m (one run takes the value as its key, "
+            f"{grid.lstrip('+').removeprefix('hydra.sweeper.params.')})"
+        )
 
 
 def compose(args: list[str]):

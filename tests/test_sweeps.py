@@ -22,12 +22,12 @@ from .conftest import TINY_DEMO, TINY_RUN, assert_metrics_reproduce, last_epoch
 TINY_STUDENT = ["model.patch_size=4", "model.embed_dim=32", "model.num_heads=2"]
 
 
-def run_sweep(*overrides: str, tmp_path, cache_dir) -> subprocess.CompletedProcess:
+def run_sweep(*overrides: str, tmp_path, cache_dir, multirun: bool = True) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
         "deit_train",
-        "--multirun",
+        *["--multirun"] * multirun,
         *layered(
             [
                 *TINY_RUN,
@@ -100,6 +100,26 @@ def test_optuna_search_reports_the_best_val_acc1(tmp_path, cache_dir):
     trials = [last_epoch(tmp_path / "sweep" / str(i))["val/acc1_percent"] for i in range(3)]
     assert 100 * results["best_value"] == pytest.approx(max(trials))  # Optuna's objective: the logged fraction
     assert set(results["best_params"]) == {"optim.lr", "optim.weight_decay"}
+
+
+@pytest.mark.slow
+def test_a_config_that_is_a_sweep_runs_as_one_without_m(tmp_path, cache_dir):
+    """hparams_search=optuna sets hydra.mode=MULTIRUN, and its file shows it without -m: it runs the search (the
+    command line took it for a single run and trained one job with the defaults), and a grid typed with it is its."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = run_sweep(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "model.depth=1",
+        '+hydra.sweeper.params.seed="choice(3,4)"',  # quoted: Hydra's own sweep syntax is for -m's grids
+        tmp_path=tmp_path,
+        cache_dir=cache_dir,
+        multirun=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"optim.lr", "optim.weight_decay", "seed"}
 
 
 def compose_with_hydra(overrides):
