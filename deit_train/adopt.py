@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from deit_train.errors import DeitTrainError
+from deit_train.schema import VIT_ARCHITECTURE_FIELDS
 
 log = logging.getLogger("deit_train")
 
@@ -89,8 +90,6 @@ def another_network(name: str, recorded: str) -> bool:
 
 
 def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
-    from deit_train.models.architecture import VIT_ARCHITECTURE_FIELDS
-
     model = cfg.model
     run = f"model.init={model.init} is a deit-train run of {recorded.name} at {recorded.img_size} px"
     other_sizes = [
@@ -182,7 +181,8 @@ def named_keys(cfg: DictConfig, job: DictConfig, groups: tuple[str, ...]) -> dic
         own, composed = alone[group], cfg[group]
         keys = {key.split(".", 1)[1] for key in typed if key.startswith(f"{group}.")}
         keys |= {key.split(".")[0] for key in keys}
-        keys |= {key for key in composed if key not in own or composed[key] != own[key]}
+        layered = {key for key in composed if key not in own or composed[key] != own[key]} - keys  # by a config
+        keys |= layered
         if group == "model":  # model.kwargs key by key
             mine, theirs = dict(composed.kwargs), dict(own.kwargs)
             keys |= {f"kwargs.{key}" for key in mine if key not in theirs or mine[key] != theirs[key]}
@@ -194,5 +194,7 @@ def named_keys(cfg: DictConfig, job: DictConfig, groups: tuple[str, ...]) -> dic
         if chose:
             where = metadata.containing_config_path
             by = f" ({group}={choices[group]}" + (f", chosen by {where.replace('/', '=', 1)})" if where else ")")
+        elif layered & {"name", *VIT_ARCHITECTURE_FIELDS} and defaults.known_choices.get("experiment"):
+            by = f" (set by experiment={defaults.known_choices['experiment']})"
         named[group] = Named(everything=chose, keys=keys, by=by)
     return named

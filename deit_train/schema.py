@@ -111,6 +111,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
 
+# ViT architecture fields a DeiT model config may override (model.depth=4 makes a CPU-sized student).
+VIT_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 TEACHER_IMAGE_SIZE = Range(1, None, "an image size >= 1, or null (the student's)")
 # timm: name is a timm model; transformers: name is a directory AutoModelForImageClassification loads (teacher=hf)
 TEACHER_LIBRARY = OneOf("timm", "transformers")

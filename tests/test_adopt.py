@@ -166,7 +166,9 @@ def test_teacher_checkpoint_from_a_run_teaches_as_its_network(convnet_run, tmp_p
 
 def test_an_experiments_teacher_name_is_named(convnet_run, vit_run, tmp_path, cache_dir):
     """experiment=deit_transfer sets teacher.name: regnety_160 in its body (teacher=timm): named, so refused."""
-    with pytest.raises(DeitTrainError, match=r"resnet10t at 24 px, not teacher.name=regnety_160: "):
+    with pytest.raises(
+        DeitTrainError, match=r"24 px, not teacher.name=regnety_160 \(set by experiment=deit_transfer\): "
+    ):
         checked(
             "experiment=deit_transfer",
             "trainer=cpu",
@@ -329,6 +331,20 @@ def test_configs_the_user_adds_are_read_and_who_chose_a_network_is_named(convnet
             *UNNAMED,
             search,
             "experiment=mine_model",
+            f"model.init={convnet_run}",
+            tmp_path=tmp_path,
+            cache_dir=cache_dir,
+        )
+
+
+def test_a_network_an_experiments_body_names_is_said_to_be_its(convnet_run, tmp_path, cache_dir):
+    """experiment=teacher_fixres_384 sets model.name in its body (no model option): the refusal says who named it."""
+    with pytest.raises(DeitTrainError, match=r"not model.name=regnety_160\S* \(set by experiment=teacher_fixres_384\)"):
+        checked(
+            *UNNAMED,
+            "experiment=teacher_fixres_384",
+            "trainer=cpu",
+            "model.pretrained=false",
             f"model.init={convnet_run}",
             tmp_path=tmp_path,
             cache_dir=cache_dir,

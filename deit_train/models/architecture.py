@@ -10,8 +10,7 @@ from omegaconf import DictConfig
 from timm.models import split_model_name_tag
 from torch import nn
 
-# ViT architecture fields a DeiT model config may override (model.depth=4 makes a CPU-sized student).
-VIT_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
+from deit_train.schema import VIT_ARCHITECTURE_FIELDS
 
 
 @lru_cache(maxsize=64)
