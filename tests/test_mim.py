@@ -203,3 +203,25 @@ def test_every_deit_name_is_a_vit_as_the_mim_rule_reads_it():
     import timm
 
     assert set(timm.list_models("deit*")) <= set(timm.list_models(module="deit"))
+
+
+@pytest.mark.parametrize(
+    ("model", "patch"),
+    [
+        ({"name": "deit_tiny_patch16_224", "patch_size": 4}, 4),
+        ({"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}}, 4),  # timm.create_model's own argument
+        ({"name": "vit_small_patch8_224"}, 8),
+        ({"name": "vit_tiny_patch16_224"}, 16),
+    ],
+)
+def test_the_mask_blocks_are_cut_on_the_patch_the_config_builds(model, patch):
+    """task=mim's rules and masks read the patch the network is built with: model.patch_size, else model.kwargs',
+    else its timm name's (16 was assumed for any timm name: a 4 px patch from kwargs failed mid-run)."""
+    from deit_train.mim.task import patch_size
+    from deit_train.schema import ModelConfig
+
+    config = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
+    assert patch_size(config) == patch
+    network = timm.create_model(config.name, pretrained=False, num_classes=0, **dict(config.kwargs))
+    if config.patch_size is None:  # the timm network itself agrees
+        assert network.patch_embed.patch_size[0] == patch

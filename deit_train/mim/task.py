@@ -5,6 +5,7 @@ is mim/module.py); its checkpoint then starts a classification run: model.init=<
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
     from deit_train.models.trained_model import TrainedModel
 
 log = logging.getLogger("deit_train")
+
+
+def patch_size(model: DictConfig) -> int:
+    """The student's patch size as its config builds it: model.patch_size (a DeiT config), else timm.create_model's
+    model.kwargs.patch_size, else the one its timm name says (vit_small_patch8_224), else ViT's 16. The masks'
+    blocks are cut on it (a wrong one fails mid-run); build() compares it with the network's."""
+    found = re.search(r"patch(\d+)", str(model.name))
+    return int(model.patch_size or model.kwargs.get("patch_size") or (found and found.group(1)) or 16)
 
 
 @dataclass
@@ -51,7 +60,7 @@ class MaskedImageModeling(Task):
                     f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch "
                     f"embedding (model=deit_tiny, deit_small, ...)"
                 )
-        size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, cfg.model.patch_size or 16
+        size, block, patch = cfg.model.img_size, cfg.task.mask_patch_size, patch_size(cfg.model)
         if size % block:
             raise refuse("task.mask_patch_size", block, f"a divisor of model.img_size={size}")
         if block % patch:
@@ -65,7 +74,7 @@ class MaskedImageModeling(Task):
         from deit_train.mim.data import MaskedImageDataModule
         from deit_train.mim.masking import MaskGenerator
 
-        masks = MaskGenerator(cfg.model.img_size, self.mask_patch_size, cfg.model.patch_size or 16, self.mask_ratio)
+        masks = MaskGenerator(cfg.model.img_size, self.mask_patch_size, patch_size(cfg.model), self.mask_ratio)
         return MaskedImageDataModule(source, cfg.augment, cfg.model.img_size, cfg.seed, masks)
 
     def build(self, cfg: DictConfig, datamodule: MaskedImageDataModule) -> Built:
@@ -79,6 +88,12 @@ class MaskedImageModeling(Task):
         if not hasattr(encoder, "patch_embed") or not hasattr(encoder, "_pos_embed"):
             raise DeitTrainError(
                 f"task=mim needs a ViT/DeiT student; model.name={cfg.model.name} has no patch embedding"
+            )
+        built_patch = encoder.patch_embed.patch_size[0]
+        if built_patch != patch_size(cfg.model):  # a name whose number is not its patch: the masks would not fit
+            raise DeitTrainError(
+                f"model.name={cfg.model.name} has {built_patch} px patches, not the {patch_size(cfg.model)} its config "
+                f"says: set model.patch_size={built_patch} (or +model.kwargs.patch_size)"
             )
         if cfg.compile:
             compile_student(encoder)
