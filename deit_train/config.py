@@ -43,6 +43,12 @@ def one_line(error: Exception, args: list[str] | None = None) -> str:
     text = str(cause).split("Config search path:")[0]
     full_key = getattr(cause, "full_key", None)
     appended = next((arg for arg in args or [] if arg.split("=", 1)[0] == f"+{full_key}"), None)
+    deleted = next((arg for arg in args or [] if arg.split("=", 1)[0] == f"~{full_key}"), None)
+    if deleted and "interpolation" in text:  # Hydra resolves the value it deletes, which needs the running job
+        return (
+            f"{deleted} cannot be applied: {full_key} is an interpolation Hydra resolves only in the running job; "
+            f"set it instead ({full_key}=VALUE)"
+        )
     if appended and "interpolation" in text:
         # `+key=v` on a key that holds an interpolation (trainer.default_root_dir: ${paths.output_dir}): Hydra's
         # check that the key is free resolves it, and says what failed there instead of Hydra's own advice

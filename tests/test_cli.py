@@ -411,6 +411,20 @@ def test_a_plus_on_a_key_that_is_there_says_so_whatever_its_value(key, capsys):
     )
 
 
+def test_deleting_a_key_that_holds_an_interpolation_says_to_set_it(capsys):
+    """~trainer.default_root_dir: Hydra resolves the value it deletes (${paths.output_dir}, the job's); it was said
+    as a resolution error followed by the top level's keys as trainer's."""
+    from deit_train.cli import refuse_bad_command_line
+
+    with pytest.raises(SystemExit) as exited:
+        refuse_bad_command_line(["experiment=demo", "~trainer.default_root_dir"])
+    line = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and line == (
+        "deit-train: error: ~trainer.default_root_dir cannot be applied: trainer.default_root_dir is an interpolation "
+        "Hydra resolves only in the running job; set it instead (trainer.default_root_dir=VALUE)"
+    )
+
+
 def test_a_tilde_path_hydra_cannot_read_names_the_fix(capsys, tmp_path):
     """data.root=~/data: bash expands ~ after the = of a plain name only, so Hydra gets the ~ and its lexer refuses
     it. The line names the two ways that work; the quoted one reaches the source, which expands it."""
