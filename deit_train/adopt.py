@@ -16,7 +16,6 @@ adopted, and the checks at build time (models/init.py, teacher/network.py) still
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from omegaconf import DictConfig
 
 from deit_train.errors import DeitTrainError
 from deit_train.schema import VIT_ARCHITECTURE_FIELDS
-
-log = logging.getLogger("deit_train")
 
 # model.* keys that say where the student's weights come from and what of it trains, not what network it is: the
 # user's own (a run that trained its head only, model.trainable=[head.*], does not freeze the next one's backbone)
@@ -46,19 +43,22 @@ class Named:
         return self.everything or key in self.keys
 
 
-def adopt_run_networks(cfg: DictConfig, job: DictConfig | None) -> None:
+def adopt_run_networks(cfg: DictConfig, job: DictConfig | None) -> list[str]:
     """cfg's model and teacher as the deit-train runs of model.init and teacher.checkpoint recorded them, where the
     user named none (module docstring); a named network other than the run's is refused naming both. `job`: the
-    job's hydra node (what was typed, where its configs were found); None: unknown, nothing adopted."""
+    job's hydra node (what was typed, where its configs were found); None: unknown, nothing adopted. Returns a line
+    for each network adopted (the run logs them beside its config line, which shows the options chosen)."""
     model_run = recorded_model(cfg.model.init)
     teacher_run = recorded_model(cfg.teacher.checkpoint) if cfg.teacher.library == "timm" else None
     if (model_run is None and teacher_run is None) or job is None:
-        return
+        return []
     named = named_keys(cfg, job, ("model", "teacher"))
+    said = []
     if model_run is not None:
-        adopt_student(cfg, model_run, named["model"])
+        said += adopt_student(cfg, model_run, named["model"])
     if teacher_run is not None and not cfg.teacher.members:
-        adopt_teacher(cfg, teacher_run, named["teacher"])
+        said += adopt_teacher(cfg, teacher_run, named["teacher"])
+    return said
 
 
 def recorded_model(path: str | None) -> DictConfig | None:
@@ -89,7 +89,7 @@ def another_network(name: str, recorded: str) -> bool:
     return not same_architecture(name, recorded)
 
 
-def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
+def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> list[str]:
     model = cfg.model
     run = f"model.init={model.init} is a deit-train run of {recorded.name} at {recorded.img_size} px"
     other_sizes = [
@@ -117,11 +117,10 @@ def adopt_student(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
         adopted["img_size"] = model.kwargs.img_size
     for key, value in adopted.items():
         model[key] = value
-    if adopted:
-        shown = " ".join(
-            f"model.{key}={value}" for key, value in adopted.items() if key != "kwargs" and value is not None
-        )
-        log.warning("deit-train: %s: the student is that model (%s); model=... names another", run, shown)
+    if not adopted:
+        return []
+    shown = " ".join(f"model.{key}={value}" for key, value in adopted.items() if key != "kwargs" and value is not None)
+    return [f"{run}: the student is that model ({shown}); model=... names another"]
 
 
 def adopted_kwargs(model: DictConfig, recorded: DictConfig, named: Named) -> dict | None:
@@ -136,7 +135,7 @@ def adopted_kwargs(model: DictConfig, recorded: DictConfig, named: Named) -> dic
     return None if kwargs == dict(model.kwargs) else kwargs
 
 
-def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
+def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> list[str]:
     teacher = cfg.teacher
     run = f"teacher.checkpoint={teacher.checkpoint} is a deit-train run of {recorded.name} at {recorded.img_size} px"
     if "name" in named and teacher.name is not None and another_network(str(teacher.name), str(recorded.name)):
@@ -152,8 +151,7 @@ def adopt_teacher(cfg: DictConfig, recorded: DictConfig, named: Named) -> None:
     if "img_size" not in named and size != recorded.img_size:
         teacher.img_size = recorded.img_size
         adopted.append(f"teacher.img_size={recorded.img_size}")
-    if adopted:
-        log.warning("deit-train: %s: it teaches as that network (%s)", run, " ".join(adopted))
+    return [f"{run}: it teaches as that network ({' '.join(adopted)})"] if adopted else []
 
 
 def named_keys(cfg: DictConfig, job: DictConfig, groups: tuple[str, ...]) -> dict[str, Named]:

@@ -64,6 +64,7 @@ class Run:
         # the Hydra job's own node (what was typed, where its configs were found): a run checkpoint given as
         # model.init or teacher.checkpoint brings its network where they name none (adopt.py); None: none adopted
         self.job = job
+        self.adopted: list[str] = []  # the networks a run checkpoint brought (check_config), said when it builds
         self.task: Task | None = None
         self.datamodule: L.LightningDataModule | None = None
         self.directory = RunDirectory(Path(cfg.paths.output_dir))
@@ -114,7 +115,7 @@ class Run:
         if cfg.model.init or cfg.teacher.checkpoint:  # reads the checkpoints' records: imports torch
             from deit_train.adopt import adopt_run_networks
 
-            adopt_run_networks(cfg, self.job)
+            self.adopted = adopt_run_networks(cfg, self.job)
         schema.check(cfg)
         from deit_train.data.sources import build_source
 
@@ -175,6 +176,8 @@ class Run:
         if self.leader:
             self.directory.write_config(cfg)
         log.info("%s", config_summary(cfg))
+        for line in self.adopted:
+            log.info("%s", line)
 
     # -------------------------------------------------------------------------------------------------------- fit
     def fit(self) -> None:

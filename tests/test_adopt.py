@@ -206,6 +206,8 @@ def test_a_run_from_the_command_line_adopts_its_checkpoints_networks(vit_run, tm
     )
     cli()
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    log = (tmp_path / "s" / "train.log").read_text()  # beside the config line, whose model=deit_tiny it replaced
+    assert "the student is that model (model.img_size=16 model.patch_size=4 model.embed_dim=32 model.depth=2" in log
     assert metrics["last_epoch"]["val/acc1_percent"] == pytest.approx(100 * first["val/acc1"], abs=1e-4)
 
     teacher = ["loss=hard_distill", "teacher=timm", f"teacher.checkpoint={checkpoint}"]
