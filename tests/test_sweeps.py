@@ -20,6 +20,8 @@ from deit_train.train import CONFIG_DIR
 from .conftest import TINY_DEMO, TINY_RUN, assert_metrics_reproduce, last_epoch
 
 TINY_STUDENT = ["model.patch_size=4", "model.embed_dim=32", "model.num_heads=2"]
+# An Optuna search of a few one-block trials (its first 2 drawn at random)
+SMALL_SEARCH = ["hparams_search=optuna", "hydra.sweeper.sampler.n_startup_trials=2", "model.depth=1"]
 
 
 def run_sweep(*overrides: str, tmp_path, cache_dir, multirun: bool = True) -> subprocess.CompletedProcess:
@@ -88,10 +90,8 @@ def test_relaunching_ddp_inside_a_local_multirun_is_refused(tmp_path, cache_dir)
 def test_optuna_search_reports_the_best_val_acc1(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
-        "hparams_search=optuna",
+        *SMALL_SEARCH,
         "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        "model.depth=1",
         tmp_path=tmp_path,
         cache_dir=cache_dir,
     )
@@ -108,10 +108,8 @@ def test_a_config_that_is_a_sweep_runs_as_one_without_m(tmp_path, cache_dir):
     command line took it for a single run and trained one job with the defaults), and a grid typed with it is its."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
-        "hparams_search=optuna",
+        *SMALL_SEARCH,
         "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        "model.depth=1",
         '+hydra.sweeper.params.seed="choice(3,4)"',  # quoted: Hydra's own sweep syntax is for -m's grids
         tmp_path=tmp_path,
         cache_dir=cache_dir,
@@ -360,10 +358,8 @@ def test_an_optuna_search_whose_trials_all_fail_ends_in_one_line(tmp_path, cache
     parameters."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_sweep(
-        "hparams_search=optuna",
+        *SMALL_SEARCH,
         "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        "model.depth=1",
         "loss.alpha=1.5",
         tmp_path=tmp_path,
         cache_dir=cache_dir,
