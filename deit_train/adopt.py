@@ -9,9 +9,10 @@ generic `timm` options name no network (their `name: resnet50` is a placeholder)
 student. A named network other than the run's is refused naming both, before anything is written; a named image
 size is kept (model.init resamples the position embeddings).
 
-Which keys are named is Hydra's to say (its defaults list records who chose each group): the overrides are the job's
-(hydra.overrides.task). Without them (a config composed by a test or a tool) everything counts as named: nothing is
-adopted, and the checks at build time (models/init.py, teacher/network.py) still refuse a mismatch.
+Which keys are named is Hydra's to say (its defaults list records who chose each group), from the job's hydra node:
+its overrides (hydra.overrides.task) and config sources (hydra.searchpath, --config-dir). Without one (a config
+composed by a test or a tool) nothing is adopted, and the checks at build time (models/init.py, teacher/network.py)
+still refuse a mismatch.
 """
 
 from __future__ import annotations
