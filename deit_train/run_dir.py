@@ -207,13 +207,23 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
 def check_writable(output_dir: Path, key: str = "hydra.run.dir") -> None:
     """A folder the run will write (the run directory before Hydra makes it, teacher.cache), or the folder it will
     be made in, can be written."""
-    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    existing = nearest_existing(output_dir)
     if not existing.is_dir():
         raise DeitTrainError(f"{key}={output_dir}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not writable(output_dir):
         raise StorageError(
             f"{key}={output_dir}: {existing} cannot be written (read-only or no permission); choose a writable path"
         )
+
+
+def nearest_existing(path: Path) -> Path:
+    """path, or the nearest of its parents that exists: where making it would start."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def writable(folder: Path) -> bool:
+    """Whether folder can be written, or made and then written (its nearest existing parent can be)."""
+    return os.access(nearest_existing(folder), os.W_OK | os.X_OK)
 
 
 def earlier_results(output_dir: Path) -> list[Path]:

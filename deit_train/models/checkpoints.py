@@ -230,12 +230,9 @@ def load_weights(path: str | Path, flag: str = "model.init") -> Weights:
     names, wrappers removed."""
     path = local_path(path, flag)
     weights = load_export_directory(path, flag) if path.is_dir() else load_weights_file(path, flag)
-    export = path if path.is_dir() else path.parent
-    if path.is_dir() or (path.name == "model.safetensors" and (export / "config.json").is_file()):
-        with contextlib.suppress(DeitTrainError):  # a file's folder that is no export: nothing to read
-            pretrained = read_export_config(export).get("pretrained_cfg") or {}
-            if pretrained.get("mean") and pretrained.get("std"):
-                weights.normalization = (tuple(pretrained["mean"]), tuple(pretrained["std"]))
+    if path.name == "model.safetensors" and (path.parent / "config.json").is_file():  # the file of an export
+        with contextlib.suppress(DeitTrainError):  # a folder that is no export: nothing to read
+            weights.normalization = export_normalization(read_export_config(path.parent))
     if is_transformers_state(weights.state):
         try:
             weights.state = transformers_to_timm(weights.state)
@@ -329,7 +326,16 @@ def load_export_directory(directory: Path, flag: str) -> Weights:
             weights.class_names = names
     else:  # timm's save_for_hf layout
         weights.class_names = config.get("label_names")
+    weights.normalization = export_normalization(config)
     return weights
+
+
+def export_normalization(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a timm export's config.json records for its network's input (pretrained_cfg), if any."""
+    pretrained = config.get("pretrained_cfg") or {}
+    if pretrained.get("mean") and pretrained.get("std"):
+        return tuple(pretrained["mean"]), tuple(pretrained["std"])
+    return None
 
 
 def load_into(model: nn.Module, state: StateDict, source: str, what: str) -> None:

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from deit_train.data import noise
 from deit_train.data.sources.base import DataSource
 from deit_train.errors import DeitTrainError, StorageError
+from deit_train.run_dir import writable
 from deit_train.teacher.network import member_img_sizes, teacher_members
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,7 @@ class TeacherCache:
         self.root = directory / self.fingerprint
         # A cache shared read-only (filled once, then mounted so): its epochs for this run are read, the others
         # computed and not stored; a task that fills it was refused at its check (tasks/classify.py).
-        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
-        self.writable = os.access(existing, os.W_OK | os.X_OK)
+        self.writable = writable(self.root)
         try:
             if self.writable:
                 self.root.mkdir(parents=True, exist_ok=True)
